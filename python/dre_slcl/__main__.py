@@ -1,0 +1,5 @@
+import sys
+
+from dre_slcl.cli import main
+
+sys.exit(main())

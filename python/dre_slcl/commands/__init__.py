@@ -1,0 +1,1 @@
+"""Subcommands of ``dre-slcl``, one module each."""
