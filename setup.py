@@ -83,7 +83,8 @@ def _extensions():
                else "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found")
         print(f"dre-kernels: building the CPU extension only ({why})", file=sys.stderr)
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp" if sys.platform.startswith("linux") else "-O3"]
+    # no -std here: torch.utils.cpp_extension adds the standard its headers need (C++17, or C++20 from 2.10 on)
+    cxx_flags = ["-O3", "-fopenmp" if sys.platform.startswith("linux") else "-O3"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link_args = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -102,7 +103,7 @@ def _extensions():
         include_dirs += _nvidia_wheel_includes()
         define_macros.append(("DRE_WITH_CUDA", "1"))
         extra_compile_args = {"cxx": cxx_flags + ["-DDRE_WITH_CUDA"],
-                              "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+                              "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                                        "-DDRE_WITH_CUDA"] + gencode}
         ext_cls = cpp_extension.CUDAExtension
         # torch's arch env var would add its own -gencode flags on top of ours

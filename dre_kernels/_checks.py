@@ -1,0 +1,244 @@
+"""One input check per op, shared by every backend, run before any kernel.
+
+Errors name the argument, what was expected and what was given:
+ValueError (shapes, offsets, unknown options, bank arguments given partly), TypeError (non-float features, float
+offsets), IndexError (index out of range), RuntimeError (mixed devices).
+
+The checks on values (offsets monotone, indices in range, no duplicate indices) read the tensors, which costs one
+device synchronisation per call. Under torch.compile they are skipped, since they would break the graph; the native
+kernels check index ranges themselves, so a bad index still raises instead of touching memory out of bounds.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+MAX_K = 256
+MAX_D = 4096
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return f"{type(t).__name__} {t!r}" if isinstance(t, (numbers.Number, str)) else type(t).__name__
+
+
+def check_features(name: str, t, ndim: int = 2) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a floating-point torch.Tensor; got {_describe(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {tuple(t.shape)}")
+
+
+def check_index_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 or int64 torch.Tensor; got {_describe(t)}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor; got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise RuntimeError(f"all tensors must be on one device: {first_name} is on {first}, {name} is on {dev}")
+    return first
+
+
+def _offsets_problem(name: str, first: int, last: int, min_step: int, total: int, total_name: str) -> str | None:
+    if first != 0:
+        return f"{name}[0] must be 0; got {first}"
+    if min_step < 0:
+        return f"{name} must be non-decreasing; it decreases somewhere (smallest step {min_step})"
+    if last != total:
+        return f"{name}[-1] must equal the number of rows of {total_name} ({total}); got {last}"
+    return None
+
+
+def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
+                              indices: list[tuple[str, torch.Tensor, int, str]],
+                              unique: tuple[str, torch.Tensor] | None = None) -> None:
+    """Value checks on CSR offsets and row indices, with a single device synchronisation.
+
+    offsets: (name, tensor, row count it must end at, name of that tensor).
+    indices: (name, tensor, number of rows it indexes, name of the indexed tensor).
+    unique: (name, index tensor) that must not repeat a value.
+    """
+    if _compiling():
+        return
+    stats = []
+    for name, off, total, total_name in offsets:
+        off = off.to(torch.int64)
+        steps = off[1:] - off[:-1]
+        stats += [off[0], off[-1], steps.min() if steps.numel() else off.new_zeros(())]
+    for name, idx, n, idx_of in indices:
+        idx = idx.to(torch.int64)
+        stats += [idx.min(), idx.max()] if idx.numel() else [idx.new_zeros(()), idx.new_zeros(())]
+    if unique is not None and unique[1].numel() > 1:
+        srt = torch.sort(unique[1].to(torch.int64)).values
+        stats.append((srt[1:] == srt[:-1]).any().to(torch.int64))
+    if not stats:
+        return
+    values = torch.stack([s.to(torch.int64).reshape(()) for s in stats]).tolist()
+    pos = 0
+    for name, off, total, total_name in offsets:
+        problem = _offsets_problem(name, *values[pos:pos + 3], total, total_name)
+        if problem:
+            raise ValueError(problem)
+        pos += 3
+    for name, idx, n, idx_of in indices:
+        lo, hi = values[pos:pos + 2]
+        pos += 2
+        if idx.numel() and (lo < 0 or hi >= n):
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name} holds {bad}, out of range for {idx_of} with {n} rows (valid: 0 to {n - 1})")
+    if unique is not None and unique[1].numel() > 1 and values[pos]:
+        raise ValueError(f"{unique[0]} must not repeat an index (a row would be written twice); it does")
+
+
+def check_offsets_shape(name: str, off, num_rows_name: str) -> None:
+    check_index_tensor(name, off)
+    if off.numel() < 1:
+        raise ValueError(f"{name} must hold B+1 >= 1 entries (its first is 0, its last the row count of "
+                         f"{num_rows_name}); got an empty tensor")
+
+
+def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, assignment, return_mass):
+    """Checks every argument of residual_encode; returns the device and the float dtypes taking part."""
+    if assignment not in ("soft", "hard"):
+        raise ValueError(f"assignment must be 'soft' or 'hard'; got {assignment!r}")
+    if not isinstance(return_mass, bool):
+        raise TypeError(f"return_mass must be a bool; got {_describe(return_mass)}")
+    check_features("x", x)
+    check_features("codewords", codewords)
+    M, D = x.shape
+    K, Dc = codewords.shape
+    if Dc != D:
+        raise ValueError(f"codewords must have shape (K, D) with D = x.shape[1] = {D}; got shape {tuple(codewords.shape)}")
+    if not 1 <= K <= MAX_K:
+        raise ValueError(f"codewords must have 1 <= K <= {MAX_K} rows; got K = {K}")
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"x and codewords must have 1 <= D <= {MAX_D} columns; got D = {D}")
+    check_offsets_shape("x_offsets", x_offsets, "x")
+    tensors = {"x": x, "x_offsets": x_offsets, "codewords": codewords}
+    dtypes = [x.dtype, codewords.dtype]
+    if assignment == "soft":
+        if scale is None:
+            raise ValueError("scale is required for assignment='soft': a (K,) tensor of per-codeword smoothing factors")
+        check_features("scale", scale, ndim=1)
+        if scale.shape[0] != K:
+            raise ValueError(f"scale must have shape (K,) = ({K},); got {tuple(scale.shape)}")
+        tensors["scale"] = scale
+        dtypes.append(scale.dtype)
+    given = [n for n, v in (("bank", bank), ("bank_index", bank_index), ("bank_offsets", bank_offsets)) if v is not None]
+    if given and len(given) != 3:
+        missing = [n for n in ("bank", "bank_index", "bank_offsets") if n not in given]
+        raise ValueError(f"bank, bank_index and bank_offsets must be given together or not at all; "
+                         f"got {', '.join(given)} without {', '.join(missing)}")
+    if bank is not None:
+        check_features("bank", bank)
+        if bank.shape[1] != D:
+            raise ValueError(f"bank must have shape (T, D) with D = {D}; got shape {tuple(bank.shape)}")
+        check_index_tensor("bank_index", bank_index)
+        check_offsets_shape("bank_offsets", bank_offsets, "bank_index")
+        if bank_offsets.shape[0] != x_offsets.shape[0]:
+            raise ValueError(f"bank_offsets must have B+1 = {x_offsets.shape[0]} entries like x_offsets; "
+                             f"got {bank_offsets.shape[0]}")
+        tensors.update(bank=bank, bank_index=bank_index, bank_offsets=bank_offsets)
+        dtypes.append(bank.dtype)
+    device = check_same_device(**tensors)
+    offsets = [("x_offsets", x_offsets, M, "x")]
+    indices = []
+    if bank is not None:
+        offsets.append(("bank_offsets", bank_offsets, bank_index.shape[0], "bank_index"))
+        indices.append(("bank_index", bank_index, bank.shape[0], "bank"))
+    check_offsets_and_indices(offsets, indices)
+    return device, dtypes
+
+
+def check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction):
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool; got {_describe(normalize)}")
+    check_features("a", a)
+    check_features("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape (B, P); got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"a and b must have shape (B, P) with B >= 1 and P >= 1; got {tuple(a.shape)}")
+    tensors = {"a": a, "b": b}
+    if isinstance(logit_scale, torch.Tensor):
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must be a float or a floating-point 0-dim tensor; got {logit_scale.dtype}")
+        if logit_scale.dim() != 0:
+            raise ValueError(f"logit_scale must be a 0-dim tensor or a Python float; got shape {tuple(logit_scale.shape)}")
+        tensors["logit_scale"] = logit_scale
+    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
+        raise TypeError(f"logit_scale must be a Python float or a 0-dim floating-point tensor; got {_describe(logit_scale)}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of shape (B,) or None; got {_describe(labels)}")
+        if labels.shape != (a.shape[0],):
+            raise ValueError(f"labels must have shape (B,) = ({a.shape[0]},); got {tuple(labels.shape)}")
+        tensors["labels"] = labels
+    device = check_same_device(**tensors)
+    dtypes = [a.dtype, b.dtype]
+    return device, dtypes
+
+
+def check_bank_gather(bank, index):
+    check_features("bank", bank)
+    check_index_tensor("index", index)
+    device = check_same_device(bank=bank, index=index)
+    check_offsets_and_indices([], [("index", index, bank.shape[0], "bank")])
+    return device, [bank.dtype]
+
+
+def check_bank_update(bank, index, values, momentum, normalize):
+    check_features("bank", bank)
+    check_index_tensor("index", index)
+    check_features("values", values)
+    if values.shape != (index.shape[0], bank.shape[1]):
+        raise ValueError(f"values must have shape (len(index), D) = ({index.shape[0]}, {bank.shape[1]}); "
+                         f"got {tuple(values.shape)}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a Python float in [0, 1]; got {_describe(momentum)}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool; got {_describe(normalize)}")
+    if bank.requires_grad:
+        raise ValueError("bank must not require grad: it is a buffer updated in place, never differentiated")
+    device = check_same_device(bank=bank, index=index, values=values)
+    check_offsets_and_indices([], [("index", index, bank.shape[0], "bank")], unique=("index", index))
+    return device, [bank.dtype, values.dtype]
+
+
+def check_kmeans(x, k, iters, seed):
+    check_features("x", x)
+    for name, v in (("k", k), ("iters", iters), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int; got {_describe(v)}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}]; got {k}")
+    if x.shape[0] < k:
+        raise ValueError(f"x must have at least k = {k} rows to pick k centres from; got {x.shape[0]}")
+    if not 1 <= x.shape[1] <= MAX_D:
+        raise ValueError(f"x must have 1 <= D <= {MAX_D} columns; got D = {x.shape[1]}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0; got {iters}")
+    return x.device, [x.dtype]
