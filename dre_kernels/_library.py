@@ -181,12 +181,14 @@ def _register_meta(backend: str) -> None:
         _backend.register_kernel(backend, op, _op(backend, op))
 
 
-def define_python_backend(backend: str, impls: dict, dispatch_keys=("CUDA", "CPU")) -> None:
+def define_python_backend(backend: str, impls: dict, dispatch_keys=("CUDA", "CPU"), prefix: str | None = None) -> None:
     """Define the operators of a Python-implemented kernel backend (triton, cupy) from SCHEMAS.
 
     impls: op name -> Python implementation, for every op of SCHEMAS. The implementations run under
     torch.library, so opcheck and torch.compile see them as opaque operators with the fake kernels above.
     """
+    if prefix is not None:
+        PREFIXES[backend] = prefix
     missing = set(SCHEMAS) - set(impls)
     if missing:
         raise ValueError(f"backend {backend!r} lacks implementations of {sorted(missing)}")

@@ -91,3 +91,35 @@ def contrastive_loss_torch(a, b, s, labels, normalize):
     r = row_lse - pos_logits.sum(1) / n_pos
     c = col_lse - pos_logits.sum(0) / n_pos
     return (r + c) / 2
+
+
+def contrastive_loss_backward_torch(grad_loss, a, b, s, labels, normalize, row_lse, col_lse):
+    """The backward the kernels compute, in eager torch (materialising B x B; kernels recompute it in tiles).
+
+    For loss_i = (r_i + c_i)/2 with upstream g and logits L = s Â B̂^T:
+        W_ij = g_i/2 (exp(L_ij - row_lse_i) - P_ij/|P_i|) + g_j/2 (exp(L_ij - col_lse_j) - P_ij/|P_j|)
+        grad Â = s W B̂,  grad B̂ = s W^T Â,  grad s = sum_ij W_ij <â_i, b̂_j>
+    then through the normalisation: grad a = (grad â - â <grad â, â>) / ||a|| (for ||a|| > eps).
+    """
+    acc = _loss_dtype(a, b)
+    A, Bm = _normalized(a, acc, normalize), _normalized(b, acc, normalize)
+    s = s.to(acc)
+    g = grad_loss.to(acc)
+    sim = A @ Bm.t()
+    logits = s * sim
+    pos = _positives(labels, a.shape[0], a.device).to(acc)
+    n_pos = pos.sum(1)
+    W = (g[:, None] / 2) * (torch.exp(logits - row_lse.to(acc)[:, None]) - pos / n_pos[:, None]) \
+        + (g[None, :] / 2) * (torch.exp(logits - col_lse.to(acc)[None, :]) - pos / n_pos[None, :])
+    grad_A, grad_B = s * (W @ Bm), s * (W.t() @ A)
+    grad_s = (W * sim).sum()
+    if normalize:
+        grad_A = _normalize_backward(a.to(acc), A, grad_A)
+        grad_B = _normalize_backward(b.to(acc), Bm, grad_B)
+    return grad_A.to(a.dtype), grad_B.to(b.dtype), grad_s
+
+
+def _normalize_backward(x, x_hat, grad_hat):
+    norm = x.norm(dim=1, keepdim=True)
+    projected = (grad_hat - x_hat * (grad_hat * x_hat).sum(1, keepdim=True)) / norm.clamp_min(NORMALIZE_EPS)
+    return torch.where(norm > NORMALIZE_EPS, projected, grad_hat / NORMALIZE_EPS)

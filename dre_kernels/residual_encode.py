@@ -81,7 +81,7 @@ def residual_encode_reference(x, x_offsets, codewords, scale, bank, bank_index, 
         E.append((a[:, :, None] * residuals).sum(0))
         mass.append(a.detach().sum(0))
     if not E:
-        return x.new_zeros((0, K, D), dtype=out_dtype), x.new_zeros((0, K), dtype=torch.float32)
+        return _no_slides(c, out_dtype)
     return torch.stack(E).to(out_dtype), torch.stack(mass).to(torch.float32)
 
 
@@ -140,11 +140,17 @@ def residual_encode_torch(x, x_offsets, codewords, scale, bank, bank_index, bank
             E.append(torch.stack(ax_terms[b]).sum(0) - m[:, None] * c)
             mass.append(m.detach())
         else:
-            E.append(c.new_zeros((K, D)))
+            E.append(c * 0.0)  # zeros that stay in the autograd graph, so backward works when every slide is empty
             mass.append(c.new_zeros((K,)))
     if B == 0:
-        return x.new_zeros((0, K, D), dtype=out_dtype), x.new_zeros((0, K), dtype=torch.float32)
+        return _no_slides(c, out_dtype)
     return torch.stack(E).to(out_dtype), torch.stack(mass).to(torch.float32)
+
+
+def _no_slides(c, out_dtype):
+    """E (0, K, D) and mass (0, K) for B = 0, attached to the graph of the codewords like any other output."""
+    K, D = c.shape
+    return (c[None] * 0.0)[:0].to(out_dtype), c.new_zeros((0, K), dtype=torch.float32)
 
 
 def _torch_scatter(sources, assign, B, K, D, c, acc, out_dtype, grad_graph):
@@ -165,3 +171,54 @@ def _torch_scatter(sources, assign, B, K, D, c, acc, out_dtype, grad_graph):
             mass = mass.index_add(0, seg, a)
     E = E - mass[:, :, None] * c
     return E.to(out_dtype), mass.detach().to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- backward formulas
+def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
+    """The backward the kernels compute, written in eager torch (recomputing the assignments per slide).
+
+    With G = grad_E[b] (K, D), r_ik = x_i - c_k, z_ik = -s_k d_ik and g_ik = <G_k, r_ik>:
+        u_ik     = a_ik (g_ik - sum_j a_ij g_ij)                 (dL/dz_ik; zero for hard assignment)
+        grad x_i = sum_k a_ik G_k - 2 sum_k u_ik s_k r_ik         (fresh rows only)
+        grad c_k = -mass_k G_k + 2 s_k sum_i u_ik r_ik           (fresh and bank rows)
+        grad s_k = -sum_i u_ik d_ik
+    For hard assignment u = 0: grad x_i = G_{k(i)}, grad c_k = -sum_b mass_bk G_bk, and bank rows enter only
+    through mass. Returns (grad_x, grad_codewords, grad_scale) in the dtypes of x, codewords and scale.
+    """
+    acc = accumulation_dtype(x, codewords, scale, bank)
+    K, D = codewords.shape
+    c = codewords.to(acc)
+    s = None if hard else scale.to(acc)
+    G_all = grad_E.to(acc)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+    grad_c = torch.zeros((K, D), dtype=acc, device=x.device)
+    grad_s = torch.zeros((K,), dtype=acc, device=x.device)
+    x_offs = x_offsets.tolist()
+    b_offs = bank_offsets.tolist() if bank is not None else None
+    for b in range(len(x_offs) - 1):
+        G = G_all[b]
+        parts = [(x[x_offs[b]:x_offs[b + 1]].to(acc), x_offs[b])]
+        if bank is not None:
+            idx = bank_index[b_offs[b]:b_offs[b + 1]].long()
+            parts.append((bank.detach().index_select(0, idx).to(acc), None))
+        for X, row0 in parts:
+            if X.shape[0] == 0:
+                continue
+            d = torch.addmm((c * c).sum(1), X, c.t(), alpha=-2.0) + (X * X).sum(1, keepdim=True)
+            if hard:
+                a = F.one_hot(d.argmin(dim=1), K).to(acc)
+            else:
+                a = torch.softmax(-s * d, dim=1)
+            grad_c -= a.sum(0)[:, None] * G
+            gx = a @ G
+            if not hard:
+                g = X @ G.t() - (G * c).sum(1)                      # g_ik = <G_k, x_i - c_k>
+                u = a * (g - (a * g).sum(1, keepdim=True))
+                us = u * s
+                gx -= 2.0 * (us.sum(1, keepdim=True) * X - us @ c)
+                grad_c += 2.0 * (us.t() @ X - us.sum(0)[:, None] * c)
+                grad_s -= (u * d).sum(0)
+            if row0 is not None:
+                grad_x[row0:row0 + X.shape[0]] = gx
+    scale_dtype = scale.dtype if scale is not None else codewords.dtype
+    return grad_x.to(x.dtype), grad_c.to(codewords.dtype), grad_s.to(scale_dtype)

@@ -1,0 +1,80 @@
+"""Helpers shared by the Triton kernels: interpreter detection, autotune bypass, split-precision dots.
+
+Precision of tl.dot. Rows stored in bf16/fp16 go to the tensor cores as they are (exact in their own dtype); the
+fp32 operand they meet (codewords, assignments, gradients) is split into hi + lo parts of the same 16-bit dtype,
+so that  p @ q  ~=  p @ q_hi + p @ q_lo  with ~16 mantissa bits for q and float32 accumulation: two MMAs instead
+of float32 FMA loops, and accurate enough that hard (argmin) assignments agree with the float32 reference except
+on genuine near-ties. Rows stored in float32 use tl.dot with input_precision="tf32x3" (three TF32 MMAs, ~fp32).
+
+Under TRITON_INTERPRET=1 a 16-bit tl.dot gives garbage (triton 3.9), so there every operand is cast to float32
+first (DOT_MODE 0), and autotuning is bypassed for one fixed config per shape (autotune in the interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """0: float32 dots (tf32x3 on GPU); 1: 16-bit rows, fp32 operand split into hi + lo."""
+    if INTERPRET or dtype == torch.float32:
+        return 0
+    return 1
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def launch(kernel, tuned, grid, args, interp_meta: dict):
+    """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter."""
+    if INTERPRET or tuned is None:
+        g = grid(interp_meta) if callable(grid) else grid
+        kernel[g](*args, **interp_meta)
+    else:
+        tuned[grid](*args)
+
+
+def num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def mm_rf(p, q, acc, MODE: tl.constexpr):
+    """acc + p @ q where p holds rows in their storage dtype and q is float32 (split into hi + lo for MODE 1)."""
+    if MODE == 1:
+        q_hi = q.to(p.dtype)
+        q_lo = (q - q_hi.to(tl.float32)).to(p.dtype)
+        acc = tl.dot(p, q_hi, acc)
+        acc = tl.dot(p, q_lo, acc)
+    else:
+        acc = tl.dot(p.to(tl.float32), q, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def mm_fr(p, q, acc, MODE: tl.constexpr, EXACT_P: tl.constexpr):
+    """acc + p @ q where p is float32 (split unless EXACT_P: representable in q's dtype, e.g. 0/1) and q rows."""
+    if MODE == 1:
+        p_hi = p.to(q.dtype)
+        acc = tl.dot(p_hi, q, acc)
+        if not EXACT_P:
+            p_lo = (p - p_hi.to(tl.float32)).to(q.dtype)
+            acc = tl.dot(p_lo, q, acc)
+    else:
+        acc = tl.dot(p, q.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def mm_ff(p, q, acc):
+    """acc + p @ q, both float32, ~fp32 accurate."""
+    return tl.dot(p, q, acc, input_precision="tf32x3")

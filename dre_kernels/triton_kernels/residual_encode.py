@@ -1,0 +1,384 @@
+"""Triton residual_encode: forward and backward, soft (Deep TEN) and hard (VLAD) assignment.
+
+    d_ik = ||x_i||^2 - 2 <x_i, c_k> + ||c_k||^2          (tl.dot, float32 accumulation)
+    soft: a_ik = softmax_k(-s_k d_ik)                   hard: a_ik = [k = first argmin_j d_ij]
+    E_bk = sum_{i in S_b} a_ik x_i - mass_bk c_k        mass_bk = sum_{i in S_b} a_ik
+
+Work decomposition. Each source of rows (the fresh rows x, then the bank rows gathered through bank_index) is cut
+into chunks of at most CHUNK rows that never cross a slide boundary; chunk slots are laid out slide after slide,
+computed on the device from the CSR offsets (no host synchronisation: the grid size depends on shapes only,
+cdiv(N, CHUNK) + B slots, the unused ones exit at once). A program owns one chunk and one tile of BLOCK_DO output
+columns; it walks the chunk in blocks of BLOCK_M rows: the full-width distances (a loop over D in BLOCK_D steps,
+K padded to a power of two and masked), the softmax or argmin in registers, and a^T x for its column tile, kept in
+a K x BLOCK_DO register accumulator. Gathered rows, the assignment matrix and the residuals never reach memory.
+Programs of the same chunk sit next to each other in the launch order, so the rows they all read come from L2.
+
+Long slides: split-and-atomics. A 50k-row slide becomes 50k/CHUNK programs whose partial E (and mass) are added
+into one float32 (B, K, D) buffer with tl.atomic_add (one K x BLOCK_DO add per program, not per row, so contention
+is negligible). Chosen over split-and-reduce because a partials buffer would cost (N/CHUNK + B) * K * D floats
+(tens of MB at the DRE-SLCL step shape, several times E itself), needs a second kernel, and the grid stays
+sync-free; the price is that float32 sums are not bitwise deterministic across runs when a slide spans programs.
+
+Backward (recomputation, flash-attention style; nothing of the forward is saved). With G = dL/dE,
+g_ik = <G_bk, x_i> - <G_bk, c_k>, h_ik = a_ik (g_ik - sum_j a_ij g_ij) (soft only):
+    grad x_i = sum_k a_ik G_bk + 2 sum_k s_k h_ik (c_k - x_i)                        (fresh rows only)
+    grad c_k = -sum_b mass_bk G_bk + 2 s_k (sum_i h_ik x_i - c_k sum_i h_ik)
+    grad s_k = -sum_i h_ik d_ik
+The same programs recompute d and a, add sum_i h_ik x_i (K x BLOCK_DO), sum_i h_ik, sum_i h_ik d_ik and mass
+atomically, and write grad x rows directly (each row belongs to one program per column tile). For hard assignment
+h = 0: grad x_i = G_{b, k(i)} (a gather), grad c_k = -sum_b mass_bk G_bk, so bank rows enter only through mass:
+given the forward's mass (`mass=`) there is no pass over bank rows at all; without it (the dre op schema does not
+carry it) one argmin-only pass over the bank rows counts them, with no E accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dre_kernels.triton_kernels._common import (INTERPRET, dot_mode, launch, mm_ff, mm_fr, mm_rf, next_pow2,
+                                                num_sms)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
+               WITH_G: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2, and x G_b^T when WITH_G (g_ptr at G_b)."""
+    dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        xt = tl.load(rows_ptr + row[:, None] + d[None, :].to(tl.int64) * s_c,
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        xf = xt.to(tl.float32)
+        xsq += tl.sum(xf * xf, axis=1)
+        cmask = kmask[None, :] & dmask[:, None]
+        ct = tl.load(c_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)  # (BLOCK_D, K_PAD) = c^T
+        dot = mm_rf(xt, ct, dot, MODE)
+        if WITH_G:
+            gt = tl.load(g_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)
+            dotg = mm_rf(xt, gt, dotg, MODE)
+    dist = xsq[:, None] - 2.0 * dot + csq[None, :]
+    return dist, dotg
+
+
+@triton.jit
+def _assign(dist, k, kmask, rmask, s, HARD: tl.constexpr):
+    """Assignments (BLOCK_M, K_PAD) float32, zero on padded rows and codewords; and the argmin (hard)."""
+    if HARD:
+        dm = tl.where(kmask[None, :], dist, float("inf"))
+        amin = tl.argmin(dm, axis=1)
+        a = tl.where(k[None, :] == amin[:, None], 1.0, 0.0)
+    else:
+        logit = tl.where(kmask[None, :], -s[None, :] * dist, float("-inf"))
+        m = tl.max(logit, axis=1)
+        p = tl.exp(logit - m[:, None])
+        a = p / tl.sum(p, axis=1)[:, None]
+        amin = tl.zeros_like(m).to(tl.int32)
+    a = tl.where(rmask[:, None], a, 0.0)
+    return a, amin
+
+
+@triton.jit
+def _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK):
+    j = pid_c - tl.load(cstart_ptr + b)
+    lo = tl.load(off_ptr + b) + j * CHUNK
+    hi = tl.minimum(tl.load(off_ptr + b + 1), lo + CHUNK)
+    return lo, hi
+
+
+@triton.jit
+def _row_offsets(r, rmask, idx_ptr, s_r, GATHER: tl.constexpr):
+    if GATHER:
+        row = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    return row * s_r
+
+
+@triton.jit
+def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
+                   c_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
+                   B, K, D, CHUNK,
+                   HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
+                   K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if WITH_E:
+        n_dt = tl.cdiv(D, BLOCK_DO)
+        pid_c = pid // n_dt
+        pid_d = pid % n_dt
+    else:
+        pid_c = pid
+        pid_d = pid * 0
+    b = tl.load(slide_ptr + pid_c)
+    if b < B:
+        lo, hi = _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK)
+        k = tl.arange(0, K_PAD)
+        kmask = k < K
+        csq = tl.load(csq_ptr + k, mask=kmask, other=0.0)
+        if HARD:
+            s = csq
+        else:
+            s = tl.load(scale_ptr + k, mask=kmask, other=0.0)
+        do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        acc = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        mass = tl.zeros((K_PAD,), dtype=tl.float32)
+        for r0 in range(lo, hi, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            rmask = r < hi
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            dist, _ = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, c_ptr, D,
+                                 False, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            a, _ = _assign(dist, k, kmask, rmask, s, HARD)
+            mass += tl.sum(a, axis=0)
+            if WITH_E:
+                xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c,
+                             mask=rmask[:, None] & domask[None, :], other=0.0)
+                acc = mm_fr(tl.trans(a), xo, acc, MODE, HARD)
+        if WITH_E:
+            emask = kmask[:, None] & domask[None, :]
+            ct = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)
+            acc = acc - mass[:, None] * ct
+            tl.atomic_add(acc_ptr + b * K * D + k[:, None] * D + do[None, :], acc, mask=emask, sem="relaxed")
+        if pid_d == 0:
+            tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
+
+
+@triton.jit
+def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
+                   c_ptr, csq_ptr, scale_ptr, g_ptr, gc_ptr,
+                   hx_ptr, hsum_ptr, gs_ptr, mass_ptr, gx_ptr, s_gr,
+                   B, K, D, CHUNK,
+                   HARD: tl.constexpr, GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr,
+                   MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n_dt = tl.cdiv(D, BLOCK_DO)
+    pid_c = pid // n_dt
+    pid_d = pid % n_dt
+    b = tl.load(slide_ptr + pid_c)
+    if b < B:
+        lo, hi = _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK)
+        k = tl.arange(0, K_PAD)
+        kmask = k < K
+        csq = tl.load(csq_ptr + k, mask=kmask, other=0.0)
+        if HARD:
+            s = csq
+            gc = csq
+        else:
+            s = tl.load(scale_ptr + k, mask=kmask, other=0.0)
+            gc = tl.load(gc_ptr + b * K + k, mask=kmask, other=0.0)
+        do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        emask = kmask[:, None] & domask[None, :]
+        gb_ptr = g_ptr + b * K * D
+        g_tile = tl.load(gb_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)   # G_b[:, tile]
+        c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)
+        hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        hsum = tl.zeros((K_PAD,), dtype=tl.float32)
+        gs = tl.zeros((K_PAD,), dtype=tl.float32)
+        mass = tl.zeros((K_PAD,), dtype=tl.float32)
+        for r0 in range(lo, hi, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            rmask = r < hi
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            dist, dotg = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, gb_ptr, D,
+                                    not HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            a, amin = _assign(dist, k, kmask, rmask, s, HARD)
+            omask = rmask[:, None] & domask[None, :]
+            if HARD:
+                if NEED_C:
+                    mass += tl.sum(a, axis=0)
+                if WRITE_GX:
+                    gx = tl.load(gb_ptr + amin[:, None].to(tl.int64) * D + do[None, :], mask=omask, other=0.0)
+                    tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
+                             gx.to(gx_ptr.dtype.element_ty), mask=omask)
+            else:
+                g = dotg - gc[None, :]
+                h = a * (g - tl.sum(a * g, axis=1)[:, None])
+                xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=omask, other=0.0)
+                if NEED_C:
+                    mass += tl.sum(a, axis=0)
+                    hsum += tl.sum(h, axis=0)
+                    gs -= tl.sum(h * tl.where(rmask[:, None] & kmask[None, :], dist, 0.0), axis=0)
+                    hx = mm_fr(tl.trans(h), xo, hx, MODE, False)
+                if WRITE_GX:
+                    hs = h * s[None, :]
+                    gx = mm_ff(a, g_tile, tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32))
+                    gx = mm_ff(2.0 * hs, c_tile, gx)
+                    gx -= 2.0 * xo.to(tl.float32) * tl.sum(hs, axis=1)[:, None]
+                    tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
+                             gx.to(gx_ptr.dtype.element_ty), mask=omask)
+        if NEED_C:
+            if not HARD:
+                tl.atomic_add(hx_ptr + k[:, None] * D + do[None, :], hx, mask=emask, sem="relaxed")
+            if pid_d == 0:
+                tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
+                if not HARD:
+                    tl.atomic_add(hsum_ptr + k, hsum, mask=kmask, sem="relaxed")
+                    tl.atomic_add(gs_ptr + k, gs, mask=kmask, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------- autotuning
+def _configs():
+    out = []
+    for bm, bd, bdo, w, st in [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 32, 256, 8, 2),
+                               (128, 32, 64, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (128, 64, 256, 8, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=st))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose register tiles (distances, K x BLOCK_DO accumulator, operand tiles) would spill badly."""
+    K_PAD = kwargs.get("K_PAD", named_args.get("K_PAD", 64))
+    D = kwargs.get("D", named_args.get("D", 4096))
+    keep = []
+    for c in configs:
+        m, bd, bdo = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"]
+        if bdo > max(64, next_pow2(D)):
+            continue  # a column tile wider than D only wastes lanes
+        elems = 2 * m * K_PAD + K_PAD * bdo + m * bd + bd * K_PAD + m * bdo
+        if elems <= 160 * 32 * c.num_warps:
+            keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_DO"])]
+
+
+_KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
+_fwd_tuned = None if INTERPRET else triton.autotune(
+    _configs(), key=_KEY + ["WITH_E"], prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["acc_ptr", "mass_ptr"])(_re_fwd_kernel)
+_bwd_tuned = None if INTERPRET else triton.autotune(
+    _configs(), key=_KEY + ["WRITE_GX", "NEED_C"], prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])(_re_bwd_kernel)
+
+
+def _interp_meta(D):
+    # Under the interpreter every block op is a numpy call: few, large blocks are fastest.
+    bd = min(256, max(16, next_pow2(D)))
+    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd}
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
+    if chunk_rows is not None:
+        return int(chunk_rows)
+    if INTERPRET:
+        return 4096
+    # ~4 chunk programs per SM over this source, 256..8192 rows each: a long slide spreads over the GPU.
+    target = 4 * num_sms(device)
+    return int(min(8192, max(256, next_pow2(triton.cdiv(max(n_rows, 1), target)))))
+
+
+def _chunk_map(offsets: torch.Tensor, n_rows: int, chunk: int):
+    """Slide-aligned chunks of `chunk` rows, sync-free: (int64 offsets, slide of each slot, first slot of each slide, #slots)."""
+    off = offsets.to(torch.int64).contiguous()
+    B = off.numel() - 1
+    lens = off[1:] - off[:-1]
+    nch = (lens + (chunk - 1)) // chunk
+    cend = torch.cumsum(nch, 0)
+    cstart = (cend - nch).contiguous()
+    slots = triton.cdiv(n_rows, chunk) + B
+    slide = torch.searchsorted(cend, torch.arange(slots, device=off.device), right=True)
+    return off, slide, cstart, slots
+
+
+def _sources(x, x_offsets, bank, bank_index, bank_offsets):
+    """(rows, index or None, offsets, n_rows) for the fresh rows and, if given, the bank rows."""
+    out = [(x, None, x_offsets, x.shape[0])]
+    if bank is not None:
+        out.append((bank.detach(), bank_index.contiguous(), bank_offsets, bank_index.shape[0]))
+    return out
+
+
+def _prep(codewords, scale, hard):
+    c32 = codewords.detach().float().contiguous()
+    csq = (c32 * c32).sum(1).contiguous()
+    s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
+    return c32, csq, s32
+
+
+def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, chunk_rows):
+    B = offsets.numel() - 1
+    if B == 0 or n_rows == 0:
+        return
+    K, D = c32.shape
+    chunk = _chunk_rows(n_rows, rows.device, chunk_rows)
+    off, slide, cstart, slots = _chunk_map(offsets, n_rows, chunk)
+    gather = index is not None
+    idx = index if gather else off
+    args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, acc, mass,
+            B, K, D, chunk, hard, gather, with_e, dot_mode(rows.dtype), max(16, next_pow2(K)))
+
+    def grid(meta):
+        return (slots * (triton.cdiv(D, meta["BLOCK_DO"]) if with_e else slots),)
+
+    launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D))
+
+
+def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
+    """(E (B, K, D) in promote_types(x, codewords), mass (B, K) float32); see the module docstring."""
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
+    c32, csq, s32 = _prep(codewords, scale, hard)
+    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
+    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+    for rows, index, offsets, n_rows in _sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+        _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True, chunk_rows)
+    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
+
+
+def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+                        need_grad_x, need_grad_codewords, need_grad_scale, *, mass=None, chunk_rows=None):
+    """(grad x, grad codewords, grad scale); see the module docstring. `mass` (B, K), the forward's, lets the
+    hard backward skip the bank rows entirely."""
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    dev = x.device
+    scale_dtype = scale.dtype if scale is not None else codewords.dtype
+    need_s = bool(need_grad_scale) and not hard
+    need_c = bool(need_grad_codewords) or need_s
+    c32, csq, s32 = _prep(codewords, scale, hard)
+    G = grad_E.detach().float().contiguous()
+    gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
+    hx = torch.zeros((K, D), dtype=torch.float32, device=dev)
+    hsum = torch.zeros((K,), dtype=torch.float32, device=dev)
+    gs = torch.zeros((K,), dtype=torch.float32, device=dev)
+    mass_acc = torch.zeros((B, K), dtype=torch.float32, device=dev)
+    gc = csq if hard else torch.einsum("bkd,kd->bk", G, c32).contiguous()
+    use_given_mass = hard and mass is not None
+    xd = x.detach()
+    for src, (rows, index, offsets, n_rows) in enumerate(_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
+        fresh = src == 0
+        write_gx = fresh and bool(need_grad_x)
+        acc_c = need_c and not use_given_mass
+        if B == 0 or n_rows == 0 or not (write_gx or acc_c):
+            continue
+        if hard and not fresh:
+            # Bank rows count only through mass: an argmin-only pass (no E, no column tiles).
+            _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, hx, mass_acc, True, False, chunk_rows)
+            continue
+        chunk = _chunk_rows(n_rows, dev, chunk_rows)
+        off, slide, cstart, slots = _chunk_map(offsets, n_rows, chunk)
+        gather = index is not None
+        idx = index if gather else off
+        args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
+                hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
+                hard, gather, write_gx, acc_c, dot_mode(rows.dtype), max(16, next_pow2(K)))
+        launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
+               _interp_meta(D))
+    if use_given_mass:
+        mass_acc = mass.float()
+    grad_c = -torch.einsum("bk,bkd->kd", mass_acc, G)
+    if not hard:
+        grad_c += (2.0 * s32)[:, None] * (hx - hsum[:, None] * c32)
+    grad_s = gs if need_s else torch.zeros_like(gs)
+    if not need_c:
+        grad_c = torch.zeros_like(grad_c)
+    return gx, grad_c.to(codewords.dtype), grad_s.to(scale_dtype)

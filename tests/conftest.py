@@ -1,0 +1,81 @@
+"""Shared fixtures: every backend that runs here, per-dtype tolerances, and random ragged inputs.
+
+Op tests are parametrised over `backend_device`: every (backend, device) pair available here except `reference`,
+which they compare against. A new backend joins the suite by becoming available.
+"""
+
+import os
+
+import pytest
+import torch
+
+# Triton decides at decoration time whether kernels run in its interpreter; on a machine without a GPU the
+# triton backend is only testable that way, so switch it on before dre_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dre_kernels  # noqa: E402
+
+
+def _pairs():
+    pairs = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for b in dre_kernels.available_backends(device):
+            if b != "reference":
+                marks = [pytest.mark.cuda] if device == "cuda" else []
+                pairs.append(pytest.param((b, device), id=f"{b}-{device}", marks=marks))
+    return pairs
+
+
+BACKEND_DEVICE_PAIRS = _pairs()
+
+
+@pytest.fixture(params=BACKEND_DEVICE_PAIRS)
+def backend_device(request):
+    return request.param
+
+
+def supports_float64(backend: str, device: str) -> bool:
+    return torch.float64 in dre_kernels._backend.supported_dtypes(backend, device)
+
+
+# Tolerances on outputs of magnitude ~1 against the float32/float64 reference computed from the same rounded
+# inputs: half-precision outputs get their own rounding error on top of float32 accumulation.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+    torch.float32: dict(atol=2e-4, rtol=2e-4),
+    torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+}
+
+
+def tol(dtype):
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
+    """Compare in float64 with the tolerance of `dtype` (default: actual's), relative to the size of `expected`."""
+    t = tol(dtype or actual.dtype)
+    mag = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(),
+                               atol=t["atol"] * mag * scale, rtol=t["rtol"] * scale, msg=msg or None)
+
+
+def make_offsets(lengths, dtype=torch.int64, device="cpu"):
+    off = [0]
+    for n in lengths:
+        off.append(off[-1] + n)
+    return torch.tensor(off, dtype=dtype, device=device)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

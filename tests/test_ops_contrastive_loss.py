@@ -1,0 +1,123 @@
+"""contrastive_loss: every backend against `reference` and against open_clip's ClipLoss formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close, supports_float64
+from dre_kernels import contrastive_loss
+
+SHAPES = [(1, 1), (2, 5), (7, 3), (33, 64), (70, 17)]
+
+
+def make(B, P, dtype=torch.float32, device="cpu", seed=0, labels=False, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, P, generator=g).to(dtype).to(device).requires_grad_(requires_grad)
+    b = torch.randn(B, P, generator=g).to(dtype).to(device).requires_grad_(requires_grad)
+    lab = torch.randint(0, max(1, B // 2), (B,), generator=g).to(device) if labels else None
+    return a, b, lab
+
+
+def open_clip_loss(a, b, logit_scale):
+    """open_clip's ClipLoss (single process): CE over image->text and text->image logits, averaged."""
+    logits_per_image = logit_scale * a @ b.T
+    logits_per_text = logit_scale * b @ a.T
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}_P{p}" for b, p in SHAPES])
+def test_forward_matches_reference(backend_device, shape, dtype, labels, normalize, reduction):
+    backend, device = backend_device
+    if dtype == torch.float64 and not supports_float64(backend, device):
+        pytest.skip(f"{backend} on {device} does not take float64")
+    a, b, lab = make(*shape, dtype=dtype, device=device, labels=labels)
+    s = 3.0 if normalize else 0.7
+    got = contrastive_loss(a, b, s, labels=lab, normalize=normalize, reduction=reduction, backend=backend)
+    want = contrastive_loss(a, b, s, labels=lab, normalize=normalize, reduction=reduction, backend="reference")
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == want_dtype and got.shape == (() if reduction == "mean" else (shape[0],))
+    # the loss is computed in float32 from rounded inputs: only float32 rounding separates the backends
+    assert_close(got, want, dtype=want_dtype, scale=10.0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}_P{p}" for b, p in SHAPES])
+def test_gradients_match_reference(backend_device, shape, dtype, labels, normalize):
+    backend, device = backend_device
+    a, b, lab = make(*shape, dtype=dtype, device=device, labels=labels, seed=3)
+    s = torch.tensor(2.5, device=device, requires_grad=True)
+    w = torch.randn(shape[0], generator=torch.Generator().manual_seed(4)).to(device)
+    got = contrastive_loss(a, b, s, labels=lab, normalize=normalize, reduction="none", backend=backend)
+    want = contrastive_loss(a, b, s, labels=lab, normalize=normalize, reduction="none", backend="reference")
+    g_got = torch.autograd.grad((got * w).sum(), [a, b, s])
+    g_want = torch.autograd.grad((want * w).sum(), [a, b, s])
+    for name, x, y in zip("abs", g_got, g_want):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert_close(x, y, scale=10.0 if name == "s" else 1.0, msg=f"grad {name}")
+
+
+def test_equals_open_clip_clip_loss(backend_device):
+    backend, device = backend_device
+    a, b, _ = make(19, 12, device=device, requires_grad=False)
+    for s in (1.0, 14.3):
+        got = contrastive_loss(a, b, s, backend=backend)
+        assert_close(got, open_clip_loss(a, b, s), dtype=torch.float32, scale=10.0)
+
+
+def test_labels_multi_positive(backend_device):
+    backend, device = backend_device
+    a, b, _ = make(6, 4, device=device, requires_grad=False)
+    s = 1.3
+    # every label distinct: the same as no labels
+    distinct = torch.arange(6, device=device) * 7
+    assert_close(contrastive_loss(a, b, s, labels=distinct, backend=backend),
+                 contrastive_loss(a, b, s, backend=backend), dtype=torch.float32)
+    # groups {0,1,2} and {3,4,5}: r_i = lse_i - mean over the group of logits_ij, by hand
+    lab = torch.tensor([0, 0, 0, 1, 1, 1], device=device)
+    logits = s * a @ b.T
+    groups = [[0, 1, 2], [3, 4, 5]]
+    r = torch.stack([torch.logsumexp(logits[i], 0) - logits[i, groups[i // 3]].mean() for i in range(6)])
+    c = torch.stack([torch.logsumexp(logits[:, j], 0) - logits[groups[j // 3], j].mean() for j in range(6)])
+    got = contrastive_loss(a, b, s, labels=lab, reduction="none", backend=backend)
+    assert_close(got, (r + c) / 2, dtype=torch.float32)
+
+
+def test_logit_scale_float_or_tensor(backend_device):
+    backend, device = backend_device
+    a, b, _ = make(5, 3, device=device, requires_grad=False)
+    x = contrastive_loss(a, b, 2.0, backend=backend)
+    y = contrastive_loss(a, b, torch.tensor(2.0, dtype=torch.float64, device=device), backend=backend)
+    assert_close(x, y, dtype=torch.float32)
+
+
+def test_noncontiguous(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(9, 16, generator=g).to(device)[:, ::2]
+    b = torch.randn(8, 9, generator=g).to(device).t()
+    assert not a.is_contiguous() and not b.is_contiguous()
+    got = contrastive_loss(a, b, 1.7, normalize=True, backend=backend)
+    want = contrastive_loss(a.contiguous(), b.contiguous(), 1.7, normalize=True, backend="reference")
+    assert_close(got, want, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_float64(backend_device, labels, normalize):
+    backend, device = backend_device
+    if not supports_float64(backend, device):
+        pytest.skip(f"{backend} on {device} does not take float64")
+    a, b, lab = make(5, 3, dtype=torch.float64, device=device, labels=labels)
+    s = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(a, b, s):
+        return contrastive_loss(a, b, s, labels=lab, normalize=normalize, reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(f, (a, b, s), eps=1e-6, atol=1e-6)
