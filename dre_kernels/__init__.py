@@ -17,6 +17,12 @@ from dre_kernels.kmeans import kmeans
 from dre_kernels.residual_encode import residual_encode
 from dre_kernels.version import __version__
 
+try:  # the `triton` backend registers its dre::triton_* operators when the triton package is importable
+    import dre_kernels.triton_kernels  # noqa: F401
+except ImportError as _e:  # only a missing triton package is silent; a broken backend must not hide
+    if (_e.name or "").split(".")[0] != "triton":
+        raise
+
 __all__ = [
     "BACKENDS",
     "__version__",

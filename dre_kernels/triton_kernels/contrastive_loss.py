@@ -1,0 +1,282 @@
+"""Triton contrastive_loss: one pass over logit tiles for both log-sum-exps, recomputing backward, O(B*P + B) memory.
+
+    u_i = a_i / max(||a_i||, 1e-12) if normalize else a_i   (same v for b);   l_ij = s <u_i, v_j> = s inv_a_i inv_b_j <a_i, b_j>
+    r_i = LSE_j l_ij - mean_{j in P_i} l_ij      c_j = LSE_i l_ij - mean_{i in P_j} l_ij      loss = (r + c) / 2
+
+Forward, one kernel call: program I owns a block of rows and walks every column block J once, computing the tile
+l_IJ with tl.dot (float32 accumulation, looping over P). The row LSE is an online max/sum in registers. The column
+LSE needs the other direction of the same tile: each tile reduces its columns to (m_t, sum_i exp(l_ij - m_t)) and
+adds sum * exp(m_t - ref_j) into a float64 per-column accumulator with one atomic add per column per tile, where
+ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is a column bound known before the pass; col_lse =
+ref_j + log(acc_j). The rescale is float64 so that columns whose logits sit up to ~700 below their bound still
+count (with normalize and |s| <= 350 no column can fall that far); only B floats per direction reach memory, never
+a B x B tensor or per-tile partials. Positives (labels_i == labels_j, or i == j without labels) are summed per row
+in registers and per column with a float32 atomic add in the same pass; |P_i| comes from a sort of the labels.
+
+Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
+grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>. W is symmetric under
+swapping (a, R) with (b, C), so one kernel computes grad u with rows of a, and the same kernel with the roles
+swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics per tile).
+Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator. The normalisation's
+backward, grad a = (grad u - u <u, grad u>) / ||a||, is O(B*P) elementwise work in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dre_kernels.triton_kernels._common import INTERPRET, launch, mm_fr, next_pow2
+
+NORMALIZE_EPS = 1e-12
+
+
+def _loss_dtype(a, b) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+
+
+@triton.jit
+def _mm_rr(p, q, acc, MODE: tl.constexpr):
+    if MODE == 1:
+        acc = tl.dot(p, q, acc)
+    elif MODE == 2:
+        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc)
+    else:
+        acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
+              MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """<x_i, y_j> for a BLOCK_I x BLOCK_J tile, float32 (float64 for MODE 2)."""
+    dot = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64 if MODE == 2 else tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        pm = p < P
+        xt = tl.load(x_ptr + i[:, None] * s_xr + p[None, :] * s_xc, mask=imask[:, None] & pm[None, :], other=0.0)
+        yt = tl.load(y_ptr + j[None, :] * s_yr + p[:, None] * s_yc, mask=jmask[None, :] & pm[:, None], other=0.0)
+        dot = _mm_rr(xt, yt, dot, MODE)
+    return dot
+
+
+@triton.jit
+def _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS: tl.constexpr):
+    if HAS_LABELS:
+        lj = tl.load(lab_ptr + j, mask=jmask, other=0)
+        pos = (li[:, None] == lj[None, :]) & valid
+    else:
+        pos = (i[:, None] == j[None, :]) & valid
+    return pos
+
+
+@triton.jit
+def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab_ptr, scale_ptr, ref_ptr,
+                   rlse_ptr, rpos_ptr, csum_ptr, cpos_ptr, B, P,
+                   HAS_LABELS: tl.constexpr, MODE: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = i < B
+    s = tl.load(scale_ptr)
+    si = s * tl.load(inva_ptr + i, mask=imask, other=0.0)
+    li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
+    ACC = tl.float64 if MODE == 2 else tl.float32
+    m_i = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_I,), dtype=ACC)
+    pos_i = tl.zeros((BLOCK_I,), dtype=ACC)
+    for j0 in range(0, B, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        jmask = j < B
+        dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+        invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
+        logits = si[:, None] * dot * invb[None, :]
+        valid = imask[:, None] & jmask[None, :]
+        lt = tl.where(valid, logits, float("-inf"))
+        # rows: online log-sum-exp (rows past B stay at -inf and are never stored)
+        m_new = tl.maximum(m_i, tl.max(lt, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lt - m_safe[:, None]), axis=1)
+        m_i = m_new
+        # positives, both directions
+        pos = _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS)
+        pl = tl.where(pos, logits, 0.0)
+        pos_i += tl.sum(pl, axis=1)
+        tl.atomic_add(cpos_ptr + j, tl.sum(pl, axis=0), mask=jmask, sem="relaxed")
+        # columns: this tile's share, rescaled to the column bound in float64
+        cm = tl.max(lt, axis=0)
+        cs = tl.sum(tl.exp(lt - cm[None, :]), axis=0)
+        ref = tl.load(ref_ptr + j, mask=jmask, other=0.0)
+        contrib = cs.to(tl.float64) * tl.exp((cm - ref).to(tl.float64))
+        tl.atomic_add(csum_ptr + j, contrib, mask=jmask, sem="relaxed")
+    tl.store(rlse_ptr + i, m_i + tl.log(l_i), mask=imask)
+    tl.store(rpos_ptr + i, pos_i, mask=imask)
+
+
+@triton.jit
+def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab_ptr, scale_ptr,
+                   lx_ptr, ly_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
+                   HAS_LABELS: tl.constexpr, WITH_GS: tl.constexpr, MODE: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PO: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n_pt = tl.cdiv(P, BLOCK_PO)
+    pid_i = pid // n_pt
+    pid_p = pid % n_pt
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = i < B
+    s = tl.load(scale_ptr)
+    invx = tl.load(invx_ptr + i, mask=imask, other=0.0)
+    lx = tl.load(lx_ptr + i, mask=imask, other=0.0)
+    hg_i = 0.5 * tl.load(g_ptr + i, mask=imask, other=0.0)
+    n_i = tl.load(npos_ptr + i, mask=imask, other=1.0)
+    li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
+    po = (pid_p * BLOCK_PO + tl.arange(0, BLOCK_PO)).to(tl.int64)
+    pomask = po < P
+    ACC = tl.float64 if MODE == 2 else tl.float32
+    acc = tl.zeros((BLOCK_I, BLOCK_PO), dtype=ACC)
+    gs = tl.zeros((BLOCK_I,), dtype=ACC)
+    for j0 in range(0, B, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        jmask = j < B
+        dot = _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+        invy = tl.load(invy_ptr + j, mask=jmask, other=0.0)
+        ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
+        hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
+        n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0)
+        uv = dot * invx[:, None] * invy[None, :]
+        logits = s * uv
+        valid = imask[:, None] & jmask[None, :]
+        posf = tl.where(_positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS), 1.0, 0.0)
+        w = (hg_i[:, None] * (tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
+             + hg_j[None, :] * (tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
+        w = tl.where(valid, w, 0.0)
+        yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
+                     other=0.0)
+        if MODE == 2:
+            acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc)
+        else:
+            acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
+        if WITH_GS:
+            gs += tl.sum(w * uv, axis=1)
+    tl.store(gu_ptr + i[:, None] * P + po[None, :], s * acc, mask=imask[:, None] & pomask[None, :])
+    if WITH_GS:
+        if pid_p == 0:
+            tl.store(gs_ptr + pid_i, tl.sum(gs, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------- autotuning
+def _fwd_configs():
+    return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
+            for bi, bj, bp, w, st in [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3),
+                                      (64, 128, 64, 8, 3)]]
+
+
+def _bwd_configs():
+    return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp, "BLOCK_PO": bpo}, num_warps=w, num_stages=st)
+            for bi, bj, bp, bpo, w, st in [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3),
+                                           (64, 64, 32, 256, 8, 2), (64, 32, 64, 64, 4, 3)]]
+
+
+_fwd_tuned = None if INTERPRET else triton.autotune(
+    _fwd_configs(), key=["P", "HAS_LABELS", "MODE"], reset_to_zero=["csum_ptr", "cpos_ptr"])(_cl_fwd_kernel)
+_bwd_tuned = None if INTERPRET else triton.autotune(
+    _bwd_configs(), key=["P", "HAS_LABELS", "MODE", "WITH_GS"])(_cl_bwd_kernel)
+
+
+def _interp_meta(P):
+    bp = min(128, max(16, next_pow2(P)))
+    return {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_P": bp, "BLOCK_PO": bp}
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _mode(a, b) -> int:
+    """0: float32 dots (tf32x3 on GPU); 1: both in one 16-bit dtype, exact products; 2: float64 (raw-op use)."""
+    if torch.float64 in (a.dtype, b.dtype):
+        return 2
+    if INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32:
+        return 0
+    return 1
+
+
+def _inv_norms(t, normalize, acc):
+    """(1 / max(||t_i||, eps) or ones, ||t_i||), in the loss dtype."""
+    norm = torch.linalg.vector_norm(t, dim=1, dtype=acc)
+    if not normalize:
+        return torch.ones_like(norm), norm
+    return 1.0 / norm.clamp_min(NORMALIZE_EPS), norm
+
+
+def _num_positives(labels, B, device, acc):
+    if labels is None:
+        return torch.ones(B, dtype=acc, device=device)
+    lab = labels.to(torch.int64)
+    srt = torch.sort(lab).values
+    n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
+    return n.to(acc)
+
+
+def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
+    B, P = a.shape
+    dev = a.device
+    a, b = a.detach(), b.detach()
+    acc = _loss_dtype(a, b)
+    s = logit_scale.detach().to(acc).reshape(1).contiguous()
+    inva, na = _inv_norms(a, normalize, acc)
+    invb, nb = _inv_norms(b, normalize, acc)
+    # column bound ref_j = |s| max_i ||u_i|| ||v_j||
+    ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous() if B else nb
+    rlse = torch.empty(B, dtype=acc, device=dev)
+    rpos = torch.empty(B, dtype=acc, device=dev)
+    csum = torch.zeros(B, dtype=torch.float64, device=dev)
+    cpos = torch.zeros(B, dtype=acc, device=dev)
+    if B == 0:
+        return rlse, rlse.clone(), rlse.clone()
+    has_labels = labels is not None
+    lab = labels.contiguous() if has_labels else inva
+    args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, lab, s, ref,
+            rlse, rpos, csum, cpos, B, P, has_labels, _mode(a, b))
+    launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P))
+    clse = (ref.double() + torch.log(csum)).to(acc)
+    npos = _num_positives(labels, B, dev, acc)
+    loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
+    return loss, rlse, clse
+
+
+def _normalize_backward(gu, t, inv, norm, normalize):
+    """grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below."""
+    if not normalize:
+        return gu
+    u = t.to(inv.dtype) * inv[:, None]
+    proj = gu - u * (u * gu).sum(1, keepdim=True)
+    return torch.where((norm > NORMALIZE_EPS)[:, None], proj * inv[:, None], gu * inv[:, None])
+
+
+def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
+    B, P = a.shape
+    dev = a.device
+    a, b = a.detach(), b.detach()
+    acc = _loss_dtype(a, b)
+    s = logit_scale.detach().to(acc).reshape(1).contiguous()
+    inva, na = _inv_norms(a, normalize, acc)
+    invb, nb = _inv_norms(b, normalize, acc)
+    g = grad_loss.detach().to(acc).contiguous()
+    npos = _num_positives(labels, B, dev, acc)
+    has_labels = labels is not None
+    lab = labels.contiguous() if has_labels else inva
+    gu = torch.empty((B, P), dtype=acc, device=dev)
+    gv = torch.empty((B, P), dtype=acc, device=dev)
+    meta = _interp_meta(P)
+    # one float per row block, summed here: deterministic, and sized for the smallest BLOCK_I of any config
+    gs = torch.zeros(triton.cdiv(B, 32) if B else 1, dtype=acc, device=dev)
+    rl, cl = row_lse.to(acc).contiguous(), col_lse.to(acc).contiguous()
+    mode = _mode(a, b)
+    if B:
+        for x, y, invx, invy, lx, ly, out, with_gs in ((a, b, inva, invb, rl, cl, gu, True),
+                                                       (b, a, invb, inva, cl, rl, gv, False)):
+            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, g, npos,
+                    out, gs, B, P, has_labels, with_gs, mode)
+            launch(_cl_bwd_kernel, _bwd_tuned,
+                   lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta)
+    grad_a = _normalize_backward(gu, a, inva, na, normalize).to(a.dtype)
+    grad_b = _normalize_backward(gv, b, invb, nb, normalize).to(b.dtype)
+    return grad_a, grad_b, gs.sum().reshape(())
