@@ -131,31 +131,38 @@ def resolve_backend(backend: str, device, dtypes=()) -> str:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
-    device_type = _device_type(device)
+    kind, text = _resolve(backend, _device_type(device), tuple(str(d) for d in dtypes))
+    if kind == "ok":
+        return text
+    raise {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}[kind](text)
+
+
+# torch.compile calls this once at trace time and keeps the answer as a constant: the availability probes
+# (imports, dispatcher queries, the environment) are not traceable, and they cannot change inside a graph.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype_names: tuple) -> tuple:
+    dtypes = [getattr(torch, n.replace("torch.", "")) for n in dtype_names]
     requested = backend
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             requested = env
     if requested == "auto":
-        if device_type == "cuda":
-            order = ("native", "triton", "torch")
-        else:
-            order = ("native", "torch")
+        order = ("native", "triton", "torch") if device_type == "cuda" else ("native", "torch")
         for name in order:
             if _unavailable_reason(name, device_type) is None and all(
                     d in supported_dtypes(name, device_type) for d in dtypes):
-                return name
-        return "torch"
+                return ("ok", name)
+        return ("ok", "torch")
     if requested not in BACKENDS:
         source = f" (from {ENV_VAR})" if requested != backend else ""
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {requested!r}{source}")
+        return ("ValueError", f"backend must be 'auto' or one of {BACKENDS}; got {requested!r}{source}")
     why = _unavailable_reason(requested, device_type)
     if why is not None:
-        raise RuntimeError(f"backend {requested!r} is not available for {device_type} tensors: {why}")
+        return ("RuntimeError", f"backend {requested!r} is not available for {device_type} tensors: {why}")
     ok = supported_dtypes(requested, device_type)
     for d in dtypes:
         if d not in ok:
-            raise TypeError(f"backend {requested!r} on {device_type} does not support dtype {d}; "
-                            f"it takes {', '.join(str(t) for t in ok)}")
-    return requested
+            return ("TypeError", f"backend {requested!r} on {device_type} does not support dtype {d}; "
+                                 f"it takes {', '.join(str(t) for t in ok)}")
+    return ("ok", requested)
