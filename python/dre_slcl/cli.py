@@ -15,6 +15,8 @@ from dre_kernels.version import __version__
 # Modules that provide subcommands, in the order `--help` lists them.
 SUBCOMMAND_MODULES: list[str] = [
     "dre_slcl.commands.info",
+    "dre_slcl.commands.synth",
+    "dre_slcl.commands.tile",
 ]
 
 

@@ -105,7 +105,13 @@ def otsu_threshold(values: np.ndarray) -> int:
     denom = omega * (1.0 - omega)
     with np.errstate(divide="ignore", invalid="ignore"):
         sigma_b = np.where(denom > 0, (mu_t * omega - mu) ** 2 / denom, 0.0)
-    return int(np.argmax(sigma_b))  # a constant image gives 0 (all sigma_b 0)
+    best = sigma_b.max()
+    if best <= 0:
+        return 0  # a constant image: no split
+    # Every t in an empty gap between the modes scores the same; take the middle of that plateau rather than the
+    # first value, which would hug the lower mode.
+    ties = np.nonzero(sigma_b >= best * (1 - 1e-12))[0]
+    return int((ties[0] + ties[-1]) // 2)
 
 
 def _shift_or(m: np.ndarray, r: int, axis: int) -> np.ndarray:
@@ -127,8 +133,23 @@ def dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 
 def erode(mask: np.ndarray, r: int) -> np.ndarray:
-    """Binary erosion by a (2r+1)-square; outside the image counts as foreground (no border erosion)."""
-    return ~dilate(~mask, r)
+    """Binary erosion by a (2r+1)-square; outside the image counts as background."""
+    if r <= 0:
+        return mask.copy()
+    return ~dilate(np.pad(~mask, r, constant_values=True), r)[r:-r, r:-r]
+
+
+def closing(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation then erosion, computed with an r-pixel background margin so the image edge adds nothing."""
+    if r <= 0:
+        return mask.copy()
+    p = np.pad(mask, r)
+    return erode(dilate(p, r), r)[r:-r, r:-r]
+
+
+def opening(mask: np.ndarray, r: int) -> np.ndarray:
+    """Erosion then dilation: removes pieces thinner than 2r+1 pixels."""
+    return dilate(erode(mask, r), r)
 
 
 def label_runs(mask: np.ndarray):
@@ -293,8 +314,8 @@ def tissue_mask(slide, patch0: int, params: TilingParams):
     sx = w0 / lw * factor
     sy = h0 / lh * factor
     r = params.close_radius
-    mask = erode(dilate(mask, r), r)  # closing: bridge gaps between nuclei
-    mask = dilate(erode(mask, r), r)  # opening: drop specks thinner than the kernel
+    mask = closing(mask, r)  # bridge gaps between nuclei
+    mask = opening(mask, r)  # drop specks thinner than the kernel
     min_px = params.min_area * patch0 * patch0 / (sx * sy)
     mask = remove_small_components(mask, min_px)
     return mask, (sx, sy), thr, level
@@ -522,13 +543,19 @@ def tile_slides(inputs, out_dir: str | os.PathLike, params: TilingParams = Tilin
     return rows
 
 
-def _run_pool(jobs, workers: int, record) -> None:
-    """Run jobs with at most ``workers`` in flight; jobs in flight when a worker dies are retried one at a time."""
+def _run_pool(jobs, workers: int, record, fn=_job) -> None:
+    """Run ``fn(job)`` with at most ``workers`` in flight, passing each result row to ``record``. Jobs in flight
+    when a worker dies are retried one at a time, so only the slide that kills its worker is reported."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    ctx = mp.get_context("spawn")  # fork would copy the parent's threads and any OpenSlide state
+    # Not fork: it would copy the parent's threads and any OpenSlide state. A fork server starts one clean
+    # process that imports this module once (importing dre_slcl pulls in torch: seconds) and forks workers off it,
+    # so neither the first pool nor one rebuilt after a crash pays that import per worker.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    workers = max(1, min(workers, len(jobs)))
     pending = deque(jobs)
     suspects: deque = deque()
     while pending:
@@ -538,7 +565,7 @@ def _run_pool(jobs, workers: int, record) -> None:
             while (pending or inflight) and not broken:
                 while pending and len(inflight) < workers:
                     job = pending.popleft()
-                    inflight[ex.submit(_job, job)] = job
+                    inflight[ex.submit(fn, job)] = job
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = inflight.pop(fut)
@@ -554,7 +581,7 @@ def _run_pool(jobs, workers: int, record) -> None:
     for job in suspects:
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
-                record(ex.submit(_job, job).result())
+                record(ex.submit(fn, job).result())
         except BrokenProcessPool:
             record(_row(job[0], job[3], status="error", tiles=0,
                         error="the worker process died while reading this slide (crash in the slide reader)"))
