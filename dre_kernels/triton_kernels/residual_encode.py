@@ -316,7 +316,7 @@ def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, wi
             B, K, D, chunk, hard, gather, with_e, dot_mode(rows.dtype), max(16, next_pow2(K)))
 
     def grid(meta):
-        return (slots * (triton.cdiv(D, meta["BLOCK_DO"]) if with_e else slots),)
+        return (slots * triton.cdiv(D, meta["BLOCK_DO"]) if with_e else slots,)
 
     launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D))
 
