@@ -104,12 +104,12 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         pos_i += tl.sum(pl, axis=1)
         tl.atomic_add(cpos_ptr + j, tl.sum(pl, axis=0), mask=jmask, sem="relaxed")
         # columns: this tile's share, rescaled to the column bound in float64
-        cm = tl.max(lt, axis=0)
+        cm = tl.where(jmask, tl.max(lt, axis=0), 0.0)  # columns past B: 0, not -inf (no inf - inf)
         cs = tl.sum(tl.exp(lt - cm[None, :]), axis=0)
         ref = tl.load(ref_ptr + j, mask=jmask, other=0.0)
         contrib = cs.to(tl.float64) * tl.exp((cm - ref).to(tl.float64))
         tl.atomic_add(csum_ptr + j, contrib, mask=jmask, sem="relaxed")
-    tl.store(rlse_ptr + i, m_i + tl.log(l_i), mask=imask)
+    tl.store(rlse_ptr + i, m_i + tl.log(tl.where(imask, l_i, 1.0)), mask=imask)
     tl.store(rpos_ptr + i, pos_i, mask=imask)
 
 

@@ -1,0 +1,151 @@
+"""Triton-specific cases: slides split across programs, padded K and D, K=256, the hard backward without a bank
+pass, int32 offsets, several column tiles in the contrastive loss, strided banks. Under TRITON_INTERPRET=1 on CPU
+(conftest sets it without a GPU) on tiny shapes; on CUDA when one is present."""
+
+import pytest
+import torch
+
+import dre_kernels
+from dre_kernels.contrastive_loss import contrastive_loss_reference
+from dre_kernels.residual_encode import residual_encode_reference
+
+from conftest import assert_close, make_offsets
+
+DEVICES = [d for d in ("cpu", "cuda") if "triton" in dre_kernels.available_backends(d)]
+pytestmark = pytest.mark.skipif(not DEVICES, reason="triton backend not available here")
+
+if DEVICES:
+    from dre_kernels.triton_kernels import residual_encode as tre
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _inputs(device, lens, blens, K, D, *, x_dtype=torch.float32, bank_dtype=torch.bfloat16, index_dtype=torch.int64,
+            T=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(lens), D, generator=g).to(x_dtype).to(device)
+    c = torch.randn(K, D, generator=g).to(device)
+    s = (0.05 + 0.3 * torch.rand(K, generator=g)).to(device)
+    bank = torch.randn(T, D, generator=g).to(bank_dtype).to(device)
+    bi = torch.randint(0, T, (sum(blens),), generator=g).to(index_dtype).to(device)
+    return (x, make_offsets(lens, index_dtype, device), c, s, bank, bi, make_offsets(blens, index_dtype, device))
+
+
+def _check_fwd_bwd(args, hard, chunk_rows=None, dtype=torch.float32):
+    x, xo, c, s, bank, bi, bo = args
+    s = None if hard else s
+    E, mass = tre.residual_encode_fwd(x, xo, c, s, bank, bi, bo, hard, chunk_rows=chunk_rows)
+    xr = x.detach().float().requires_grad_()
+    cr = c.detach().clone().requires_grad_()
+    sr = None if hard else s.detach().clone().requires_grad_()
+    Er, mr = residual_encode_reference(xr, xo, cr, sr, bank, bi, bo, hard)
+    assert_close(E, Er, dtype)
+    assert_close(mass, mr, torch.float32)
+    G = torch.randn(Er.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    grads = torch.autograd.grad((Er * G).sum(), [xr, cr] + ([] if hard else [sr]))
+    gx, gc, gs = tre.residual_encode_bwd(G, x, xo, c, s, bank, bi, bo, hard, True, True, True, chunk_rows=chunk_rows)
+    assert_close(gx.float(), grads[0], dtype, msg="grad x")
+    assert_close(gc, grads[1], torch.float32, msg="grad codewords")
+    if not hard:
+        assert_close(gs, grads[2], torch.float32, msg="grad scale")
+    return E, mass
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_long_slide_split_across_programs(device, hard):
+    args = _inputs(device, [150, 0, 9], [3, 130, 0], K=6, D=24)
+    # 16-row chunks: the 150-row and 130-row slides span ~10 programs each, added atomically
+    slide_of_slot = tre._chunk_map(args[1], 159, 16)[1]
+    assert int((slide_of_slot == 0).sum()) == 10 and int((slide_of_slot < 3).sum()) == 11
+    E_split, _ = _check_fwd_bwd(args, hard, chunk_rows=16)
+    E_whole, _ = _check_fwd_bwd(args, hard, chunk_rows=4096)
+    assert_close(E_split, E_whole)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_k_and_d_not_powers_of_two_mixed_dtypes(device, hard):
+    args = _inputs(device, [7, 20], [11, 0], K=5, D=37, x_dtype=torch.float16, bank_dtype=torch.bfloat16)
+    _check_fwd_bwd(args, hard, dtype=torch.float16)
+
+
+def test_k_256(device):
+    _check_fwd_bwd(_inputs(device, [9, 4], [6, 3], K=256, D=20), hard=False)
+    _check_fwd_bwd(_inputs(device, [9, 4], [6, 3], K=256, D=20), hard=True)
+
+
+def test_d_4096_tiles_over_d(device):
+    _check_fwd_bwd(_inputs(device, [5, 3], [4, 2], K=3, D=4096, bank_dtype=torch.float32), hard=False)
+
+
+def test_int32_offsets_and_index(device):
+    a32 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int32)
+    a64 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int64)
+    for hard in (False, True):
+        E32, m32 = _check_fwd_bwd(a32, hard, chunk_rows=4)
+        E64, m64 = _check_fwd_bwd(a64, hard, chunk_rows=4)
+        assert_close(E32, E64)
+        assert torch.equal(m32, m64)
+
+
+def test_hard_backward_needs_no_bank_rows_given_mass(device):
+    x, xo, c, s, bank, bi, bo = _inputs(device, [6, 4], [30, 12], K=5, D=16)
+    E, mass = tre.residual_encode_fwd(x, xo, c, None, bank, bi, bo, True)
+    G = torch.randn(E.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    want = tre.residual_encode_bwd(G, x, xo, c, None, bank, bi, bo, True, True, True, False)
+    # With the forward's mass the bank rows are never read: a NaN bank changes nothing.
+    nan_bank = torch.full_like(bank, float("nan"))
+    got = tre.residual_encode_bwd(G, x, xo, c, None, nan_bank, bi, bo, True, True, True, False, mass=mass)
+    for u, v in zip(got, want):
+        assert torch.isfinite(u).all()
+        assert_close(u, v)
+    # and grad codewords is -sum_b mass_bk G_bk, independent of which bank rows produced the mass
+    assert_close(got[1], -torch.einsum("bk,bkd->kd", mass, G))
+
+
+@pytest.mark.parametrize("labels", [None, "groups"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_contrastive_several_column_tiles(device, labels, normalize):
+    B, P = 75, 40  # 3 row and 3 column tiles of 32 under the interpreter, P padded to 64
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(B, P, generator=g).to(device).requires_grad_()
+    b = torch.randn(B, P, generator=g).to(device).requires_grad_()
+    s = torch.tensor(3.0 if not normalize else 30.0, device=device, requires_grad=True)
+    lab = None if labels is None else torch.randint(0, 9, (B,), generator=g).to(device)
+    scale = 0.2 if not normalize else 1.0
+    loss = dre_kernels.contrastive_loss(a * scale, b * scale, s, labels=lab, normalize=normalize,
+                                        reduction="none", backend="triton")
+    want = contrastive_loss_reference(a * scale, b * scale, s, lab, normalize)
+    assert_close(loss, want)
+    w = torch.randn(B, generator=g).to(device)
+    for u, v in zip(torch.autograd.grad((loss * w).sum(), [a, b, s]), torch.autograd.grad((want * w).sum(), [a, b, s])):
+        assert_close(u, v)
+
+
+def test_contrastive_far_below_column_bound(device):
+    """Normalised, s = 100, nearly orthogonal embeddings: every logit sits far below the bound |s|, where a float32
+    rescale would underflow; the float64 column accumulator keeps the column log-sum-exp exact."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(40, 64, generator=g).to(device)
+    b = torch.randn(40, 64, generator=g).to(device)
+    b = b - (b @ a.t() @ torch.linalg.pinv(a.t()))  # b orthogonal to span(a): all logits ~0, bound 100
+    loss = dre_kernels.contrastive_loss(a, b, 100.0, normalize=True, reduction="none", backend="triton")
+    assert torch.isfinite(loss).all()
+    assert_close(loss, contrastive_loss_reference(a, b, torch.tensor(100.0, device=device), None, True))
+
+
+def test_bank_ops_on_strided_bank_int32(device):
+    g = torch.Generator().manual_seed(2)
+    storage = torch.randn(30, 2 * 33, generator=g).to(torch.bfloat16).to(device)
+    bank = storage[:, ::2]  # non-contiguous rows and columns: updated in place through its strides
+    ref = bank.clone()
+    odd = storage[:, 1::2].clone()
+    idx = torch.tensor([4, 0, 29, 7], dtype=torch.int32, device=device)
+    vals = torch.randn(4, 33, generator=g).to(device)
+    assert torch.equal(dre_kernels.bank_gather(bank, idx, backend="triton"), bank[idx.long()])
+    dre_kernels.bank_update_(bank, idx, vals, momentum=0.3, normalize=True, backend="triton")
+    dre_kernels.bank_update_(ref, idx, vals, momentum=0.3, normalize=True, backend="reference")
+    assert_close(bank, ref)
+    assert torch.equal(storage[:, 1::2], odd)  # the interleaved columns outside the view are untouched
