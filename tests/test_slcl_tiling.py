@@ -12,8 +12,8 @@ h5py = pytest.importorskip("h5py")
 openslide = pytest.importorskip("openslide")
 
 from dre_slcl import tiling  # noqa: E402
-from dre_slcl.tiling import (TilingParams, closing, dilate, erode, opening, grid_coords, label_runs, otsu_threshold,  # noqa: E402
-                             remove_small_components, tile_slide, tile_slides)
+from dre_slcl.tiling import (TilingParams, closing, erode, grid_coords, label_runs,  # noqa: E402
+                             opening, otsu_threshold, remove_small_components, tile_slide, tile_slides)
 
 
 @pytest.fixture(scope="session")

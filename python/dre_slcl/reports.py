@@ -195,8 +195,8 @@ def text_encoder_available() -> bool:
     return importlib.util.find_spec("sentence_transformers") is not None
 
 
-def encode_reports(texts: list[str], model: str = "sentence-transformers/all-MiniLM-L6-v2", *, device: str | None = None,
-                   batch_size: int = 64, normalize: bool = True):
+def encode_reports(texts: list[str], model: str = "sentence-transformers/all-MiniLM-L6-v2", *,
+                   device: str | None = None, batch_size: int = 64, normalize: bool = True):
     """Embed report texts with sentence-transformers (only if installed); returns (N, P) float32 tensor.
 
     ``model`` is a model name or local directory, loaded by sentence-transformers (it may download weights).

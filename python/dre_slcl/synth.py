@@ -39,7 +39,7 @@ class TissueKind:
     nucleus_elongation: tuple[float, float]  # ratio of long to short axis
     nucleus_spacing_um: float  # mean distance between nuclei
     fibres: bool
-    reports: tuple[str, ...]  # templates; {n} fragments, {size} mm largest extent, {holes} holes
+    reports: tuple[str, ...]  # findings: variants that share the kind's vocabulary
 
 
 KINDS: tuple[TissueKind, ...] = (
@@ -52,12 +52,12 @@ KINDS: tuple[TissueKind, ...] = (
         nucleus_spacing_um=13.0,
         fibres=False,
         reports=(
-            "Invasive carcinoma. Sections show sheets of atypical epithelial cells with enlarged pleomorphic "
-            "nuclei and abundant eosinophilic cytoplasm. {n} tissue fragment(s), the largest {size} mm.",
-            "Malignant epithelial neoplasm with large irregular nuclei and pink cytoplasm, consistent with "
-            "carcinoma. Received as {n} fragment(s) measuring up to {size} mm; {holes} gland-like spaces noted.",
-            "Carcinoma identified: crowded cells with vesicular pleomorphic nuclei in an eosinophilic background. "
-            "Specimen: {n} fragment(s), largest dimension {size} mm.",
+            "Invasive carcinoma: sheets of atypical epithelial cells with large "
+            "pleomorphic nuclei and eosinophilic cytoplasm.",
+            "Carcinoma with large pleomorphic nuclei and abundant eosinophilic "
+            "cytoplasm in sheets of atypical epithelial cells.",
+            "Atypical epithelial cells with large pleomorphic nuclei and "
+            "eosinophilic cytoplasm, consistent with invasive carcinoma.",
         ),
     ),
     TissueKind(
@@ -69,12 +69,11 @@ KINDS: tuple[TissueKind, ...] = (
         nucleus_spacing_um=7.5,
         fibres=False,
         reports=(
-            "Lymphoid tissue. Sections show a dense population of small round lymphocytes with dark "
-            "hyperchromatic nuclei and scant cytoplasm. {n} fragment(s), the largest {size} mm.",
-            "Densely cellular lymphoid infiltrate of small monotonous round blue cells. Received as {n} "
-            "fragment(s) up to {size} mm.",
-            "Lymph node tissue with sheets of small lymphocytes; nuclei are round, dark and closely packed. "
-            "{n} fragment(s), largest dimension {size} mm.",
+            "Lymphoid tissue: dense sheets of small round lymphocytes with dark "
+            "hyperchromatic nuclei and scant cytoplasm.",
+            "Dense small round lymphocytes with dark hyperchromatic nuclei and "
+            "scant cytoplasm, in keeping with lymphoid tissue.",
+            "Sheets of small lymphocytes with round dark hyperchromatic nuclei and scant cytoplasm; lymphoid tissue.",
         ),
     ),
     TissueKind(
@@ -86,16 +85,19 @@ KINDS: tuple[TissueKind, ...] = (
         nucleus_spacing_um=28.0,
         fibres=True,
         reports=(
-            "Benign fibrous stroma. Sections show paucicellular wavy collagen bundles with scattered bland "
-            "spindle cells. No malignancy identified. {n} fragment(s), the largest {size} mm.",
-            "Fibrocollagenous tissue with sparse elongated spindle nuclei and pale pink fibres; negative for "
-            "malignancy. Received as {n} fragment(s) up to {size} mm.",
-            "Dense collagenous connective tissue, hypocellular, with wavy eosinophilic fibres and rare spindle "
-            "cells. Benign. {n} fragment(s), largest dimension {size} mm.",
+            "Benign fibrous stroma: wavy collagen fibres with sparse bland spindle cells. No malignancy.",
+            "Wavy collagen fibres and sparse bland spindle cells in benign fibrous stroma; no malignancy.",
+            "Benign paucicellular fibrous stroma of wavy collagen fibres with bland spindle cells. No malignancy.",
         ),
     ),
 )
 KIND_NAMES = tuple(k.name for k in KINDS)
+# The specimen sentence does not depend on the kind, so only the findings tell reports of different kinds apart.
+SPECIMEN = (
+    "{n} tissue fragment(s), the largest {size} mm.",
+    "Received as {n} fragment(s) measuring up to {size} mm.",
+    "Specimen: {n} fragment(s), largest dimension {size} mm.",
+)
 BLANK_REPORT = "Slide contains no tissue; glass only. Non-diagnostic."
 
 
@@ -312,9 +314,9 @@ def write_pyramidal_tiff(path: str | os.PathLike, level0: np.ndarray, *, mpp: fl
             h, w = lev.shape[:2]
             desc = (aperio_description(w0, h0, mpp, app_mag, slide_id, tile) if i == 0
                     else f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} -> {w}x{h} ZLIB")
-            tw.write(lev, tile=(tile, tile), photometric="rgb", compression="zlib", compressionargs={"level": compression_level},
-                     predictor=True, description=desc, metadata=None, subfiletype=0 if i == 0 else 1,
-                     maxworkers=os.cpu_count())
+            tw.write(lev, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     compressionargs={"level": compression_level}, predictor=True, description=desc,
+                     metadata=None, subfiletype=0 if i == 0 else 1, maxworkers=os.cpu_count())
     return [(lv.shape[1], lv.shape[0]) for lv in levels]
 
 
@@ -326,8 +328,10 @@ def _report(rng, kind: TissueKind | None, info: dict, mask: np.ndarray, mpp: flo
         return BLANK_REPORT
     ys, xs = np.nonzero(mask[::16, ::16])
     extent = 0.0 if len(xs) == 0 else max(np.ptp(xs), np.ptp(ys)) * 16 * mpp / 1000.0
-    template = kind.reports[int(rng.integers(len(kind.reports)))]
-    return template.format(n=info["fragments"], size=f"{extent:.1f}", holes=info["holes"])
+    finding = kind.reports[int(rng.integers(len(kind.reports)))]
+    specimen = SPECIMEN[int(rng.integers(len(SPECIMEN)))].format(n=info["fragments"], size=f"{extent:.1f}")
+    holes = f" {info['holes']} small space(s) within the tissue." if info["holes"] else ""
+    return f"{finding} {specimen}{holes}"
 
 
 def make_slide(path: str | os.PathLike, *, slide_id: str, kind: str | None, width: int, height: int,
