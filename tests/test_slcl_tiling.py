@@ -234,6 +234,7 @@ def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tile_slides(inputs, tmp_path, workers=0, progress=False)
     monkeypatch.setattr(tiling, "tile_slide", real)
+    (tmp_path / "patches" / ".wide.h5.x1y2.h5.tmp").write_bytes(b"half a file")  # as left by a SIGKILL
     done = sorted(p.stem for p in (tmp_path / "patches").glob("*.h5"))
     assert done == ["carc20x", "lymph20x"]  # files are tiled in the order given
     assert len(manifest_rows(tmp_path)) == 2  # the manifest is kept up to date slide by slide
@@ -243,6 +244,7 @@ def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
     assert status == {"carc20x": "skipped", "lymph20x": "skipped", "wide": "ok", "blank": "ok"}
     m = manifest_rows(tmp_path)
     assert set(m) == {"blank", "carc20x", "lymph20x", "wide"} and int(m["carc20x"]["tiles"]) > 0
+    assert not list((tmp_path / "patches").glob(".*"))  # the stale temp file is gone
     # Different settings are not "finished": they re-tile. --overwrite re-tiles too.
     rows = tile_slides(inputs[:1], tmp_path, TilingParams(patch_size=128), workers=0, progress=False)
     assert rows[0]["status"] == "ok"

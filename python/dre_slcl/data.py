@@ -286,7 +286,8 @@ class SlideBatchSampler(Sampler):
 def collate_tiles(batch) -> dict:
     """Collate ``(image, index, slide)`` items grouped by slide into a dict: ``images`` (N, 3, S, S), ``index``
     (N,), ``slide`` (N,), ``slides`` (B,) and ``offsets`` (B+1,) with slide b owning rows offsets[b]:offsets[b+1]."""
-    images = torch.stack([b[0] for b in batch])
+    # numpy stacking: one plain copy, immune to torch intra-op thread contention in the main process
+    images = torch.from_numpy(np.stack([np.asarray(b[0]) for b in batch]))
     index = torch.tensor([b[1] for b in batch], dtype=torch.int64)
     slide = torch.tensor([b[2] for b in batch], dtype=torch.int64)
     slides, counts = torch.unique_consecutive(slide, return_counts=True)

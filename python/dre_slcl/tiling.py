@@ -514,6 +514,10 @@ def tile_slides(inputs, out_dir: str | os.PathLike, params: TilingParams = Tilin
                          "slide_id": sid, "tiles": n, "status": "skipped", "error": "",
                          "h5": str(h5_path_for(out_dir, sid))})
         else:
+            # A run killed hard (SIGKILL, power loss) can leave its temp file; it is never mistaken for a result
+            # (only <slide_id>.h5 counts) but would pile up.
+            for stale in (out_dir / "patches").glob(f".{sid}.h5.*.tmp"):
+                stale.unlink(missing_ok=True)
             jobs.append((str(p), str(out_dir), params, sid))
 
     from tqdm import tqdm
