@@ -268,3 +268,13 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(SystemExit):
         main(["tile", str(tmp_path), "--out", str(tmp_path / "o"), "--target-mpp", "0"])
     assert main(["tile", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2  # no slides in it
+
+
+def test_strip_reading_matches_one_read(data_root):
+    osr = openslide.OpenSlide(str(data_root / "slides" / "wide.svs"))
+    whole = tiling.read_level_rgb_reduced(osr, 1, 3, strip_pixels=1 << 30)
+    strips = tiling.read_level_rgb_reduced(osr, 1, 3, strip_pixels=5000)  # a few rows per strip
+    lw, lh = osr.level_dimensions[1]
+    assert whole.shape == (-(-lh // 3), -(-lw // 3), 3)
+    assert np.array_equal(whole, strips)
+    osr.close()

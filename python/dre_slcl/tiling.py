@@ -274,7 +274,7 @@ def best_level(slide, downsample: float) -> int:
     return int(slide.get_best_level_for_downsample(downsample * 1.01))
 
 
-def read_level_rgb_reduced(slide, level: int, factor: int, strip_rows: int = 2048) -> np.ndarray:
+def read_level_rgb_reduced(slide, level: int, factor: int, strip_pixels: int = 1 << 22) -> np.ndarray:
     """Read a whole level in strips, composite over white, and block-average by ``factor``: (h, w, 3) uint8.
 
     Memory stays bounded by one strip even on slides whose coarsest level is large.
@@ -283,7 +283,7 @@ def read_level_rgb_reduced(slide, level: int, factor: int, strip_rows: int = 204
     ds = slide.level_downsamples[level]
     mw, mh = -(-lw // factor), -(-lh // factor)
     out = np.empty((mh, mw, 3), np.uint8)
-    step = max(factor, (strip_rows // factor) * factor)
+    step = max(factor, (max(1, strip_pixels // lw) // factor) * factor)  # rows per strip, a multiple of factor
     for y in range(0, lh, step):
         rows = min(step, lh - y)
         # read_region takes level-0 coordinates for the origin and level pixels for the size.
