@@ -68,20 +68,31 @@ def run(work: Path, args) -> None:
           f"load average {res['loadavg_start']} at start")
 
     t = time.perf_counter()
-    infos = synth_dataset(work / "data", n_slides=args.slides, width=args.width, height=args.height, mpp=args.mpp,
-                          seed=0, embedding_dim=0, progress=False)
-    synth_s = time.perf_counter() - t
-    sizes = [i.file_bytes / 1e6 for i in infos]
-    res["slides"] = [{"slide_id": i.slide_id, "width": i.width, "height": i.height, "mpp": i.mpp,
-                      "MB": round(i.file_bytes / 1e6, 2)} for i in infos]
+    meta = work / "data" / "bench.json"
+    key = {k: getattr(args, k) for k in ("slides", "width", "height", "mpp")}
+    if meta.is_file() and json.loads(meta.read_text()) == key:  # --out reused with the same slides
+        import csv
+
+        with open(work / "data" / "slides.csv", newline="") as f:
+            infos = [argparse.Namespace(**r) for r in csv.DictReader(f)]
+        synth_s = None
+    else:
+        infos = synth_dataset(work / "data", n_slides=args.slides, width=args.width, height=args.height,
+                              mpp=args.mpp, seed=0, embedding_dim=0, progress=False)
+        synth_s = time.perf_counter() - t
+        meta.write_text(json.dumps(key))
+    sizes = [int(i.file_bytes) / 1e6 for i in infos]
+    res["slides"] = [{"slide_id": i.slide_id, "width": int(i.width), "height": int(i.height), "mpp": float(i.mpp),
+                      "MB": round(int(i.file_bytes) / 1e6, 2)} for i in infos]
+    gen = f", {synth_s / len(infos):.2f} s/slide to generate" if synth_s else " (reused)"
     print(f"synth: {len(infos)} slides ~{args.width}x{args.height} px at {args.mpp} um/px, "
-          f"{min(sizes):.1f}-{max(sizes):.1f} MB each ({sum(sizes):.1f} MB), {synth_s / len(infos):.2f} s/slide")
+          f"{min(sizes):.1f}-{max(sizes):.1f} MB each ({sum(sizes):.1f} MB){gen}")
 
     params = TilingParams(patch_size=args.patch_size)
     slides = work / "data" / "slides"
     for w in (0, 2):
         t = time.perf_counter()
-        rows = tile_slides([slides], work / f"tiles_w{w}", params, workers=w, progress=False)
+        rows = tile_slides([slides], work / f"tiles_w{w}", params, workers=w, progress=False, overwrite=True)
         wall = time.perf_counter() - t
         per = [float(r["seconds"]) for r in rows]
         tiles = sum(int(r["tiles"]) for r in rows)
