@@ -4,6 +4,22 @@ Dynamic Residual Encoding with Slide-Level Contrastive Learning (arXiv 2511.0503
 datasets, memory bank, model, trainer and evaluation, with the command line tool ``dre-slcl``.
 """
 
-from dre_kernels.version import __version__
+
+def _version() -> str:
+    # read dre_kernels/version.py without importing dre_kernels (which imports torch: seconds per worker process)
+    import importlib.util
+    import os
+    import re
+
+    spec = importlib.util.find_spec("dre_kernels")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "version.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
+    return "unknown"
+
+
+__version__ = _version()
 
 __all__ = ["__version__"]

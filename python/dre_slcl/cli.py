@@ -10,13 +10,17 @@ import argparse
 import importlib
 import sys
 
-from dre_kernels.version import __version__
+from dre_slcl import __version__
 
 # Modules that provide subcommands, in the order `--help` lists them.
 SUBCOMMAND_MODULES: list[str] = [
     "dre_slcl.commands.info",
     "dre_slcl.commands.synth",
     "dre_slcl.commands.tile",
+    "dre_slcl.commands.train",
+    "dre_slcl.commands.embed",
+    "dre_slcl.commands.evaluate",
+    "dre_slcl.commands.demo",
 ]
 
 
