@@ -1,5 +1,6 @@
 # make test   - create .venv with the pinned stack, build the extension, run the whole suite
-# make demo   - run every op on every available backend and print error against `reference` and time
+# make demo   - the end-to-end demo: synthetic slides -> tile -> bank init -> train on CPU -> eval (demo_out/)
+# make demo-ops - run every op on every available backend and print error against `reference` and time
 # make build  - (re)build dre_kernels._C into the source tree (editable install)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 PYTEST_ARGS ?= -q
 
-.PHONY: venv build test demo clean
+.PHONY: venv build test demo demo-ops clean
 
 venv: $(VENV)/.installed
 
@@ -26,7 +27,10 @@ test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: build
+	$(VENV)/bin/dre-slcl demo demo_out
+
+demo-ops: build
 	$(PY) -m dre_kernels.demo
 
 clean:
-	rm -rf build *.egg-info dre_kernels/_C*.so .pytest_cache
+	rm -rf build *.egg-info dre_kernels/_C*.so .pytest_cache demo_out
