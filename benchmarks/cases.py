@@ -201,8 +201,8 @@ def estimate_bytes(c: Case, provider: str, mode: str) -> float:
             return base + 3 * Ntot * c.D * f4 + 6 * Ntot * c.K * f4
         return base + 4 * c.B * c.K * c.D * f4 + 2 * M * c.D * f4
     if c.op == "contrastive_loss":
-        if provider in ("reference", "torch", "torch_compile"):  # B x B logits, softmaxes, masks, their grads
-            return base + 8 * c.B * c.B * f4
+        if provider in ("reference", "torch", "torch_compile"):  # B x B logits and softmaxes (+ their grads)
+            return base + (3 if mode == "fwd" else 5) * c.B * c.B * f4
         return base + 8 * c.B * c.P * f4
     if c.op in ("bank_gather", "bank_update_"):
         return base + 3 * c.B * c.rows * c.D * f4

@@ -18,7 +18,7 @@ Peak memory (`peak_mb`): the extra memory one call of `fn` needs, above what was
     the increase of a later one reads as ~0; VmHWM cannot be reset without a child process per measurement.
 
 Bandwidth share: achieved GB/s over the device's peak. GPUs from a table of datasheet numbers (KNOWN_BANDWIDTH);
-on CPU a STREAM-like copy (`b.copy_(a)` of 2 x 256 MB float32, counted as read + write, best of 5) measured once.
+on CPU a STREAM-like copy (`b.copy_(a)` of 2 x 128 MB float32, counted as read + write, best of 5) measured once.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def device_slug(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_copy_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+def cpu_copy_bandwidth_gbs(mb: int = 128, repeats: int = 5) -> float:
     """STREAM-copy-like bandwidth of this CPU in GB/s: best of `repeats` copies of `mb` MB, read + write."""
     n = mb * 1_000_000 // 4
     a = torch.ones(n, dtype=torch.float32)
@@ -172,7 +172,7 @@ def device_bandwidth_gbs(device: torch.device) -> tuple[float, str]:
             if key.lower() in name.lower():
                 return bw, f"datasheet ({key})"
         return math.nan, "unknown device (add it to benchmarks/common.py KNOWN_BANDWIDTH)"
-    return cpu_copy_bandwidth_gbs(), "measured STREAM-like copy (2 x 256 MB float32, best of 5)"
+    return cpu_copy_bandwidth_gbs(), "measured STREAM-like copy (2 x 128 MB float32, best of 5)"
 
 
 def device_memory_bytes(device: torch.device) -> int:

@@ -1,0 +1,66 @@
+"""Smoke test of the benchmark suite: the quick path of benchmarks/run.py on tiny shapes writes sane CSV, Markdown
+and PNG files. Runs in a child process (torch.compile settings of the suite must not leak into this one); the
+providers are those available here except torch_compile, whose compile time would dominate (< 30 s)."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import dre_kernels
+
+    out = tmp_path_factory.mktemp("bench")
+    providers = [p for p in dre_kernels.available_backends("cpu") if p != "triton"]
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--out", str(out),
+           "--ops", "residual_encode_soft", "contrastive_loss", "bank_gather", "--sweeps", "rows", "B",
+           "--providers", *providers, "--no-progress", "--threads", "1", "--reps", "5", "--budget-s", "0.05"]
+    env = dict(os.environ, KINETO_LOG_LEVEL="5")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, providers
+
+
+def test_csv_rows_are_sane(quick_run):
+    out, providers = quick_run
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("device", "torch", "triton", "cuda", "commit", "op", "provider", "mode", "B", "rows_per_slide", "K",
+                "D", "P", "dtype", "p20_ms", "p50_ms", "p80_ms", "peak_mb", "gbs", "bw_share", "speedup_vs_torch",
+                "status"):
+        assert col in rows[0], col
+    # 2 residual_encode shapes x 3 modes + 2 loss shapes x 3 modes + 2 gather shapes x 1 mode, per provider
+    assert len(rows) == (2 * 3 + 2 * 3 + 2) * len(providers)
+    assert {r["provider"] for r in rows} == set(providers)
+    for r in rows:
+        assert r["device"] and r["torch"] and r["commit"]
+        assert r["status"] == "ok", r
+        p20, p50, p80 = float(r["p20_ms"]), float(r["p50_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= p50 <= p80 < math.inf
+        assert float(r["peak_mb"]) >= 0
+        assert float(r["gbs"]) > 0 and float(r["bw_share"]) > 0
+        if r["provider"] == "torch":
+            assert float(r["speedup_vs_torch"]) == 1.0
+        else:
+            assert float(r["speedup_vs_torch"]) > 0
+
+
+def test_markdown_and_plots(quick_run):
+    out, providers = quick_run
+    md = (out / "results.md").read_text()
+    assert md.startswith("# dre-kernels benchmarks")
+    assert "| shape | mode | " + " | ".join(providers) + " |" in md
+    for op in ("residual_encode_soft", "contrastive_loss", "bank_gather"):
+        assert f"## {op}" in md
+    pngs = sorted(os.listdir(out / "plots"))
+    assert "residual_encode_soft_fwd_bwd.png" in pngs and "contrastive_loss_fwd.png" in pngs
+    for p in pngs:
+        with open(out / "plots" / p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
