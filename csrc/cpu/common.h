@@ -60,6 +60,13 @@ struct Rows {
     }
   }
 
+  // Prefetch row i (every cache line of it) ahead of a load.
+  inline void prefetch(int64_t i) const {
+    const char* p = base + i * s0 * esize;
+    const int64_t bytes = (s1 == 1 ? d : 1) * esize;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+  }
+
   template <typename dst_t, typename T>
   static inline void store_as(dst_t* p, int64_t s1, int64_t d, const T* src) {
     for (int64_t j = 0; j < d; ++j) p[j * s1] = static_cast<dst_t>(src[j]);

@@ -270,17 +270,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cpu(const at
                                                                         const c10::optional<at::Tensor>& labels,
                                                                         bool normalize) {
   check_inputs(a, b, logit_scale);
-  if (acc_type({&a, &b}) == at::kDouble) return fwd_impl<double>(a, b, logit_scale, labels, normalize);
-  return fwd_impl<float>(a, b, logit_scale, labels, normalize);
+  // detached views: at::parallel_for workers do not inherit the caller's below-autograd dispatch state
+  const at::Tensor a_ = a.detach(), b_ = b.detach(), s_ = logit_scale.detach();
+  if (acc_type({&a, &b}) == at::kDouble) return fwd_impl<double>(a_, b_, s_, labels, normalize);
+  return fwd_impl<float>(a_, b_, s_, labels, normalize);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
     const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse) {
   check_inputs(a, b, logit_scale);
+  const at::Tensor a_ = a.detach(), b_ = b.detach(), s_ = logit_scale.detach(), g_ = grad_loss.detach();
   if (acc_type({&a, &b}) == at::kDouble)
-    return bwd_impl<double>(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse);
-  return bwd_impl<float>(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse);
+    return bwd_impl<double>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach());
+  return bwd_impl<float>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach());
 }
 
 }  // namespace

@@ -43,6 +43,8 @@ int64_t block_rows(int64_t D) {
   return std::max<int64_t>(32, std::min<int64_t>(256, (96 * 1024) / std::max<int64_t>(D, 1)));
 }
 
+constexpr int64_t kPrefetch = 4;
+
 // The ragged row sequence of all slides and its split into chunks.
 struct Layout {
   int64_t B = 0, N = 0;
@@ -99,13 +101,21 @@ inline void assign_rows(const T* X, int64_t r, int64_t D, const T* SC, int64_t l
                         int64_t K, bool hard, T* a, T* d, int64_t* kmin) {
   for (int64_t i = 0; i < r; ++i) {
     const T* xi = X + i * D;
-    T xsq = 0;
-    for (int64_t j = 0; j < D; ++j) xsq += xi[j] * xi[j];
     const T* sc = SC + i * ld;
     T* di = d + i * K;
-    for (int64_t k = 0; k < K; ++k) {
-      T v = xsq - T(2) * sc[k] + csq[k];
-      di[k] = v < T(0) ? T(0) : v;  // NaN stays NaN
+    if (hard) {
+      // argmin_k d_ik needs no ||x_i||^2 (the same for every k) and no clamp
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) di[k] = csq[k] - T(2) * sc[k];
+    } else {
+      T xsq = 0;
+#pragma omp simd reduction(+ : xsq)
+      for (int64_t j = 0; j < D; ++j) xsq += xi[j] * xi[j];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        T v = xsq - T(2) * sc[k] + csq[k];
+        di[k] = v < T(0) ? T(0) : v;  // NaN stays NaN
+      }
     }
     T* ai = a + i * K;
     if (hard) {
@@ -157,7 +167,10 @@ void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& 
     for (int64_t q = std::max(lo, fresh_end); q < hi; q += R) {
       const int64_t r = std::min(R, hi - q);
       const int64_t j0 = L.bo[b] + (q - fresh_end);
-      for (int64_t i = 0; i < r; ++i) br.load(L.bidx[j0 + i], X + i * br.d);
+      for (int64_t i = 0; i < r; ++i) {
+        if (i + kPrefetch < r) br.prefetch(L.bidx[j0 + i + kPrefetch]);  // random rows: hide the miss latency
+        br.load(L.bidx[j0 + i], X + i * br.d);
+      }
       block(b, false, j0, r);
     }
     seg_end(b, lo == L.start[b] && hi == L.start[b + 1]);
@@ -302,7 +315,28 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
   return {Eout, mass.to(at::kFloat)};
 }
 
+c10::optional<at::Tensor> detached(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->detach();
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_detached(
+    const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
+    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets, bool hard);
+
 std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
+    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets, bool hard) {
+  // Detached views (no copies): the worker threads of at::parallel_for do not inherit the caller's
+  // below-autograd dispatch state, so no tensor they touch may require grad.
+  const at::Tensor x_ = x.detach(), c_ = codewords.detach();
+  const c10::optional<at::Tensor> s_ = detached(scale), bank_ = detached(bank);
+  return residual_encode_fwd_detached(x_, x_offsets, c_, s_, bank_, bank_index, bank_offsets, hard);
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_detached(
     const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
     const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets, bool hard) {
@@ -459,12 +493,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cpu(
     bool need_grad_x, bool need_grad_codewords, bool need_grad_scale) {
   check_float(grad_E, "grad_E");
   Inputs in = setup_inputs(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard);
+  const at::Tensor grad_E_ = grad_E.detach(), x_ = x.detach(), c_ = codewords.detach();
+  const c10::optional<at::Tensor> s_ = detached(scale);
+  in.xr = Rows(x_);
   const at::Tensor* sp = (!hard && scale.has_value()) ? &*scale : nullptr;
   const at::Tensor* bp = (bank.has_value() && bank->defined()) ? &*bank : nullptr;
   if (acc_type({&x, &codewords, sp, bp, &grad_E}) == at::kDouble)
-    return bwd_impl<double>(in, grad_E, x, codewords, scale, hard, need_grad_x, need_grad_codewords,
-                            need_grad_scale);
-  return bwd_impl<float>(in, grad_E, x, codewords, scale, hard, need_grad_x, need_grad_codewords, need_grad_scale);
+    return bwd_impl<double>(in, grad_E_, x_, c_, s_, hard, need_grad_x, need_grad_codewords, need_grad_scale);
+  return bwd_impl<float>(in, grad_E_, x_, c_, s_, hard, need_grad_x, need_grad_codewords, need_grad_scale);
 }
 
 }  // namespace
