@@ -429,13 +429,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
               const T* a = A + i * K;
               const T* h = sh + i * W2 + K;
               T ga = 0;
+#pragma omp simd reduction(+ : ga)
               for (int64_t k = 0; k < K; ++k) ga += a[k] * (h[k] - gc[k]);
               T ws = 0;
               T* pw = Pp + i * 2 * K;
+              const T* di = Dd + i * K;
+#pragma omp simd reduction(+ : ws)
               for (int64_t k = 0; k < K; ++k) {
                 const T u = a[k] * ((h[k] - gc[k]) - ga);
                 const T w = -s[k] * u;
-                GSc[k] -= u * Dd[i * K + k];
+                GSc[k] -= u * di[k];
                 WSc[k] += w;
                 mseg[k] += a[k];
                 ws += w;
