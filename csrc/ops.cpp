@@ -13,7 +13,7 @@ TORCH_LIBRARY(dre, m) {
       "Tensor? bank_index, Tensor? bank_offsets, bool hard) -> (Tensor, Tensor)");
   m.def(
       "residual_encode_bwd(Tensor grad_E, Tensor x, Tensor x_offsets, Tensor codewords, Tensor? scale, "
-      "Tensor? bank, Tensor? bank_index, Tensor? bank_offsets, bool hard, bool need_grad_x, "
+      "Tensor? bank, Tensor? bank_index, Tensor? bank_offsets, Tensor? mass, bool hard, bool need_grad_x, "
       "bool need_grad_codewords, bool need_grad_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_fwd(Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize) "

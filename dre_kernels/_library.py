@@ -12,10 +12,13 @@ Contract every implementation meets (shapes: B slides, M fresh rows, K codewords
 
 - residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard) -> (E, mass)
   E (B, K, D) in promote_types(x.dtype, codewords.dtype); mass (B, K) float32. Formulas in SPEC.md.
-- residual_encode_bwd(grad_E, <the fwd inputs>, need_grad_x, need_grad_codewords, need_grad_scale)
+- residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, hard,
+  need_grad_x, need_grad_codewords, need_grad_scale)
   -> (grad_x (M, D) x.dtype, grad_codewords (K, D) codewords.dtype, grad_scale (K,) scale.dtype or codewords.dtype
   when scale is None); a gradient not needed may be returned as zeros without being computed. Bank rows get no
-  gradient. The backward recomputes the assignments; nothing of the forward is saved but its inputs.
+  gradient. The backward recomputes the assignments; nothing of the forward is saved but its inputs and, for hard
+  assignment, its mass (B, K): then grad_c = -sum_b mass_bk G_bk needs no pass over the bank rows at all
+  (mass is None for soft assignment, and may be None for hard, in which case the bank rows are re-assigned).
 - contrastive_loss_fwd(a, b, logit_scale, labels, normalize) -> (loss (B,), row_lse (B,), col_lse (B,)), all in the
   loss dtype: float32, or float64 when a or b is float64. loss_i = (r_i + c_i) / 2; logit_scale is a 0-dim tensor
   of the loss dtype; row_lse/col_lse the log-sum-exp of each row and column of the logits, saved for the backward.
@@ -39,8 +42,8 @@ SCHEMAS: dict[str, str] = {
         "Tensor? bank_offsets, bool hard) -> (Tensor, Tensor)"),
     "residual_encode_bwd": (
         "(Tensor grad_E, Tensor x, Tensor x_offsets, Tensor codewords, Tensor? scale, Tensor? bank, "
-        "Tensor? bank_index, Tensor? bank_offsets, bool hard, bool need_grad_x, bool need_grad_codewords, "
-        "bool need_grad_scale) -> (Tensor, Tensor, Tensor)"),
+        "Tensor? bank_index, Tensor? bank_offsets, Tensor? mass, bool hard, bool need_grad_x, "
+        "bool need_grad_codewords, bool need_grad_scale) -> (Tensor, Tensor, Tensor)"),
     "contrastive_loss_fwd": (
         "(Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize) -> (Tensor, Tensor, Tensor)"),
     "contrastive_loss_bwd": (
@@ -78,7 +81,7 @@ def _residual_encode_fwd_fake(x, x_offsets, codewords, scale, bank, bank_index, 
     return x.new_empty((B, K, D), dtype=out_dtype), x.new_empty((B, K), dtype=torch.float32)
 
 
-def _residual_encode_bwd_fake(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+def _residual_encode_bwd_fake(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, hard,
                               need_grad_x, need_grad_codewords, need_grad_scale):
     scale_dtype = scale.dtype if scale is not None else codewords.dtype
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -123,17 +126,22 @@ _FAKES = {
 def _make_autograd(backend: str):
     def residual_encode_setup(ctx, inputs, output):
         x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard = inputs
-        ctx.save_for_backward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets)
+        if hard:
+            # the forward's mass carries all the backward needs of the bank rows: the bank is not kept, so it may
+            # be updated in place (bank_update_) between forward and backward
+            ctx.save_for_backward(x, x_offsets, codewords, scale, None, None, None, output[1])
+        else:
+            ctx.save_for_backward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, None)
         ctx.hard = hard
         ctx.mark_non_differentiable(output[1])
 
     def residual_encode_backward(ctx, grad_E, grad_mass):
-        x, x_offsets, codewords, scale, bank, bank_index, bank_offsets = ctx.saved_tensors
+        x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass = ctx.saved_tensors
         need_x, _, need_c, need_s = ctx.needs_input_grad[:4]
         if grad_E is None or not (need_x or need_c or need_s):
             return (None,) * 8
         grad_x, grad_c, grad_s = _op(backend, "residual_encode_bwd")(
-            grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, ctx.hard,
+            grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, ctx.hard,
             bool(need_x), bool(need_c), bool(need_s and not ctx.hard))
         return (grad_x if need_x else None, None, grad_c if need_c else None,
                 grad_s if need_s else None, None, None, None, None)

@@ -174,7 +174,8 @@ def _torch_scatter(sources, assign, B, K, D, c, acc, out_dtype, grad_graph):
 
 
 # ---------------------------------------------------------------------------------------------- backward formulas
-def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
+def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+                                   mass=None):
     """The backward the kernels compute, written in eager torch (recomputing the assignments per slide).
 
     With G = grad_E[b] (K, D), r_ik = x_i - c_k, z_ik = -s_k d_ik and g_ik = <G_k, r_ik>:
@@ -183,8 +184,10 @@ def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank,
         grad c_k = -mass_k G_k + 2 s_k sum_i u_ik r_ik           (fresh and bank rows)
         grad s_k = -sum_i u_ik d_ik
     For hard assignment u = 0: grad x_i = G_{k(i)}, grad c_k = -sum_b mass_bk G_bk, and bank rows enter only
-    through mass. Returns (grad_x, grad_codewords, grad_scale) in the dtypes of x, codewords and scale.
+    through mass: given the forward's `mass` (B, K), the bank rows are not read at all. Returns (grad_x,
+    grad_codewords, grad_scale) in the dtypes of x, codewords and scale.
     """
+    given_mass = hard and mass is not None
     acc = accumulation_dtype(x, codewords, scale, bank)
     K, D = codewords.shape
     c = codewords.to(acc)
@@ -198,9 +201,11 @@ def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank,
     for b in range(len(x_offs) - 1):
         G = G_all[b]
         parts = [(x[x_offs[b]:x_offs[b + 1]].to(acc), x_offs[b])]
-        if bank is not None:
+        if bank is not None and not given_mass:
             idx = bank_index[b_offs[b]:b_offs[b + 1]].long()
             parts.append((bank.detach().index_select(0, idx).to(acc), None))
+        if given_mass:
+            grad_c -= mass[b].to(acc)[:, None] * G
         for X, row0 in parts:
             if X.shape[0] == 0:
                 continue
@@ -209,7 +214,8 @@ def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank,
                 a = F.one_hot(d.argmin(dim=1), K).to(acc)
             else:
                 a = torch.softmax(-s * d, dim=1)
-            grad_c -= a.sum(0)[:, None] * G
+            if not given_mass:
+                grad_c -= a.sum(0)[:, None] * G
             gx = a @ G
             if not hard:
                 g = X @ G.t() - (G * c).sum(1)                      # g_ik = <G_k, x_i - c_k>

@@ -29,8 +29,9 @@ def _re_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard
     return E.contiguous(), mass.contiguous()
 
 
-def _re_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, nx, nc, ns):
-    g = residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard)
+def _re_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, hard, nx, nc, ns):
+    g = residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+                                       mass)
     return tuple(t.contiguous() for t in g)
 
 
@@ -113,8 +114,9 @@ def test_opcheck_residual_encode(backend, hard):
     torch.library.opcheck(op(backend, "residual_encode_fwd"), (*args, hard))
     x, off, c, s, bank, bi, bo = sample_inputs(hard, requires_grad=False)
     grad_E = torch.randn(3, 4, 5)
-    torch.library.opcheck(op(backend, "residual_encode_bwd"), (grad_E, x, off, c, s, bank, bi, bo, hard, True, True,
-                                                                not hard))
+    mass = op(backend, "residual_encode_fwd")(x, off, c, s, bank, bi, bo, hard)[1] if hard else None
+    torch.library.opcheck(op(backend, "residual_encode_bwd"), (grad_E, x, off, c, s, bank, bi, bo, mass, hard, True,
+                                                                True, not hard))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -205,7 +205,8 @@ def test_kernel_checks_bank_index_range():
         with pytest.raises(IndexError, match="bank_index"):
             torch.ops.dre.residual_encode_fwd(x, xo, c, s, bank, bi2, bo, False)
         with pytest.raises(IndexError, match="bank_index"):
-            torch.ops.dre.residual_encode_bwd(torch.ones(2, 3, 4), x, xo, c, s, bank, bi2, bo, False, True, True, True)
+            torch.ops.dre.residual_encode_bwd(torch.ones(2, 3, 4), x, xo, c, s, bank, bi2, bo, None, False, True, True,
+                                              True)
 
 
 def test_kernel_checks_offsets():

@@ -29,7 +29,7 @@ def make_inputs(lengths, bank_lengths, K, D, *, dtype=torch.float32, bank_dtype=
     """Random ragged inputs. For hard assignment every row sits near one codeword, so no backend meets a near tie."""
     g = torch.Generator().manual_seed(seed)
     M = sum(lengths)
-    c = torch.randn(K, D, generator=g)
+    c = torch.randn(K, D, generator=g)  # never requires grad itself: x and bank below are built from it
     if hard:
         c = c * 2.0
         x = c[torch.randint(K, (M,), generator=g)] + 0.1 * torch.randn(M, D, generator=g)
@@ -40,7 +40,7 @@ def make_inputs(lengths, bank_lengths, K, D, *, dtype=torch.float32, bank_dtype=
     inputs = dict(
         x=x.to(dtype).to(device).requires_grad_(requires_grad),
         x_offsets=make_offsets(lengths, index_dtype, device),
-        codewords=c.to(cw_dtype or dtype).to(device).requires_grad_(requires_grad),
+        codewords=c.clone().to(cw_dtype or dtype).to(device).requires_grad_(requires_grad),
         scale=scale.to(cw_dtype or dtype).to(device).requires_grad_(requires_grad and not hard),
     )
     if bank_lengths is not None:
@@ -269,3 +269,20 @@ def test_reference_matches_hand_computation():
 
 def test_available_backends_lists_the_eager_ones():
     assert dre_kernels.available_backends("cpu")[:2] == ["reference", "torch"]
+
+
+def test_hard_backward_reads_no_bank_rows(backend_device):
+    """Hard assignment: the bank rows enter the backward only through the forward's mass, so overwriting the bank
+    between forward and backward (as bank_update_ does in a training step) must not change the gradients."""
+    backend, device = backend_device
+    inp = make_inputs([6, 2, 5], [9, 4, 7], 4, 10, hard=True, device=device)
+    E = run(inp, backend, "hard")
+    g = torch.randn(E.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    want = grads(inp, E, g)
+    inp2 = dict(inp)
+    E2 = run(inp2, backend, "hard")
+    inp2["bank"].fill_(float("nan"))
+    got = grads(inp2, E2, g)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert_close(a, b)

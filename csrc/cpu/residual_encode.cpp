@@ -353,12 +353,15 @@ std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_detached(
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Tensor& grad_E, const at::Tensor& x,
                                                         const at::Tensor& codewords,
-                                                        const c10::optional<at::Tensor>& scale, bool hard,
+                                                        const c10::optional<at::Tensor>& scale,
+                                                        const c10::optional<at::Tensor>& mass, bool hard,
                                                         bool need_x, bool need_c, bool need_s) {
   Layout& L = in.L;
   if (hard) need_s = false;
+  // with the forward's mass, hard grad_c = -sum_b mass_bk G_bk: the bank rows are not read at all
+  const bool given_mass = hard && mass.has_value() && mass->defined();
   // grad_x depends on each fresh row alone; the bank rows only feed grad_codewords and grad_scale
-  L.skip_bank = !(need_c || need_s);
+  L.skip_bank = !(need_c || need_s) || given_mass;
   L.init();
   const Prep<T> P = prepare<T>(codewords, scale, hard);
   const int64_t K = P.K, D = P.D, B = L.B;
@@ -475,7 +478,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
   at::Tensor grad_c, grad_s;
   if (need_c) {
     // grad_c = -MG - 2 WX + 2 wsum c   (WX above holds sum_i w_i x_i)
-    at::Tensor gc = -MG.sum(0);
+    at::Tensor gc;
+    if (given_mass) {
+      TORCH_CHECK_VALUE(mass->dim() == 2 && mass->size(0) == B && mass->size(1) == K,
+                        "dre: mass must have shape (B, K) = (", B, ", ", K, "); got ", mass->sizes());
+      gc = -(mass->to(G.scalar_type()).unsqueeze(2) * G).sum(0);
+    } else {
+      gc = -MG.sum(0);
+    }
     if (!hard) gc = gc - 2 * WX.sum(0) + 2 * WS.sum(0).unsqueeze(1) * P.C;
     grad_c = gc.to(codewords.scalar_type());
   } else {
@@ -492,8 +502,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cpu(
     const at::Tensor& grad_E, const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
-    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets, bool hard,
-    bool need_grad_x, bool need_grad_codewords, bool need_grad_scale) {
+    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets,
+    const c10::optional<at::Tensor>& mass, bool hard, bool need_grad_x, bool need_grad_codewords,
+    bool need_grad_scale) {
   check_float(grad_E, "grad_E");
   Inputs in = setup_inputs(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard);
   const at::Tensor grad_E_ = grad_E.detach(), x_ = x.detach(), c_ = codewords.detach();
@@ -502,8 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cpu(
   const at::Tensor* sp = (!hard && scale.has_value()) ? &*scale : nullptr;
   const at::Tensor* bp = (bank.has_value() && bank->defined()) ? &*bank : nullptr;
   if (acc_type({&x, &codewords, sp, bp, &grad_E}) == at::kDouble)
-    return bwd_impl<double>(in, grad_E_, x_, c_, s_, hard, need_grad_x, need_grad_codewords, need_grad_scale);
-  return bwd_impl<float>(in, grad_E_, x_, c_, s_, hard, need_grad_x, need_grad_codewords, need_grad_scale);
+    return bwd_impl<double>(in, grad_E_, x_, c_, s_, mass, hard, need_grad_x, need_grad_codewords, need_grad_scale);
+  return bwd_impl<float>(in, grad_E_, x_, c_, s_, mass, hard, need_grad_x, need_grad_codewords, need_grad_scale);
 }
 
 }  // namespace
