@@ -23,6 +23,7 @@ on CPU a STREAM-like copy (`b.copy_(a)` of 2 x 128 MB float32, counted as read +
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -30,6 +31,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -109,8 +111,14 @@ def peak_mb(fn, device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 1e6
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints profiler_start/stop lines to fd 2 whatever KINETO_LOG_LEVEL says
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
@@ -119,6 +127,19 @@ def peak_mb(fn, device: torch.device) -> float:
             live += e.nbytes()
             peak = max(peak, live)
     return peak / 1e6
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------------- device

@@ -7,9 +7,13 @@
 Writes benchmarks/results/<device-slug>/results.csv (one row per measurement), results.md (tables) and
 plots/*.png (time and peak memory against rows per slide, or loss batch B, one line per provider).
 Sweeps (benchmarks/cases.py): "gpu" on CUDA (B=16 slides, rows per slide 1k..64k, K 16..256, D 128..1024, loss B
-64..65536, float32/bfloat16/float16), "cpu" on CPU (B=4 slides, rows per slide 1k..8320, K 16..256 and D 128..1024
-at 2048 rows per slide, loss B 64..4096, float32/bfloat16; ~15-25 minutes on 2 cores, most of it torch.compile), and
-"quick" (tiny, about a minute on CPU). Both GPU and CPU sweeps include the headline shape (B=16, 128 + 8192
+64..65536, float32/bfloat16/float16; 960 measurements, an estimated 30-60 minutes on an H100, a good part of it
+torch.compile), "cpu" on CPU (B=4 slides, rows per slide 1k..8320, K 16..256 and D 128..1024 at 2048 rows per
+slide, loss B 64..4096, float32/bfloat16; ~390 measurements, 11 minutes measured on 2 busy cores with --threads 1,
+half of it the `reference` backend), and "quick" (tiny; about a minute on CPU once torch.compile's cache in /tmp
+is warm, two when cold).
+On a shared CPU use --threads 1: with 2 threads on an oversubscribed machine every OpenMP barrier waits for the
+descheduled thread and a 4 us gather reads as 16 ms. Both GPU and CPU sweeps include the headline shape (B=16, 128 + 8192
 rows per slide, K=64, D=384, bf16 bank).
 Method (timing, memory, bandwidth): see benchmarks/common.py; shapes and bytes: benchmarks/cases.py.
 A provider/shape whose estimated memory exceeds --mem-budget-gb is recorded as skipped (times NaN); an
@@ -133,9 +137,14 @@ def write_markdown(path, rows, env, providers, header_notes):
     lines += ["", "Cells: p50 time, peak extra memory, speedup against `torch` (p50 / p50). Times: "
               "`triton.testing.do_bench` on GPU, repeated wall-clock timing on CPU (benchmarks/common.py). "
               "`skip`: estimated memory over the budget (or a Python loop too slow); OOM: out of memory; "
-              "full numbers (p20/p80, GB/s, bandwidth share) in results.csv.", ""]
+              "full numbers (p20/p80, GB/s, bandwidth share) in results.csv. `torch_compile` is the `torch` "
+              "backend under torch.compile(fullgraph=False) (it graph-breaks on .tolist() of the offsets), compile "
+              "time excluded. Modes: `fwd` is the training forward (inputs require grad), `bwd` the backward of one "
+              "forward. Peak memory: torch.cuda.max_memory_allocated on GPU, the profiler's allocation events on "
+              "CPU (tensor memory only).", ""]
     errors = {}
-    head = [r for r in rows if r["sweep"] == "headline"]
+    head_keys = {c.key for c in C.headline_cases()}
+    head = [r for r in rows if r["_case"].key in head_keys]
     groups = [("Headline shape (B=16 slides, 128 fresh + 8192 bank rows, K=64, D=384, bf16 bank)", head)] if head else []
     for op in C.OPS:
         op_rows = [r for r in rows if r["op"] == op and r["sweep"] != "headline"]
@@ -152,8 +161,7 @@ def write_markdown(path, rows, env, providers, header_notes):
         for key, mode in keys:
             by_p = {r["provider"]: r for r in grp if r["_case"].key == key and r["mode"] == mode}
             any_r = next(iter(by_p.values()))
-            label = any_r["_case"].label() if title == C.OPS[0] or title in C.OPS else \
-                f"{any_r['op']} {any_r['_case'].label()}"
+            label = any_r["_case"].label() if title in C.OPS else f"{any_r['op']} {any_r['_case'].label()}"
             lines.append(f"| {label} | {mode} | " + " | ".join(_cell(by_p[p]) if p in by_p else "" for p in providers)
                          + " |")
             for p, r in by_p.items():
