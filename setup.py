@@ -19,6 +19,7 @@ import sys
 import sysconfig
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -121,7 +122,21 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class build_py(_build_py):
+    """Also ships csrc/cuda/*.cu, *.cuh in the package as dre_kernels/csrc_cuda/, where the cupy backend compiles
+    them with NVRTC at run time (dre_kernels.cupy_kernels.source_dir)."""
+
+    def run(self):
+        super().run()
+        dst = os.path.join(self.build_lib, "dre_kernels", "csrc_cuda")
+        os.makedirs(dst, exist_ok=True)
+        for pattern in ("*.cu", "*.cuh"):
+            for src in glob.glob(os.path.join(ROOT, "csrc", "cuda", pattern)):
+                self.copy_file(src, os.path.join(dst, os.path.basename(src)))
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = dict(cmdclass, build_py=build_py)
 
 setup(
     name="dre-kernels",
@@ -139,7 +154,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "cupy": ["cupy-cuda12x"],
+        "cupy": ["cupy-cuda13x"],  # torch cu13 builds; on CUDA 12.x: pip install cupy-cuda12x
         "slcl": ["timm>=1.0", "openslide-python>=1.4", "openslide-bin>=4.0", "tifffile", "h5py", "safetensors",
                  "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],

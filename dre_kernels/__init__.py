@@ -23,6 +23,12 @@ except ImportError as _e:  # only a missing triton package is silent; a broken b
     if (_e.name or "").split(".")[0] != "triton":
         raise
 
+try:  # the `cupy` backend registers its dre::cupy_* operators when the cupy package is importable
+    import dre_kernels.cupy_backend  # noqa: F401
+except ImportError as _e:  # only a missing cupy package is silent; a broken backend must not hide
+    if (_e.name or "").split(".")[0] != "cupy":
+        raise
+
 __all__ = [
     "BACKENDS",
     "__version__",

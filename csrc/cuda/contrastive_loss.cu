@@ -1,0 +1,233 @@
+// dre contrastive_loss on CUDA: one pass for the row and column log-sum-exps, recomputing backward, O(B*P + B) memory.
+//
+//   u_i = a_i / max(||a_i||, 1e-12) if normalize else a_i (v likewise from b);  l_ij = s inv_a_i inv_b_j <a_i, b_j>
+//   r_i = LSE_j l_ij - mean_{j in P_i} l_ij,   c_j = LSE_i l_ij - mean_{i in P_j} l_ij,   loss = (r + c) / 2
+//
+// Forward (the Triton kernel's algorithm): block I owns CL_BI rows and walks every CL_BJ-column tile once; the tile
+// of logits is computed with SIMT float32 FMA over CL_PT-wide shared slices of P (4 x 4 outputs per thread) and kept
+// in shared memory. Rows: online max/sum in shared state. Columns: each tile reduces its columns to
+// (m_t, sum_i exp(l_ij - m_t)) and adds sum * exp(m_t - ref_j) in float64 into csum_j with one atomicAdd per column
+// per tile, where ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is known before the pass; the host
+// takes col_lse = ref + log(csum). Positive logits are summed per row in shared memory and per column atomically.
+//
+// Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
+// grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
+// swapped), grad s = sum_ij W_ij <u_i, v_j> (per row block, summed on the host). Block (I, p) owns CL_BI rows and a
+// CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared memory and multiplies by the
+// matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
+//
+// Launch rules: 256 threads; forward grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64); dynamic shared
+// memory 0 (static arrays only).
+#include "dre_common.cuh"
+
+namespace dre_cuda {
+enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16 };
+
+// dot[u][v] += <x_{i0 + ty + 16u}, y_{j0 + tx + 16v}> over all of P, through shared slices xs, ys (64 x 17)
+DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
+                            i64 i0, i64 j0, i64 B, int P, float* xs, float* ys, float dot[4][4]) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) dot[u][v] = 0.f;
+  for (int p0 = 0; p0 < P; p0 += CL_PT) {
+    for (int e = tid; e < CL_BI * CL_PT; e += NTHREADS) {
+      const int r = e / CL_PT, p = e % CL_PT;
+      const bool pin = p0 + p < P;
+      xs[r * (CL_PT + 1) + p] = (pin && i0 + r < B) ? load_f(x, (i0 + r) * s_xr + (i64)(p0 + p) * s_xc, x_dt) : 0.f;
+      ys[r * (CL_PT + 1) + p] = (pin && j0 + r < B) ? load_f(y, (j0 + r) * s_yr + (i64)(p0 + p) * s_yc, y_dt) : 0.f;
+    }
+    __syncthreads();
+    for (int p = 0; p < CL_PT; ++p) {
+      float xv[4], yv[4];
+      for (int u = 0; u < 4; ++u) xv[u] = xs[(ty + 16 * u) * (CL_PT + 1) + p];
+      for (int v = 0; v < 4; ++v) yv[v] = ys[(tx + 16 * v) * (CL_PT + 1) + p];
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 4; ++v) dot[u][v] += xv[u] * yv[v];
+    }
+    __syncthreads();
+  }
+}
+
+DRE_DEVICE bool cl_positive(const void* labels, int lab64, int has_labels, i64 i, i64 j) {
+  return has_labels ? load_index(labels, i, lab64) == load_index(labels, j, lab64) : i == j;
+}
+}  // namespace dre_cuda
+
+using namespace dre_cuda;
+
+// rlse, rpos (B) float32 written; csum (B) float64 and cpos (B) float32 accumulated (zeroed by the host).
+DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br, i64 s_bc,
+                           const float* inva, const float* invb, const void* labels, int lab64, int has_labels,
+                           const float* scale, const float* ref, float* rlse, float* rpos, double* csum, float* cpos,
+                           i64 B, int P) {
+  __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
+  __shared__ float L[CL_BI * (CL_BJ + 1)];
+  __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
+  const i64 i0 = (i64)blockIdx.x * CL_BI;
+  const float s = scale[0];
+  for (int r = tid; r < CL_BI; r += NTHREADS) {
+    m_i[r] = -f_inf();
+    l_i[r] = 0.f;
+    pos_i[r] = 0.f;
+  }
+  for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
+    float dot[4][4];
+    cl_tile_dot(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, i0, j0, B, P, xs, ys, dot);
+    for (int u = 0; u < 4; ++u)
+      for (int v = 0; v < 4; ++v) {
+        const int r = ty + 16 * u, c = tx + 16 * v;
+        const i64 i = i0 + r, j = j0 + c;
+        L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? s * inva[i] * dot[u][v] * invb[j] : -f_inf();
+      }
+    __syncthreads();
+    // rows: online log-sum-exp and positives (one warp per row, two columns per lane)
+    for (int r = warp; r < CL_BI; r += NTHREADS / 32) {
+      const i64 i = i0 + r;
+      if (i >= B) continue;
+      const float* lr = L + r * (CL_BJ + 1);
+      float mx = fmaxf(lr[lane], lr[lane + 32]);
+      mx = warp_max(mx);
+      const float m_new = fmaxf(m_i[r], mx);
+      float se = 0.f, ps = 0.f;
+      for (int c = lane; c < CL_BJ; c += 32) {
+        se += expf(lr[c] - m_new);
+        if (j0 + c < B && cl_positive(labels, lab64, has_labels, i, j0 + c)) ps += lr[c];
+      }
+      se = warp_sum(se);
+      ps = warp_sum(ps);
+      if (lane == 0) {
+        l_i[r] = (m_i[r] == -f_inf() ? 0.f : l_i[r] * expf(m_i[r] - m_new)) + se;
+        m_i[r] = m_new;
+        pos_i[r] += ps;
+      }
+    }
+    // columns: this tile's share, rescaled to the column bound in float64; positives of the column
+    for (int c = warp; c < CL_BJ; c += NTHREADS / 32) {
+      const i64 j = j0 + c;
+      if (j >= B) continue;
+      float mx = fmaxf(L[lane * (CL_BJ + 1) + c], L[(lane + 32) * (CL_BJ + 1) + c]);
+      mx = warp_max(mx);  // finite: row i0 < B is valid
+      float se = 0.f, ps = 0.f;
+      for (int r = lane; r < CL_BI; r += 32) {
+        const float l = L[r * (CL_BJ + 1) + c];
+        se += expf(l - mx);
+        if (i0 + r < B && cl_positive(labels, lab64, has_labels, i0 + r, j)) ps += l;
+      }
+      se = warp_sum(se);
+      ps = warp_sum(ps);
+      if (lane == 0) {
+        atomicAdd(csum + j, (double)se * exp((double)mx - (double)ref[j]));
+        atomicAdd(cpos + j, ps);
+      }
+    }
+    __syncthreads();
+  }
+  for (int r = tid; r < CL_BI; r += NTHREADS) {
+    const i64 i = i0 + r;
+    if (i < B) {
+      rlse[i] = m_i[r] + logf(l_i[r]);
+      rpos[i] = pos_i[r];
+    }
+  }
+}
+
+// gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
+// (with_gs). lx, ly: the log-sum-exps on x's side and y's side; g: grad of the loss (B); npos: |P_i| (B).
+DRE_GLOBAL void dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
+                           const float* invx, const float* invy, const void* labels, int lab64, int has_labels,
+                           const float* scale, const float* lx, const float* ly, const float* g, const float* npos,
+                           float* gu, float* gs_out, i64 B, int P, int with_gs) {
+  __shared__ float tiles[CL_BJ * (CL_BI + 1)];  // the two dot slices, then the y tile (64 x 65)
+  __shared__ float W[CL_BI * (CL_BJ + 1)];
+  __shared__ float red[NTHREADS / 32];
+  float* xs = tiles;
+  float* ys = tiles + CL_BI * (CL_PT + 1);
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
+  const int npt = (P + CL_BI - 1) / CL_BI;
+  const i64 pid_i = (i64)blockIdx.x / npt;
+  const int pid_p = (int)((i64)blockIdx.x % npt);
+  const i64 i0 = pid_i * CL_BI;
+  const int p0 = pid_p * CL_BI;
+  const float s = scale[0];
+  float acc[4][4];
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) acc[u][v] = 0.f;
+  float gsl = 0.f;
+  for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
+    float dot[4][4];
+    cl_tile_dot(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, i0, j0, B, P, xs, ys, dot);
+    for (int u = 0; u < 4; ++u)
+      for (int v = 0; v < 4; ++v) {
+        const int r = ty + 16 * u, c = tx + 16 * v;
+        const i64 i = i0 + r, j = j0 + c;
+        float w = 0.f;
+        if (i < B && j < B) {
+          const float uv = dot[u][v] * invx[i] * invy[j];
+          const float l = s * uv;
+          const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
+          w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
+          gsl += w * uv;
+          w *= invy[j];
+        }
+        W[r * (CL_BJ + 1) + c] = w;
+      }
+    // y tile (CL_BJ rows x CL_BI columns of P), into the dot slices' space (cl_tile_dot ended with a barrier)
+    for (int e = tid; e < CL_BJ * CL_BI; e += NTHREADS) {
+      const int c = e / CL_BI, p = e % CL_BI;
+      tiles[c * (CL_BI + 1) + p] =
+          (j0 + c < B && p0 + p < P) ? load_f(y, (j0 + c) * s_yr + (i64)(p0 + p) * s_yc, y_dt) : 0.f;
+    }
+    __syncthreads();
+    for (int c = 0; c < CL_BJ; ++c) {
+      float wv[4], yv[4];
+      for (int u = 0; u < 4; ++u) wv[u] = W[(ty + 16 * u) * (CL_BJ + 1) + c];
+      for (int v = 0; v < 4; ++v) yv[v] = tiles[c * (CL_BI + 1) + tx + 16 * v];
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 4; ++v) acc[u][v] += wv[u] * yv[v];
+    }
+    __syncthreads();
+  }
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) {
+      const i64 i = i0 + ty + 16 * u;
+      const int p = p0 + tx + 16 * v;
+      if (i < B && p < P) gu[i * P + p] = s * acc[u][v];
+    }
+  if (with_gs && pid_p == 0) {
+    gsl = warp_sum(gsl);
+    if (lane == 0) red[warp] = gsl;
+    __syncthreads();
+    if (tid == 0) {
+      float t = 0.f;
+      for (int w = 0; w < NTHREADS / 32; ++w) t += red[w];
+      gs_out[pid_i] = t;
+    }
+  }
+}
+
+#if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
+#include "launchers.h"
+
+namespace dre_cuda_launch {
+cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                   int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
+                   int has_labels, const float* scale, const float* ref, float* rlse, float* rpos, double* csum,
+                   float* cpos, i64 B, int P) {
+  if (grid > 0)
+    dre_cl_fwd<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, labels, lab64,
+                                              has_labels, scale, ref, rlse, rpos, csum, cpos, B, P);
+  return cudaGetLastError();
+}
+
+cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
+                   int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
+                   int has_labels, const float* scale, const float* lx, const float* ly, const float* g,
+                   const float* npos, float* gu, float* gs_out, i64 B, int P, int with_gs) {
+  if (grid > 0)
+    dre_cl_bwd<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
+                                              has_labels, scale, lx, ly, g, npos, gu, gs_out, B, P, with_gs);
+  return cudaGetLastError();
+}
+}  // namespace dre_cuda_launch
+#endif

@@ -1,0 +1,40 @@
+// Host launchers of the dre CUDA kernels: one per kernel, taking raw pointers, sizes, strides (in elements), dtype
+// codes (dre_common.cuh: 0 float32, 1 float16, 2 bfloat16; index arrays: is64 = 0 int32, 1 int64), the grid and
+// dynamic shared memory the launch rules of each .cu give, and the stream. They return cudaGetLastError().
+// No torch here: the host glue (csrc/cuda/*.cpp) computes the launch rules and calls these.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+namespace dre_cuda_launch {
+typedef long long i64;
+
+cudaError_t re_fwd(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r, i64 s_c,
+                   const void* idx, int idx64, int gather, const i64* off, const i64* slide, const i64* cstart,
+                   const float* C, const float* csq, const float* scale, float* acc_out, float* mass_out,
+                   const float* G, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard, int with_e, int R,
+                   int DO);
+
+cudaError_t re_bwd_soft(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                        i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                        const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
+                        const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, void* gx,
+                        int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c, int R, int DO);
+
+cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                   int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
+                   int has_labels, const float* scale, const float* ref, float* rlse, float* rpos, double* csum,
+                   float* cpos, i64 B, int P);
+
+cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
+                   int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
+                   int has_labels, const float* scale, const float* lx, const float* ly, const float* g,
+                   const float* npos, float* gu, float* gs_out, i64 B, int P, int with_gs);
+
+cudaError_t bank_gather(unsigned grid, cudaStream_t stream, const void* bank, int dt, i64 s0, i64 s1, const void* idx,
+                        int idx64, void* out, i64 n, i64 D);
+
+cudaError_t bank_update(unsigned grid, cudaStream_t stream, void* bank, int dt, i64 s0, i64 s1, const void* idx,
+                        int idx64, const void* values, int v_dt, i64 v0, i64 v1, i64 n, int D, float momentum,
+                        float keep, int normalize);
+}  // namespace dre_cuda_launch

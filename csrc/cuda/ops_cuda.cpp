@@ -1,0 +1,502 @@
+// Host glue of the dre CUDA kernels: checks, launch rules, the small torch ops around the kernels, and the
+// TORCH_LIBRARY_IMPL(dre, CUDA, ...) registration. Kernels run on torch's current stream of the inputs' device.
+//
+// This file mirrors dre_kernels/cupy_kernels.py line by line (the cupy backend runs the same .cu kernels through
+// NVRTC, and its host code is what the CPU emulation tests exercise); change both together. Formulas and the work
+// split: the header comments of residual_encode.cu, contrastive_loss.cu and bank.cu.
+//
+// Checks: what the Python wrappers check is checked again here (shapes, dtypes, CSR offsets, index ranges,
+// duplicate update indices), because under torch.compile the Python value checks are skipped and a bad index must
+// raise instead of reaching a kernel. The value checks cost one device synchronisation each.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "cuda/launchers.h"
+
+namespace dre {
+namespace cuda_glue {
+namespace {
+
+using i64 = long long;
+constexpr double kEps = 1e-12;
+constexpr int kClBlock = 64;
+constexpr i64 kMaxGrid = 65535LL * 16;
+
+void launched(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "dre: CUDA launch of ", what, " failed: ", cudaGetErrorString(e));
+}
+
+int dt(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default:
+      TORCH_CHECK_TYPE(false, "dre: ", name, " must be float16, bfloat16 or float32 for the CUDA kernels; got ",
+                       t.scalar_type());
+  }
+  return 0;
+}
+
+int is64(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1, "dre: ", name, " must be 1-D; got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "dre: ", name,
+                   " must be an int32 or int64 tensor; got ", t.scalar_type());
+  return t.scalar_type() == at::kLong ? 1 : 0;
+}
+
+void on_device(const at::Tensor& t, const at::Device& dev, const char* name) {
+  TORCH_CHECK(t.device() == dev, "dre: ", name, " must be on ", dev, " like the other inputs; got ", t.device());
+}
+
+const void* ptr(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? t->data_ptr() : nullptr; }
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// offsets[0] == 0, non-decreasing, offsets[-1] == total
+void check_offsets(const at::Tensor& off, int64_t total, const char* name, const char* rows_name) {
+  is64(off, name);
+  TORCH_CHECK_VALUE(off.numel() >= 1, "dre: ", name, " must hold B+1 >= 1 entries; got an empty tensor");
+  const at::Tensor o = off.to(at::kLong);
+  const at::Tensor step = off.numel() > 1 ? (o.slice(0, 1) - o.slice(0, 0, -1)).min() : at::zeros({}, o.options());
+  const at::Tensor v = at::stack({o[0], o[-1], step}).cpu();
+  const int64_t* p = v.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0, "dre: ", name, "[0] must be 0; got ", p[0]);
+  TORCH_CHECK_VALUE(p[2] >= 0, "dre: ", name, " must be non-decreasing; its smallest step is ", p[2]);
+  TORCH_CHECK_VALUE(p[1] == total, "dre: ", name, "[-1] must equal the number of rows of ", rows_name, " (", total,
+                    "); got ", p[1]);
+}
+
+void check_index(const at::Tensor& idx, int64_t rows, const char* name, const char* of_name) {
+  is64(idx, name);
+  if (idx.numel() == 0) return;
+  auto mm = at::aminmax(idx.to(at::kLong));
+  const at::Tensor v = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+  const int64_t lo = v.data_ptr<int64_t>()[0], hi = v.data_ptr<int64_t>()[1];
+  TORCH_CHECK_INDEX(lo >= 0 && hi < rows, "dre: ", name, " holds ", lo < 0 ? lo : hi, ", out of range for ", of_name,
+                    " with ", rows, " rows (valid: 0 to ", rows - 1, ")");
+}
+
+// ------------------------------------------------------------------------------------------- residual_encode
+int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// ~4 chunks per SM over a source, 256..8192 rows each
+int64_t chunk_rows(int64_t n_rows) {
+  const int64_t target = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per = (std::max<int64_t>(n_rows, 1) + target - 1) / target;
+  return std::min<int64_t>(8192, std::max<int64_t>(256, next_pow2(per)));
+}
+
+struct ReConfig {
+  int R, DO;
+  unsigned smem;
+};
+
+ReConfig re_config(int K, int D, bool backward) {
+  ReConfig c;
+  c.R = std::min(64, (backward ? 2048 : 4096) / K);
+  c.DO = std::min(std::min(256, 8192 / K), D);
+  const int R = c.R;
+  const int floats = backward ? 5 * R + 3 * K + 2 * R * (K + 1) + std::max(R * 9 + 2 * K * 9, 4096)
+                              : 5 * R + 3 * K + R * (K + 1) + std::max(R * 17 + K * 17, 4096);
+  c.smem = 4u * static_cast<unsigned>(floats);
+  return c;
+}
+
+struct ChunkMap {
+  at::Tensor off, slide, cstart;
+  int64_t slots = 0, chunk = 0;
+};
+
+// slide-aligned chunks of `chunk` rows, computed on the device without synchronisation
+ChunkMap chunk_map(const at::Tensor& offsets, int64_t n_rows) {
+  ChunkMap m;
+  m.chunk = chunk_rows(n_rows);
+  m.off = offsets.to(at::kLong).contiguous();
+  const int64_t B = m.off.numel() - 1;
+  const at::Tensor lens = m.off.slice(0, 1) - m.off.slice(0, 0, B);
+  const at::Tensor nch = at::div(lens + (m.chunk - 1), m.chunk, "floor");
+  const at::Tensor cend = at::cumsum(nch, 0);
+  m.cstart = (cend - nch).contiguous();
+  m.slots = (n_rows + m.chunk - 1) / m.chunk + B;
+  m.slide = at::searchsorted(cend, at::arange(m.slots, m.off.options()), /*out_int32=*/false, /*right=*/true)
+                .contiguous();
+  return m;
+}
+
+struct Source {
+  at::Tensor rows;
+  c10::optional<at::Tensor> index;
+  at::Tensor offsets;
+  int64_t n_rows;
+};
+
+std::vector<Source> sources(const at::Tensor& x, const at::Tensor& x_offsets, const c10::optional<at::Tensor>& bank,
+                            const c10::optional<at::Tensor>& bank_index,
+                            const c10::optional<at::Tensor>& bank_offsets) {
+  std::vector<Source> out;
+  out.push_back({x.detach(), c10::nullopt, x_offsets, x.size(0)});
+  if (given(bank)) out.push_back({bank->detach(), bank_index->contiguous(), *bank_offsets, bank_index->numel()});
+  return out;
+}
+
+void re_checks(const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
+               const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
+               const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets,
+               bool hard) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && codewords.dim() == 2, "dre: x and codewords must be 2-D; got ", x.sizes(),
+                    " and ", codewords.sizes());
+  const int64_t K = codewords.size(0), D = codewords.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K <= 256 && D >= 1 && D <= 4096 && x.size(1) == D,
+                    "dre: need 1 <= K <= 256, 1 <= D <= 4096 and x of width D; got codewords ", codewords.sizes(),
+                    ", x ", x.sizes());
+  const at::Device dev = x.device();
+  TORCH_CHECK(dev.is_cuda(), "dre: x must be a CUDA tensor for the CUDA kernels; got ", dev);
+  dt(x, "x");
+  dt(codewords, "codewords");
+  on_device(codewords, dev, "codewords");
+  on_device(x_offsets, dev, "x_offsets");
+  if (!hard) {
+    TORCH_CHECK_VALUE(given(scale), "dre: scale is required for soft assignment");
+    TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == K, "dre: scale must have shape (K,) = (", K, ",); got ",
+                      scale->sizes());
+    dt(*scale, "scale");
+    on_device(*scale, dev, "scale");
+  }
+  check_offsets(x_offsets, x.size(0), "x_offsets", "x");
+  const bool has_bank = given(bank);
+  TORCH_CHECK_VALUE(has_bank == given(bank_index) && has_bank == given(bank_offsets),
+                    "dre: bank, bank_index and bank_offsets must be given together or not at all");
+  if (has_bank) {
+    dt(*bank, "bank");
+    TORCH_CHECK_VALUE(bank->dim() == 2 && bank->size(1) == D, "dre: bank must have shape (T, ", D, "); got ",
+                      bank->sizes());
+    on_device(*bank, dev, "bank");
+    on_device(*bank_index, dev, "bank_index");
+    on_device(*bank_offsets, dev, "bank_offsets");
+    TORCH_CHECK_VALUE(bank_offsets->numel() == x_offsets.numel(), "dre: bank_offsets must have B+1 = ",
+                      x_offsets.numel(), " entries like x_offsets; got ", bank_offsets->numel());
+    check_offsets(*bank_offsets, bank_index->numel(), "bank_offsets", "bank_index");
+    check_index(*bank_index, bank->size(0), "bank_index", "bank");
+  }
+}
+
+struct Prep {
+  at::Tensor c32, csq, s32;
+};
+
+Prep prep(const at::Tensor& codewords, const c10::optional<at::Tensor>& scale, bool hard) {
+  Prep p;
+  p.c32 = codewords.detach().to(at::kFloat).contiguous();
+  p.csq = (p.c32 * p.c32).sum(1).contiguous();
+  p.s32 = (hard || !given(scale)) ? p.csq : scale->detach().to(at::kFloat).contiguous();
+  return p;
+}
+
+void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool hard, bool with_e,
+                   const at::Tensor* G = nullptr, at::Tensor* gx = nullptr) {
+  const int64_t B = s.offsets.numel() - 1;
+  if (B == 0 || s.n_rows == 0) return;
+  const int K = static_cast<int>(p.c32.size(0)), D = static_cast<int>(p.c32.size(1));
+  const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+  ReConfig cfg = re_config(K, D, false);
+  if (!with_e) cfg.DO = 1;
+  const int64_t grid = m.slots * (with_e ? (D + cfg.DO - 1) / cfg.DO : 1);
+  TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
+  const bool gather = s.index.has_value();
+  launched(dre_cuda_launch::re_fwd(
+               static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
+               dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
+               gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, m.off.data_ptr<int64_t>(),
+               m.slide.data_ptr<int64_t>(), m.cstart.data_ptr<int64_t>(), p.c32.data_ptr<float>(),
+               p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, G ? G->data_ptr<float>() : nullptr,
+               gx ? gx->data_ptr() : nullptr, gx ? dt(*gx, "grad_x") : 0, B, K, D, m.chunk, hard ? 1 : 0,
+               with_e ? 1 : 0, cfg.R, cfg.DO),
+           "dre_re_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
+    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets, bool hard) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard);
+  const int64_t B = x_offsets.numel() - 1, K = codewords.size(0), D = codewords.size(1);
+  const at::ScalarType out_dtype = at::promote_types(x.scalar_type(), codewords.scalar_type());
+  const Prep p = prep(codewords, scale, hard);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor acc = at::zeros({B, K, D}, f32), mass = at::zeros({B, K}, f32);
+  for (const Source& s : sources(x, x_offsets, bank, bank_index, bank_offsets))
+    launch_re_fwd(s, p, acc.data_ptr<float>(), mass.data_ptr<float>(), hard, true);
+  return {out_dtype == at::kFloat ? acc : acc.to(out_dtype), mass};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
+    const at::Tensor& grad_E, const at::Tensor& x, const at::Tensor& x_offsets, const at::Tensor& codewords,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bank,
+    const c10::optional<at::Tensor>& bank_index, const c10::optional<at::Tensor>& bank_offsets,
+    const c10::optional<at::Tensor>& mass, bool hard, bool need_grad_x, bool need_grad_codewords,
+    bool need_grad_scale) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard);
+  const int64_t B = x_offsets.numel() - 1, K = codewords.size(0), D = codewords.size(1);
+  TORCH_CHECK_VALUE(grad_E.dim() == 3 && grad_E.size(0) == B && grad_E.size(1) == K && grad_E.size(2) == D,
+                    "dre: grad_E must have shape (B, K, D) = (", B, ", ", K, ", ", D, "); got ", grad_E.sizes());
+  on_device(grad_E, x.device(), "grad_E");
+  const at::ScalarType scale_dtype = given(scale) ? scale->scalar_type() : codewords.scalar_type();
+  const bool need_s = need_grad_scale && !hard;
+  const bool need_c = need_grad_codewords || need_s;
+  const Prep p = prep(codewords, scale, hard);
+  const at::Tensor G = grad_E.detach().to(at::kFloat).contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor gx = need_grad_x ? at::empty({x.size(0), D}, x.options()) : at::zeros({x.size(0), D}, x.options());
+  at::Tensor hx = at::zeros({K, D}, f32), hsum = at::zeros({K}, f32), gsum = at::zeros({K}, f32);
+  at::Tensor mass_acc = at::zeros({B, K}, f32);
+  at::Tensor gc;
+  if (!hard) gc = (G * p.c32.unsqueeze(0)).sum(2).contiguous();
+  const bool use_given_mass = hard && given(mass);
+  if (use_given_mass)
+    TORCH_CHECK_VALUE(mass->dim() == 2 && mass->size(0) == B && mass->size(1) == K,
+                      "dre: mass must have shape (B, K) = (", B, ", ", K, "); got ", mass->sizes());
+  const std::vector<Source> srcs = sources(x, x_offsets, bank, bank_index, bank_offsets);
+  for (size_t si = 0; si < srcs.size(); ++si) {
+    const Source& s = srcs[si];
+    const bool fresh = si == 0;
+    const bool write_gx = fresh && need_grad_x;
+    const bool acc_c = need_c && !use_given_mass;
+    if (B == 0 || s.n_rows == 0 || !(write_gx || acc_c)) continue;
+    if (hard) {
+      // one argmin pass: writes grad x rows G_{b,k(i)} (fresh rows) and/or counts mass
+      launch_re_fwd(s, p, nullptr, acc_c ? mass_acc.data_ptr<float>() : nullptr, true, false,
+                    write_gx ? &G : nullptr, write_gx ? &gx : nullptr);
+      continue;
+    }
+    const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+    const ReConfig cfg = re_config(static_cast<int>(K), static_cast<int>(D), true);
+    const int64_t grid = m.slots * ((D + cfg.DO - 1) / cfg.DO);
+    TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
+    const bool gather = s.index.has_value();
+    launched(dre_cuda_launch::re_bwd_soft(
+                 static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
+                 dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
+                 gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, m.off.data_ptr<int64_t>(),
+                 m.slide.data_ptr<int64_t>(), m.cstart.data_ptr<int64_t>(), p.c32.data_ptr<float>(),
+                 p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
+                 hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(),
+                 gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K), static_cast<int>(D), m.chunk,
+                 write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO),
+             "dre_re_bwd_soft");
+  }
+  if (use_given_mass) mass_acc = mass->to(at::kFloat);
+  at::Tensor grad_c = -(mass_acc.unsqueeze(2) * G).sum(0);
+  if (!hard) grad_c = grad_c + (2.0 * p.s32).unsqueeze(1) * (hx - hsum.unsqueeze(1) * p.c32);
+  if (!need_c) grad_c = at::zeros_like(grad_c);
+  at::Tensor grad_s = need_s ? gsum : at::zeros_like(gsum);
+  return {gx, grad_c.to(codewords.scalar_type()), grad_s.to(scale_dtype)};
+}
+
+// ------------------------------------------------------------------------------------------- contrastive
+std::pair<at::Tensor, at::Tensor> inv_norms(const at::Tensor& t, bool normalize) {
+  const at::Tensor norm = at::linalg_vector_norm(t, 2, {1}, false, at::kFloat);
+  if (!normalize) return {at::ones_like(norm), norm};
+  return {(1.0 / norm.clamp_min(kEps)).contiguous(), norm};
+}
+
+at::Tensor num_positives(const c10::optional<at::Tensor>& labels, int64_t B, const at::TensorOptions& f32) {
+  if (!given(labels)) return at::ones({B}, f32);
+  const at::Tensor lab = labels->to(at::kLong);
+  const at::Tensor srt = std::get<0>(at::sort(lab));
+  const at::Tensor n = at::searchsorted(srt, lab, false, /*right=*/true) - at::searchsorted(srt, lab, false, false);
+  return n.to(at::kFloat);
+}
+
+struct Labels {
+  at::Tensor t;
+  int lab64 = 1, has = 0;
+};
+
+Labels labels_of(const c10::optional<at::Tensor>& labels, int64_t B, const at::Device& dev) {
+  Labels l;
+  if (!given(labels)) return l;
+  TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == B, "dre: labels must have shape (B,) = (", B,
+                    ",); got ", labels->sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels->scalar_type()) && !at::isComplexType(labels->scalar_type()) &&
+                       labels->scalar_type() != at::kBool,
+                   "dre: labels must be an integer tensor; got ", labels->scalar_type());
+  on_device(*labels, dev, "labels");
+  l.t = (labels->scalar_type() == at::kInt || labels->scalar_type() == at::kLong) ? labels->contiguous()
+                                                                                   : labels->to(at::kLong);
+  l.lab64 = l.t.scalar_type() == at::kLong ? 1 : 0;
+  l.has = 1;
+  return l;
+}
+
+void cl_checks(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.sizes() == b.sizes(), "dre: a and b must have the same shape (B, P); got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.is_cuda(), "dre: a must be a CUDA tensor for the CUDA kernels; got ", a.device());
+  on_device(b, a.device(), "b");
+  dt(a, "a");
+  dt(b, "b");
+  TORCH_CHECK_VALUE(logit_scale.numel() == 1, "dre: logit_scale must be a 0-dim tensor; got shape ",
+                    logit_scale.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tensor& b_,
+                                                                         const at::Tensor& logit_scale,
+                                                                         const c10::optional<at::Tensor>& labels,
+                                                                         bool normalize) {
+  const c10::cuda::CUDAGuard guard(a_.device());
+  cl_checks(a_, b_, logit_scale);
+  const at::Tensor a = a_.detach(), b = b_.detach();
+  const int64_t B = a.size(0), P = a.size(1);
+  const auto f32 = a.options().dtype(at::kFloat);
+  const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
+  auto [inva, na] = inv_norms(a, normalize);
+  auto [invb, nb] = inv_norms(b, normalize);
+  at::Tensor rlse = at::empty({B}, f32);
+  if (B == 0) return {rlse, rlse.clone(), rlse.clone()};
+  // column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
+  const at::Tensor ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous();
+  at::Tensor rpos = at::empty({B}, f32), cpos = at::zeros({B}, f32);
+  at::Tensor csum = at::zeros({B}, a.options().dtype(at::kDouble));
+  const Labels lab = labels_of(labels, B, a.device());
+  launched(dre_cuda_launch::cl_fwd(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
+                                   at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
+                                   a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
+                                   inva.data_ptr<float>(), invb.data_ptr<float>(),
+                                   lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
+                                   ref.data_ptr<float>(), rlse.data_ptr<float>(), rpos.data_ptr<float>(),
+                                   csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P)),
+           "dre_cl_fwd");
+  const at::Tensor clse = (ref.to(at::kDouble) + at::log(csum)).to(at::kFloat);
+  const at::Tensor npos = num_positives(labels, B, f32);
+  const at::Tensor loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5;
+  return {loss, rlse, clse};
+}
+
+// grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below
+at::Tensor normalize_backward(const at::Tensor& gu, const at::Tensor& t, const at::Tensor& inv, const at::Tensor& norm,
+                              bool normalize) {
+  if (!normalize) return gu;
+  const at::Tensor u = t.to(at::kFloat) * inv.unsqueeze(1);
+  const at::Tensor proj = gu - u * (u * gu).sum(1, true);
+  return at::where((norm > kEps).unsqueeze(1), proj * inv.unsqueeze(1), gu * inv.unsqueeze(1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& logit_scale,
+    const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse) {
+  const c10::cuda::CUDAGuard guard(a_.device());
+  cl_checks(a_, b_, logit_scale);
+  const at::Tensor a = a_.detach(), b = b_.detach();
+  const int64_t B = a.size(0), P = a.size(1);
+  TORCH_CHECK_VALUE(grad_loss.numel() == B && row_lse.numel() == B && col_lse.numel() == B,
+                    "dre: grad_loss, row_lse and col_lse must have B = ", B, " entries");
+  const auto f32 = a.options().dtype(at::kFloat);
+  const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
+  auto [inva, na] = inv_norms(a, normalize);
+  auto [invb, nb] = inv_norms(b, normalize);
+  const at::Tensor g = grad_loss.detach().to(at::kFloat).reshape({-1}).contiguous();
+  const at::Tensor npos = num_positives(labels, B, f32);
+  const Labels lab = labels_of(labels, B, a.device());
+  at::Tensor gu = at::empty({B, P}, f32), gv = at::empty({B, P}, f32);
+  const int64_t nrb = (B + kClBlock - 1) / kClBlock;
+  at::Tensor gs = at::zeros({std::max<int64_t>(nrb, 1)}, f32);
+  const at::Tensor rl = row_lse.detach().to(at::kFloat).contiguous(), cl = col_lse.detach().to(at::kFloat).contiguous();
+  if (B > 0) {
+    const int64_t grid = nrb * ((P + kClBlock - 1) / kClBlock);
+    TORCH_CHECK(grid < (1LL << 31), "dre: contrastive_loss grid too large (", grid, " blocks)");
+    struct Side {
+      const at::Tensor *x, *y, *invx, *invy, *lx, *ly;
+      at::Tensor* out;
+      int with_gs;
+    };
+    const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &gu, 1}, {&b, &a, &invb, &inva, &cl, &rl, &gv, 0}};
+    for (const Side& sd : sides) {
+      launched(dre_cuda_launch::cl_bwd(static_cast<unsigned>(grid), at::cuda::getCurrentCUDAStream(),
+                                       sd.x->data_ptr(), dt(*sd.x, "a"), sd.x->stride(0), sd.x->stride(1),
+                                       sd.y->data_ptr(), dt(*sd.y, "b"), sd.y->stride(0), sd.y->stride(1),
+                                       sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
+                                       lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
+                                       sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), g.data_ptr<float>(),
+                                       npos.data_ptr<float>(), sd.out->data_ptr<float>(), gs.data_ptr<float>(), B,
+                                       static_cast<int>(P), sd.with_gs),
+               "dre_cl_bwd");
+    }
+  }
+  const at::Tensor grad_a = normalize_backward(gu, a, inva, na, normalize).to(a.scalar_type());
+  const at::Tensor grad_b = normalize_backward(gv, b, invb, nb, normalize).to(b.scalar_type());
+  return {grad_a, grad_b, gs.sum()};
+}
+
+// ------------------------------------------------------------------------------------------- bank
+at::Tensor bank_gather_cuda(const at::Tensor& bank, const at::Tensor& index) {
+  const c10::cuda::CUDAGuard guard(bank.device());
+  TORCH_CHECK_VALUE(bank.dim() == 2, "dre: bank must be 2-D; got shape ", bank.sizes());
+  TORCH_CHECK(bank.is_cuda(), "dre: bank must be a CUDA tensor for the CUDA kernels; got ", bank.device());
+  on_device(index, bank.device(), "index");
+  const int code = dt(bank, "bank");
+  check_index(index, bank.size(0), "index", "bank");
+  const int64_t n = index.numel(), D = bank.size(1);
+  at::Tensor out = at::empty({n, D}, bank.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n == 0 || D == 0) return out;
+  const at::Tensor idx = index.contiguous();
+  const int64_t grid = std::min<int64_t>((n * D + 255) / 256, kMaxGrid);
+  launched(dre_cuda_launch::bank_gather(static_cast<unsigned>(grid), at::cuda::getCurrentCUDAStream(),
+                                        bank.data_ptr(), code, bank.stride(0), bank.stride(1), idx.data_ptr(),
+                                        is64(idx, "index"), out.data_ptr(), n, D),
+           "dre_bank_gather");
+  return out;
+}
+
+void bank_update_cuda(const at::Tensor& bank, const at::Tensor& index, const at::Tensor& values_, double momentum,
+                      bool normalize) {
+  const c10::cuda::CUDAGuard guard(bank.device());
+  TORCH_CHECK_VALUE(bank.dim() == 2, "dre: bank must be 2-D; got shape ", bank.sizes());
+  TORCH_CHECK(bank.is_cuda(), "dre: bank must be a CUDA tensor for the CUDA kernels; got ", bank.device());
+  on_device(index, bank.device(), "index");
+  on_device(values_, bank.device(), "values");
+  const int64_t n = index.numel(), D = bank.size(1);
+  TORCH_CHECK_VALUE(values_.dim() == 2 && values_.size(0) == n && values_.size(1) == D,
+                    "dre: values must have shape (len(index), D) = (", n, ", ", D, "); got ", values_.sizes());
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "dre: momentum must be in [0, 1]; got ", momentum);
+  const int code = dt(bank, "bank"), vcode = dt(values_, "values");
+  check_index(index, bank.size(0), "index", "bank");
+  if (n > 1) {
+    const at::Tensor srt = std::get<0>(at::sort(index.to(at::kLong)));
+    TORCH_CHECK_VALUE(!(srt.slice(0, 1) == srt.slice(0, 0, -1)).any().item<bool>(),
+                      "dre: index must not repeat an index (a row would be written twice); it does");
+  }
+  if (n == 0 || D == 0) return;
+  const at::Tensor idx = index.contiguous(), values = values_.detach();
+  launched(dre_cuda_launch::bank_update(static_cast<unsigned>(std::min<int64_t>(n, kMaxGrid)),
+                                        at::cuda::getCurrentCUDAStream(), bank.data_ptr(), code, bank.stride(0),
+                                        bank.stride(1), idx.data_ptr(), is64(idx, "index"), values.data_ptr(), vcode,
+                                        values.stride(0), values.stride(1), n, static_cast<int>(D),
+                                        static_cast<float>(momentum), static_cast<float>(1.0 - momentum),
+                                        normalize ? 1 : 0),
+           "dre_bank_update");
+}
+
+}  // namespace
+}  // namespace cuda_glue
+}  // namespace dre
+
+TORCH_LIBRARY_IMPL(dre, CUDA, m) {
+  m.impl("residual_encode_fwd", &dre::cuda_glue::residual_encode_fwd_cuda);
+  m.impl("residual_encode_bwd", &dre::cuda_glue::residual_encode_bwd_cuda);
+  m.impl("contrastive_loss_fwd", &dre::cuda_glue::contrastive_loss_fwd_cuda);
+  m.impl("contrastive_loss_bwd", &dre::cuda_glue::contrastive_loss_bwd_cuda);
+  m.impl("bank_gather", &dre::cuda_glue::bank_gather_cuda);
+  m.impl("bank_update_", &dre::cuda_glue::bank_update_cuda);
+}

@@ -1,0 +1,491 @@
+"""Host side of the `cupy` backend: the csrc/cuda kernels compiled at run time by CuPy (NVRTC), for installs without nvcc.
+
+The .cu sources are the very ones the `native` extension compiles with nvcc (they include no headers at all, so
+NVRTC needs nothing but their own directory). Each source file becomes one cupy.RawModule on first use, cached per
+process (CuPy also caches the compiled binary on disk, ~/.cupy/kernel_cache). Kernels run on torch's current
+stream (cupy.cuda.ExternalStream) on torch tensors through their data pointers; no data passes through CuPy arrays.
+
+Where the sources are found (source_dir()): $DRE_KERNELS_CUDA_SRC if set; else dre_kernels/csrc_cuda, where
+`pip install .` puts a copy (setup.py's build_py); else <checkout>/csrc/cuda (editable installs, source trees).
+
+The host logic here (chunk maps, launch rules, finishing the gradients) mirrors csrc/cuda/ops_cuda.cpp line by line;
+the launch rules are those written at the top of each .cu file. Tests run this module on CPU tensors against a CPU
+emulation of the kernels (tests/cuda_emu) by swapping the runtime with set_runtime().
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+NTHREADS = 256
+NORMALIZE_EPS = 1e-12
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KERNEL_FILES = {
+    "dre_re_fwd": "residual_encode.cu",
+    "dre_re_bwd_soft": "residual_encode.cu",
+    "dre_cl_fwd": "contrastive_loss.cu",
+    "dre_cl_bwd": "contrastive_loss.cu",
+    "dre_bank_gather": "bank.cu",
+    "dre_bank_update": "bank.cu",
+}
+
+
+def source_dir() -> str:
+    """The directory holding the .cu/.cuh sources (see the module docstring)."""
+    env = os.environ.get("DRE_KERNELS_CUDA_SRC")
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = ([env] if env else []) + [os.path.join(here, "csrc_cuda"),
+                                           os.path.join(os.path.dirname(here), "csrc", "cuda")]
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "dre_common.cuh")):
+            return d
+    raise RuntimeError(f"dre_kernels: the CUDA sources (csrc/cuda/*.cu) were not found in any of {candidates}; "
+                       "reinstall dre-kernels or set DRE_KERNELS_CUDA_SRC")
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+class Ptr(int):
+    """A device pointer argument (an int that the runtime passes as a pointer)."""
+
+
+class I64(int):
+    pass
+
+
+class I32(int):
+    pass
+
+
+class F32(float):
+    pass
+
+
+class F64(float):
+    pass
+
+
+def ptr(t) -> Ptr:
+    return Ptr(0 if t is None else t.data_ptr())
+
+
+class CupyRuntime:
+    """Compiles each .cu file once with cupy.RawModule and launches on torch's current stream."""
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _module(filename: str):
+        import cupy
+
+        src = source_dir()
+        with open(os.path.join(src, filename)) as f:
+            code = f.read()
+        return cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), backend="nvrtc")
+
+    def launch(self, name, grid, smem, device, args):
+        if grid == 0:
+            return
+        import cupy
+
+        conv = {Ptr: np.uint64, I64: np.int64, I32: np.int32, F32: np.float32, F64: np.float64}
+        packed = tuple(conv[type(a)](a) for a in args)
+        with cupy.cuda.Device(device.index):
+            fn = self._module(KERNEL_FILES[name]).get_function(name)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+            with stream:
+                fn((int(grid),), (NTHREADS,), packed, shared_mem=int(smem))
+
+
+_runtime = None
+
+
+def set_runtime(rt):
+    """Swap the kernel runtime (tests: a CPU emulation); None restores CuPy. Returns the previous one."""
+    global _runtime
+    prev, _runtime = _runtime, rt
+    return prev
+
+
+def _launch(name, grid, smem, device, *args):
+    global _runtime
+    if _runtime is None:
+        _runtime = CupyRuntime()
+    _runtime.launch(name, grid, smem, device, args)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _dt(t, name) -> I32:
+    if t.dtype not in _DT:
+        raise TypeError(f"dre cupy: {name} must be float16, bfloat16 or float32 on the GPU kernels; got {t.dtype}")
+    return I32(_DT[t.dtype])
+
+
+def _is64(t) -> I32:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"dre cupy: index tensors must be int32 or int64; got {t.dtype}")
+    return I32(1 if t.dtype == torch.int64 else 0)
+
+
+def _check_offsets(off, total, name, rows_name):
+    """offsets[0] == 0, non-decreasing, offsets[-1] == total (one synchronisation); guards the kernels' reads."""
+    if off.numel() < 1:
+        raise ValueError(f"dre cupy: {name} must hold B+1 >= 1 entries; got an empty tensor")
+    o = off.to(torch.int64)
+    step = (o[1:] - o[:-1]).min() if o.numel() > 1 else o.new_zeros(())
+    first, last, step = torch.stack([o[0], o[-1], step]).tolist()
+    if first != 0:
+        raise ValueError(f"dre cupy: {name}[0] must be 0; got {first}")
+    if step < 0:
+        raise ValueError(f"dre cupy: {name} must be non-decreasing")
+    if last != total:
+        raise ValueError(f"dre cupy: {name}[-1] must equal the number of rows of {rows_name} ({total}); got {last}")
+
+
+def _check_index(idx, rows, name, of_name):
+    if idx.numel() == 0:
+        return
+    lo, hi = (v.item() for v in torch.aminmax(idx.to(torch.int64)))
+    if lo < 0 or hi >= rows:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"dre cupy: {name} holds {bad}, out of range for {of_name} with {rows} rows "
+                         f"(valid: 0 to {rows - 1})")
+
+
+# ---------------------------------------------------------------------------------------------- residual_encode
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def chunk_rows(n_rows: int, device) -> int:
+    """~4 chunks per SM over a source, 256..8192 rows each (a power of two)."""
+    target = 4 * _num_sms(device)
+    return int(min(8192, max(256, _next_pow2(-(-max(n_rows, 1) // target)))))
+
+
+def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
+    """(R rows per step, DO output columns per block, dynamic shared memory bytes): the launch rules of
+    residual_encode.cu."""
+    R = min(64, (2048 if backward else 4096) // K)
+    DO = min(256, 8192 // K, D)
+    if backward:
+        floats = 5 * R + 3 * K + 2 * R * (K + 1) + max(R * 9 + 2 * K * 9, 4096)
+    else:
+        floats = 5 * R + 3 * K + R * (K + 1) + max(R * 17 + K * 17, 4096)
+    return R, DO, 4 * floats
+
+
+def chunk_map(offsets, n_rows: int, chunk: int):
+    """Slide-aligned chunks of `chunk` rows, without synchronisation: (int64 offsets, slide of each slot, first
+    slot of each slide, number of slots)."""
+    off = offsets.to(torch.int64).contiguous()
+    B = off.numel() - 1
+    lens = off[1:] - off[:-1]
+    nch = (lens + (chunk - 1)) // chunk
+    cend = torch.cumsum(nch, 0)
+    cstart = (cend - nch).contiguous()
+    slots = -(-n_rows // chunk) + B
+    slide = torch.searchsorted(cend, torch.arange(slots, device=off.device), right=True).contiguous()
+    return off, slide, cstart, slots
+
+
+def _sources(x, x_offsets, bank, bank_index, bank_offsets):
+    out = [(x, None, x_offsets, x.shape[0])]
+    if bank is not None:
+        out.append((bank.detach(), bank_index.contiguous(), bank_offsets, bank_index.shape[0]))
+    return out
+
+
+def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
+    K, D = codewords.shape
+    if not 1 <= K <= 256 or not 1 <= D <= 4096 or x.shape[1] != D:
+        raise ValueError(f"dre cupy: need 1 <= K <= 256, 1 <= D <= 4096 and x of width D; got codewords "
+                         f"{tuple(codewords.shape)}, x {tuple(x.shape)}")
+    _dt(x, "x")
+    _dt(codewords, "codewords")
+    if not hard:
+        if scale is None or scale.shape != (K,):
+            raise ValueError(f"dre cupy: scale must have shape (K,) = ({K},) for soft assignment")
+        _dt(scale, "scale")
+    _is64(x_offsets)
+    _check_offsets(x_offsets, x.shape[0], "x_offsets", "x")
+    if (bank is None) != (bank_index is None) or (bank is None) != (bank_offsets is None):
+        raise ValueError("dre cupy: bank, bank_index and bank_offsets must be given together or not at all")
+    if bank is not None:
+        _dt(bank, "bank")
+        if bank.dim() != 2 or bank.shape[1] != D:
+            raise ValueError(f"dre cupy: bank must have shape (T, {D}); got {tuple(bank.shape)}")
+        if bank_offsets.numel() != x_offsets.numel():
+            raise ValueError("dre cupy: bank_offsets must have B+1 entries like x_offsets")
+        _is64(bank_index)
+        _is64(bank_offsets)
+        _check_offsets(bank_offsets, bank_index.numel(), "bank_offsets", "bank_index")
+        _check_index(bank_index, bank.shape[0], "bank_index", "bank")
+
+
+def _prep(codewords, scale, hard):
+    c32 = codewords.detach().float().contiguous()
+    csq = (c32 * c32).sum(1).contiguous()
+    s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
+    return c32, csq, s32
+
+
+def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, G=None, gx=None):
+    B = offsets.numel() - 1
+    if B == 0 or n_rows == 0:
+        return
+    K, D = c32.shape
+    chunk = chunk_rows(n_rows, rows.device)
+    off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+    R, DO, smem = re_config(K, D, backward=False)
+    if not with_e:
+        DO = 1
+    grid = slots * (-(-D // DO) if with_e else 1)
+    gather = index is not None
+    _launch("dre_re_fwd", grid, smem, rows.device,
+            ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
+            ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
+            ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
+            ptr(G), ptr(gx), _dt(gx, "grad_x") if gx is not None else I32(0),
+            I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(int(with_e)), I32(R), I32(DO))
+
+
+def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
+    _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard)
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
+    c32, csq, s32 = _prep(codewords, scale, hard)
+    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
+    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+    for rows, index, offsets, n_rows in _sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+        _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True)
+    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
+
+
+def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, hard,
+                        need_grad_x, need_grad_codewords, need_grad_scale):
+    _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard)
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    dev = x.device
+    if tuple(grad_E.shape) != (B, K, D):
+        raise ValueError(f"dre cupy: grad_E must have shape (B, K, D) = ({B}, {K}, {D}); got {tuple(grad_E.shape)}")
+    scale_dtype = scale.dtype if scale is not None else codewords.dtype
+    need_s = bool(need_grad_scale) and not hard
+    need_c = bool(need_grad_codewords) or need_s
+    c32, csq, s32 = _prep(codewords, scale, hard)
+    G = grad_E.detach().float().contiguous()
+    gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
+    hx = torch.zeros((K, D), dtype=torch.float32, device=dev)
+    hsum = torch.zeros((K,), dtype=torch.float32, device=dev)
+    gsum = torch.zeros((K,), dtype=torch.float32, device=dev)
+    mass_acc = torch.zeros((B, K), dtype=torch.float32, device=dev)
+    gc = None if hard else torch.einsum("bkd,kd->bk", G, c32).contiguous()
+    use_given_mass = hard and mass is not None
+    if use_given_mass and tuple(mass.shape) != (B, K):
+        raise ValueError(f"dre cupy: mass must have shape (B, K) = ({B}, {K}); got {tuple(mass.shape)}")
+    for src, (rows, index, offsets, n_rows) in enumerate(_sources(x.detach(), x_offsets, bank, bank_index,
+                                                                  bank_offsets)):
+        fresh = src == 0
+        write_gx = fresh and bool(need_grad_x)
+        acc_c = need_c and not use_given_mass
+        if B == 0 or n_rows == 0 or not (write_gx or acc_c):
+            continue
+        if hard:
+            # one argmin pass: writes grad x rows G_{b,k(i)} (fresh rows) and/or counts mass
+            _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, None, mass_acc if acc_c else None, True,
+                           False, G=G if write_gx else None, gx=gx if write_gx else None)
+            continue
+        chunk = chunk_rows(n_rows, dev)
+        off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+        R, DO, smem = re_config(K, D, backward=True)
+        gather = index is not None
+        _launch("dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
+                ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
+                ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
+                ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
+                ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc), ptr(gx), _dt(gx, "grad_x"),
+                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO))
+    if use_given_mass:
+        mass_acc = mass.float()
+    grad_c = -torch.einsum("bk,bkd->kd", mass_acc, G)
+    if not hard:
+        grad_c += (2.0 * s32)[:, None] * (hx - hsum[:, None] * c32)
+    grad_s = gsum if need_s else torch.zeros_like(gsum)
+    if not need_c:
+        grad_c = torch.zeros_like(grad_c)
+    return gx, grad_c.to(codewords.dtype), grad_s.to(scale_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+CL_BLOCK = 64
+
+
+def _inv_norms(t, normalize):
+    norm = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32)
+    if not normalize:
+        return torch.ones_like(norm), norm
+    return (1.0 / norm.clamp_min(NORMALIZE_EPS)).contiguous(), norm
+
+
+def _num_positives(labels, B, device):
+    if labels is None:
+        return torch.ones(B, dtype=torch.float32, device=device)
+    lab = labels.to(torch.int64)
+    srt = torch.sort(lab).values
+    n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
+    return n.to(torch.float32)
+
+
+def _labels(labels, B):
+    if labels is None:
+        return None, I32(1), I32(0)
+    if labels.dim() != 1 or labels.shape[0] != B:
+        raise ValueError(f"dre cupy: labels must have shape (B,) = ({B},); got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"dre cupy: labels must be an integer tensor; got {labels.dtype}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.to(torch.int64)
+    lab = labels.contiguous()
+    return lab, _is64(lab), I32(1)
+
+
+def _cl_checks(a, b, logit_scale):
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"dre cupy: a and b must have the same shape (B, P); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    _dt(a, "a")
+    _dt(b, "b")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"dre cupy: logit_scale must be a 0-dim tensor; got shape {tuple(logit_scale.shape)}")
+
+
+def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
+    _cl_checks(a, b, logit_scale)
+    B, P = a.shape
+    dev = a.device
+    a, b = a.detach(), b.detach()
+    s = logit_scale.detach().float().reshape(1).contiguous()
+    inva, na = _inv_norms(a, normalize)
+    invb, nb = _inv_norms(b, normalize)
+    rlse = torch.empty(B, dtype=torch.float32, device=dev)
+    if B == 0:
+        return rlse, rlse.clone(), rlse.clone()
+    # column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
+    ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous()
+    rpos = torch.empty(B, dtype=torch.float32, device=dev)
+    csum = torch.zeros(B, dtype=torch.float64, device=dev)
+    cpos = torch.zeros(B, dtype=torch.float32, device=dev)
+    lab, lab64, has = _labels(labels, B)
+    _launch("dre_cl_fwd", -(-B // CL_BLOCK), 0, dev,
+            ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rpos),
+            ptr(csum), ptr(cpos), I64(B), I32(P))
+    clse = (ref.double() + torch.log(csum)).float()
+    npos = _num_positives(labels, B, dev)
+    loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
+    return loss, rlse, clse
+
+
+def _normalize_backward(gu, t, inv, norm, normalize):
+    """grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below."""
+    if not normalize:
+        return gu
+    u = t.float() * inv[:, None]
+    proj = gu - u * (u * gu).sum(1, keepdim=True)
+    return torch.where((norm > NORMALIZE_EPS)[:, None], proj * inv[:, None], gu * inv[:, None])
+
+
+def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
+    _cl_checks(a, b, logit_scale)
+    B, P = a.shape
+    dev = a.device
+    a, b = a.detach(), b.detach()
+    s = logit_scale.detach().float().reshape(1).contiguous()
+    inva, na = _inv_norms(a, normalize)
+    invb, nb = _inv_norms(b, normalize)
+    g = grad_loss.detach().float().reshape(-1).contiguous()
+    if g.numel() != B or row_lse.numel() != B or col_lse.numel() != B:
+        raise ValueError(f"dre cupy: grad_loss, row_lse and col_lse must have B = {B} entries")
+    npos = _num_positives(labels, B, dev)
+    lab, lab64, has = _labels(labels, B)
+    gu = torch.empty((B, P), dtype=torch.float32, device=dev)
+    gv = torch.empty((B, P), dtype=torch.float32, device=dev)
+    nrb = -(-B // CL_BLOCK)
+    gs = torch.zeros(max(nrb, 1), dtype=torch.float32, device=dev)
+    rl, cl = row_lse.detach().float().contiguous(), col_lse.detach().float().contiguous()
+    if B:
+        grid = nrb * -(-P // CL_BLOCK)
+        for x, y, invx, invy, lx, ly, out, with_gs in ((a, b, inva, invb, rl, cl, gu, 1),
+                                                       (b, a, invb, inva, cl, rl, gv, 0)):
+            _launch("dre_cl_bwd", grid, 0, dev,
+                    ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
+                    I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(g),
+                    ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
+    grad_a = _normalize_backward(gu, a, inva, na, normalize).to(a.dtype)
+    grad_b = _normalize_backward(gv, b, invb, nb, normalize).to(b.dtype)
+    return grad_a, grad_b, gs.sum().reshape(())
+
+
+# ---------------------------------------------------------------------------------------------- bank
+_MAX_GRID = 65535 * 16
+
+
+def bank_gather(bank, index):
+    if bank.dim() != 2:
+        raise ValueError(f"dre cupy: bank must be 2-D; got shape {tuple(bank.shape)}")
+    n, D = index.shape[0], bank.shape[1]
+    _check_index(index, bank.shape[0], "index", "bank")
+    out = torch.empty((n, D), dtype=bank.dtype, device=bank.device)
+    if n == 0 or D == 0:
+        return out
+    idx = index.contiguous()
+    _launch("dre_bank_gather", min(-(-n * D // NTHREADS), _MAX_GRID), 0, bank.device,
+            ptr(bank), _dt(bank, "bank"), I64(bank.stride(0)), I64(bank.stride(1)), ptr(idx), _is64(idx), ptr(out),
+            I64(n), I64(D))
+    return out
+
+
+def bank_update_(bank, index, values, momentum, normalize):
+    n, D = index.shape[0], bank.shape[1]
+    if values.dim() != 2 or tuple(values.shape) != (n, D):
+        raise ValueError(f"dre cupy: values must have shape (len(index), D) = ({n}, {D}); got {tuple(values.shape)}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"dre cupy: momentum must be in [0, 1]; got {momentum}")
+    _check_index(index, bank.shape[0], "index", "bank")
+    if n > 1 and bool((torch.sort(index.to(torch.int64)).values.diff() == 0).any()):
+        raise ValueError("dre cupy: index must not repeat an index (a row would be written twice); it does")
+    if n == 0 or D == 0:
+        return
+    idx = index.contiguous()
+    values = values.detach()
+    _launch("dre_bank_update", min(n, _MAX_GRID), 0, bank.device,
+            ptr(bank), _dt(bank, "bank"), I64(bank.stride(0)), I64(bank.stride(1)), ptr(idx), _is64(idx),
+            ptr(values), _dt(values, "values"), I64(values.stride(0)), I64(values.stride(1)), I64(n), I32(D),
+            F32(float(momentum)), F32(1.0 - float(momentum)), I32(int(bool(normalize))))
+
+
+IMPLS = {
+    "residual_encode_fwd": residual_encode_fwd,
+    "residual_encode_bwd": residual_encode_bwd,
+    "contrastive_loss_fwd": contrastive_loss_fwd,
+    "contrastive_loss_bwd": contrastive_loss_bwd,
+    "bank_gather": bank_gather,
+    "bank_update_": bank_update_,
+}
+
+
+def register() -> None:
+    """Define the dre::cupy_* operators (CUDA dispatch key only)."""
+    from dre_kernels import _library
+
+    _library.define_python_backend("cupy", IMPLS, dispatch_keys=("CUDA",))

@@ -1,0 +1,91 @@
+"""Build the CPU emulation of csrc/cuda/*.cu (see emu.h) as a shared library with one C entry per kernel.
+
+For every `DRE_GLOBAL void NAME(PARAMS)` in the sources, `emu_NAME(unsigned grid, unsigned smem, PARAMS)` runs the
+kernel over `grid` blocks of 256 emulated threads. `load()` returns (ctypes library, {kernel name: ctypes arg types}).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc", "cuda")
+
+_CTYPES = {"int": ctypes.c_int, "i64": ctypes.c_int64, "float": ctypes.c_float, "double": ctypes.c_double}
+
+
+def kernel_signatures(src_dir: str = SRC) -> dict[str, list[tuple[str, str]]]:
+    """kernel name -> [(C type, parameter name)] for every DRE_GLOBAL kernel of the .cu files."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(src_dir, "*.cu"))):
+        text = open(path).read()
+        for m in re.finditer(r"DRE_GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", text):
+            params = []
+            for p in m.group(2).split(","):
+                p = " ".join(p.split())
+                typ, name = p.rsplit(" ", 1)
+                if name.startswith("*"):
+                    typ, name = typ + "*", name[1:]
+                params.append((typ.replace(" *", "*"), name))
+            out[m.group(1)] = params
+    return out
+
+
+def _ctype(typ: str):
+    if typ.endswith("*"):
+        return ctypes.c_void_p
+    return _CTYPES[typ.replace("const ", "")]
+
+
+def load():
+    sigs = kernel_signatures()
+    sources = sorted(glob.glob(os.path.join(SRC, "*.cu")) + glob.glob(os.path.join(SRC, "*.cuh")) +
+                     [os.path.join(HERE, "emu.h")])
+    lines = ['#include "%s"' % p for p in sorted(glob.glob(os.path.join(SRC, "*.cu")))]
+    for name, params in sigs.items():
+        decl = ", ".join(f"{t} {n}" for t, n in params)
+        args = ", ".join(n for _, n in params)
+        lines.append(f'extern "C" void emu_{name}(unsigned grid, unsigned smem, {decl}) '
+                     f'{{ dre_emu::launch(grid, smem, [&] {{ {name}({args}); }}); }}')
+    code = "\n".join(lines) + "\n"
+    h = hashlib.sha1(code.encode())
+    for p in sources:
+        h.update(open(p, "rb").read())
+    build = os.path.join(tempfile.gettempdir(), f"dre_cuda_emu_{h.hexdigest()[:16]}")
+    so = os.path.join(build, "emu.so")
+    if not os.path.exists(so):
+        os.makedirs(build, exist_ok=True)
+        cpp = os.path.join(build, "emu.cpp")
+        with open(cpp, "w") as f:
+            f.write(code)
+        subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-pthread", "-DDRE_CUDA_EMULATE",
+                        "-include", os.path.join(HERE, "emu.h"), "-I", SRC,
+                        cpp, "-o", so + ".tmp"], check=True, capture_output=False)
+        os.replace(so + ".tmp", so)
+    lib = ctypes.CDLL(so)
+    types = {}
+    for name, params in sigs.items():
+        fn = getattr(lib, "emu_" + name)
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [_ctype(t) for t, _ in params]
+        fn.restype = None
+        types[name] = [t for t, _ in params]
+    return lib, types
+
+
+class EmuRuntime:
+    """A dre_kernels.cupy_kernels runtime that runs the kernels in the CPU emulation (tensors on the CPU)."""
+
+    def __init__(self):
+        self.lib, self.types = load()
+        self.launches = []
+
+    def launch(self, name, grid, smem, device, args):
+        assert device.type == "cpu", device
+        self.launches.append((name, int(grid), int(smem)))
+        getattr(self.lib, "emu_" + name)(int(grid), int(smem), *args)

@@ -1,0 +1,109 @@
+// A CPU emulator of the few CUDA features the dre kernels use, so tests can run csrc/cuda/*.cu without a GPU:
+// compiled as C++20 with -DDRE_CUDA_EMULATE -include emu.h. A launch runs the blocks one after another, each with
+// 256 std::threads (a persistent pool per launch); __syncthreads is a std::barrier over the block, warp shuffles go
+// through a per-warp exchange buffer with a per-warp barrier, atomics are std::atomic_ref, static __shared__ arrays
+// become function statics (safe: one block at a time) and dynamic shared memory a per-launch buffer.
+// It checks the kernels' logic (indexing, synchronisation structure, reductions, atomics), not their speed, and not
+// GPU-only hazards such as a missing __syncthreads that a lock-step warp would hide.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <math.h>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dre_emu_dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+namespace dre_emu {
+inline constexpr int kThreads = 256;
+inline thread_local dre_emu_dim3 tidx, bidx;
+inline dre_emu_dim3 bdim, gdim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::barrier<>* warp_barrier[kThreads / 32] = {};
+inline unsigned long long shfl_buf[kThreads / 32][32];
+inline std::vector<float> smem_buf;
+
+inline float* dyn_smem() { return smem_buf.data(); }
+
+template <typename T>
+inline T shfl_xor(T v, int o) {
+  const int w = tidx.x / 32, l = tidx.x % 32;
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  shfl_buf[w][l] = bits;
+  warp_barrier[w]->arrive_and_wait();
+  bits = shfl_buf[w][l ^ o];
+  warp_barrier[w]->arrive_and_wait();
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void()>& body) {
+  if (grid == 0) return;
+  smem_buf.assign(smem_bytes / sizeof(float) + 64, std::nanf(""));  // NaN-poisoned: reading unset smem shows
+  std::barrier<> bar(kThreads);
+  std::vector<std::barrier<>*> wb;
+  for (int w = 0; w < kThreads / 32; ++w) warp_barrier[w] = new std::barrier<>(32);
+  block_barrier = &bar;
+  bdim = {kThreads, 1, 1};
+  gdim = {grid, 1, 1};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t) {
+    pool.emplace_back([t, grid, &body, &bar] {
+      tidx = {(unsigned)t, 0, 0};
+      for (unsigned b = 0; b < grid; ++b) {
+        bidx = {b, 0, 0};
+        body();
+        bar.arrive_and_wait();  // the next block starts when all threads left this one
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (int w = 0; w < kThreads / 32; ++w) delete warp_barrier[w];
+}
+}  // namespace dre_emu
+
+#define threadIdx dre_emu::tidx
+#define blockIdx dre_emu::bidx
+#define blockDim dre_emu::bdim
+#define gridDim dre_emu::gdim
+#define __shared__ static
+#define __syncthreads() dre_emu::block_barrier->arrive_and_wait()
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int o) {
+  return dre_emu::shfl_xor(v, o);
+}
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+namespace dre_cuda {
+inline float f16_to_f32(unsigned short u) {
+  _Float16 h;
+  std::memcpy(&h, &u, 2);
+  return (float)h;
+}
+inline unsigned short f32_to_f16(float f) {
+  _Float16 h = (_Float16)f;
+  unsigned short u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+}  // namespace dre_cuda

@@ -1,0 +1,462 @@
+"""The CUDA kernels (csrc/cuda): what can be checked without a GPU, and GPU-only cases.
+
+Without a GPU: the .cu sources include no torch (nor any) header; every launcher declared in launchers.h is defined;
+every kernel is launched by a launcher and known to the cupy backend; NVRTC (the compiler CuPy uses) compiles the
+sources for sm_80 and sm_90; the sources are found at run time, from a checkout and from an installed package; the
+extension built here registers a CUDA kernel for every dre op when it was built with CUDA and still imports and runs
+on CPU. The kernels themselves run in a CPU emulation (tests/cuda_emu: 256 std::threads per block, barriers,
+emulated shuffles and atomics) driven by the cupy backend's host code (dre_kernels.cupy_kernels) on CPU tensors,
+against the reference backend: the indexing, the split of long slides across blocks, the atomics, the tiles.
+
+With a GPU (marked `cuda`): long slides split across blocks, K=256, D=4096, mixed dtypes, and the contrastive loss
+at a B where B x B would not fit, on `native` and `cupy` when available (the shared suite covers the rest).
+"""
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dre_kernels
+from conftest import assert_close, make_offsets
+from dre_kernels import _library, cupy_kernels
+from dre_kernels.bank import bank_update_reference_
+from dre_kernels.contrastive_loss import contrastive_loss_reference
+from dre_kernels.residual_encode import residual_encode_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
+sys.path.insert(0, os.path.join(ROOT, "tests", "cuda_emu"))
+
+
+def _cu_files():
+    return sorted(glob.glob(os.path.join(CUDA_SRC, "*.cu")))
+
+
+def _kernel_sources():
+    return _cu_files() + sorted(glob.glob(os.path.join(CUDA_SRC, "*.cuh")))
+
+
+# ---------------------------------------------------------------------------------------------- sources, no GPU
+def test_cuda_sources_exist():
+    names = {os.path.basename(p) for p in _cu_files()}
+    assert {"residual_encode.cu", "contrastive_loss.cu", "bank.cu"} <= names
+
+
+@pytest.mark.parametrize("path", _kernel_sources(), ids=os.path.basename)
+def test_kernel_sources_include_no_torch_or_system_header(path):
+    text = open(path).read()
+    code = re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", "", text, flags=re.S))
+    assert not re.search(r"\b(torch|ATen|c10|at::|std::)\b", code), f"{path} uses torch or the C++ library"
+    # NVRTC has no host headers: the only includes are our own, and launchers.h only outside NVRTC builds
+    includes = re.findall(r'#include\s+[<"]([^>"]+)[>"]', text)
+    assert set(includes) <= {"dre_common.cuh", "launchers.h"}, includes
+    if "launchers.h" in includes:
+        guard = text.index("#if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)")
+        assert guard < text.index('#include "launchers.h"')
+
+
+def _declared_launchers():
+    text = open(os.path.join(CUDA_SRC, "launchers.h")).read()
+    return re.findall(r"cudaError_t\s+(\w+)\s*\(", text)
+
+
+def test_every_declared_launcher_is_defined_once():
+    declared = _declared_launchers()
+    assert len(declared) == 6
+    bodies = "".join(open(p).read() for p in _cu_files())
+    for name in declared:
+        defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
+        assert len(defs) == 1, f"launcher {name} is defined {len(defs)} times"
+
+
+def test_every_kernel_is_launched_and_known_to_cupy():
+    from build import kernel_signatures
+
+    sigs = kernel_signatures(CUDA_SRC)
+    assert set(sigs) == set(cupy_kernels.KERNEL_FILES)
+    for name, file in cupy_kernels.KERNEL_FILES.items():
+        text = open(os.path.join(CUDA_SRC, file)).read()
+        assert f"DRE_GLOBAL void {name}(" in text
+        assert f"{name}<<<" in text, f"{name} has no host launcher"
+
+
+def test_glue_calls_every_launcher():
+    glue = "".join(open(p).read() for p in glob.glob(os.path.join(CUDA_SRC, "*.cpp")))
+    assert "TORCH_LIBRARY_IMPL(dre, CUDA" in glue
+    for name in _declared_launchers():
+        assert f"dre_cuda_launch::{name}(" in glue, f"the host glue never calls {name}"
+    for op in _library.SCHEMAS:
+        assert f'm.impl("{op}"' in glue, f"the host glue does not register {op}"
+
+
+def _nvrtc():
+    cands = []
+    for site in sys.path:
+        cands += glob.glob(os.path.join(site, "nvidia", "cu*", "lib", "libnvrtc.so*"))
+        cands += glob.glob(os.path.join(site, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cands += glob.glob(os.path.join(home, "lib64", "libnvrtc.so*"))
+    for c in cands:
+        if "builtins" in c:
+            continue
+        try:
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_the_sources(arch):
+    """What the cupy backend does at run time: NVRTC, with only the source directory as include path."""
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("libnvrtc not found (nvidia-cuda-nvrtc wheel or CUDA_HOME/lib64)")
+    src_dir = cupy_kernels.source_dir()
+    for f in sorted(set(cupy_kernels.KERNEL_FILES.values())):
+        prog = ctypes.c_void_p()
+        code = open(os.path.join(src_dir, f), "rb").read()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), code, f.encode(), 0, None, None) == 0
+        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", f"-I{src_dir}".encode()]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(max(n.value, 1))
+        lib.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, f"NVRTC failed on {f}:\n{log.value.decode()}"
+
+
+def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
+    assert os.path.samefile(cupy_kernels.source_dir(), CUDA_SRC) or os.path.isdir(
+        os.path.join(os.path.dirname(cupy_kernels.__file__), "csrc_cuda"))
+    for p in _kernel_sources():
+        shutil.copy(p, tmp_path)
+    monkeypatch.setenv("DRE_KERNELS_CUDA_SRC", str(tmp_path))
+    assert cupy_kernels.source_dir() == str(tmp_path)
+
+
+def test_build_py_copies_sources_into_the_package(tmp_path):
+    """`pip install .` runs build_py: the wheel must carry dre_kernels/csrc_cuda/*.cu for the cupy backend."""
+    env = dict(os.environ, DRE_KERNELS_SKIP_EXTENSION="1")
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    copied = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "dre_kernels" / "csrc_cuda" / "*")))
+    assert {"residual_encode.cu", "contrastive_loss.cu", "bank.cu", "dre_common.cuh"} <= set(copied)
+    assert os.path.isfile(tmp_path / "dre_kernels" / "cupy_kernels.py")
+
+
+def test_cupy_unavailable_reason():
+    why = dre_kernels.unavailable_backends("cuda").get("cupy")
+    if why is None:
+        assert torch.cuda.is_available()
+    else:
+        assert any(w in why for w in ("cupy package is not installed", "no CUDA GPU", "CUDA tensors only"))
+    assert "cupy" in dre_kernels.unavailable_backends("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- the extension
+def _has(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dre::{op}", key)
+
+
+def test_extension_imports_and_native_cpu_is_available():
+    if _library.native_error is not None:
+        pytest.skip(f"extension not built: {_library.native_error}")
+    assert "native" in dre_kernels.available_backends("cpu")
+
+
+def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
+    if _library.native_error is not None:
+        pytest.skip(f"extension not built: {_library.native_error}")
+    with_cuda = [op for op in _library.SCHEMAS if _has(op, "CUDA")]
+    if not with_cuda:
+        pytest.skip("dre_kernels._C was built without CUDA kernels (torch CPU-only, nvcc missing or "
+                    "DRE_KERNELS_SKIP_CUDA=1)")
+    assert with_cuda == list(_library.SCHEMAS), f"only {with_cuda} have CUDA kernels"
+    for op in _library.SCHEMAS:
+        assert _has(op, "CPU")
+
+
+# ---------------------------------------------------------------------------------------------- CPU emulation
+def _emu():
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA emulation needs g++")
+    import build
+
+    return build.EmuRuntime()
+
+
+@pytest.fixture(scope="module")
+def emu():
+    rt = _emu()
+    prev = cupy_kernels.set_runtime(rt)
+    yield rt
+    cupy_kernels.set_runtime(prev)
+
+
+def _re_inputs(lens, blens, K, D, *, x_dtype=torch.float32, bank_dtype=torch.bfloat16, c_dtype=torch.float32,
+               index_dtype=torch.int64, T=50, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(lens), D, generator=g).to(x_dtype)
+    if strided:  # a column-strided view of a wider tensor, and a transposed-storage bank
+        x = torch.cat([x, x], 1)[:, ::2]
+    c = (0.5 * torch.randn(K, D, generator=g)).to(c_dtype)
+    s = (0.02 + 0.1 * torch.rand(K, generator=g)).to(c_dtype)
+    bank = torch.randn(T, D, generator=g).to(bank_dtype)
+    if strided:
+        bank = bank.t().contiguous().t()
+    bi = torch.randint(0, T, (sum(blens),), generator=g).to(index_dtype)
+    return x, make_offsets(lens, index_dtype), c, s, bank, bi, make_offsets(blens, index_dtype)
+
+
+def _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, hard, gE):
+    x64 = x.detach().double().requires_grad_()
+    c64 = c.detach().double().requires_grad_()
+    s64 = None if hard else s.detach().double().requires_grad_()
+    E, mass = residual_encode_reference(x64, xo, c64, s64, bank, bi, bo, hard)
+    inputs = [x64, c64] + ([] if hard else [s64])
+    grads = torch.autograd.grad(E, inputs, gE.double()) if E.numel() else [torch.zeros_like(t) for t in inputs]
+    return E, mass, grads
+
+
+def _check_re(args, hard, dtype=torch.float32, grads=True):
+    x, xo, c, s, bank, bi, bo = args
+    s_ = None if hard else s
+    E, mass = cupy_kernels.residual_encode_fwd(x, xo, c, s_, bank, bi, bo, hard)
+    B, (K, D) = xo.numel() - 1, c.shape
+    gE = torch.randn(B, K, D, generator=torch.Generator().manual_seed(1))
+    Er, mr, gr = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, hard, gE)
+    assert E.dtype == torch.promote_types(x.dtype, c.dtype) and mass.dtype == torch.float32
+    assert_close(E, Er, dtype)
+    assert_close(mass, mr, torch.float32)
+    if not grads:
+        return
+    for given_mass in ([None, mass] if hard else [None]):
+        gx, gc, gs = cupy_kernels.residual_encode_bwd(gE, x, xo, c, s_, bank, bi, bo, given_mass, hard, True, True,
+                                                      True)
+        assert gx.dtype == x.dtype and gc.dtype == c.dtype
+        assert_close(gx, gr[0], dtype, msg="grad x")
+        assert_close(gc, gr[1], dtype, scale=4, msg="grad codewords")
+        if not hard:
+            assert_close(gs, gr[2], dtype, scale=4, msg="grad scale")
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_emu_residual_encode_ragged_with_bank(emu, hard):
+    # empty slides, a fresh-only slide, a bank-only slide; bf16 bank under float32 rows
+    _check_re(_re_inputs([3, 0, 70, 0, 5], [10, 4, 0, 0, 31], K=5, D=40), hard)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_emu_residual_encode_long_slide_split_across_blocks(emu, hard):
+    # 600 fresh + 700 bank rows in one slide: several 256-row chunks, partial sums added atomically
+    args = _re_inputs([600, 7], [700, 0], K=3, D=20)
+    assert cupy_kernels.chunk_rows(600, torch.device("cpu")) < 600
+    n0 = len(emu.launches)
+    _check_re(args, hard)
+    grids = [g for _, g, _ in emu.launches[n0:]]
+    assert max(grids) >= 3
+
+
+def test_emu_residual_encode_column_tiles_and_k256(emu):
+    # K=64, D=300: three DO=128 column tiles; K=256: DO=32, R=16 (forward) / 8 (backward)
+    _check_re(_re_inputs([40, 9], [20, 30], K=64, D=300), hard=False)
+    _check_re(_re_inputs([40, 9], [20, 30], K=256, D=70), hard=False)
+    _check_re(_re_inputs([33], [12], K=256, D=40), hard=True)
+
+
+@pytest.mark.parametrize("x_dtype,bank_dtype,c_dtype", [
+    (torch.bfloat16, torch.float16, torch.float32),
+    (torch.float16, torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+])
+def test_emu_residual_encode_mixed_dtypes_int32_strided(emu, x_dtype, bank_dtype, c_dtype):
+    args = _re_inputs([30, 2], [9, 17], K=7, D=33, x_dtype=x_dtype, bank_dtype=bank_dtype, c_dtype=c_dtype,
+                      index_dtype=torch.int32, strided=True)
+    assert not args[0].is_contiguous() and not args[4].is_contiguous()
+    out = torch.promote_types(x_dtype, c_dtype)
+    _check_re(args, hard=False, dtype=out if out != torch.float32 else x_dtype)
+    _check_re(args, hard=True, dtype=out if out != torch.float32 else x_dtype)
+
+
+def test_emu_residual_encode_no_bank_and_no_slides(emu):
+    _check_re(_re_inputs([4, 0, 9], [0, 0, 0], K=2, D=5)[:4] + (None, None, None), hard=False)
+    x = torch.randn(0, 8)
+    E, mass = cupy_kernels.residual_encode_fwd(x, torch.zeros(1, dtype=torch.long), torch.randn(3, 8),
+                                               torch.ones(3), None, None, None, False)
+    assert E.shape == (0, 3, 8) and mass.shape == (0, 3)
+
+
+def test_emu_hard_backward_with_mass_reads_no_bank_rows(emu):
+    x, xo, c, s, bank, bi, bo = _re_inputs([20, 5], [40, 30], K=4, D=16)
+    E, mass = cupy_kernels.residual_encode_fwd(x, xo, c, None, bank, bi, bo, True)
+    n0 = len(emu.launches)
+    gE = torch.randn_like(E)
+    cupy_kernels.residual_encode_bwd(gE, x, xo, c, None, bank, bi, bo, mass, True, True, True, False)
+    assert len(emu.launches) - n0 == 1  # the fresh rows' argmin pass (grad x) only, no pass over bank rows
+    bad = bank.clone().fill_(float("nan"))  # the bank may change between forward and backward
+    gx1, gc1, _ = cupy_kernels.residual_encode_bwd(gE, x, xo, c, None, bad, bi, bo, mass, True, True, True, False)
+    gx0, gc0, _ = cupy_kernels.residual_encode_bwd(gE, x, xo, c, None, bank, bi, bo, mass, True, True, True, False)
+    torch.testing.assert_close(gx1, gx0)
+    torch.testing.assert_close(gc1, gc0)
+
+
+def test_emu_residual_encode_bad_index_raises(emu):
+    x, xo, c, s, bank, bi, bo = _re_inputs([3], [4], K=2, D=4, T=10)
+    bi[2] = 10
+    with pytest.raises(IndexError, match="bank_index"):
+        cupy_kernels.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False)
+    with pytest.raises(ValueError, match="x_offsets"):
+        cupy_kernels.residual_encode_fwd(x, torch.tensor([0, 2]), c, s, None, None, None, False)
+    with pytest.raises(TypeError, match="float64"):
+        cupy_kernels.residual_encode_fwd(x.double(), xo, c, s, None, None, None, False)
+
+
+def _check_cl(B, P, labels, normalize, dtype=torch.float32, scale=3.0):
+    g = torch.Generator().manual_seed(B + P)
+    a = torch.randn(B, P, generator=g).to(dtype)
+    b = torch.randn(B, P, generator=g).to(dtype)
+    s = torch.tensor(scale)
+    loss, rl, cl = cupy_kernels.contrastive_loss_fwd(a, b, s, labels, normalize)
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    s64 = s.double().requires_grad_()
+    ref = contrastive_loss_reference(a64, b64, s64, labels, normalize)
+    assert_close(loss, ref, torch.float32 if dtype == torch.float32 else torch.float16)
+    gl = torch.rand(B, generator=g)
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(gl, a, b, s, labels, normalize, rl, cl)
+    ra, rb, rs = torch.autograd.grad(ref, (a64, b64, s64), gl.double())
+    assert ga.dtype == dtype and gs.shape == ()
+    t = torch.float32 if dtype == torch.float32 else torch.float16
+    assert_close(ga, ra, t, msg="grad a")
+    assert_close(gb, rb, t, msg="grad b")
+    assert_close(gs, rs, t, scale=4, msg="grad scale")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_emu_contrastive_partial_tiles(emu, normalize):
+    # B=130: three row/column tiles, the last one partial; P=70: two P tiles of the backward
+    _check_cl(130, 70, None, normalize)
+
+
+def test_emu_contrastive_labels_and_16bit(emu):
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3, 5, 0] * 7, dtype=torch.int32)
+    _check_cl(70, 20, labels, True)
+    _check_cl(70, 20, labels.to(torch.int16), False)
+    _check_cl(40, 24, None, True, dtype=torch.bfloat16, scale=10.0)
+    _check_cl(1, 3, None, False)
+
+
+def test_emu_contrastive_large_scale_far_columns(emu):
+    # logits far below the column bound: the float64 rescale must keep them
+    _check_cl(66, 8, None, True, scale=80.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_emu_bank_gather_and_update(emu, dtype):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 70, generator=g).to(dtype)
+    bank = base.t().contiguous().t()  # strided rows
+    idx = torch.tensor([5, 0, 39, 5, 12], dtype=torch.int32)
+    torch.testing.assert_close(cupy_kernels.bank_gather(bank, idx), bank[idx.long()], rtol=0, atol=0)
+    uidx = torch.tensor([7, 3, 39, 0], dtype=torch.int64)
+    vals = torch.randn(4, 70, generator=g)
+    for momentum, normalize in [(0.0, True), (0.9, True), (0.5, False)]:
+        got, want = bank.clone(), bank.clone()
+        cupy_kernels.bank_update_(got, uidx, vals, momentum, normalize)
+        bank_update_reference_(want, uidx, vals, momentum, normalize)
+        assert_close(got, want, dtype)
+        untouched = torch.ones(40, dtype=torch.bool)
+        untouched[uidx] = False
+        assert torch.equal(got[untouched], bank[untouched])
+    with pytest.raises(ValueError, match="repeat"):
+        cupy_kernels.bank_update_(bank.clone(), torch.tensor([1, 1]), vals[:2], 0.0, True)
+    with pytest.raises(IndexError):
+        cupy_kernels.bank_gather(bank, torch.tensor([40]))
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+def _gpu_backends():
+    if not torch.cuda.is_available():
+        return ["native", "cupy"]
+    return [b for b in ("native", "cupy") if b in dre_kernels.available_backends("cuda")] or ["native"]
+
+
+@pytest.fixture(params=_gpu_backends())
+def gpu_backend(request):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if request.param not in dre_kernels.available_backends("cuda"):
+        pytest.skip(dre_kernels.unavailable_backends("cuda")[request.param])
+    return request.param
+
+
+def _gpu_re_case(backend, lens, blens, K, D, hard, x_dtype=torch.bfloat16, bank_dtype=torch.bfloat16, T=5000):
+    args = [t.cuda() if t is not None else None for t in _re_inputs(lens, blens, K, D, x_dtype=x_dtype,
+                                                                    bank_dtype=bank_dtype, T=T)]
+    x, xo, c, s, bank, bi, bo = args
+    x.requires_grad_()
+    c.requires_grad_()
+    s = None if hard else s.requires_grad_()
+    E, mass = dre_kernels.residual_encode(x, xo, c, s, bank=bank, bank_index=bi, bank_offsets=bo,
+                                          assignment="hard" if hard else "soft", return_mass=True, backend=backend)
+    gE = torch.randn_like(E, dtype=torch.float32)
+    inputs = [x, c] + ([] if hard else [s])
+    got = torch.autograd.grad(E, inputs, gE.to(E.dtype))
+    Er, mr, gr = _ref_fwd_bwd(x.detach().cpu(), xo.cpu(), c.detach().cpu(), None if hard else s.detach().cpu(),
+                              bank.cpu(), bi.cpu(), bo.cpu(), hard, gE.to(E.dtype).float().cpu())
+    assert_close(E.cpu(), Er, x_dtype)
+    assert_close(mass.cpu(), mr, torch.float32)
+    for g_, r_ in zip(got, gr):
+        assert_close(g_.cpu(), r_, x_dtype, scale=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_gpu_long_slides_split_across_blocks(gpu_backend, hard):
+    _gpu_re_case(gpu_backend, [20000, 3, 0], [30000, 0, 9], K=64, D=128, hard=hard)
+
+
+@pytest.mark.cuda
+def test_gpu_k256_and_d4096(gpu_backend):
+    _gpu_re_case(gpu_backend, [300, 40], [500, 7], K=256, D=96, hard=False)
+    _gpu_re_case(gpu_backend, [200, 40], [300, 7], K=16, D=4096, hard=False)
+    _gpu_re_case(gpu_backend, [200, 40], [300, 7], K=256, D=4096, hard=True)
+
+
+@pytest.mark.cuda
+def test_gpu_mixed_dtypes(gpu_backend):
+    _gpu_re_case(gpu_backend, [500, 40], [900, 7], K=32, D=384, hard=False, x_dtype=torch.float16,
+                 bank_dtype=torch.bfloat16)
+    _gpu_re_case(gpu_backend, [500, 40], [900, 7], K=32, D=384, hard=True, x_dtype=torch.float32,
+                 bank_dtype=torch.float16)
+
+
+@pytest.mark.cuda
+def test_gpu_contrastive_large_batch_without_b_by_b(gpu_backend):
+    B, P = 65536, 256
+    a = torch.randn(B, P, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(B, P, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = dre_kernels.contrastive_loss(a, b, 10.0, normalize=True, backend=gpu_backend)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 64 * B * P, f"peak {peak / 2**20:.0f} MiB; B x B float32 would be {4 * B * B / 2**30:.0f} GiB"
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    # the same loss on a slice against the reference
+    n = 2048
+    a2, b2 = a.detach()[:n], b.detach()[:n]
+    got = dre_kernels.contrastive_loss(a2, b2, 10.0, normalize=True, backend=gpu_backend)
+    ref = contrastive_loss_reference(a2.double(), b2.double(), torch.tensor(10.0, device="cuda"), None, True).mean()
+    assert_close(got, ref, torch.float32, scale=10)
