@@ -49,17 +49,43 @@ def _nvidia_wheel_includes():
     return out
 
 
+def _toolkit_root(nvcc):
+    """The CUDA toolkit holding `nvcc` (resolving wrapper scripts such as /usr/local/bin/nvcc -> exec .../bin/nvcc),
+    recognised by its include/cuda_runtime.h; None if not found."""
+    cands = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            cands += [os.path.dirname(os.path.dirname(p.decode())) for p in re.findall(rb"(/\S+/bin/nvcc)", head)]
+    except OSError:
+        pass
+    cands += ["/usr/local/cuda"]
+    for root in cands:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(
+                os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
 def _find_nvcc():
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return os.path.join(cuda_home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    nvcc = shutil.which("nvcc")
+    root = _toolkit_root(nvcc) if nvcc else None
+    if root is not None and not _env_flag("DRE_KERNELS_SKIP_CUDA"):
+        # before torch.utils.cpp_extension is imported: it fixes its CUDA_HOME (include and lib64 dirs) at import
+        os.environ["CUDA_HOME"] = root
+        return os.path.join(root, "bin", "nvcc")
+    return nvcc
 
 
 def _extensions():
     if _env_flag("DRE_KERNELS_SKIP_EXTENSION"):
         print("dre-kernels: DRE_KERNELS_SKIP_EXTENSION=1, building no extension", file=sys.stderr)
         return [], {}
+    nvcc = _find_nvcc()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -76,7 +102,6 @@ def _extensions():
     cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     cuda_host_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 
-    nvcc = _find_nvcc()
     with_cuda = bool(cu_sources) and torch.version.cuda is not None and nvcc is not None \
         and not _env_flag("DRE_KERNELS_SKIP_CUDA")
     if cu_sources and not with_cuda:
@@ -101,7 +126,9 @@ def _extensions():
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
         sources += cuda_host_sources + cu_sources
-        include_dirs += _nvidia_wheel_includes()
+        # the toolkit's own headers first: the nvidia-* wheels' include dirs (for the cusparse.h, cublas.h... that
+        # torch's CUDA headers want and a bare nvcc install lacks) hold a partial cuda_runtime_api.h without crt/
+        include_dirs += [os.path.join(os.environ["CUDA_HOME"], "include")] + _nvidia_wheel_includes()
         define_macros.append(("DRE_WITH_CUDA", "1"))
         extra_compile_args = {"cxx": cxx_flags + ["-DDRE_WITH_CUDA"],
                               "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",

@@ -460,3 +460,29 @@ def test_gpu_contrastive_large_batch_without_b_by_b(gpu_backend):
     got = dre_kernels.contrastive_loss(a2, b2, 10.0, normalize=True, backend=gpu_backend)
     ref = contrastive_loss_reference(a2.double(), b2.double(), torch.tensor(10.0, device="cuda"), None, True).mean()
     assert_close(got, ref, torch.float32, scale=10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_gpu_opcheck_and_compile(gpu_backend, hard):
+    """tests/test_library.py runs opcheck on the CPU backends only: the CUDA registrations get theirs here."""
+    args = [t.cuda() if t is not None else None for t in _re_inputs([7, 0, 5], [3, 4, 0], K=4, D=24)]
+    x, xo, c, s, bank, bi, bo = args
+    x.requires_grad_()
+    c.requires_grad_()
+    s = None if hard else s.requires_grad_()
+    fwd = _library._op(gpu_backend, "residual_encode_fwd")
+    torch.library.opcheck(fwd, (x, xo, c, s, bank, bi, bo, hard))
+    a = torch.randn(70, 16, device="cuda", requires_grad=True)
+    b = torch.randn(70, 16, device="cuda", requires_grad=True)
+    ls = torch.tensor(2.0, device="cuda", requires_grad=True)
+    torch.library.opcheck(_library._op(gpu_backend, "contrastive_loss_fwd"), (a, b, ls, None, True))
+
+    def step(x, c, s):
+        E = dre_kernels.residual_encode(x, xo, c, s, bank=bank, bank_index=bi, bank_offsets=bo,
+                                        assignment="hard" if hard else "soft", backend=gpu_backend)
+        return E.float().square().sum()
+
+    want = step(x, c, s)
+    got = torch.compile(step, fullgraph=True)(x, c, s)
+    assert_close(got, want, torch.float32)

@@ -28,6 +28,9 @@ constexpr double kEps = 1e-12;
 constexpr int kClBlock = 64;
 constexpr i64 kMaxGrid = 65535LL * 16;
 
+// int64 tensor data as the launchers' long long (int64_t is long on LP64 Linux: same size, distinct type)
+const i64* lp(const at::Tensor& t) { return reinterpret_cast<const i64*>(t.data_ptr<int64_t>()); }
+
 void launched(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "dre: CUDA launch of ", what, " failed: ", cudaGetErrorString(e));
 }
@@ -216,8 +219,8 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   launched(dre_cuda_launch::re_fwd(
                static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
                dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
-               gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, m.off.data_ptr<int64_t>(),
-               m.slide.data_ptr<int64_t>(), m.cstart.data_ptr<int64_t>(), p.c32.data_ptr<float>(),
+               gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, lp(m.off),
+               lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
                p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, G ? G->data_ptr<float>() : nullptr,
                gx ? gx->data_ptr() : nullptr, gx ? dt(*gx, "grad_x") : 0, B, K, D, m.chunk, hard ? 1 : 0,
                with_e ? 1 : 0, cfg.R, cfg.DO),
@@ -288,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
     launched(dre_cuda_launch::re_bwd_soft(
                  static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
                  dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
-                 gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, m.off.data_ptr<int64_t>(),
-                 m.slide.data_ptr<int64_t>(), m.cstart.data_ptr<int64_t>(), p.c32.data_ptr<float>(),
+                 gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, lp(m.off),
+                 lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
                  p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
                  hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(),
                  gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K), static_cast<int>(D), m.chunk,
