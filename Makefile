@@ -2,6 +2,7 @@
 # make demo   - the end-to-end demo: synthetic slides -> tile -> bank init -> train on CPU -> eval (demo_out/)
 # make demo-ops - run every op on every available backend and print error against `reference` and time
 # make build  - (re)build dre_kernels._C into the source tree (editable install)
+# make bench / bench-quick / bench-step - the benchmark suite (benchmarks/bench.mk)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,3 +35,5 @@ demo-ops: build
 
 clean:
 	rm -rf build *.egg-info dre_kernels/_C*.so .pytest_cache demo_out
+
+include benchmarks/bench.mk

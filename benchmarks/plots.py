@@ -15,6 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 X_AXIS = {"contrastive_loss": ("B", "loss batch B"), "kmeans": ("rows_per_slide", "rows clustered N")}
 DEFAULT_X = ("rows_per_slide", "rows per slide (fresh + bank)")
 SIZE_SWEEP = {"contrastive_loss": "B"}
+# Distinct markers and dashes, so providers with equal numbers (reference and torch often) stay visible.
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+LINESTYLES = ["-", "--", "-.", ":"]
 
 
 def _finite(v):
@@ -34,18 +37,19 @@ def plot_all(rows, out_dir, title=""):
             if not sel:
                 continue
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-            for provider in dict.fromkeys(r["provider"] for r in sel):
+            for i, provider in enumerate(dict.fromkeys(r["provider"] for r in sel)):
+                style = dict(marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)])
                 pts = sorted((r[xcol], r) for r in sel if r["provider"] == provider)
                 ok = [(x, r) for x, r in pts if r["status"] == "ok" and _finite(r["p50_ms"])]
                 if ok:
                     xs = [x for x, _ in ok]
-                    line, = ax_t.plot(xs, [r["p50_ms"] for _, r in ok], marker="o", label=provider)
+                    line, = ax_t.plot(xs, [r["p50_ms"] for _, r in ok], label=provider, **style)
                     ax_t.fill_between(xs, [r["p20_ms"] for _, r in ok], [r["p80_ms"] for _, r in ok],
                                       color=line.get_color(), alpha=0.2)
                     mem = [(x, r["peak_mb"]) for x, r in ok if _finite(r["peak_mb"]) and r["peak_mb"] > 0]
                     if mem:
-                        ax_m.plot([x for x, _ in mem], [m for _, m in mem], marker="o", label=provider,
-                                  color=line.get_color())
+                        ax_m.plot([x for x, _ in mem], [m for _, m in mem], label=provider, color=line.get_color(),
+                                  **style)
                 oom = [x for x, r in pts if r["status"] == "oom"]
                 if oom:
                     ax_t.plot(oom, [ax_t.get_ylim()[1]] * len(oom), "x", color="red")

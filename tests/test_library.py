@@ -252,3 +252,26 @@ def test_registered_contrastive_autograd_matches_reference(backend, labels, norm
     assert_close(loss, want)
     for u, v in zip(torch.autograd.grad((loss * w).sum(), [a, b, s]), torch.autograd.grad((want * w).sum(), [a, b, s])):
         assert_close(u, v)
+
+
+def test_package_imports_and_reports_backends_without_the_extension():
+    """With dre_kernels._C missing (not built), the package imports, `native` is reported unavailable with the
+    reason, and the eager backends work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['dre_kernels._C'] = None\n"  # makes `from dre_kernels import _C` raise ImportError
+        "import torch, dre_kernels\n"
+        "print(dre_kernels.available_backends('cpu'))\n"
+        "print(dre_kernels.unavailable_backends('cpu')['native'])\n"
+        "E = dre_kernels.residual_encode(torch.randn(4, 3), torch.tensor([0, 4]), torch.randn(2, 3), torch.ones(2))\n"
+        "print(tuple(E.shape))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DRE_KERNELS_BACKEND": "auto"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "native" not in lines[0] and "'torch'" in lines[0]
+    assert "not built" in lines[1]
+    assert lines[2] == "(1, 2, 3)"

@@ -259,3 +259,14 @@ def test_train_cli_reports_bad_config_and_relative_paths(dataset, tmp_path, caps
     assert main(["train", str(cfg), "--steps", "0",
                  "--reports", str(dataset / "data" / "report_embeddings.safetensors")]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_amp_bf16_autocast_trains(dataset):
+    """amp='bf16' runs the encoder under autocast (on the CPU here; bf16 is the GPU default) and stays close to
+    the float32 run."""
+    from dre_slcl.train import train
+
+    fp32 = train(make_cfg(dataset, "amp_off", steps=2, amp="off"))["losses"]
+    bf16 = train(make_cfg(dataset, "amp_bf16", steps=2, amp="bf16"))["losses"]
+    assert all(torch.isfinite(torch.tensor(bf16)))
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), atol=0.1, rtol=0.05)

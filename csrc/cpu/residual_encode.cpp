@@ -26,7 +26,9 @@
 #include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
+#include "cpu/avx512_kernels.h"
 #include "cpu/common.h"
 
 namespace dre {
@@ -145,12 +147,22 @@ inline void assign_rows(const T* X, int64_t r, int64_t D, const T* SC, int64_t l
   }
 }
 
+// True when the rows of `r` can be read in place as T (same dtype, unit column stride).
+template <typename T>
+bool readable_as(const Rows& r) {
+  return r.dtype == c10::CppTypeToScalarType<T>::value && r.s1 == 1;
+}
+
 // Visits the rows of chunk [p0, p1) slide by slide, in blocks: seg_begin(b), block(b, is_fresh, first_row_pos,
-// r, loader), seg_end(b, owned). The loader fills X (r x D, T) with the block's rows.
+// r), seg_end(b, owned). Before each block, ptr[0:r] points at the block's rows as T: in place when `direct` and
+// the tensor is readable as T (bank rows are then not copied at all), else converted (and gathered) into X
+// (r x D, contiguous), in which case ptr[i] = X + i * D.
 template <typename T, typename SegBegin, typename Block, typename SegEnd>
 void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& xr, const Rows& br, T* X,
-                SegBegin seg_begin, Block block, SegEnd seg_end) {
+                const T** ptr, bool direct, SegBegin seg_begin, Block block, SegEnd seg_end) {
   if (p0 >= p1) return;
+  const bool x_in_place = direct && readable_as<T>(xr);
+  const bool b_in_place = direct && L.bidx != nullptr && readable_as<T>(br);
   for (int64_t b = L.slide_at(p0); b < L.B && L.start[b] < p1; ++b) {
     const int64_t lo = std::max(L.start[b], p0), hi = std::min(L.start[b + 1], p1);
     if (lo >= hi) continue;
@@ -160,7 +172,14 @@ void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& 
     for (int64_t q = lo; q < std::min(hi, fresh_end); q += R) {
       const int64_t r = std::min(R, std::min(hi, fresh_end) - q);
       const int64_t row0 = L.xo[b] + (q - L.start[b]);
-      for (int64_t i = 0; i < r; ++i) xr.load(row0 + i, X + i * xr.d);
+      for (int64_t i = 0; i < r; ++i) {
+        if (x_in_place) {
+          ptr[i] = reinterpret_cast<const T*>(xr.base) + (row0 + i) * xr.s0;
+        } else {
+          xr.load(row0 + i, X + i * xr.d);
+          ptr[i] = X + i * xr.d;
+        }
+      }
       block(b, true, row0, r);
     }
     // bank rows, gathered block by block
@@ -168,8 +187,14 @@ void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& 
       const int64_t r = std::min(R, hi - q);
       const int64_t j0 = L.bo[b] + (q - fresh_end);
       for (int64_t i = 0; i < r; ++i) {
-        if (i + kPrefetch < r) br.prefetch(L.bidx[j0 + i + kPrefetch]);  // random rows: hide the miss latency
-        br.load(L.bidx[j0 + i], X + i * br.d);
+        if (b_in_place) {
+          ptr[i] = reinterpret_cast<const T*>(br.base) + L.bidx[j0 + i] * br.s0;
+          br.prefetch(L.bidx[j0 + i]);  // random rows: start every miss now, the GEMM reads them next
+        } else {
+          if (i + kPrefetch < r) br.prefetch(L.bidx[j0 + i + kPrefetch]);  // random rows: hide the miss latency
+          br.load(L.bidx[j0 + i], X + i * br.d);
+          ptr[i] = X + i * br.d;
+        }
       }
       block(b, false, j0, r);
     }
@@ -248,29 +273,67 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
   T* Ep = E.template data_ptr<T>();
   T* Mp = mass.template data_ptr<T>();
 
+  // AVX-512 path (float32 accumulation): own GEMM kernels on row pointers, padded to Kp columns
+  const bool fast = std::is_same<T, float>::value && avx512::available();
+  const int64_t Kp = fast ? avx512::pad16(K) : K;
+  at::Tensor Cp, csqp, sp;
+  if (fast) {
+    Cp = at::zeros({D, Kp}, opts<T>());  // C^T packed, zero columns past K
+    Cp.narrow(1, 0, K).copy_(P.C.t());
+    csqp = at::zeros({Kp}, opts<T>());
+    csqp.narrow(0, 0, K).copy_(P.csq);
+    sp = at::zeros({Kp}, opts<T>());
+    if (!hard) sp.narrow(0, 0, K).copy_(P.s);
+  }
+
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor Xb = at::empty({R, D}, opts<T>()), Sb = at::empty({R, K}, opts<T>());
-    at::Tensor Ab = at::empty({R, K}, opts<T>()), Db = at::empty({R, K}, opts<T>());
+    at::Tensor Xb = at::empty({R, D}, opts<T>()), Sb = at::empty({R, Kp}, opts<T>());
+    at::Tensor Ab = at::empty({R, Kp}, opts<T>()), Db = at::empty({R, Kp}, opts<T>());
     at::Tensor Eloc = at::empty({K, D}, opts<T>());
-    std::vector<T> mloc(K);
+    std::vector<T> mloc(Kp);
     std::vector<int64_t> kmin(R);
+    std::vector<const T*> ptr(R);
     T* X = Xb.template data_ptr<T>();
     T* El = Eloc.template data_ptr<T>();
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t p0 = L.N * c / nc, p1 = L.N * (c + 1) / nc;
       int nslot = 0;
       walk_chunk<T>(
-          L, p0, p1, R, in.xr, in.br, X,
+          L, p0, p1, R, in.xr, in.br, X, ptr.data(), fast,
           [&](int64_t) {
             Eloc.zero_();
             std::fill(mloc.begin(), mloc.end(), T(0));
           },
           [&](int64_t, bool, int64_t, int64_t r) {
+            T* A = Ab.template data_ptr<T>();
+            T* Sp = Sb.template data_ptr<T>();
+            if constexpr (std::is_same<T, float>::value) {
+              if (fast) {
+                const float* const* rows = ptr.data();
+                avx512::gemm_rows_bt(rows, r, D, Cp.data_ptr<float>(), Kp, Kp, Sp, Kp);
+                if (hard) {
+                  for (int64_t i = 0; i < r; ++i) {
+                    const int64_t k = avx512::hard_row(Sp + i * Kp, csqp.data_ptr<float>(), K);
+                    mloc[k] += 1.f;
+                    avx512::add_row(El + k * D, rows[i], D);
+                  }
+                } else {
+                  float* Dd = Db.data_ptr<float>();
+                  for (int64_t i = 0; i < r; ++i) {
+                    float* ai = A + i * Kp;
+                    avx512::soft_row(avx512::sumsq(rows[i], D), Sp + i * Kp, csqp.data_ptr<float>(),
+                                     sp.data_ptr<float>(), K, ai, Dd + i * Kp);
+                    for (int64_t k = 0; k < K; ++k) mloc[k] += ai[k];
+                  }
+                  avx512::gemm_at_rows(A, Kp, rows, r, K, D, El, D);
+                }
+                return;
+              }
+            }
             at::Tensor Xr = Xb.narrow(0, 0, r);
             at::Tensor Sr = Sb.narrow(0, 0, r);
             at::mm_out(Sr, Xr, Ct);
-            T* A = Ab.template data_ptr<T>();
-            assign_rows<T>(X, r, D, Sb.template data_ptr<T>(), K, csq, s, K, hard, A, Db.template data_ptr<T>(), kmin.data());
+            assign_rows<T>(X, r, D, Sp, K, csq, s, K, hard, A, Db.template data_ptr<T>(), kmin.data());
             if (hard) {
               for (int64_t i = 0; i < r; ++i) {
                 const int64_t k = kmin[i];
@@ -387,16 +450,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
   const T* Gp = G.template data_ptr<T>();
   const T* GCp = GC.template data_ptr<T>();
 
+  // AVX-512 path (float32 accumulation), as in the forward; [C^T | G_b^T] is packed D x 2Kp per slide
+  const bool fast = std::is_same<T, float>::value && avx512::available();
+  const int64_t Kp = fast ? avx512::pad16(K) : K;
+  at::Tensor csqp, sp;
+  if (fast) {
+    csqp = at::zeros({Kp}, opts<T>());
+    csqp.narrow(0, 0, K).copy_(P.csq);
+    sp = at::zeros({Kp}, opts<T>());
+    if (!hard) sp.narrow(0, 0, K).copy_(P.s);
+  }
+
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
     const int64_t W2 = hard ? K : 2 * K;
-    at::Tensor Xb = at::empty({R, D}, opts<T>()), SH = at::empty({R, W2}, opts<T>());
-    at::Tensor Ab = at::empty({R, K}, opts<T>()), Db = at::empty({R, K}, opts<T>());
+    at::Tensor Xb = at::empty({R, D}, opts<T>()), SH = at::empty({R, fast ? 2 * Kp : W2}, opts<T>());
+    at::Tensor Ab = at::empty({R, Kp}, opts<T>()), Db = at::empty({R, Kp}, opts<T>());
     at::Tensor Pb = at::empty({R, 2 * K}, opts<T>()), GXb = at::empty({R, D}, opts<T>());
     at::Tensor CG = at::empty({2 * K, D}, opts<T>());  // [C; G_b]
     std::copy(C, C + K * D, CG.template data_ptr<T>());
     const at::Tensor CGt = hard ? P.C.t() : CG.t();
-    std::vector<T> mseg(K), rowtmp(D), wsum_row(R);
+    std::vector<T> mseg(Kp), rowtmp(D), wsum_row(R);
     std::vector<int64_t> kmin(R);
+    std::vector<const T*> ptr(R);
+    // fast path only: packed [C^T | G_b^T] (D x 2Kp), w rows (R x Kp), padded gc_b, wsum and gs partial sums
+    at::Tensor CGp, Wb;
+    std::vector<T> gcp, wsp, gsp;
+    if (fast) {
+      CGp = at::zeros({D, 2 * Kp}, opts<T>());
+      CGp.narrow(1, 0, K).copy_(P.C.t());
+      Wb = at::empty({R, Kp}, opts<T>());
+      gcp.assign(Kp, T(0));
+      wsp.assign(Kp, T(0));
+      gsp.assign(Kp, T(0));
+    }
     T* X = Xb.template data_ptr<T>();
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t p0 = L.N * c / nc, p1 = L.N * (c + 1) / nc;
@@ -405,12 +491,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
       T* WSc = WS.template data_ptr<T>() + c * K;
       T* GSc = GS.template data_ptr<T>() + c * K;
       walk_chunk<T>(
-          L, p0, p1, R, in.xr, in.br, X,
+          L, p0, p1, R, in.xr, in.br, X, ptr.data(), fast,
           [&](int64_t b) {
             std::fill(mseg.begin(), mseg.end(), T(0));
             if (!hard) std::copy(Gp + b * K * D, Gp + (b + 1) * K * D, CG.template data_ptr<T>() + K * D);
+            if (fast && !hard) {
+              T* cg = CGp.template data_ptr<T>();
+              const T* Gb = Gp + b * K * D;
+              for (int64_t k = 0; k < K; ++k)
+                for (int64_t j = 0; j < D; ++j) cg[j * 2 * Kp + Kp + k] = Gb[k * D + j];
+              std::copy(GCp + b * K, GCp + (b + 1) * K, gcp.begin());
+            }
           },
           [&](int64_t b, bool fresh, int64_t row0, int64_t r) {
+            const T* Gb = Gp + b * K * D;
+            if constexpr (std::is_same<T, float>::value) {
+              if (fast) {
+                const float* const* rows = ptr.data();
+                float* sh = SH.data_ptr<float>();
+                if (hard) {
+                  avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), 2 * Kp, Kp, sh, Kp);
+                  for (int64_t i = 0; i < r; ++i) {
+                    const int64_t k = avx512::hard_row(sh + i * Kp, csqp.data_ptr<float>(), K);
+                    mseg[k] += 1.f;
+                    if (fresh && need_x) gxr.store(row0 + i, Gb + k * D);
+                  }
+                  return;
+                }
+                const int64_t ld = 2 * Kp;
+                avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), ld, ld, sh, ld);
+                float* A = Ab.data_ptr<float>();
+                float* Dd = Db.data_ptr<float>();
+                float* W = Wb.data_ptr<float>();
+                for (int64_t i = 0; i < r; ++i) {
+                  avx512::soft_row(avx512::sumsq(rows[i], D), sh + i * ld, csqp.data_ptr<float>(),
+                                   sp.data_ptr<float>(), K, A + i * Kp, Dd + i * Kp);
+                  wsum_row[i] = avx512::soft_bwd_row(A + i * Kp, Dd + i * Kp, sh + i * ld + Kp, gcp.data(),
+                                                     sp.data_ptr<float>(), K, W + i * Kp, gsp.data(), wsp.data(),
+                                                     mseg.data());
+                }
+                if (need_c) avx512::gemm_at_rows(W, Kp, rows, r, K, D, WXc.data_ptr<float>(), D);
+                if (fresh && need_x) {
+                  // grad_x = [-2W | A] [C; G_b] + 2 (sum_k w_ik) x_i   (fresh rows: a small share of all rows)
+                  float* Pp = Pb.data_ptr<float>();
+                  for (int64_t i = 0; i < r; ++i)
+                    for (int64_t k = 0; k < K; ++k) {
+                      Pp[i * 2 * K + k] = -2.f * W[i * Kp + k];
+                      Pp[i * 2 * K + K + k] = A[i * Kp + k];
+                    }
+                  at::Tensor GXr = GXb.narrow(0, 0, r);
+                  at::mm_out(GXr, Pb.narrow(0, 0, r), CG);
+                  float* gx = GXb.data_ptr<float>();
+                  for (int64_t i = 0; i < r; ++i) {
+                    const float two_w = 2.f * wsum_row[i];
+                    float* g = gx + i * D;
+                    const float* xi = rows[i];
+                    for (int64_t j = 0; j < D; ++j) g[j] += two_w * xi[j];
+                    gxr.store(row0 + i, g);
+                  }
+                }
+                return;
+              }
+            }
             at::Tensor Xr = Xb.narrow(0, 0, r);
             at::Tensor SHr = SH.narrow(0, 0, r);
             at::mm_out(SHr, Xr, CGt);
@@ -418,7 +560,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
             T* A = Ab.template data_ptr<T>();
             T* Dd = Db.template data_ptr<T>();
             assign_rows<T>(X, r, D, sh, W2, csq, s, K, hard, A, Dd, kmin.data());
-            const T* Gb = Gp + b * K * D;
             if (hard) {
               for (int64_t i = 0; i < r; ++i) mseg[kmin[i]] += T(1);
               if (fresh && need_x)
@@ -473,6 +614,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
               for (int64_t j = 0; j < D; ++j) MGc[k * D + j] += m * Gb[k * D + j];
             }
           });
+      if (fast) {
+        for (int64_t k = 0; k < K; ++k) {
+          WSc[k] += wsp[k];
+          GSc[k] += gsp[k];
+        }
+        std::fill(wsp.begin(), wsp.end(), T(0));
+        std::fill(gsp.begin(), gsp.end(), T(0));
+      }
     }
   });
   at::Tensor grad_c, grad_s;

@@ -1,0 +1,55 @@
+// AVX-512 float32 kernels for the residual_encode hot loops, chosen at run time (avx512::available()).
+//
+// Why: torch's CPU GEMM (MKL) takes its AVX2 code path on AMD CPUs, so on an AVX-512 machine a plain
+// register-blocked AVX-512 kernel does the (rows x D) . (D x K) products at up to twice MKL's rate, and fusing the
+// row-wise work (distances, softmax, argmin) next to it avoids the scalar loops. The kernels read the rows through
+// an array of row pointers, so float32 bank rows are used in place instead of being gathered into a copy.
+//
+// This header includes no ATen and the .cpp compiles every function with a target attribute, so no AVX-512 code can
+// leak into inline functions shared with the rest of the extension; callers must check available() first.
+#pragma once
+
+#include <cstdint>
+
+namespace dre {
+namespace cpu {
+namespace avx512 {
+
+// The CPU has AVX-512 F/BW/DQ/VL and DRE_NATIVE_NO_AVX512 is unset (set it to test the portable path).
+bool available();
+
+// Columns padded to a multiple of 16 floats (one zmm register).
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// S[i * lds + n] = sum_d rows[i][d] * Bp[d * ldb + n]   for i < r, n < np (np a multiple of 16).
+// Bp holds B^T packed row-major (D x ldb); each rows[i] points at D contiguous floats.
+void gemm_rows_bt(const float* const* rows, int64_t r, int64_t D, const float* Bp, int64_t ldb, int64_t np,
+                  float* S, int64_t lds);
+
+// E[k * lde + j] += sum_i A[i * lda + k] * rows[i][j]   for k < K, j < D.
+void gemm_at_rows(const float* A, int64_t lda, const float* const* rows, int64_t r, int64_t K, int64_t D, float* E,
+                  int64_t lde);
+
+// sum_j x[j]^2
+float sumsq(const float* x, int64_t D);
+
+// Soft assignment of one row: d_k = max(xsq - 2 sc_k + csq_k, 0), a = softmax_k(-s_k d_k) for k < K; a and d are
+// written up to kp = pad16(K) with zeros in the padding. A NaN anywhere in the row makes the whole row NaN (as
+// torch.softmax does).
+void soft_row(float xsq, const float* sc, const float* csq, const float* s, int64_t K, float* a, float* d);
+
+// First argmin_k of csq_k - 2 sc_k (torch.argmin semantics: a NaN counts as the minimum).
+int64_t hard_row(const float* sc, const float* csq, int64_t K);
+
+// dst[j] += src[j] for j < D
+void add_row(float* dst, const float* src, int64_t D);
+
+// Soft backward of one row (all arrays padded to kp = pad16(K), zeros in the padding of a, d, h, gc, s):
+//   g_k = h_k - gc_k, ga = sum_k a_k g_k, u_k = a_k (g_k - ga), w_k = -s_k u_k
+//   w_out = w; gs -= u d; ws += w; ms += a; returns sum_k w_k.
+float soft_bwd_row(const float* a, const float* d, const float* h, const float* gc, const float* s, int64_t K,
+                   float* w_out, float* gs, float* ws, float* ms);
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace dre
