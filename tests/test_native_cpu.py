@@ -285,3 +285,48 @@ def test_bank_update_matches_torch_for_every_dtype():
             got = bank_update_(bank.clone(), idx, vals, momentum=0.3, backend="native")
             assert_close(got.float(), want.float(), dtype=bank_dtype)
             assert torch.equal(bank_gather(got, idx.long(), backend="native"), got[idx.long()])
+
+
+def _check_float32_kernel_paths():
+    """float32 native vs float64 reference over the shapes the AVX-512 kernels special-case: K and D not multiples
+    of 16 (padded columns, masked tails), K above one 64-column tile, row counts not multiples of the 6-row
+    microkernel, strided and float16 banks (converted, not read in place), and non-contiguous x."""
+    cases = [(5, 33), (16, 48), (17, 100), (70, 20), (64, 384)]
+    for K, D in cases:
+        x, xo, c, s, bank, bi, bo = _ragged_inputs([13, 0, 101], [7, 300, 65], K=K, D=D, dtype=torch.float32)
+        banks = {"float32": bank, "strided": torch.cat([bank, bank], 1)[:, ::2], "float16": bank.half()}
+        for bank_kind, bk in banks.items():
+            for xk in ("contiguous", "strided"):
+                xx = x if xk == "contiguous" else torch.cat([x, x], 1)[:, ::2].detach().requires_grad_()
+                for assignment in ("soft", "hard"):
+                    got, want = [], []
+                    for backend, out in (("native", got), ("reference", want)):
+                        args = [t.detach().double().requires_grad_() if backend == "reference" else t
+                                for t in (xx, c, s)]
+                        bank_b = bk.double() if backend == "reference" else bk
+                        for t in args:
+                            t.grad = None
+                        E, mass = residual_encode(args[0], xo, args[1], args[2], bank=bank_b, bank_index=bi,
+                                                  bank_offsets=bo, assignment=assignment, return_mass=True,
+                                                  backend=backend)
+                        (E * torch.linspace(-1, 1, E.numel(), dtype=E.dtype).view_as(E)).sum().backward()
+                        out += [E.detach(), mass, args[0].grad, args[1].grad] + (
+                            [args[2].grad] if assignment == "soft" else [])
+                    for name, a, b in zip(["E", "mass", "grad_x", "grad_c", "grad_s"], got, want):
+                        assert_close(a, b, dtype=torch.float32, scale=10.0,
+                                     msg=f"K={K} D={D} bank={bank_kind} x={xk} {assignment} {name}")
+
+
+def test_float32_kernel_paths():
+    """The default float32 path (AVX-512 kernels when the CPU has them) against the reference."""
+    _check_float32_kernel_paths()
+
+
+def test_float32_kernel_paths_without_avx512():
+    """The portable path (ATen GEMMs), forced with DRE_NATIVE_NO_AVX512=1 in a fresh interpreter."""
+    env = dict(os.environ, DRE_NATIVE_NO_AVX512="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    code = "import test_native_cpu as t; t._check_float32_kernel_paths(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.join(ROOT, "tests"))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

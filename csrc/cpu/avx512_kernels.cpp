@@ -33,8 +33,11 @@ bool available() {
 namespace {
 
 // ---------------------------------------------------------------- S = rows . Bp   (MR rows x NV*16 columns)
+// While it computes, the kernel prefetches pf[0:npf] (rows of the next block, random bank rows whose misses would
+// otherwise stall the next block), one cache line per row every 16 values of d, spread over the whole kernel.
 template <int MR, int NV>
-DRE_AVX512 void mk_bt(const float* const* rows, int64_t D, const float* B, int64_t ldb, float* S, int64_t lds) {
+DRE_AVX512 void mk_bt(const float* const* rows, int64_t D, const float* B, int64_t ldb, float* S, int64_t lds,
+                      const float* const* pf, int npf) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -43,16 +46,20 @@ DRE_AVX512 void mk_bt(const float* const* rows, int64_t D, const float* B, int64
   const float* x[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) x[m] = rows[m];
-  for (int64_t d = 0; d < D; ++d) {
-    const float* b = B + d * ldb;
-    __m512 bv[NV];
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    for (int m = 0; m < npf; ++m) _mm_prefetch(reinterpret_cast<const char*>(pf[m] + d0), _MM_HINT_T0);
+    const int64_t d1 = D - d0 < 16 ? D : d0 + 16;
+    for (int64_t d = d0; d < d1; ++d) {
+      const float* b = B + d * ldb;
+      __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m][d]);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xb = _mm512_set1_ps(x[m][d]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xb, bv[v], acc[m][v]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xb, bv[v], acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -61,7 +68,7 @@ DRE_AVX512 void mk_bt(const float* const* rows, int64_t D, const float* B, int64
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(S + m * lds + 16 * v, acc[m][v]);
 }
 
-using BtFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, int64_t);
+using BtFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, int64_t, const float* const*, int);
 constexpr int kMR = 6, kNV = 4;
 
 template <int NV>
@@ -120,7 +127,11 @@ DRE_AVX512 void mk_at(const float* A, int64_t lda, const float* const* rows, int
 }
 
 using AtFn = void (*)(const float*, int64_t, const float* const*, int64_t, int64_t, float*, int64_t, __mmask16);
-constexpr int kMK = 8, kNVA = 3;
+#ifndef DRE_AT_MK
+#define DRE_AT_MK 6
+#define DRE_AT_NV 4
+#endif
+constexpr int kMK = DRE_AT_MK, kNVA = DRE_AT_NV;
 
 template <int NV>
 DRE_AVX512 AtFn at_fn(int mk) {
@@ -129,18 +140,21 @@ DRE_AVX512 AtFn at_fn(int mk) {
     case 2: return &mk_at<2, NV>;
     case 3: return &mk_at<3, NV>;
     case 4: return &mk_at<4, NV>;
-    case 5: return &mk_at<5, NV>;
-    case 6: return &mk_at<6, NV>;
-    case 7: return &mk_at<7, NV>;
-    default: return &mk_at<8, NV>;
+    case 5: return &mk_at<5 <= kMK ? 5 : kMK, NV>;
+    case 6: return &mk_at<6 <= kMK ? 6 : kMK, NV>;
+    case 7: return &mk_at<7 <= kMK ? 7 : kMK, NV>;
+    default: return &mk_at<kMK, NV>;
   }
 }
 
 DRE_AVX512 AtFn at_fn(int mk, int nv) {
   switch (nv) {
     case 1: return at_fn<1>(mk);
-    case 2: return at_fn<2>(mk);
-    default: return at_fn<3>(mk);
+    case 2: return at_fn<2 <= kNVA ? 2 : kNVA>(mk);
+    case 3: return at_fn<3 <= kNVA ? 3 : kNVA>(mk);
+    case 4: return at_fn<4 <= kNVA ? 4 : kNVA>(mk);
+    case 5: return at_fn<5 <= kNVA ? 5 : kNVA>(mk);
+    default: return at_fn<kNVA>(mk);
   }
 }
 
@@ -170,19 +184,35 @@ DRE_AVX512_INLINE __m512 exp_ps(__m512 x) {
 }  // namespace
 
 DRE_AVX512 void gemm_rows_bt(const float* const* rows, int64_t r, int64_t D, const float* Bp, int64_t ldb,
-                             int64_t np, float* S, int64_t lds) {
+                             int64_t np, float* S, int64_t lds, const float* const* next, int64_t rn) {
+  // (Cutting D into L1-sized chunks of Bp was measured slower at D = 384: the L2 keeps up with the 4 loads per d.)
+  // Row group g prefetches rows [g * kMR, (g + 1) * kMR) of the next block (all the rest with the last group).
   for (int64_t n0 = 0; n0 < np; n0 += 16 * kNV) {
     const int nv = (int)((np - n0) / 16 < kNV ? (np - n0) / 16 : kNV);
     const BtFn full = bt_fn(kMR, nv);
-    int64_t i = 0;
-    for (; i + kMR <= r; i += kMR) full(rows + i, D, Bp + n0, ldb, S + i * lds + n0, lds);
-    if (i < r) bt_fn((int)(r - i), nv)(rows + i, D, Bp + n0, ldb, S + i * lds + n0, lds);
+    const bool pf = n0 == 0 && next != nullptr;
+    for (int64_t i = 0; i < r; i += kMR) {
+      const int64_t last = i + kMR >= r;
+      const int64_t pf_end = last ? rn : (i + kMR < rn ? i + kMR : rn);
+      const int npf = pf && pf_end > i ? (int)(pf_end - i) : 0;
+      const BtFn fn = i + kMR <= r ? full : bt_fn((int)(r - i), nv);
+      if (npf <= kMR) {
+        fn(rows + i, D, Bp + n0, ldb, S + i * lds + n0, lds, npf ? next + i : nullptr, npf);
+      } else {  // the next block is longer than this one: its extra rows are prefetched here
+        fn(rows + i, D, Bp + n0, ldb, S + i * lds + n0, lds, nullptr, 0);
+        for (int64_t j = i; j < pf_end; ++j)
+          for (int64_t o = 0; o < D; o += 16) _mm_prefetch(reinterpret_cast<const char*>(next[j] + o), _MM_HINT_T0);
+      }
+    }
   }
 }
 
 DRE_AVX512 void gemm_at_rows(const float* A, int64_t lda, const float* const* rows, int64_t r, int64_t K, int64_t D,
                              float* E, int64_t lde) {
-  constexpr int64_t kChunk = 64;  // rows per pass: the chunk's slice of X (64 x 48 floats) and of A stay in L1
+#ifndef DRE_AT_CHUNK
+#define DRE_AT_CHUNK 64
+#endif
+  constexpr int64_t kChunk = DRE_AT_CHUNK;  // rows per pass: the chunk's slice of X (64 x 64 floats) and of A stay in L1
   for (int64_t i0 = 0; i0 < r; i0 += kChunk) {
     const int64_t ri = r - i0 < kChunk ? r - i0 : kChunk;
     for (int64_t j0 = 0; j0 < D; j0 += 16 * kNVA) {
@@ -198,51 +228,73 @@ DRE_AVX512 void gemm_at_rows(const float* A, int64_t lda, const float* const* ro
 }
 
 DRE_AVX512 float sumsq(const float* x, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t j = 0;
-  for (; j + 16 <= D; j += 16) {
-    const __m512 v = _mm512_loadu_ps(x + j);
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  if (j < D) {
+  for (; j + 64 <= D; j += 64)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {  // four chains: the FMA latency, not the loads, would bound one
+      const __m512 v = _mm512_loadu_ps(x + j + 16 * u);
+      acc[u] = _mm512_fmadd_ps(v, v, acc[u]);
+    }
+  for (; j < D; j += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(tail_mask(D - j), x + j);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    acc[0] = _mm512_fmadd_ps(v, v, acc[0]);
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-DRE_AVX512 void soft_row(float xsq, const float* sc, const float* csq, const float* s, int64_t K, float* a,
-                         float* d) {
+DRE_AVX512 void soft_rows(const float* const* rows, int64_t r, int64_t D, const float* S, int64_t lds,
+                          const float* csq, const float* s, int64_t K, float* A, float* Dd, int64_t lda, float* mass,
+                          float* tmp) {
+  // In phases over all r rows (max, then exp and sum, then scale) rather than row after row: each phase's
+  // per-row reduction chains are independent across rows, so they overlap instead of running back to back.
   const int64_t kp = pad16(K);
-  const __m512 vx = _mm512_set1_ps(xsq), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
+  const __m512 two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-  __m512 vmax = ninf;
-  __mmask16 nan = 0;
+  float* mx = tmp;  // (r) row max of the logits, NaN when the row holds a NaN
+  for (int64_t i = 0; i < r; ++i) {
+    const __m512 vx = _mm512_set1_ps(sumsq(rows[i], D));
+    const float* sc = S + i * lds;
+    float* a = A + i * lda;
+    float* d = Dd + i * lda;
+    __m512 vmax = ninf;
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < kp; k += 16) {
+      const __mmask16 valid = tail_mask(K - k);
+      __m512 v = _mm512_add_ps(_mm512_fnmadd_ps(two, _mm512_loadu_ps(sc + k), vx), _mm512_loadu_ps(csq + k));
+      v = _mm512_maskz_mov_ps(valid, _mm512_max_ps(zero, v));  // clamp at 0; NaN stays NaN
+      _mm512_storeu_ps(d + k, v);
+      __m512 l = _mm512_mul_ps(_mm512_xor_ps(_mm512_loadu_ps(s + k), sign), v);
+      l = _mm512_mask_mov_ps(ninf, valid, l);
+      nan |= _mm512_cmp_ps_mask(l, l, _CMP_UNORD_Q);
+      _mm512_storeu_ps(a + k, l);
+      vmax = _mm512_max_ps(vmax, l);
+    }
+    mx[i] = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(vmax);
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    float* a = A + i * lda;
+    const __m512 m = _mm512_set1_ps(mx[i]);
+    __m512 vsum = zero;
+    for (int64_t k = 0; k < kp; k += 16) {
+      const __mmask16 valid = tail_mask(K - k);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(a + k), m)));
+      _mm512_storeu_ps(a + k, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    mx[i] = 1.0f / _mm512_reduce_add_ps(vsum);  // NaN rows: NaN (the NaN max made every exp NaN)
+  }
   for (int64_t k = 0; k < kp; k += 16) {
     const __mmask16 valid = tail_mask(K - k);
-    __m512 v = _mm512_add_ps(_mm512_fnmadd_ps(two, _mm512_loadu_ps(sc + k), vx), _mm512_loadu_ps(csq + k));
-    v = _mm512_maskz_mov_ps(valid, _mm512_max_ps(zero, v));  // clamp at 0; NaN stays NaN
-    _mm512_storeu_ps(d + k, v);
-    __m512 l = _mm512_mul_ps(_mm512_xor_ps(_mm512_loadu_ps(s + k), _mm512_set1_ps(-0.0f)), v);
-    l = _mm512_mask_mov_ps(ninf, valid, l);
-    nan |= _mm512_cmp_ps_mask(l, l, _CMP_UNORD_Q);
-    _mm512_storeu_ps(a + k, l);
-    vmax = _mm512_max_ps(vmax, l);
+    __m512 ms = _mm512_setzero_ps();
+    for (int64_t i = 0; i < r; ++i) {
+      float* a = A + i * lda;
+      const __m512 ai = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(_mm512_loadu_ps(a + k), _mm512_set1_ps(mx[i])));
+      _mm512_storeu_ps(a + k, ai);
+      ms = _mm512_add_ps(ms, ai);
+    }
+    if (mass != nullptr) _mm512_storeu_ps(mass + k, _mm512_add_ps(_mm512_loadu_ps(mass + k), ms));
   }
-  if (nan) {
-    for (int64_t k = 0; k < K; ++k) a[k] = __builtin_nanf("");
-    return;
-  }
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-  __m512 vsum = zero;
-  for (int64_t k = 0; k < kp; k += 16) {
-    const __mmask16 valid = tail_mask(K - k);
-    const __m512 e = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(a + k), m)));
-    _mm512_storeu_ps(a + k, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-  for (int64_t k = 0; k < kp; k += 16) _mm512_storeu_ps(a + k, _mm512_mul_ps(_mm512_loadu_ps(a + k), inv));
 }
 
 DRE_AVX512 int64_t hard_row(const float* sc, const float* csq, int64_t K) {
@@ -276,27 +328,39 @@ DRE_AVX512 void add_row(float* dst, const float* src, int64_t D) {
   }
 }
 
-DRE_AVX512 float soft_bwd_row(const float* a, const float* d, const float* h, const float* gc, const float* s,
-                              int64_t K, float* w_out, float* gs, float* ws, float* ms) {
+DRE_AVX512 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_t lda, const float* H, int64_t ldh,
+                              const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws,
+                              float* wsum) {
   const int64_t kp = pad16(K);
-  __m512 vga = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kp; k += 16)
-    vga = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k)), vga);
-  const __m512 ga = _mm512_set1_ps(_mm512_reduce_add_ps(vga));
-  __m512 vws = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kp; k += 16) {
-    const __mmask16 valid = tail_mask(K - k);
-    const __m512 ak = _mm512_loadu_ps(a + k);
-    const __m512 g = _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k));
-    const __m512 u = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(ak, _mm512_sub_ps(g, ga)));
-    const __m512 w = _mm512_mul_ps(_mm512_xor_ps(_mm512_loadu_ps(s + k), _mm512_set1_ps(-0.0f)), u);
-    _mm512_storeu_ps(w_out + k, w);
-    _mm512_storeu_ps(gs + k, _mm512_fnmadd_ps(u, _mm512_loadu_ps(d + k), _mm512_loadu_ps(gs + k)));
-    _mm512_storeu_ps(ws + k, _mm512_add_ps(_mm512_loadu_ps(ws + k), w));
-    _mm512_storeu_ps(ms + k, _mm512_add_ps(_mm512_loadu_ps(ms + k), ak));
-    vws = _mm512_add_ps(vws, w);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t i = 0; i < r; ++i) {  // phase 1: ga_i = sum_k a_ik g_ik (independent chains across rows)
+    const float* a = A + i * lda;
+    const float* h = H + i * ldh;
+    __m512 vga = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kp; k += 16)
+      vga = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k)),
+                            vga);
+    wsum[i] = _mm512_reduce_add_ps(vga);
   }
-  return _mm512_reduce_add_ps(vws);
+  for (int64_t i = 0; i < r; ++i) {
+    const float* a = A + i * lda;
+    const float* h = H + i * ldh;
+    const float* d = Dd + i * lda;
+    float* w_out = W + i * lda;
+    const __m512 ga = _mm512_set1_ps(wsum[i]);
+    __m512 vws = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kp; k += 16) {
+      const __mmask16 valid = tail_mask(K - k);
+      const __m512 g = _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k));
+      const __m512 u = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(_mm512_loadu_ps(a + k), _mm512_sub_ps(g, ga)));
+      const __m512 w = _mm512_mul_ps(_mm512_xor_ps(_mm512_loadu_ps(s + k), sign), u);
+      _mm512_storeu_ps(w_out + k, w);
+      _mm512_storeu_ps(gs + k, _mm512_fnmadd_ps(u, _mm512_loadu_ps(d + k), _mm512_loadu_ps(gs + k)));
+      _mm512_storeu_ps(ws + k, _mm512_add_ps(_mm512_loadu_ps(ws + k), w));
+      vws = _mm512_add_ps(vws, w);
+    }
+    wsum[i] = _mm512_reduce_add_ps(vws);
+  }
 }
 
 }  // namespace avx512

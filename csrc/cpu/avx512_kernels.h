@@ -22,9 +22,10 @@ bool available();
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // S[i * lds + n] = sum_d rows[i][d] * Bp[d * ldb + n]   for i < r, n < np (np a multiple of 16).
-// Bp holds B^T packed row-major (D x ldb); each rows[i] points at D contiguous floats.
+// Bp holds B^T packed row-major (D x ldb); each rows[i] points at D contiguous floats. next[0:rn] (may be null):
+// rows of the block to come, prefetched into the cache while this product runs.
 void gemm_rows_bt(const float* const* rows, int64_t r, int64_t D, const float* Bp, int64_t ldb, int64_t np,
-                  float* S, int64_t lds);
+                  float* S, int64_t lds, const float* const* next = nullptr, int64_t rn = 0);
 
 // E[k * lde + j] += sum_i A[i * lda + k] * rows[i][j]   for k < K, j < D.
 void gemm_at_rows(const float* A, int64_t lda, const float* const* rows, int64_t r, int64_t K, int64_t D, float* E,
@@ -33,10 +34,12 @@ void gemm_at_rows(const float* A, int64_t lda, const float* const* rows, int64_t
 // sum_j x[j]^2
 float sumsq(const float* x, int64_t D);
 
-// Soft assignment of one row: d_k = max(xsq - 2 sc_k + csq_k, 0), a = softmax_k(-s_k d_k) for k < K; a and d are
-// written up to kp = pad16(K) with zeros in the padding. A NaN anywhere in the row makes the whole row NaN (as
-// torch.softmax does).
-void soft_row(float xsq, const float* sc, const float* csq, const float* s, int64_t K, float* a, float* d);
+// Soft assignment of r rows (all row arrays padded to kp = pad16(K) columns, row stride lda; zeros in the padding
+// of csq and s): with xsq_i = ||rows[i]||^2 and sc_i = S[i * lds : ...],
+//   d_ik = max(xsq_i - 2 sc_ik + csq_k, 0) -> Dd,  a_ik = softmax_k(-s_k d_ik) -> A,  mass[k] += sum_i a_ik
+// (mass may be null). A NaN anywhere in a row makes that row of A NaN (as torch.softmax). tmp: r floats.
+void soft_rows(const float* const* rows, int64_t r, int64_t D, const float* S, int64_t lds, const float* csq,
+               const float* s, int64_t K, float* A, float* Dd, int64_t lda, float* mass, float* tmp);
 
 // First argmin_k of csq_k - 2 sc_k (torch.argmin semantics: a NaN counts as the minimum).
 int64_t hard_row(const float* sc, const float* csq, int64_t K);
@@ -44,11 +47,12 @@ int64_t hard_row(const float* sc, const float* csq, int64_t K);
 // dst[j] += src[j] for j < D
 void add_row(float* dst, const float* src, int64_t D);
 
-// Soft backward of one row (all arrays padded to kp = pad16(K), zeros in the padding of a, d, h, gc, s):
-//   g_k = h_k - gc_k, ga = sum_k a_k g_k, u_k = a_k (g_k - ga), w_k = -s_k u_k
-//   w_out = w; gs -= u d; ws += w; ms += a; returns sum_k w_k.
-float soft_bwd_row(const float* a, const float* d, const float* h, const float* gc, const float* s, int64_t K,
-                   float* w_out, float* gs, float* ws, float* ms);
+// Soft backward of r rows (row arrays padded to kp = pad16(K), zeros in the padding of gc and s), with h_ik =
+// H[i * ldh + k] = <x_i, G_bk>:
+//   g_ik = h_ik - gc_k, ga_i = sum_k a_ik g_ik, u_ik = a_ik (g_ik - ga_i), w_ik = -s_k u_ik
+//   W <- w; gs_k -= sum_i u_ik d_ik; ws_k += sum_i w_ik; wsum[i] = sum_k w_ik.
+void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_t lda, const float* H, int64_t ldh,
+                   const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws, float* wsum);
 
 }  // namespace avx512
 }  // namespace cpu

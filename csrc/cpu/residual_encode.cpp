@@ -13,6 +13,12 @@
 // A slide entirely inside one chunk is written straight to the output; a slide cut by a chunk border goes to one
 // of the chunk's two partial slots, summed serially afterwards (deterministic for a given thread count).
 //
+// Fast path (float32 accumulation on a CPU with AVX-512, avx512_kernels.h): the same walk, but the products are
+// register-blocked AVX-512 kernels reading the rows through pointers (float32 unit-stride bank rows in place, no
+// gather copy; the next block's bank rows are prefetched during the current product), and the row-wise work
+// (distances, softmax, argmin, the backward's u and w) is vectorised. Rows and codeword columns are padded to 16
+// only inside the thread-local block buffers. Elsewhere (float64, no AVX-512, DRE_NATIVE_NO_AVX512=1): at::mm.
+//
 // Backward (soft), with G_bk = grad_E[b,k,:], g_ik = <G_bk, x_i - c_k>, u_ik = a_ik (g_ik - sum_j a_ij g_ij),
 // w_ik = dL/dd_ik = -s_k u_ik:
 //   grad_x_i = sum_k a_ik G_bk + 2 sum_k w_ik (x_i - c_k)                    (fresh rows only)
@@ -156,18 +162,22 @@ bool readable_as(const Rows& r) {
 // Visits the rows of chunk [p0, p1) slide by slide, in blocks: seg_begin(b), block(b, is_fresh, first_row_pos,
 // r), seg_end(b, owned). Before each block, ptr[0:r] points at the block's rows as T: in place when `direct` and
 // the tensor is readable as T (bank rows are then not copied at all), else converted (and gathered) into X
-// (r x D, contiguous), in which case ptr[i] = X + i * D.
+// (r x D, contiguous), in which case ptr[i] = X + i * D. With bank rows in place, nxt[0:nn] points at the rows
+// of the slide's next bank block (nn = 0 if none), for the block to prefetch while it computes.
 template <typename T, typename SegBegin, typename Block, typename SegEnd>
 void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& xr, const Rows& br, T* X,
-                const T** ptr, bool direct, SegBegin seg_begin, Block block, SegEnd seg_end) {
+                const T** ptr, const T** nxt, int64_t& nn, bool direct, SegBegin seg_begin, Block block,
+                SegEnd seg_end) {
   if (p0 >= p1) return;
   const bool x_in_place = direct && readable_as<T>(xr);
   const bool b_in_place = direct && L.bidx != nullptr && readable_as<T>(br);
+  auto bank_row = [&](int64_t j) { return reinterpret_cast<const T*>(br.base) + L.bidx[j] * br.s0; };
   for (int64_t b = L.slide_at(p0); b < L.B && L.start[b] < p1; ++b) {
     const int64_t lo = std::max(L.start[b], p0), hi = std::min(L.start[b + 1], p1);
     if (lo >= hi) continue;
     seg_begin(b);
     const int64_t fresh_end = L.start[b] + L.nx(b);
+    nn = 0;
     // fresh rows
     for (int64_t q = lo; q < std::min(hi, fresh_end); q += R) {
       const int64_t r = std::min(R, std::min(hi, fresh_end) - q);
@@ -182,15 +192,25 @@ void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& 
       }
       block(b, true, row0, r);
     }
-    // bank rows, gathered block by block
+    // bank rows, gathered block by block (or read in place)
+    bool ready = false;  // ptr already holds this block's rows, prefetched by the previous block
     for (int64_t q = std::max(lo, fresh_end); q < hi; q += R) {
       const int64_t r = std::min(R, hi - q);
       const int64_t j0 = L.bo[b] + (q - fresh_end);
-      for (int64_t i = 0; i < r; ++i) {
-        if (b_in_place) {
-          ptr[i] = reinterpret_cast<const T*>(br.base) + L.bidx[j0 + i] * br.s0;
-          br.prefetch(L.bidx[j0 + i]);  // random rows: start every miss now, the GEMM reads them next
+      if (b_in_place) {
+        if (ready) {
+          std::copy(nxt, nxt + r, ptr);
         } else {
+          for (int64_t i = 0; i < r; ++i) {
+            ptr[i] = bank_row(j0 + i);
+            br.prefetch(L.bidx[j0 + i]);  // random rows: start every miss now, the GEMM reads them next
+          }
+        }
+        nn = q + R < hi ? std::min(R, hi - q - R) : 0;
+        for (int64_t i = 0; i < nn; ++i) nxt[i] = bank_row(j0 + R + i);
+        ready = true;
+      } else {
+        for (int64_t i = 0; i < r; ++i) {
           if (i + kPrefetch < r) br.prefetch(L.bidx[j0 + i + kPrefetch]);  // random rows: hide the miss latency
           br.load(L.bidx[j0 + i], X + i * br.d);
           ptr[i] = X + i * br.d;
@@ -198,6 +218,7 @@ void walk_chunk(const Layout& L, int64_t p0, int64_t p1, int64_t R, const Rows& 
       }
       block(b, false, j0, r);
     }
+    nn = 0;
     seg_end(b, lo == L.start[b] && hi == L.start[b + 1]);
   }
 }
@@ -290,16 +311,17 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
     at::Tensor Xb = at::empty({R, D}, opts<T>()), Sb = at::empty({R, Kp}, opts<T>());
     at::Tensor Ab = at::empty({R, Kp}, opts<T>()), Db = at::empty({R, Kp}, opts<T>());
     at::Tensor Eloc = at::empty({K, D}, opts<T>());
-    std::vector<T> mloc(Kp);
+    std::vector<T> mloc(Kp), tmp(R);
     std::vector<int64_t> kmin(R);
-    std::vector<const T*> ptr(R);
+    std::vector<const T*> ptr(R), nxt(R);
+    int64_t nn = 0;
     T* X = Xb.template data_ptr<T>();
     T* El = Eloc.template data_ptr<T>();
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t p0 = L.N * c / nc, p1 = L.N * (c + 1) / nc;
       int nslot = 0;
       walk_chunk<T>(
-          L, p0, p1, R, in.xr, in.br, X, ptr.data(), fast,
+          L, p0, p1, R, in.xr, in.br, X, ptr.data(), nxt.data(), nn, fast,
           [&](int64_t) {
             Eloc.zero_();
             std::fill(mloc.begin(), mloc.end(), T(0));
@@ -310,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
             if constexpr (std::is_same<T, float>::value) {
               if (fast) {
                 const float* const* rows = ptr.data();
-                avx512::gemm_rows_bt(rows, r, D, Cp.data_ptr<float>(), Kp, Kp, Sp, Kp);
+                avx512::gemm_rows_bt(rows, r, D, Cp.data_ptr<float>(), Kp, Kp, Sp, Kp, nxt.data(), nn);
                 if (hard) {
                   for (int64_t i = 0; i < r; ++i) {
                     const int64_t k = avx512::hard_row(Sp + i * Kp, csqp.data_ptr<float>(), K);
@@ -319,12 +341,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
                   }
                 } else {
                   float* Dd = Db.data_ptr<float>();
-                  for (int64_t i = 0; i < r; ++i) {
-                    float* ai = A + i * Kp;
-                    avx512::soft_row(avx512::sumsq(rows[i], D), Sp + i * Kp, csqp.data_ptr<float>(),
-                                     sp.data_ptr<float>(), K, ai, Dd + i * Kp);
-                    for (int64_t k = 0; k < K; ++k) mloc[k] += ai[k];
-                  }
+                  avx512::soft_rows(rows, r, D, Sp, Kp, csqp.data_ptr<float>(), sp.data_ptr<float>(), K, A, Dd, Kp,
+                                    mloc.data(), tmp.data());
                   avx512::gemm_at_rows(A, Kp, rows, r, K, D, El, D);
                 }
                 return;
@@ -471,7 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
     const at::Tensor CGt = hard ? P.C.t() : CG.t();
     std::vector<T> mseg(Kp), rowtmp(D), wsum_row(R);
     std::vector<int64_t> kmin(R);
-    std::vector<const T*> ptr(R);
+    std::vector<const T*> ptr(R), nxt(R);
+    int64_t nn = 0;
     // fast path only: packed [C^T | G_b^T] (D x 2Kp), w rows (R x Kp), padded gc_b, wsum and gs partial sums
     at::Tensor CGp, Wb;
     std::vector<T> gcp, wsp, gsp;
@@ -491,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
       T* WSc = WS.template data_ptr<T>() + c * K;
       T* GSc = GS.template data_ptr<T>() + c * K;
       walk_chunk<T>(
-          L, p0, p1, R, in.xr, in.br, X, ptr.data(), fast,
+          L, p0, p1, R, in.xr, in.br, X, ptr.data(), nxt.data(), nn, fast,
           [&](int64_t b) {
             std::fill(mseg.begin(), mseg.end(), T(0));
             if (!hard) std::copy(Gp + b * K * D, Gp + (b + 1) * K * D, CG.template data_ptr<T>() + K * D);
@@ -510,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
                 const float* const* rows = ptr.data();
                 float* sh = SH.data_ptr<float>();
                 if (hard) {
-                  avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), 2 * Kp, Kp, sh, Kp);
+                  avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), 2 * Kp, Kp, sh, Kp, nxt.data(), nn);
                   for (int64_t i = 0; i < r; ++i) {
                     const int64_t k = avx512::hard_row(sh + i * Kp, csqp.data_ptr<float>(), K);
                     mseg[k] += 1.f;
@@ -519,17 +538,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
                   return;
                 }
                 const int64_t ld = 2 * Kp;
-                avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), ld, ld, sh, ld);
+                avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), ld, ld, sh, ld, nxt.data(), nn);
                 float* A = Ab.data_ptr<float>();
                 float* Dd = Db.data_ptr<float>();
                 float* W = Wb.data_ptr<float>();
-                for (int64_t i = 0; i < r; ++i) {
-                  avx512::soft_row(avx512::sumsq(rows[i], D), sh + i * ld, csqp.data_ptr<float>(),
-                                   sp.data_ptr<float>(), K, A + i * Kp, Dd + i * Kp);
-                  wsum_row[i] = avx512::soft_bwd_row(A + i * Kp, Dd + i * Kp, sh + i * ld + Kp, gcp.data(),
-                                                     sp.data_ptr<float>(), K, W + i * Kp, gsp.data(), wsp.data(),
-                                                     mseg.data());
-                }
+                avx512::soft_rows(rows, r, D, sh, ld, csqp.data_ptr<float>(), sp.data_ptr<float>(), K, A, Dd, Kp,
+                                  mseg.data(), wsum_row.data());
+                avx512::soft_bwd_rows(r, A, Dd, Kp, sh + Kp, ld, gcp.data(), sp.data_ptr<float>(), K, W, gsp.data(),
+                                      wsp.data(), wsum_row.data());
                 if (need_c) avx512::gemm_at_rows(W, Kp, rows, r, K, D, WXc.data_ptr<float>(), D);
                 if (fresh && need_x) {
                   // grad_x = [-2W | A] [C; G_b] + 2 (sum_k w_ik) x_i   (fresh rows: a small share of all rows)
