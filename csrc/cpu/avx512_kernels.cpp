@@ -297,7 +297,7 @@ DRE_AVX512 void soft_rows(const float* const* rows, int64_t r, int64_t D, const 
   }
 }
 
-DRE_AVX512 int64_t hard_row(const float* sc, const float* csq, int64_t K) {
+DRE_AVX512_INLINE int64_t hard_row(const float* sc, const float* csq, int64_t K) {
   const int64_t kp = pad16(K);
   const __m512 two = _mm512_set1_ps(2.0f), pinf = _mm512_set1_ps(__builtin_inff());
   __m512 vmin = pinf;
@@ -316,6 +316,10 @@ DRE_AVX512 int64_t hard_row(const float* sc, const float* csq, int64_t K) {
     if (eq) return k + __builtin_ctz((unsigned)eq);
   }
   return 0;  // unreachable: the minimum is one of the values
+}
+
+DRE_AVX512 void hard_rows(const float* S, int64_t lds, int64_t r, const float* csq, int64_t K, int64_t* kmin) {
+  for (int64_t i = 0; i < r; ++i) kmin[i] = hard_row(S + i * lds, csq, K);
 }
 
 DRE_AVX512 void add_row(float* dst, const float* src, int64_t D) {

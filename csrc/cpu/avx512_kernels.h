@@ -41,8 +41,9 @@ float sumsq(const float* x, int64_t D);
 void soft_rows(const float* const* rows, int64_t r, int64_t D, const float* S, int64_t lds, const float* csq,
                const float* s, int64_t K, float* A, float* Dd, int64_t lda, float* mass, float* tmp);
 
-// First argmin_k of csq_k - 2 sc_k (torch.argmin semantics: a NaN counts as the minimum).
-int64_t hard_row(const float* sc, const float* csq, int64_t K);
+// kmin[i] = first argmin_k of csq_k - 2 S[i * lds + k], i < r (torch.argmin semantics: a NaN counts as the
+// minimum). csq padded to pad16(K).
+void hard_rows(const float* S, int64_t lds, int64_t r, const float* csq, int64_t K, int64_t* kmin);
 
 // dst[j] += src[j] for j < D
 void add_row(float* dst, const float* src, int64_t D);

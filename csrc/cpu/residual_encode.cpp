@@ -334,10 +334,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(Inputs& in, const at::Tensor& codewo
                 const float* const* rows = ptr.data();
                 avx512::gemm_rows_bt(rows, r, D, Cp.data_ptr<float>(), Kp, Kp, Sp, Kp, nxt.data(), nn);
                 if (hard) {
+                  avx512::hard_rows(Sp, Kp, r, csqp.data_ptr<float>(), K, kmin.data());
                   for (int64_t i = 0; i < r; ++i) {
-                    const int64_t k = avx512::hard_row(Sp + i * Kp, csqp.data_ptr<float>(), K);
-                    mloc[k] += 1.f;
-                    avx512::add_row(El + k * D, rows[i], D);
+                    mloc[kmin[i]] += 1.f;
+                    avx512::add_row(El + kmin[i] * D, rows[i], D);
                   }
                 } else {
                   float* Dd = Db.data_ptr<float>();
@@ -450,7 +450,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
                     "dre: grad_E must have shape (B, K, D) = (", B, ", ", K, ", ", D, "); got ", grad_E.sizes());
   const at::Tensor G = grad_E.to(c10::CppTypeToScalarType<T>::value).contiguous();
   // gc_bk = <G_bk, c_k>
-  const at::Tensor GC = (G * P.C.unsqueeze(0)).sum(2).contiguous();
+  // (batched matrix-vector products: no B x K x D temporary; hard needs no gc)
+  const at::Tensor GC = hard ? at::Tensor()
+                             : at::bmm(G.transpose(0, 1), P.C.unsqueeze(2)).squeeze(2).t().contiguous();
   const at::ScalarType scale_dtype = (scale.has_value() && scale->defined()) ? scale->scalar_type()
                                                                              : codewords.scalar_type();
   at::Tensor grad_x = need_x ? at::empty({x.size(0), D}, x.options().dtype(x.scalar_type()))
@@ -466,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
   const T* csq = P.csq.template data_ptr<T>();
   const T* s = hard ? nullptr : P.s.template data_ptr<T>();
   const T* Gp = G.template data_ptr<T>();
-  const T* GCp = GC.template data_ptr<T>();
+  const T* GCp = hard ? nullptr : GC.template data_ptr<T>();
 
   // AVX-512 path (float32 accumulation), as in the forward; [C^T | G_b^T] is packed D x 2Kp per slide
   const bool fast = std::is_same<T, float>::value && avx512::available();
@@ -530,10 +532,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
                 float* sh = SH.data_ptr<float>();
                 if (hard) {
                   avx512::gemm_rows_bt(rows, r, D, CGp.data_ptr<float>(), 2 * Kp, Kp, sh, Kp, nxt.data(), nn);
+                  avx512::hard_rows(sh, Kp, r, csqp.data_ptr<float>(), K, kmin.data());
                   for (int64_t i = 0; i < r; ++i) {
-                    const int64_t k = avx512::hard_row(sh + i * Kp, csqp.data_ptr<float>(), K);
-                    mseg[k] += 1.f;
-                    if (fresh && need_x) gxr.store(row0 + i, Gb + k * D);
+                    mseg[kmin[i]] += 1.f;
+                    if (fresh && need_x) gxr.store(row0 + i, Gb + kmin[i] * D);
                   }
                   return;
                 }
@@ -647,7 +649,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
     if (given_mass) {
       TORCH_CHECK_VALUE(mass->dim() == 2 && mass->size(0) == B && mass->size(1) == K,
                         "dre: mass must have shape (B, K) = (", B, ", ", K, "); got ", mass->sizes());
-      gc = -(mass->to(G.scalar_type()).unsqueeze(2) * G).sum(0);
+      // -sum_b mass_bk G_bk as K products (1 x B) . (B x D), no B x K x D temporary
+      gc = -at::bmm(mass->to(G.scalar_type()).t().unsqueeze(1), G.transpose(0, 1)).squeeze(1);
     } else {
       gc = -MG.sum(0);
     }
