@@ -290,14 +290,18 @@ def test_bank_update_matches_torch_for_every_dtype():
 def _check_float32_kernel_paths():
     """float32 native vs float64 reference over the shapes the AVX-512 kernels special-case: K and D not multiples
     of 16 (padded columns, masked tails), K above one 64-column tile, row counts not multiples of the 6-row
-    microkernel, strided and float16 banks (converted, not read in place), and non-contiguous x."""
+    microkernel, strided and float16 banks (converted, not read in place), row views (read in place with a row
+    stride other than D), and non-contiguous x."""
     cases = [(5, 33), (16, 48), (17, 100), (70, 20), (64, 384)]
     for K, D in cases:
         x, xo, c, s, bank, bi, bo = _ragged_inputs([13, 0, 101], [7, 300, 65], K=K, D=D, dtype=torch.float32)
-        banks = {"float32": bank, "strided": torch.cat([bank, bank], 1)[:, ::2], "float16": bank.half()}
+        # "row_view": unit column stride but a row stride of 2D, still read in place
+        banks = {"float32": bank, "strided": torch.cat([bank, bank], 1)[:, ::2], "float16": bank.half(),
+                 "row_view": torch.cat([bank, bank], 1)[:, :D]}
+        xs = {"contiguous": x, "strided": torch.cat([x, x], 1)[:, ::2].detach().requires_grad_(),
+              "row_view": torch.cat([x, x], 1)[:, D:].detach().requires_grad_()}
         for bank_kind, bk in banks.items():
-            for xk in ("contiguous", "strided"):
-                xx = x if xk == "contiguous" else torch.cat([x, x], 1)[:, ::2].detach().requires_grad_()
+            for xk, xx in xs.items():
                 for assignment in ("soft", "hard"):
                     got, want = [], []
                     for backend, out in (("native", got), ("reference", want)):
