@@ -100,17 +100,6 @@ def _times(common, fn, reps):
     return p20, p50, p80, n
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7)
@@ -147,7 +136,7 @@ def main(argv=None) -> None:
                     continue
                 rows.append(json.loads(lines[-1][len("RESULT "):]))
     base = {(r["assignment"], r["mode"]): r for r in rows if r["provider"] == "torch"}
-    commit, machine = common.git_commit(), f"{platform.node()} ({_cpu_model()}, {os.cpu_count()} cpus)"
+    commit, machine = common.git_commit(), f"{platform.node()} ({common.cpu_model()}, {os.cpu_count()} cpus)"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for r in rows:
         t = base.get((r["assignment"], r["mode"]))

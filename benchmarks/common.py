@@ -143,7 +143,7 @@ def _quiet_stderr():
 
 
 # ---------------------------------------------------------------------------------------------- device
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -157,7 +157,7 @@ def _cpu_model() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def slug(name: str) -> str:
@@ -167,7 +167,7 @@ def slug(name: str) -> str:
 def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         return slug(torch.cuda.get_device_name(device))
-    return slug(f"cpu {_cpu_model()} {os.cpu_count()}c")
+    return slug(f"cpu {cpu_model()} {os.cpu_count()}c")
 
 
 @functools.lru_cache(maxsize=None)

@@ -89,19 +89,20 @@ def _residual_encode_bwd_fake(grad_E, x, x_offsets, codewords, scale, bank, bank
             codewords.new_empty((codewords.shape[0],), dtype=scale_dtype))
 
 
-def _loss_dtype(a, b):
+def loss_dtype(a, b) -> torch.dtype:
+    """float64 when a or b is float64 (so gradcheck can run), else float32."""
     return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
 def _contrastive_loss_fwd_fake(a, b, logit_scale, labels, normalize):
     B = a.shape[0]
-    return tuple(a.new_empty((B,), dtype=_loss_dtype(a, b)) for _ in range(3))
+    return tuple(a.new_empty((B,), dtype=loss_dtype(a, b)) for _ in range(3))
 
 
 def _contrastive_loss_bwd_fake(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(b, memory_format=torch.contiguous_format),
-            a.new_empty((), dtype=_loss_dtype(a, b)))
+            a.new_empty((), dtype=loss_dtype(a, b)))
 
 
 def _bank_gather_fake(bank, index):

@@ -17,13 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dre_kernels import _backend, _checks
-from dre_kernels import _library  # noqa: F401
+from dre_kernels._library import loss_dtype
 
 NORMALIZE_EPS = 1e-12
-
-
-def _loss_dtype(a, b) -> torch.dtype:
-    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
 def _scale_tensor(logit_scale, dtype, device) -> torch.Tensor:
@@ -40,7 +36,7 @@ def contrastive_loss(a, b, logit_scale, *, labels=None, normalize=False, reducti
     """
     device, dtypes = _checks.check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction)
     name = _backend.resolve_backend(backend, device, dtypes)
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     s = _scale_tensor(logit_scale, acc, a.device)
     if name == "reference":
         per_row = contrastive_loss_reference(a, b, s, labels, normalize)
@@ -64,7 +60,7 @@ def _positives(labels, B, device):
 
 def contrastive_loss_reference(a, b, s, labels, normalize):
     """The formula as written: full logits, both log-softmaxes, averaged over each row's and column's positives."""
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     A, Bm = _normalized(a, acc, normalize), _normalized(b, acc, normalize)
     logits = s.to(acc) * (A @ Bm.t())
     pos = _positives(labels, a.shape[0], a.device).to(acc)
@@ -77,7 +73,7 @@ def contrastive_loss_reference(a, b, s, labels, normalize):
 
 def contrastive_loss_torch(a, b, s, labels, normalize):
     """Eager: one GEMM for the logits, log-sum-exp per row and column; positives via the diagonal or a mask."""
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     A, Bm = _normalized(a, acc, normalize), _normalized(b, acc, normalize)
     logits = (A @ Bm.t()) * s.to(acc)
     row_lse = torch.logsumexp(logits, dim=1)
@@ -101,7 +97,7 @@ def contrastive_loss_backward_torch(grad_loss, a, b, s, labels, normalize, row_l
         grad Â = s W B̂,  grad B̂ = s W^T Â,  grad s = sum_ij W_ij <â_i, b̂_j>
     then through the normalisation: grad a = (grad â - â <grad â, â>) / ||a|| (for ||a|| > eps).
     """
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     A, Bm = _normalized(a, acc, normalize), _normalized(b, acc, normalize)
     s = s.to(acc)
     g = grad_loss.to(acc)

@@ -21,6 +21,9 @@ import os
 import numpy as np
 import torch
 
+from dre_kernels._gpu_host import (chunk_map, default_chunk_rows, next_pow2, prep_codewords,  # noqa: F401
+                                     row_sources)
+
 NTHREADS = 256
 NORMALIZE_EPS = 1e-12
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -155,22 +158,6 @@ def _check_index(idx, rows, name, of_name):
 
 
 # ---------------------------------------------------------------------------------------------- residual_encode
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def chunk_rows(n_rows: int, device) -> int:
-    """~4 chunks per SM over a source, 256..8192 rows each (a power of two)."""
-    target = 4 * _num_sms(device)
-    return int(min(8192, max(256, _next_pow2(-(-max(n_rows, 1) // target)))))
-
-
 def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
     """(R rows per step, DO output columns per block, dynamic shared memory bytes): the launch rules of
     residual_encode.cu."""
@@ -181,27 +168,6 @@ def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
     else:
         floats = 5 * R + 3 * K + R * (K + 1) + max(R * 17 + K * 17, 4096)
     return R, DO, 4 * floats
-
-
-def chunk_map(offsets, n_rows: int, chunk: int):
-    """Slide-aligned chunks of `chunk` rows, without synchronisation: (int64 offsets, slide of each slot, first
-    slot of each slide, number of slots)."""
-    off = offsets.to(torch.int64).contiguous()
-    B = off.numel() - 1
-    lens = off[1:] - off[:-1]
-    nch = (lens + (chunk - 1)) // chunk
-    cend = torch.cumsum(nch, 0)
-    cstart = (cend - nch).contiguous()
-    slots = -(-n_rows // chunk) + B
-    slide = torch.searchsorted(cend, torch.arange(slots, device=off.device), right=True).contiguous()
-    return off, slide, cstart, slots
-
-
-def _sources(x, x_offsets, bank, bank_index, bank_offsets):
-    out = [(x, None, x_offsets, x.shape[0])]
-    if bank is not None:
-        out.append((bank.detach(), bank_index.contiguous(), bank_offsets, bank_index.shape[0]))
-    return out
 
 
 def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
@@ -231,19 +197,12 @@ def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, h
         _check_index(bank_index, bank.shape[0], "bank_index", "bank")
 
 
-def _prep(codewords, scale, hard):
-    c32 = codewords.detach().float().contiguous()
-    csq = (c32 * c32).sum(1).contiguous()
-    s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
-    return c32, csq, s32
-
-
 def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, G=None, gx=None):
     B = offsets.numel() - 1
     if B == 0 or n_rows == 0:
         return
     K, D = c32.shape
-    chunk = chunk_rows(n_rows, rows.device)
+    chunk = default_chunk_rows(n_rows, rows.device)
     off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
     R, DO, smem = re_config(K, D, backward=False)
     if not with_e:
@@ -263,10 +222,10 @@ def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_o
     B = x_offsets.shape[0] - 1
     K, D = codewords.shape
     out_dtype = torch.promote_types(x.dtype, codewords.dtype)
-    c32, csq, s32 = _prep(codewords, scale, hard)
+    c32, csq, s32 = prep_codewords(codewords, scale, hard)
     acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
     mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-    for rows, index, offsets, n_rows in _sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
         _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True)
     return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
 
@@ -282,7 +241,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     scale_dtype = scale.dtype if scale is not None else codewords.dtype
     need_s = bool(need_grad_scale) and not hard
     need_c = bool(need_grad_codewords) or need_s
-    c32, csq, s32 = _prep(codewords, scale, hard)
+    c32, csq, s32 = prep_codewords(codewords, scale, hard)
     G = grad_E.detach().float().contiguous()
     gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
     hx = torch.zeros((K, D), dtype=torch.float32, device=dev)
@@ -293,7 +252,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     use_given_mass = hard and mass is not None
     if use_given_mass and tuple(mass.shape) != (B, K):
         raise ValueError(f"dre cupy: mass must have shape (B, K) = ({B}, {K}); got {tuple(mass.shape)}")
-    for src, (rows, index, offsets, n_rows) in enumerate(_sources(x.detach(), x_offsets, bank, bank_index,
+    for src, (rows, index, offsets, n_rows) in enumerate(row_sources(x.detach(), x_offsets, bank, bank_index,
                                                                   bank_offsets)):
         fresh = src == 0
         write_gx = fresh and bool(need_grad_x)
@@ -305,7 +264,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, None, mass_acc if acc_c else None, True,
                            False, G=G if write_gx else None, gx=gx if write_gx else None)
             continue
-        chunk = chunk_rows(n_rows, dev)
+        chunk = default_chunk_rows(n_rows, dev)
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
         R, DO, smem = re_config(K, D, backward=True)
         gather = index is not None

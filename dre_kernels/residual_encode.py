@@ -191,6 +191,7 @@ def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank,
     acc = accumulation_dtype(x, codewords, scale, bank)
     K, D = codewords.shape
     c = codewords.to(acc)
+    c_sq = (c * c).sum(1)
     s = None if hard else scale.to(acc)
     G_all = grad_E.to(acc)
     grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -209,7 +210,7 @@ def residual_encode_backward_torch(grad_E, x, x_offsets, codewords, scale, bank,
         for X, row0 in parts:
             if X.shape[0] == 0:
                 continue
-            d = torch.addmm((c * c).sum(1), X, c.t(), alpha=-2.0) + (X * X).sum(1, keepdim=True)
+            d = torch.addmm(c_sq, X, c.t(), alpha=-2.0) + (X * X).sum(1, keepdim=True)
             if hard:
                 a = F.one_hot(d.argmin(dim=1), K).to(acc)
             else:

@@ -70,3 +70,19 @@ def grid_truth(mask: np.ndarray, patch0: int, min_tissue: float = 0.5) -> int:
         for x in range(0, w - patch0 + 1, patch0):
             n += mask[y:y + patch0, x:x + patch0].mean() >= min_tissue
     return n
+
+
+# ---------------------------------------------------------------------------------------------- shared fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    root = _cache.get("root") or tmp_path_factory.mktemp("slcl")
+    make_slides(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tile_dir(data_root):
+    return tiled(data_root)

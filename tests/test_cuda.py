@@ -260,7 +260,7 @@ def test_emu_residual_encode_ragged_with_bank(emu, hard):
 def test_emu_residual_encode_long_slide_split_across_blocks(emu, hard):
     # 600 fresh + 700 bank rows in one slide: several 256-row chunks, partial sums added atomically
     args = _re_inputs([600, 7], [700, 0], K=3, D=20)
-    assert cupy_kernels.chunk_rows(600, torch.device("cpu")) < 600
+    assert cupy_kernels.default_chunk_rows(600, torch.device("cpu")) < 600
     n0 = len(emu.launches)
     _check_re(args, hard)
     grids = [g for _, g, _ in emu.launches[n0:]]

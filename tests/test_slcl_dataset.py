@@ -4,7 +4,6 @@ import pickle
 
 import numpy as np
 import pytest
-import slcl_helpers
 import torch
 
 openslide = pytest.importorskip("openslide")
@@ -13,16 +12,7 @@ pytest.importorskip("h5py")
 from dre_slcl.data import IMAGENET_MEAN, IMAGENET_STD, SlideBatchSampler, TileDataset, collate_tiles  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = slcl_helpers._cache.get("root") or tmp_path_factory.mktemp("slcl")
-    slcl_helpers.make_slides(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tile_dir(data_root):
-    return slcl_helpers.tiled(data_root)
+from slcl_helpers import data_root, tile_dir  # noqa: E402,F401  (session fixtures)
 
 
 @pytest.fixture(scope="session")

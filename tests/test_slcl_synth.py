@@ -5,7 +5,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import slcl_helpers
 
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
@@ -13,11 +12,7 @@ tifffile = pytest.importorskip("tifffile")
 from dre_slcl.synth import KIND_NAMES, make_slide, render_slide, KINDS  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = slcl_helpers._cache.get("root") or tmp_path_factory.mktemp("slcl")
-    slcl_helpers.make_slides(root)
-    return root
+from slcl_helpers import data_root  # noqa: E402,F401  (session fixture)
 
 
 def test_openslide_reads_levels_mpp_and_power(data_root):

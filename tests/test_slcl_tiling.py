@@ -16,16 +16,7 @@ from dre_slcl.tiling import (TilingParams, closing, erode, grid_coords, label_ru
                              opening, otsu_threshold, remove_small_components, tile_slide, tile_slides)
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = slcl_helpers._cache.get("root") or tmp_path_factory.mktemp("slcl")
-    slcl_helpers.make_slides(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tile_dir(data_root):
-    return slcl_helpers.tiled(data_root)
+from slcl_helpers import data_root, tile_dir  # noqa: E402,F401  (session fixtures)
 
 
 def manifest_rows(out):

@@ -58,7 +58,7 @@ def _check_fwd_bwd(args, hard, chunk_rows=None, dtype=torch.float32):
 def test_long_slide_split_across_programs(device, hard):
     args = _inputs(device, [150, 0, 9], [3, 130, 0], K=6, D=24)
     # 16-row chunks: the 150-row and 130-row slides span ~10 programs each, added atomically
-    slide_of_slot = tre._chunk_map(args[1], 159, 16)[1]
+    slide_of_slot = tre.chunk_map(args[1], 159, 16)[1]
     assert int((slide_of_slot == 0).sum()) == 10 and int((slide_of_slot < 3).sum()) == 11
     E_split, _ = _check_fwd_bwd(args, hard, chunk_rows=16)
     E_whole, _ = _check_fwd_bwd(args, hard, chunk_rows=4096)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dre_kernels._gpu_host import next_pow2  # noqa: F401  (shared with the cupy backend)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -28,10 +30,6 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 1
 
 
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def launch(kernel, tuned, grid, args, interp_meta: dict):
     """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter."""
     if INTERPRET or tuned is None:
@@ -39,12 +37,6 @@ def launch(kernel, tuned, grid, args, interp_meta: dict):
         kernel[g](*args, **interp_meta)
     else:
         tuned[grid](*args)
-
-
-def num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 @triton.jit

@@ -27,13 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dre_kernels._library import loss_dtype
 from dre_kernels.triton_kernels._common import INTERPRET, launch, mm_fr, next_pow2
 
 NORMALIZE_EPS = 1e-12
-
-
-def _loss_dtype(a, b) -> torch.dtype:
-    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
 @triton.jit
@@ -219,7 +216,7 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     B, P = a.shape
     dev = a.device
     a, b = a.detach(), b.detach()
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     s = logit_scale.detach().to(acc).reshape(1).contiguous()
     inva, na = _inv_norms(a, normalize, acc)
     invb, nb = _inv_norms(b, normalize, acc)
@@ -255,7 +252,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     B, P = a.shape
     dev = a.device
     a, b = a.detach(), b.detach()
-    acc = _loss_dtype(a, b)
+    acc = loss_dtype(a, b)
     s = logit_scale.detach().to(acc).reshape(1).contiguous()
     inva, na = _inv_norms(a, normalize, acc)
     invb, nb = _inv_norms(b, normalize, acc)

@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dre_kernels.triton_kernels._common import (INTERPRET, dot_mode, launch, mm_ff, mm_fr, mm_rf, next_pow2,
-                                                num_sms)
+from dre_kernels._gpu_host import chunk_map, default_chunk_rows, next_pow2, prep_codewords, row_sources
+from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, launch, mm_ff, mm_fr, mm_rf
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -270,37 +270,7 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
         return int(chunk_rows)
     if INTERPRET:
         return 4096
-    # ~4 chunk programs per SM over this source, 256..8192 rows each: a long slide spreads over the GPU.
-    target = 4 * num_sms(device)
-    return int(min(8192, max(256, next_pow2(triton.cdiv(max(n_rows, 1), target)))))
-
-
-def _chunk_map(offsets: torch.Tensor, n_rows: int, chunk: int):
-    """Slide-aligned chunks of `chunk` rows, sync-free: (int64 offsets, slide of each slot, first slot of each slide, #slots)."""
-    off = offsets.to(torch.int64).contiguous()
-    B = off.numel() - 1
-    lens = off[1:] - off[:-1]
-    nch = (lens + (chunk - 1)) // chunk
-    cend = torch.cumsum(nch, 0)
-    cstart = (cend - nch).contiguous()
-    slots = triton.cdiv(n_rows, chunk) + B
-    slide = torch.searchsorted(cend, torch.arange(slots, device=off.device), right=True)
-    return off, slide, cstart, slots
-
-
-def _sources(x, x_offsets, bank, bank_index, bank_offsets):
-    """(rows, index or None, offsets, n_rows) for the fresh rows and, if given, the bank rows."""
-    out = [(x, None, x_offsets, x.shape[0])]
-    if bank is not None:
-        out.append((bank.detach(), bank_index.contiguous(), bank_offsets, bank_index.shape[0]))
-    return out
-
-
-def _prep(codewords, scale, hard):
-    c32 = codewords.detach().float().contiguous()
-    csq = (c32 * c32).sum(1).contiguous()
-    s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
-    return c32, csq, s32
+    return default_chunk_rows(n_rows, device)
 
 
 def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, chunk_rows):
@@ -309,7 +279,7 @@ def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, wi
         return
     K, D = c32.shape
     chunk = _chunk_rows(n_rows, rows.device, chunk_rows)
-    off, slide, cstart, slots = _chunk_map(offsets, n_rows, chunk)
+    off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
     gather = index is not None
     idx = index if gather else off
     args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, acc, mass,
@@ -326,10 +296,10 @@ def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_o
     B = x_offsets.shape[0] - 1
     K, D = codewords.shape
     out_dtype = torch.promote_types(x.dtype, codewords.dtype)
-    c32, csq, s32 = _prep(codewords, scale, hard)
+    c32, csq, s32 = prep_codewords(codewords, scale, hard)
     acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
     mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-    for rows, index, offsets, n_rows in _sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
         _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True, chunk_rows)
     return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
 
@@ -344,7 +314,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     scale_dtype = scale.dtype if scale is not None else codewords.dtype
     need_s = bool(need_grad_scale) and not hard
     need_c = bool(need_grad_codewords) or need_s
-    c32, csq, s32 = _prep(codewords, scale, hard)
+    c32, csq, s32 = prep_codewords(codewords, scale, hard)
     G = grad_E.detach().float().contiguous()
     gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
     hx = torch.zeros((K, D), dtype=torch.float32, device=dev)
@@ -354,7 +324,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     gc = csq if hard else torch.einsum("bkd,kd->bk", G, c32).contiguous()
     use_given_mass = hard and mass is not None
     xd = x.detach()
-    for src, (rows, index, offsets, n_rows) in enumerate(_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
+    for src, (rows, index, offsets, n_rows) in enumerate(row_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
         fresh = src == 0
         write_gx = fresh and bool(need_grad_x)
         acc_c = need_c and not use_given_mass
@@ -365,7 +335,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, hx, mass_acc, True, False, chunk_rows)
             continue
         chunk = _chunk_rows(n_rows, dev, chunk_rows)
-        off, slide, cstart, slots = _chunk_map(offsets, n_rows, chunk)
+        off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
         gather = index is not None
         idx = index if gather else off
         args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,

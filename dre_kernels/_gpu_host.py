@@ -1,0 +1,57 @@
+"""Host-side launch rules shared by the GPU backends (triton, cupy): how a source of rows is cut into
+slide-aligned chunks, and the float32 codeword tensors every residual_encode kernel reads.
+
+A "source" is the fresh rows (x, split by x_offsets) or the bank rows (bank gathered by bank_index, split by
+bank_offsets). Each source is cut into chunks of `chunk` rows that never cross a slide, so a long slide spreads
+over many programs/blocks and their partial sums are added atomically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_chunk_rows(n_rows: int, device) -> int:
+    """~4 chunks per SM over a source, 256..8192 rows each (a power of two): a long slide spreads over the GPU."""
+    target = 4 * num_sms(device)
+    return int(min(8192, max(256, next_pow2(-(-max(n_rows, 1) // target)))))
+
+
+def chunk_map(offsets: torch.Tensor, n_rows: int, chunk: int):
+    """Slide-aligned chunks of `chunk` rows, without synchronisation: (int64 offsets, slide of each slot, first
+    slot of each slide, number of slots). The slot count depends on shapes only, so grids need no host sync."""
+    off = offsets.to(torch.int64).contiguous()
+    B = off.numel() - 1
+    lens = off[1:] - off[:-1]
+    nch = (lens + (chunk - 1)) // chunk
+    cend = torch.cumsum(nch, 0)
+    cstart = (cend - nch).contiguous()
+    slots = -(-n_rows // chunk) + B
+    slide = torch.searchsorted(cend, torch.arange(slots, device=off.device), right=True).contiguous()
+    return off, slide, cstart, slots
+
+
+def row_sources(x, x_offsets, bank, bank_index, bank_offsets):
+    """(rows, index or None, offsets, n_rows) for the fresh rows and, if given, the bank rows."""
+    out = [(x, None, x_offsets, x.shape[0])]
+    if bank is not None:
+        out.append((bank.detach(), bank_index.contiguous(), bank_offsets, bank_index.shape[0]))
+    return out
+
+
+def prep_codewords(codewords, scale, hard):
+    """(codewords float32, ||c_k||^2, scale float32); for hard assignment the scale slot holds ||c||^2 (unused)."""
+    c32 = codewords.detach().float().contiguous()
+    csq = (c32 * c32).sum(1).contiguous()
+    s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
+    return c32, csq, s32
