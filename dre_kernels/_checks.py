@@ -5,13 +5,26 @@ ValueError (shapes, offsets, unknown options, bank arguments given partly), Type
 offsets), IndexError (index out of range), RuntimeError (mixed devices).
 
 The checks on values (offsets monotone, indices in range, no duplicate indices) read the tensors, which costs one
-device synchronisation per call. Under torch.compile they are skipped, since they would break the graph; the native
-kernels check index ranges themselves, so a bad index still raises instead of touching memory out of bounds.
+device synchronisation per call. Under torch.compile the wrappers skip them, since they would break the graph; the
+kernels then check again when they run, so a bad index still raises instead of touching memory out of bounds: the
+native kernels in C++/CUDA, the Python backends (triton, cupy) through ensure_checked (runtime_checks_residual_encode
+and runtime_checks_bank at the start of their impls), which raises the same errors as the wrappers.
+
+So that the eager path does not synchronise twice (wrapper, then impl), the value checks remember the tensors that
+passed: a small thread-local cache of (weakref to the tensor, its _version, data pointer/shape/strides, the check and
+the bound it passed against). ensure_checked skips a check found there and runs the rest (one synchronisation).
+An in-place change bumps _version and a freed tensor's reused id fails the weakref, so neither matches a stale
+entry. Writes that bypass the version counter (through .data, numpy()/DLPack views, raw kernels) are not seen,
+as for autograd's saved tensors. Inference tensors (no version counter) are never cached. During CUDA graph capture
+(no synchronisation allowed, and a replay runs no Python) the impl checks become device-side asserts of every
+value, cache or not (torch._assert_async: a failure aborts the CUDA context rather than raising the Python error).
 """
 
 from __future__ import annotations
 
 import numbers
+import threading
+import weakref
 
 import torch
 
@@ -67,17 +80,57 @@ def _offsets_problem(name: str, first: int, last: int, min_step: int, total: int
     return None
 
 
-def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
-                              indices: list[tuple[str, torch.Tensor, int, str]],
-                              unique: tuple[str, torch.Tensor] | None = None) -> None:
-    """Value checks on CSR offsets and row indices, with a single device synchronisation.
+def _to_host(stats: torch.Tensor) -> list:
+    """The one device synchronisation of a value check (a seam for tests that count them)."""
+    return stats.tolist()
 
-    offsets: (name, tensor, row count it must end at, name of that tensor).
-    indices: (name, tensor, number of rows it indexes, name of the indexed tensor).
-    unique: (name, index tensor) that must not repeat a value.
-    """
-    if _compiling():
+
+# ---------------------------------------------------------------------------------------------- verified cache
+_CACHE_SIZE = 16
+_local = threading.local()
+
+
+def _entries() -> list:
+    entries = getattr(_local, "entries", None)
+    if entries is None:
+        entries = _local.entries = []
+    return entries
+
+
+def _signature(t: torch.Tensor):
+    """What must be unchanged for a check of `t` to still hold, or None if `t` cannot be tracked."""
+    if t.is_inference():
+        return None
+    return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device)
+
+
+def _cached(t: torch.Tensor, kind: tuple) -> bool:
+    sig = _signature(t)
+    if sig is None:
+        return False
+    for ref, esig, ekind in _entries():
+        if ref() is t and esig == sig and ekind == kind:
+            return True
+    return False
+
+
+def _remember(t: torch.Tensor, kind: tuple) -> None:
+    sig = _signature(t)
+    if sig is None or _cached(t, kind):
         return
+    entries = _entries()
+    entries.append((weakref.ref(t), sig, kind))
+    # dead or surplus entries go first-in first-out
+    entries[:] = [e for e in entries if e[0]() is not None][-_CACHE_SIZE:]
+
+
+def clear_checked_cache() -> None:
+    _entries().clear()
+
+
+# Kinds of verified facts: ("offsets", total), ("index", n), ("unique",).
+def _run_checks(offsets, indices, unique) -> None:
+    """The value checks themselves (one synchronisation); remembers what passed."""
     stats = []
     for name, off, total, total_name in offsets:
         off = off.to(torch.int64)
@@ -91,7 +144,7 @@ def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
         stats.append((srt[1:] == srt[:-1]).any().to(torch.int64))
     if not stats:
         return
-    values = torch.stack([s.to(torch.int64).reshape(()) for s in stats]).tolist()
+    values = _to_host(torch.stack([s.to(torch.int64).reshape(()) for s in stats]))
     pos = 0
     for name, off, total, total_name in offsets:
         problem = _offsets_problem(name, *values[pos:pos + 3], total, total_name)
@@ -106,6 +159,91 @@ def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
             raise IndexError(f"{name} holds {bad}, out of range for {idx_of} with {n} rows (valid: 0 to {n - 1})")
     if unique is not None and unique[1].numel() > 1 and values[pos]:
         raise ValueError(f"{unique[0]} must not repeat an index (a row would be written twice); it does")
+    for name, off, total, total_name in offsets:
+        _remember(off, ("offsets", total))
+    for name, idx, n, idx_of in indices:
+        _remember(idx, ("index", n))
+    if unique is not None:
+        _remember(unique[1], ("unique",))
+
+
+def _device_asserts(offsets, indices, unique) -> None:
+    """The same checks as device-side asserts, for CUDA graph capture (no synchronisation, replayed every time)."""
+    for name, off, total, total_name in offsets:
+        o = off.to(torch.int64)
+        ok = (o[0] == 0) & (o[-1] == total)
+        if o.numel() > 1:
+            ok = ok & ((o[1:] - o[:-1]).min() >= 0)
+        torch._assert_async(ok, f"{name} must start at 0, not decrease and end at the row count of {total_name}")
+    for name, idx, n, idx_of in indices:
+        if idx.numel():
+            lo, hi = torch.aminmax(idx.to(torch.int64))
+            torch._assert_async((lo >= 0) & (hi < n), f"{name} out of range for {idx_of} with {n} rows")
+    if unique is not None and unique[1].numel() > 1:
+        srt = torch.sort(unique[1].to(torch.int64)).values
+        torch._assert_async((srt[1:] != srt[:-1]).all(), f"{unique[0]} must not repeat an index")
+
+
+def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
+                              indices: list[tuple[str, torch.Tensor, int, str]],
+                              unique: tuple[str, torch.Tensor] | None = None) -> None:
+    """Value checks on CSR offsets and row indices, with a single device synchronisation (skipped under
+    torch.compile; the kernels check again at run time, see ensure_checked). Remembers the tensors that passed.
+
+    offsets: (name, tensor, row count it must end at, name of that tensor).
+    indices: (name, tensor, number of rows it indexes, name of the indexed tensor).
+    unique: (name, index tensor) that must not repeat a value.
+    """
+    if _compiling():
+        return
+    _run_checks(offsets, indices, unique)
+
+
+def ensure_checked(offsets: list[tuple[str, torch.Tensor, int, str]],
+                   indices: list[tuple[str, torch.Tensor, int, str]],
+                   unique: tuple[str, torch.Tensor] | None = None) -> None:
+    """check_offsets_and_indices for kernel impls, which run also when called from a compiled graph: checks what
+    the cache does not vouch for (same tensor object, same _version, same bound), with at most one
+    synchronisation. An eager call, whose wrapper has just checked the same tensors, costs nothing here."""
+    for name, off, total, total_name in offsets:
+        if off.numel() < 1:
+            raise ValueError(f"{name} must hold B+1 >= 1 entries; got an empty tensor")
+    tensors = [o[1] for o in offsets] + [i[1] for i in indices] + ([unique[1]] if unique is not None else [])
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        # a replay runs no Python and sees whatever values the captured buffers hold then: no cache, all checks
+        _device_asserts(offsets, indices, unique)
+        return
+    offsets = [o for o in offsets if not _cached(o[1], ("offsets", o[2]))]
+    indices = [i for i in indices if not _cached(i[1], ("index", i[2]))]
+    if unique is not None and _cached(unique[1], ("unique",)):
+        unique = None
+    if offsets or indices or unique is not None:
+        _run_checks(offsets, indices, unique)
+
+
+# The value checks of each op, written once: the wrappers run them (check_offsets_and_indices) and the impls of the
+# Python kernel backends re-run what the cache does not vouch for (ensure_checked); the same bounds make them meet.
+def _residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets):
+    offsets = [("x_offsets", x_offsets, x.shape[0], "x")]
+    indices = []
+    if bank is not None:
+        offsets.append(("bank_offsets", bank_offsets, bank_index.shape[0], "bank_index"))
+        indices.append(("bank_index", bank_index, bank.shape[0], "bank"))
+    return offsets, indices, None
+
+
+def _bank_values(bank, index, unique: bool):
+    return [], [("index", index, bank.shape[0], "bank")], (("index", index) if unique else None)
+
+
+def runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets) -> None:
+    """The value checks of residual_encode_fwd/bwd, for the impls of the Python kernel backends."""
+    ensure_checked(*_residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets))
+
+
+def runtime_checks_bank(bank, index, unique: bool) -> None:
+    """The value checks of bank_gather (unique=False) and bank_update_ (unique=True), for the kernel impls."""
+    ensure_checked(*_bank_values(bank, index, unique))
 
 
 def check_offsets_shape(name: str, off, num_rows_name: str) -> None:
@@ -159,12 +297,7 @@ def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank
         tensors.update(bank=bank, bank_index=bank_index, bank_offsets=bank_offsets)
         dtypes.append(bank.dtype)
     device = check_same_device(**tensors)
-    offsets = [("x_offsets", x_offsets, M, "x")]
-    indices = []
-    if bank is not None:
-        offsets.append(("bank_offsets", bank_offsets, bank_index.shape[0], "bank_index"))
-        indices.append(("bank_index", bank_index, bank.shape[0], "bank"))
-    check_offsets_and_indices(offsets, indices)
+    check_offsets_and_indices(*_residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets))
     return device, dtypes
 
 
@@ -204,7 +337,7 @@ def check_bank_gather(bank, index):
     check_features("bank", bank)
     check_index_tensor("index", index)
     device = check_same_device(bank=bank, index=index)
-    check_offsets_and_indices([], [("index", index, bank.shape[0], "bank")])
+    check_offsets_and_indices(*_bank_values(bank, index, unique=False))
     return device, [bank.dtype]
 
 
@@ -224,7 +357,7 @@ def check_bank_update(bank, index, values, momentum, normalize):
     if bank.requires_grad:
         raise ValueError("bank must not require grad: it is a buffer updated in place, never differentiated")
     device = check_same_device(bank=bank, index=index, values=values)
-    check_offsets_and_indices([], [("index", index, bank.shape[0], "bank")], unique=("index", index))
+    check_offsets_and_indices(*_bank_values(bank, index, unique=True))
     return device, [bank.dtype, values.dtype]
 
 

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from dre_kernels import _checks
 from dre_kernels._gpu_host import (chunk_map, default_chunk_rows, next_pow2, prep_codewords,  # noqa: F401
                                      row_sources)
 
@@ -30,6 +31,8 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KERNEL_FILES = {
     "dre_re_fwd": "residual_encode.cu",
     "dre_re_bwd_soft": "residual_encode.cu",
+    "dre_re_fwd_tc": "residual_encode.cu",
+    "dre_re_bwd_tc": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
@@ -88,6 +91,13 @@ class CupyRuntime:
             code = f.read()
         return cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), backend="nvrtc")
 
+    @staticmethod
+    def tensor_cores(device) -> bool:
+        """mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off."""
+        if os.environ.get("DRE_KERNELS_CUDA_TENSOR_CORES", "1") == "0":
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
     def launch(self, name, grid, smem, device, args):
         if grid == 0:
             return
@@ -112,11 +122,15 @@ def set_runtime(rt):
     return prev
 
 
-def _launch(name, grid, smem, device, *args):
+def _get_runtime():
     global _runtime
     if _runtime is None:
         _runtime = CupyRuntime()
-    _runtime.launch(name, grid, smem, device, args)
+    return _runtime
+
+
+def _launch(name, grid, smem, device, *args):
+    _get_runtime().launch(name, grid, smem, device, args)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -132,29 +146,8 @@ def _is64(t) -> I32:
     return I32(1 if t.dtype == torch.int64 else 0)
 
 
-def _check_offsets(off, total, name, rows_name):
-    """offsets[0] == 0, non-decreasing, offsets[-1] == total (one synchronisation); guards the kernels' reads."""
-    if off.numel() < 1:
-        raise ValueError(f"dre cupy: {name} must hold B+1 >= 1 entries; got an empty tensor")
-    o = off.to(torch.int64)
-    step = (o[1:] - o[:-1]).min() if o.numel() > 1 else o.new_zeros(())
-    first, last, step = torch.stack([o[0], o[-1], step]).tolist()
-    if first != 0:
-        raise ValueError(f"dre cupy: {name}[0] must be 0; got {first}")
-    if step < 0:
-        raise ValueError(f"dre cupy: {name} must be non-decreasing")
-    if last != total:
-        raise ValueError(f"dre cupy: {name}[-1] must equal the number of rows of {rows_name} ({total}); got {last}")
-
-
-def _check_index(idx, rows, name, of_name):
-    if idx.numel() == 0:
-        return
-    lo, hi = (v.item() for v in torch.aminmax(idx.to(torch.int64)))
-    if lo < 0 or hi >= rows:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"dre cupy: {name} holds {bad}, out of range for {of_name} with {rows} rows "
-                         f"(valid: 0 to {rows - 1})")
+# Value checks (offsets, index ranges, duplicates): dre_kernels._checks.runtime_checks_*, shared with the triton
+# backend; free after an eager wrapper's check (its cache), one synchronisation when called from a compiled graph.
 
 
 # ---------------------------------------------------------------------------------------------- residual_encode
@@ -170,6 +163,36 @@ def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
     return R, DO, 4 * floats
 
 
+SMEM_LIMIT = 48 * 1024  # dynamic shared memory every launch may use without an opt-in
+
+
+def re_tc_config(K: int, D: int, backward: bool):
+    """(R, DO, DT, shared memory bytes) of the tensor-core kernels dre_re_fwd_tc / dre_re_bwd_tc, or None where
+    they do not fit (backward with K > 128). The launch rules written above those kernels in residual_encode.cu."""
+    k8, k16 = -(-K // 8) * 8, -(-K // 16)
+    DO = 8 * min(64 // k16, -(-D // 8))
+    tiles = 16 if backward else 32  # distance accumulator tiles of 16 x 8 per block
+    r_max = 16 * min(2 if backward else 4, tiles // (k8 // 8))
+    for DT in (32, 16):
+        for R in range(r_max, 15, -16):
+            mats = 4 if backward else 2
+            union = max(R * (DT + 8) + mats * k8 * (DT + 8), R * (DO + 8))  # 16-bit elements
+            floats = 5 * R + 3 * K + (2 if backward else 1) * R * (K + 1) + -(-union // 2)
+            if 4 * floats <= SMEM_LIMIT:
+                return R, DO, DT, 4 * floats
+    return None
+
+
+def _simt_config(K: int, D: int, backward: bool):
+    R, DO, smem = re_config(K, D, backward)
+    return R, DO, None, smem
+
+
+def _use_tensor_cores(rows) -> bool:
+    """The tensor-core kernels take 16-bit rows, on devices the runtime says have them (compute capability >= 8.0)."""
+    return rows.dtype in (torch.float16, torch.bfloat16) and _get_runtime().tensor_cores(rows.device)
+
+
 def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
     K, D = codewords.shape
     if not 1 <= K <= 256 or not 1 <= D <= 4096 or x.shape[1] != D:
@@ -182,7 +205,6 @@ def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, h
             raise ValueError(f"dre cupy: scale must have shape (K,) = ({K},) for soft assignment")
         _dt(scale, "scale")
     _is64(x_offsets)
-    _check_offsets(x_offsets, x.shape[0], "x_offsets", "x")
     if (bank is None) != (bank_index is None) or (bank is None) != (bank_offsets is None):
         raise ValueError("dre cupy: bank, bank_index and bank_offsets must be given together or not at all")
     if bank is not None:
@@ -193,8 +215,7 @@ def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, h
             raise ValueError("dre cupy: bank_offsets must have B+1 entries like x_offsets")
         _is64(bank_index)
         _is64(bank_offsets)
-        _check_offsets(bank_offsets, bank_index.numel(), "bank_offsets", "bank_index")
-        _check_index(bank_index, bank.shape[0], "bank_index", "bank")
+    _checks.runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets)
 
 
 def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, G=None, gx=None):
@@ -204,17 +225,19 @@ def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard,
     K, D = c32.shape
     chunk = default_chunk_rows(n_rows, rows.device)
     off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-    R, DO, smem = re_config(K, D, backward=False)
+    tc = re_tc_config(K, D, backward=False) if _use_tensor_cores(rows) else None
+    R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=False)
     if not with_e:
-        DO = 1
+        DO = 1 if tc is None else 8
     grid = slots * (-(-D // DO) if with_e else 1)
     gather = index is not None
-    _launch("dre_re_fwd", grid, smem, rows.device,
+    _launch("dre_re_fwd_tc" if tc else "dre_re_fwd", grid, smem, rows.device,
             ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
             ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
             ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
             ptr(G), ptr(gx), _dt(gx, "grad_x") if gx is not None else I32(0),
-            I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(int(with_e)), I32(R), I32(DO))
+            I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(int(with_e)), I32(R), I32(DO),
+            *((I32(DT),) if tc else ()))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
@@ -266,14 +289,16 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         chunk = default_chunk_rows(n_rows, dev)
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-        R, DO, smem = re_config(K, D, backward=True)
+        tc = re_tc_config(K, D, backward=True) if _use_tensor_cores(rows) else None
+        R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
         gather = index is not None
-        _launch("dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
+        _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
                 ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
                 ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
                 ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
                 ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc), ptr(gx), _dt(gx, "grad_x"),
-                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO))
+                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO),
+                *((I32(DT),) if tc else ()))
     if use_given_mass:
         mass_acc = mass.float()
     grad_c = -torch.einsum("bk,bkd->kd", mass_acc, G)
@@ -403,7 +428,7 @@ def bank_gather(bank, index):
     if bank.dim() != 2:
         raise ValueError(f"dre cupy: bank must be 2-D; got shape {tuple(bank.shape)}")
     n, D = index.shape[0], bank.shape[1]
-    _check_index(index, bank.shape[0], "index", "bank")
+    _checks.runtime_checks_bank(bank, index, unique=False)
     out = torch.empty((n, D), dtype=bank.dtype, device=bank.device)
     if n == 0 or D == 0:
         return out
@@ -420,9 +445,7 @@ def bank_update_(bank, index, values, momentum, normalize):
         raise ValueError(f"dre cupy: values must have shape (len(index), D) = ({n}, {D}); got {tuple(values.shape)}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"dre cupy: momentum must be in [0, 1]; got {momentum}")
-    _check_index(index, bank.shape[0], "index", "bank")
-    if n > 1 and bool((torch.sort(index.to(torch.int64)).values.diff() == 0).any()):
-        raise ValueError("dre cupy: index must not repeat an index (a row would be written twice); it does")
+    _checks.runtime_checks_bank(bank, index, unique=True)
     if n == 0 or D == 0:
         return
     idx = index.contiguous()

@@ -7,7 +7,9 @@
 One program handles ROWS rows with the whole (padded) width D in registers (D <= 4096), so the update reads each
 bank row and value once, normalises in registers and writes once: no float32 copy of the rows exists in memory.
 The bank is addressed through its strides (it is updated in place, so it may not be copied); indices may be int32
-or int64 and all address arithmetic is 64-bit. Indices are unique (checked in Python), so rows never race.
+or int64 and all address arithmetic is 64-bit. Indices are in range and unique (checked in Python by the
+wrapper, and again here by _checks.runtime_checks_bank: free for eager calls, real under torch.compile), so
+rows are never out of bounds and never race.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dre_kernels import _checks
 from dre_kernels.triton_kernels._common import next_pow2
 
 
@@ -55,6 +58,7 @@ def _rows_per_program(D: int) -> int:
 
 
 def bank_gather(bank, index):
+    _checks.runtime_checks_bank(bank, index, unique=False)
     n, D = index.shape[0], bank.shape[1]
     out = torch.empty((n, D), dtype=bank.dtype, device=bank.device)
     if n == 0 or D == 0:
@@ -67,6 +71,7 @@ def bank_gather(bank, index):
 
 
 def bank_update_(bank, index, values, momentum, normalize):
+    _checks.runtime_checks_bank(bank, index, unique=True)
     n, D = index.shape[0], bank.shape[1]
     if n == 0 or D == 0:
         return

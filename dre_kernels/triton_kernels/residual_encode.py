@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dre_kernels import _checks
 from dre_kernels._gpu_host import chunk_map, default_chunk_rows, next_pow2, prep_codewords, row_sources
 from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, launch, mm_ff, mm_fr, mm_rf
 
@@ -293,6 +294,7 @@ def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, wi
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
     """(E (B, K, D) in promote_types(x, codewords), mass (B, K) float32); see the module docstring."""
+    _checks.runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets)
     B = x_offsets.shape[0] - 1
     K, D = codewords.shape
     out_dtype = torch.promote_types(x.dtype, codewords.dtype)
@@ -308,6 +310,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                         need_grad_x, need_grad_codewords, need_grad_scale, *, mass=None, chunk_rows=None):
     """(grad x, grad codewords, grad scale); see the module docstring. `mass` (B, K), the forward's, lets the
     hard backward skip the bank rows entirely."""
+    _checks.runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets)
     B = x_offsets.shape[0] - 1
     K, D = codewords.shape
     dev = x.device
