@@ -31,6 +31,8 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KERNEL_FILES = {
     "dre_re_fwd": "residual_encode.cu",
     "dre_re_bwd_soft": "residual_encode.cu",
+    "dre_re_fwd_tc": "residual_encode.cu",
+    "dre_re_bwd_tc": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
@@ -89,6 +91,13 @@ class CupyRuntime:
             code = f.read()
         return cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), backend="nvrtc")
 
+    @staticmethod
+    def tensor_cores(device) -> bool:
+        """mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off."""
+        if os.environ.get("DRE_KERNELS_CUDA_TENSOR_CORES", "1") == "0":
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
     def launch(self, name, grid, smem, device, args):
         if grid == 0:
             return
@@ -113,11 +122,15 @@ def set_runtime(rt):
     return prev
 
 
-def _launch(name, grid, smem, device, *args):
+def _get_runtime():
     global _runtime
     if _runtime is None:
         _runtime = CupyRuntime()
-    _runtime.launch(name, grid, smem, device, args)
+    return _runtime
+
+
+def _launch(name, grid, smem, device, *args):
+    _get_runtime().launch(name, grid, smem, device, args)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -148,6 +161,36 @@ def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
     else:
         floats = 5 * R + 3 * K + R * (K + 1) + max(R * 17 + K * 17, 4096)
     return R, DO, 4 * floats
+
+
+SMEM_LIMIT = 48 * 1024  # dynamic shared memory every launch may use without an opt-in
+
+
+def re_tc_config(K: int, D: int, backward: bool):
+    """(R, DO, DT, shared memory bytes) of the tensor-core kernels dre_re_fwd_tc / dre_re_bwd_tc, or None where
+    they do not fit (backward with K > 128). The launch rules written above those kernels in residual_encode.cu."""
+    k8, k16 = -(-K // 8) * 8, -(-K // 16)
+    DO = 8 * min(64 // k16, -(-D // 8))
+    tiles = 16 if backward else 32  # distance accumulator tiles of 16 x 8 per block
+    r_max = 16 * min(2 if backward else 4, tiles // (k8 // 8))
+    for DT in (32, 16):
+        for R in range(r_max, 15, -16):
+            mats = 4 if backward else 2
+            union = max(R * (DT + 8) + mats * k8 * (DT + 8), R * (DO + 8))  # 16-bit elements
+            floats = 5 * R + 3 * K + (2 if backward else 1) * R * (K + 1) + -(-union // 2)
+            if 4 * floats <= SMEM_LIMIT:
+                return R, DO, DT, 4 * floats
+    return None
+
+
+def _simt_config(K: int, D: int, backward: bool):
+    R, DO, smem = re_config(K, D, backward)
+    return R, DO, None, smem
+
+
+def _use_tensor_cores(rows) -> bool:
+    """The tensor-core kernels take 16-bit rows, on devices the runtime says have them (compute capability >= 8.0)."""
+    return rows.dtype in (torch.float16, torch.bfloat16) and _get_runtime().tensor_cores(rows.device)
 
 
 def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
@@ -182,17 +225,19 @@ def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard,
     K, D = c32.shape
     chunk = default_chunk_rows(n_rows, rows.device)
     off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-    R, DO, smem = re_config(K, D, backward=False)
+    tc = re_tc_config(K, D, backward=False) if _use_tensor_cores(rows) else None
+    R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=False)
     if not with_e:
-        DO = 1
+        DO = 1 if tc is None else 8
     grid = slots * (-(-D // DO) if with_e else 1)
     gather = index is not None
-    _launch("dre_re_fwd", grid, smem, rows.device,
+    _launch("dre_re_fwd_tc" if tc else "dre_re_fwd", grid, smem, rows.device,
             ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
             ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
             ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
             ptr(G), ptr(gx), _dt(gx, "grad_x") if gx is not None else I32(0),
-            I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(int(with_e)), I32(R), I32(DO))
+            I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(int(with_e)), I32(R), I32(DO),
+            *((I32(DT),) if tc else ()))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
@@ -244,14 +289,16 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         chunk = default_chunk_rows(n_rows, dev)
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-        R, DO, smem = re_config(K, D, backward=True)
+        tc = re_tc_config(K, D, backward=True) if _use_tensor_cores(rows) else None
+        R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
         gather = index is not None
-        _launch("dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
+        _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
                 ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
                 ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
                 ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
                 ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc), ptr(gx), _dt(gx, "grad_x"),
-                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO))
+                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO),
+                *((I32(DT),) if tc else ()))
     if use_given_mass:
         mass_acc = mass.float()
     grad_c = -torch.einsum("bk,bkd->kd", mass_acc, G)

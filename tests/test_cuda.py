@@ -69,7 +69,7 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    assert len(declared) == 6
+    assert len(declared) == 8  # re_fwd, re_bwd_soft, their tensor-core variants, cl_fwd, cl_bwd, bank x2
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -321,6 +321,84 @@ def test_emu_residual_encode_bad_index_raises(emu):
         cupy_kernels.residual_encode_fwd(x.double(), xo, c, s, None, None, None, False)
 
 
+# ---------------------------------------------------------------------------------------------- tensor cores
+@pytest.fixture
+def emu_tc(emu):
+    """The emulation with the mma.sync kernels (dre_re_fwd_tc / dre_re_bwd_tc) chosen for 16-bit row sources."""
+    emu.use_tensor_cores = True
+    yield emu
+    emu.use_tensor_cores = False
+
+
+def _tc_launches(emu, n0):
+    return [name for name, _, _ in emu.launches[n0:] if name.endswith("_tc")]
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_emu_tc_residual_encode_ragged_with_bank(emu_tc, hard):
+    # float32 fresh rows (SIMT kernels) and a bf16 bank (tensor-core kernels); empty and one-row slides, odd K and D
+    n0 = len(emu_tc.launches)
+    _check_re(_re_inputs([3, 0, 70, 1, 5], [10, 4, 0, 1, 31], K=5, D=41), hard)
+    names = _tc_launches(emu_tc, n0)
+    assert "dre_re_fwd_tc" in names and (hard or "dre_re_bwd_tc" in names)
+
+
+@pytest.mark.parametrize("x_dtype,bank_dtype,c_dtype", [
+    (torch.bfloat16, torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+])
+def test_emu_tc_residual_encode_16bit_rows_int32_strided(emu_tc, x_dtype, bank_dtype, c_dtype):
+    # every source on the tensor cores: fresh rows too, so grad x comes from dre_re_bwd_tc
+    args = _re_inputs([30, 2, 0], [9, 17, 3], K=7, D=33, x_dtype=x_dtype, bank_dtype=bank_dtype, c_dtype=c_dtype,
+                      index_dtype=torch.int32, strided=True)
+    out = torch.promote_types(x_dtype, c_dtype)
+    n0 = len(emu_tc.launches)
+    for hard in (False, True):
+        _check_re(args, hard=hard, dtype=out if out != torch.float32 else x_dtype)
+    names = _tc_launches(emu_tc, n0)
+    assert "dre_re_bwd_tc" in names and not any(n == "dre_re_fwd" for n, _, _ in emu_tc.launches[n0:])
+
+
+def test_emu_tc_residual_encode_tiles_and_large_k(emu_tc):
+    # K=64, D=300: R=64 rows, DO=128 columns (3 column tiles); K=128: backward R=16, DT=16; K=256: forward DT=16,
+    # backward falls back to the SIMT kernel (its tiles do not fit 48 KB of shared memory)
+    from dre_kernels.cupy_kernels import re_tc_config
+    assert re_tc_config(64, 300, False)[:3] == (64, 128, 32) and re_tc_config(256, 70, True) is None
+    n0 = len(emu_tc.launches)
+    _check_re(_re_inputs([40, 9], [20, 70], K=64, D=300, x_dtype=torch.bfloat16), hard=False, dtype=torch.bfloat16)
+    _check_re(_re_inputs([17], [40], K=128, D=24, x_dtype=torch.bfloat16), hard=False, dtype=torch.bfloat16)
+    _check_re(_re_inputs([33], [12], K=256, D=40, x_dtype=torch.float16), hard=True, dtype=torch.float16)
+    _check_re(_re_inputs([5], [12], K=256, D=17, x_dtype=torch.float16), hard=False, dtype=torch.float16)
+    names = [n for n, _, _ in emu_tc.launches[n0:]]
+    assert "dre_re_bwd_tc" in names and "dre_re_bwd_soft" in names and "dre_re_fwd" not in names
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_emu_tc_residual_encode_long_slide_duplicates(emu_tc, hard):
+    # one 600-row bank slide split over several blocks (atomics), with repeated bank indices
+    args = list(_re_inputs([3, 7], [600, 5], K=9, D=20, T=40))
+    assert torch.unique(args[5]).numel() < args[5].numel()
+    _check_re(tuple(args), hard)
+
+
+def test_emu_tc_matches_simt_closely(emu):
+    # the split-operand MMAs keep ~16 mantissa bits of C and a: E (float32: float32 fresh rows, bf16 bank on the
+    # tensor cores) agrees with the SIMT float32 kernels to ~1e-5 of its size
+    x, xo, c, s, bank, bi, bo = _re_inputs([20], [300], K=16, D=64)
+    E0, m0 = cupy_kernels.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False)
+    emu.use_tensor_cores = True
+    try:
+        n0 = len(emu.launches)
+        E1, m1 = cupy_kernels.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False)
+        assert _tc_launches(emu, n0)
+    finally:
+        emu.use_tensor_cores = False
+    torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-4)
+    assert E1.dtype == torch.float32
+    torch.testing.assert_close(E1, E0, rtol=1e-5, atol=1e-5 * float(E0.abs().max()))
+
+
 def _check_cl(B, P, labels, normalize, dtype=torch.float32, scale=3.0):
     g = torch.Generator().manual_seed(B + P)
     a = torch.randn(B, P, generator=g).to(dtype)
@@ -438,6 +516,35 @@ def test_gpu_mixed_dtypes(gpu_backend):
                  bank_dtype=torch.bfloat16)
     _gpu_re_case(gpu_backend, [500, 40], [900, 7], K=32, D=384, hard=True, x_dtype=torch.float32,
                  bank_dtype=torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,D", [(64, 384), (7, 33), (128, 200), (256, 96)])
+def test_gpu_tensor_core_kernels_match_simt(gpu_backend, monkeypatch, rows_dtype, K, D):
+    """16-bit rows take the mma.sync kernels on sm_80+; DRE_KERNELS_CUDA_TENSOR_CORES=0 forces the SIMT ones."""
+    if gpu_backend not in ("native", "cupy"):
+        pytest.skip("the switch selects between csrc/cuda kernels only")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync bf16/fp16 needs compute capability 8.0")
+    x, xo, c, s, bank, bi, bo = [t.cuda() for t in _re_inputs([300, 1, 0, 77], [2000, 5, 9, 0], K=K, D=D,
+                                                              x_dtype=rows_dtype, bank_dtype=rows_dtype, T=1500)]
+    out = {}
+    for tc in ("1", "0"):
+        monkeypatch.setenv("DRE_KERNELS_CUDA_TENSOR_CORES", tc)
+        for hard in (False, True):
+            xr, cr = x.clone().requires_grad_(), c.clone().requires_grad_()
+            sr = None if hard else s.clone().requires_grad_()
+            E, mass = dre_kernels.residual_encode(xr, xo, cr, sr, bank=bank, bank_index=bi, bank_offsets=bo,
+                                                  assignment="hard" if hard else "soft", return_mass=True,
+                                                  backend=gpu_backend)
+            gE = torch.randn(E.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+            grads = torch.autograd.grad(E.float(), [xr, cr] + ([] if hard else [sr]), gE)
+            out[tc, hard] = (E.float(), mass) + tuple(g.float() for g in grads)
+    for hard in (False, True):
+        for name, a, b in zip(["E", "mass", "grad x", "grad c", "grad s"], out["1", hard], out["0", hard]):
+            mag = max(1.0, float(b.abs().max()))
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * mag, msg=f"{name} (hard={hard})")
 
 
 @pytest.mark.cuda

@@ -98,4 +98,49 @@ DRE_DEVICE void warp_argmin(float& v, int& k) {
   }
 }
 
+
+// ------------------------------------------------------------------ tensor cores (sm_80 and newer)
+// The 16-bit dtype of a row source (DT_F16 or DT_BF16) is the MMA input type; float32 operands that meet those rows
+// (codewords, assignments, gradients) are split v ~= hi + lo into two 16-bit values and multiplied in two MMAs:
+// ~16 (bf16) or ~22 (fp16) mantissa bits of the operand, products exact, float32 accumulation.
+DRE_DEVICE float from_16(unsigned short u, int dt) { return dt == DT_BF16 ? bf16_to_f32(u) : f16_to_f32(u); }
+DRE_DEVICE unsigned short to_16(float v, int dt) { return dt == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+DRE_DEVICE void split_16(float v, int dt, unsigned short& hi, unsigned short& lo) {
+  hi = to_16(v, dt);
+  lo = to_16(v - from_16(hi, dt), dt);
+}
+DRE_DEVICE unsigned pack_16(unsigned short lo, unsigned short hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+// two adjacent 16-bit values (p 4-byte aligned) as one MMA register
+DRE_DEVICE unsigned lds_pair(const unsigned short* p) {
+#ifdef DRE_CUDA_EMULATE
+  if (((unsigned long long)p) & 3ull) __builtin_trap();  // a misaligned 32-bit shared load faults on the GPU
+  return pack_16(p[0], p[1]);
+#else
+  return *(const unsigned*)p;
+#endif
+}
+
+// d (16x8 float32 tile) += A (16x16, row-major) B (16x8, column-major): mma.sync.aligned.m16n8k16, one warp.
+// Fragments (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4, low half = lower column:
+//   a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];   d[e] = D[g + 8 (e / 2)][2t + e % 2]
+DRE_DEVICE void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt) {
+#if defined(DRE_CUDA_EMULATE)
+  dre_emu::mma_16816(d, a, b, dt);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (dt == DT_BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the host launches the tensor-core kernels only on compute capability >= 8.0
+#endif
+}
+
 }  // namespace dre_cuda

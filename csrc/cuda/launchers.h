@@ -21,6 +21,19 @@ cudaError_t re_bwd_soft(unsigned grid, unsigned smem, cudaStream_t stream, const
                         const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, void* gx,
                         int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c, int R, int DO);
 
+// the tensor-core variants (sm_80+, 16-bit rows): the same arguments and the distance step DT
+cudaError_t re_fwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                      i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                      const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
+                      float* mass_out, const float* G, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard,
+                      int with_e, int R, int DO, int DT);
+
+cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                      i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                      const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
+                      const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, void* gx,
+                      int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c, int R, int DO, int DT);
+
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
                    int has_labels, const float* scale, const float* ref, float* rlse, float* rpos, double* csum,

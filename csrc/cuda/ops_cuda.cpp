@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "cuda/launchers.h"
@@ -115,6 +117,45 @@ ReConfig re_config(int K, int D, bool backward) {
   return c;
 }
 
+// The tensor-core kernels' launch rule (residual_encode.cu; mirrored by dre_kernels/cupy_kernels.re_tc_config): DO
+// output columns with ceil(K/16) DO/8 <= 64 accumulator tiles, R rows with (R/16) ceil(K/8) <= 32 (forward) or 16
+// (backward) distance tiles, DT = 32 or 16 columns per distance step; the largest R, DT whose shared memory fits
+// 48 KB, else none (dt = 0: the SIMT kernels run).
+struct ReTcConfig {
+  int R = 0, DO = 0, DT = 0;
+  unsigned smem = 0;
+};
+
+ReTcConfig re_tc_config(int K, int D, bool backward) {
+  const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16;
+  ReTcConfig c;
+  const int DO = 8 * std::min(64 / k16, (D + 7) / 8);
+  const int tiles = backward ? 16 : 32;
+  const int r_max = 16 * std::min(backward ? 2 : 4, tiles / (k8 / 8));
+  for (int DT : {32, 16}) {
+    for (int R = r_max; R >= 16; R -= 16) {
+      const int mats = backward ? 4 : 2;
+      const int un = std::max(R * (DT + 8) + mats * k8 * (DT + 8), R * (DO + 8));
+      const int floats = 5 * R + 3 * K + (backward ? 2 : 1) * R * (K + 1) + (un + 1) / 2;
+      if (4 * floats <= 48 * 1024) {
+        c.R = R;
+        c.DO = DO;
+        c.DT = DT;
+        c.smem = 4u * static_cast<unsigned>(floats);
+        return c;
+      }
+    }
+  }
+  return c;
+}
+
+// mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off
+bool use_tensor_cores(const at::Tensor& rows) {
+  if (rows.scalar_type() != at::kHalf && rows.scalar_type() != at::kBFloat16) return false;
+  const char* v = std::getenv("DRE_KERNELS_CUDA_TENSOR_CORES");  // read per call: benchmarks switch it in-process
+  return (v == nullptr || std::string(v) != "0") && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
 struct ChunkMap {
   at::Tensor off, slide, cstart;
   int64_t slots = 0, chunk = 0;
@@ -211,20 +252,33 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   if (B == 0 || s.n_rows == 0) return;
   const int K = static_cast<int>(p.c32.size(0)), D = static_cast<int>(p.c32.size(1));
   const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+  const ReTcConfig tc = use_tensor_cores(s.rows) ? re_tc_config(K, D, false) : ReTcConfig();
   ReConfig cfg = re_config(K, D, false);
-  if (!with_e) cfg.DO = 1;
+  if (tc.DT) cfg = ReConfig{tc.R, tc.DO, tc.smem};
+  if (!with_e) cfg.DO = tc.DT ? 8 : 1;
   const int64_t grid = m.slots * (with_e ? (D + cfg.DO - 1) / cfg.DO : 1);
   TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
   const bool gather = s.index.has_value();
-  launched(dre_cuda_launch::re_fwd(
-               static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
-               dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
-               gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, lp(m.off),
-               lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
-               p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, G ? G->data_ptr<float>() : nullptr,
-               gx ? gx->data_ptr() : nullptr, gx ? dt(*gx, "grad_x") : 0, B, K, D, m.chunk, hard ? 1 : 0,
-               with_e ? 1 : 0, cfg.R, cfg.DO),
-           "dre_re_fwd");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
+  const int gx_dt = gx ? dt(*gx, "grad_x") : 0;
+  const void* idx = gather ? s.index->data_ptr() : nullptr;
+  const float* Gp = G ? G->data_ptr<float>() : nullptr;
+  void* gxp = gx ? gx->data_ptr() : nullptr;
+  if (tc.DT)
+    launched(dre_cuda_launch::re_fwd_tc(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt,
+                                        s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off),
+                                        lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(), p.csq.data_ptr<float>(),
+                                        p.s32.data_ptr<float>(), acc, mass, Gp, gxp, gx_dt, B, K, D, m.chunk,
+                                        hard ? 1 : 0, with_e ? 1 : 0, cfg.R, cfg.DO, tc.DT),
+             "dre_re_fwd_tc");
+  else
+    launched(dre_cuda_launch::re_fwd(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt,
+                                     s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off),
+                                     lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(), p.csq.data_ptr<float>(),
+                                     p.s32.data_ptr<float>(), acc, mass, Gp, gxp, gx_dt, B, K, D, m.chunk,
+                                     hard ? 1 : 0, with_e ? 1 : 0, cfg.R, cfg.DO),
+             "dre_re_fwd");
 }
 
 std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_cuda(
@@ -284,20 +338,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
       continue;
     }
     const ChunkMap m = chunk_map(s.offsets, s.n_rows);
-    const ReConfig cfg = re_config(static_cast<int>(K), static_cast<int>(D), true);
+    const ReTcConfig tc = use_tensor_cores(s.rows) ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
+                                                   : ReTcConfig();
+    const ReConfig cfg = tc.DT ? ReConfig{tc.R, tc.DO, tc.smem}
+                               : re_config(static_cast<int>(K), static_cast<int>(D), true);
     const int64_t grid = m.slots * ((D + cfg.DO - 1) / cfg.DO);
     TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
     const bool gather = s.index.has_value();
-    launched(dre_cuda_launch::re_bwd_soft(
-                 static_cast<unsigned>(grid), cfg.smem, at::cuda::getCurrentCUDAStream(), s.rows.data_ptr(),
-                 dt(s.rows, "rows"), s.rows.stride(0), s.rows.stride(1), gather ? s.index->data_ptr() : nullptr,
-                 gather ? is64(*s.index, "bank_index") : 1, gather ? 1 : 0, lp(m.off),
-                 lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
-                 p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
-                 hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(),
-                 gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K), static_cast<int>(D), m.chunk,
-                 write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO),
-             "dre_re_bwd_soft");
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
+    const void* idx = gather ? s.index->data_ptr() : nullptr;
+    if (tc.DT)
+      launched(dre_cuda_launch::re_bwd_tc(
+                   static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
+                   s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart),
+                   p.c32.data_ptr<float>(), p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(),
+                   gc.data_ptr<float>(), hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
+                   mass_acc.data_ptr<float>(), gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K),
+                   static_cast<int>(D), m.chunk, write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO, tc.DT),
+               "dre_re_bwd_tc");
+    else
+      launched(dre_cuda_launch::re_bwd_soft(
+                   static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
+                   s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart),
+                   p.c32.data_ptr<float>(), p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(),
+                   gc.data_ptr<float>(), hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
+                   mass_acc.data_ptr<float>(), gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K),
+                   static_cast<int>(D), m.chunk, write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO),
+               "dre_re_bwd_soft");
   }
   if (use_given_mass) mass_acc = mass->to(at::kFloat);
   at::Tensor grad_c = -(mass_acc.unsqueeze(2) * G).sum(0);

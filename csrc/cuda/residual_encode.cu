@@ -20,7 +20,13 @@
 // The kernel adds hx = sum_i h_ik x_i, hsum, gs = -sum_i h_ik d_ik and mass atomically; the host finishes grad c.
 // Hard backward: grad x_i = G_{b,k(i)} (dre_re_fwd with G given writes it), grad c from the forward's mass.
 //
-// Launch rules (mirrored by the host launchers below and by dre_kernels/cupy_backend.py): 256 threads;
+// Tensor cores (dre_re_fwd_tc, dre_re_bwd_tc): a source of bf16/fp16 rows on compute capability >= 8.0 runs the same
+// algorithm with the products X C^T, X G^T, A^T X and H^T X on mma.sync.m16n8k16 (16-bit inputs as stored, the float32
+// operand split into hi + lo 16-bit parts: two MMAs, ~16 mantissa bits, float32 accumulation), as the Triton kernels
+// do; float32 rows, older GPUs and DRE_KERNELS_CUDA_TENSOR_CORES=0 take the SIMT kernels. Their launch rule is
+// re_tc_config in ops_cuda.cpp / cupy_kernels.py.
+//
+// Launch rules (mirrored by the host launchers below and by dre_kernels/cupy_kernels.py): 256 threads;
 //   forward:  R = min(64, 4096 / K) rows per step, DO = min(256, 8192 / K, D), grid = slots * ceil(D / DO)
 //             (slots only, DO = 1, without E), shared floats re_fwd_smem_floats(R, K)
 //   backward: R = min(64, 2048 / K), the same DO, grid = slots * ceil(D / DO), shared re_bwd_smem_floats(R, K)
@@ -35,7 +41,219 @@ DRE_DEVICE i64 lmin(i64 a, i64 b) { return a < b ? a : b; }
 
 // shared memory layout (floats): roff (2R, int64) | kmin (R, int) | xsq (R) | shr (R) | msum, hsum, gsum (3K) |
 // A (R(K+1)) [| H (R(K+1)) backward] | union{ xs (R(DT+1)) + cs (K(DT+1)) [+ gs (K(DT+1))], xo (RE_XO) }
+// (the tensor-core kernels: the union holds 16-bit tiles instead, see re_tc_smem_floats in the host rules)
 DRE_DEVICE int re_phase1_floats(int R, int K, int DT, int nmat) { return R * (DT + 1) + nmat * K * (DT + 1); }
+
+// The rows [lo, hi) of chunk pid_c (of slide b); false when the slot is past the last chunk or empty.
+DRE_DEVICE bool re_chunk_rows(i64 pid_c, const i64* off, const i64* slide, const i64* cstart, i64 B, i64 chunk,
+                              i64& b, i64& lo, i64& hi) {
+  b = slide[pid_c];
+  if (b >= B) return false;
+  lo = off[b] + (pid_c - cstart[b]) * chunk;
+  hi = lmin(off[b + 1], lo + chunk);
+  return lo < hi;
+}
+
+// Element offsets (row * s_r) of this step's rows into roff; xsq zeroed. Rows past nr point at row 0 (never read).
+DRE_DEVICE void re_row_offsets(i64* roff, float* xsq, i64 r0, int nr, int R, const void* idx, int idx64, int gather,
+                               i64 s_r, int tid) {
+  for (int r = tid; r < R; r += NTHREADS) {
+    roff[r] = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) * s_r : 0;
+    xsq[r] = 0.f;
+  }
+}
+
+// Forward (2): row r of A (distances, row stride K + 1) becomes softmax_k(-s_k d_rk), or the one-hot of its first
+// argmin (kmin[r] = k); rows past nr become zeros. One warp per row. Then msum_k += sum_r A_rk.
+DRE_DEVICE void re_assign_fwd(float* A, int* kmin, float* msum, int nr, int R, int K, int hard, const float* scale,
+                              int tid) {
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int r = warp; r < R; r += NTHREADS / 32) {
+    float* ar = A + r * (K + 1);
+    if (r >= nr) {
+      for (int k = lane; k < K; k += 32) ar[k] = 0.f;
+      continue;
+    }
+    if (hard) {
+      float bv = f_inf();
+      int bk = K;
+      for (int k = lane; k < K; k += 32)
+        if (argmin_better(ar[k], k, bv, bk)) {
+          bv = ar[k];
+          bk = k;
+        }
+      warp_argmin(bv, bk);
+      for (int k = lane; k < K; k += 32) ar[k] = k == bk ? 1.f : 0.f;
+      if (lane == 0) kmin[r] = bk;
+    } else {
+      float m = -f_inf();
+      for (int k = lane; k < K; k += 32) m = fmaxf(m, -scale[k] * ar[k]);
+      m = warp_max(m);
+      float sum = 0.f;
+      for (int k = lane; k < K; k += 32) {
+        const float e = expf(-scale[k] * ar[k] - m);
+        ar[k] = e;
+        sum += e;
+      }
+      sum = warp_sum(sum);
+      const float inv = 1.f / sum;
+      for (int k = lane; k < K; k += 32) ar[k] *= inv;
+    }
+  }
+  __syncthreads();
+  for (int k = tid; k < K; k += NTHREADS) {
+    float s = 0.f;
+    for (int r = 0; r < nr; ++r) s += A[r * (K + 1) + k];
+    msum[k] += s;
+  }
+}
+
+// Hard backward: grad x rows are rows of G (fresh rows: the row index is the position itself).
+DRE_DEVICE void re_hard_grad_rows(void* gx, int gx_dt, const float* G, const int* kmin, i64 b, i64 r0, int nr, int K,
+                                  int D, int tid) {
+  for (i64 e = tid; e < (i64)nr * D; e += NTHREADS) {
+    const int r = (int)(e / D), d = (int)(e % D);
+    store_f(gx, (r0 + r) * D + d, G[((i64)b * K + kmin[r]) * D + d], gx_dt);
+  }
+}
+
+// Soft backward (2), one warp per row: A (distances) becomes a = softmax, H (g) becomes h = a (g - <a, g>);
+// shr_r = sum_k s_k h_rk; with acc_k: msum += a, hsum += h, gsum -= h d (shared atomics). Rows past nr: zeros.
+DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float* hsum, float* gsum, int nr, int R,
+                              int K, const float* scale, int acc_k, int tid) {
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int r = warp; r < R; r += NTHREADS / 32) {
+    float* ar = A + r * (K + 1);
+    float* hr = H + r * (K + 1);
+    if (r >= nr) {
+      for (int k = lane; k < K; k += 32) ar[k] = hr[k] = 0.f;
+      if (lane == 0) shr[r] = 0.f;
+      continue;
+    }
+    float m = -f_inf();
+    for (int k = lane; k < K; k += 32) m = fmaxf(m, -scale[k] * ar[k]);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int k = lane; k < K; k += 32) sum += expf(-scale[k] * ar[k] - m);
+    sum = warp_sum(sum);
+    const float inv = 1.f / sum;
+    float ag = 0.f;
+    for (int k = lane; k < K; k += 32) ag += expf(-scale[k] * ar[k] - m) * inv * hr[k];
+    ag = warp_sum(ag);
+    float sh = 0.f;
+    for (int k = lane; k < K; k += 32) {
+      const float dist = ar[k];
+      const float a = expf(-scale[k] * dist - m) * inv;
+      const float h = a * (hr[k] - ag);
+      ar[k] = a;
+      hr[k] = h;
+      sh += scale[k] * h;
+      if (acc_k) {
+        atomicAdd(msum + k, a);
+        atomicAdd(hsum + k, h);
+        atomicAdd(gsum + k, -h * dist);
+      }
+    }
+    sh = warp_sum(sh);
+    if (lane == 0) shr[r] = sh;
+  }
+}
+
+// grad x of one fresh row and column: sum_k a_rk G_bk + 2 s_k h_rk c_k - 2 shr_r x_r (x_rd given as xv)
+DRE_DEVICE float re_grad_x(const float* ar, const float* hr, const float* Gb, const float* C, const float* scale,
+                           float shr_r, float xv, int K, int D, int dcol) {
+  float v = 0.f;
+  for (int k = 0; k < K; ++k) {
+    const i64 o = (i64)k * D + dcol;
+    v += ar[k] * Gb[o] + 2.f * scale[k] * hr[k] * C[o];
+  }
+  return v - 2.f * shr_r * xv;
+}
+
+// ---- tensor-core tiles (sm_80+): the distance products and a^T x / h^T x as mma.sync m16n8k16 (dre_common.cuh)
+// 16-bit shared tiles have a row stride of width + 8 elements: 4-byte aligned pairs, and the 8 rows a fragment
+// load touches fall in distinct banks.
+
+// xs (R x DT, 16-bit) = columns [dd, dd + DT) of this step's rows as stored; zeros past nr and D
+DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64* roff, i64 s_c, int nr, int R, int D,
+                                int dd, int DT, int tid) {
+  const int ld = DT + 8;
+  for (int e = tid; e < R * DT; e += NTHREADS) {
+    const int r = e / DT, d = e % DT;
+    xs[r * ld + d] = (r < nr && dd + d < D) ? ((const unsigned short*)rows)[roff[r] + (i64)(dd + d) * s_c] : 0;
+  }
+}
+
+// p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D
+DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
+                                 int dd, int DT, int tid) {
+  const int ld = DT + 8, K8 = (K + 7) & ~7;
+  for (int e = tid; e < K8 * DT; e += NTHREADS) {
+    const int k = e / DT, d = e % DT;
+    unsigned short hi, lo;
+    split_16(k < K && dd + d < D ? P[(i64)k * D + dd + d] : 0.f, dt, hi, lo);
+    p_hi[k * ld + d] = hi;
+    p_lo[k * ld + d] = lo;
+  }
+}
+
+// acc (4 floats) += X[16 mi.., :] P^T[:, 8 ni..] over one DT-wide tile pair (P = hi + lo: two MMAs per k-step)
+DRE_DEVICE void re_tc_dot_tile(float* acc, const unsigned short* xs, const unsigned short* p_hi,
+                               const unsigned short* p_lo, int mi, int ni, int DT, int dt, int lane) {
+  const int ld = DT + 8, g = lane >> 2, t = lane & 3;
+  for (int kk = 0; kk < DT; kk += 16) {
+    const unsigned short* xa = xs + (16 * mi + g) * ld + kk + 2 * t;
+    const unsigned a[4] = {lds_pair(xa), lds_pair(xa + 8 * ld), lds_pair(xa + 8), lds_pair(xa + 8 * ld + 8)};
+    const int pb = (8 * ni + g) * ld + kk + 2 * t;
+    unsigned b[2] = {lds_pair(p_hi + pb), lds_pair(p_hi + pb + 8)};
+    mma_16816(acc, a, b, dt);
+    b[0] = lds_pair(p_lo + pb);
+    b[1] = lds_pair(p_lo + pb + 8);
+    mma_16816(acc, a, b, dt);
+  }
+}
+
+// xo (R x DO, 16-bit) = columns [d0, d0 + dn) of this step's rows; zeros elsewhere
+DRE_DEVICE void re_tc_load_cols(unsigned short* xo, const void* rows, const i64* roff, i64 s_c, int nr, int R, int DO,
+                                int d0, int dn, int tid) {
+  const int ld = DO + 8;
+  for (int e = tid; e < R * DO; e += NTHREADS) {
+    const int r = e / DO, d = e % DO;
+    xo[r * ld + d] = (r < nr && d < dn) ? ((const unsigned short*)rows)[roff[r] + (i64)(d0 + d) * s_c] : 0;
+  }
+}
+
+// acc (8 tiles x 4 floats) += W^T X for the output tiles q = 8 warp + j of the K16 x DO/8 grid: W (R x K float32,
+// row stride K + 1: assignments or h) split into hi + lo, X = xo (R x DO, 16-bit). Rows nr..R of W are zero.
+DRE_DEVICE void re_tc_aggregate(float* acc, const float* W, const unsigned short* xo, int nr, int K, int DO, int dt,
+                                int warp, int lane) {
+  const int ld = DO + 8, g = lane >> 2, t = lane & 3, ntn = DO / 8, tiles = ((K + 15) / 16) * ntn;
+  for (int kr = 0; kr < nr; kr += 16) {
+    int cur = -1;
+    unsigned a_hi[4], a_lo[4];
+#pragma unroll
+    for (int j = 0; j < RE_EPT / 4; ++j) {
+      const int q = warp * (RE_EPT / 4) + j;
+      if (q >= tiles) break;
+      const int mi = q / ntn, ni = q % ntn;
+      if (mi != cur) {  // A^T fragment: element (m = codeword, kk = row) = W[row][codeword]
+        cur = mi;
+        for (int i = 0; i < 4; ++i) {
+          const int m = 16 * mi + g + 8 * (i & 1), r = kr + 2 * t + 8 * (i >> 1);
+          unsigned short h0, l0, h1, l1;
+          split_16(m < K ? W[r * (K + 1) + m] : 0.f, dt, h0, l0);
+          split_16(m < K ? W[(r + 1) * (K + 1) + m] : 0.f, dt, h1, l1);
+          a_hi[i] = pack_16(h0, h1);
+          a_lo[i] = pack_16(l0, l1);
+        }
+      }
+      const unsigned short* xb = xo + (kr + 2 * t) * ld + 8 * ni + g;
+      const unsigned b[2] = {pack_16(xb[0], xb[ld]), pack_16(xb[8 * ld], xb[9 * ld])};
+      mma_16816(acc + 4 * j, a_hi, b, dt);
+      mma_16816(acc + 4 * j, a_lo, b, dt);
+    }
+  }
+}
 
 }  // namespace dre_cuda
 
@@ -48,16 +266,13 @@ DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, cons
                            const float* scale, float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
                            i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO) {
   DRE_DYN_SMEM(smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int ndt = with_e ? (D + DO - 1) / DO : 1;
   const i64 pid = blockIdx.x;
   const i64 pid_c = pid / ndt;
   const int pid_d = (int)(pid % ndt);
-  const i64 b = slide[pid_c];
-  if (b >= B) return;
-  const i64 lo = off[b] + (pid_c - cstart[b]) * chunk;
-  const i64 hi = lmin(off[b + 1], lo + chunk);
-  if (lo >= hi) return;
+  i64 b, lo, hi;
+  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
   const int DT = RE_DT_FWD;
   const int d0 = pid_d * DO;
   const int dn = with_e ? imin(DO, D - d0) : 0;
@@ -80,10 +295,7 @@ DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, cons
 
   for (i64 r0 = lo; r0 < hi; r0 += R) {
     const int nr = (int)lmin((i64)R, hi - r0);
-    for (int r = tid; r < R; r += NTHREADS) {
-      roff[r] = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) * s_r : 0;
-      xsq[r] = 0.f;
-    }
+    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
     __syncthreads();
     // (1) distances
     float dot[RE_PPT];
@@ -133,52 +345,9 @@ DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, cons
       }
     }
     __syncthreads();
-    // (2) assignments, one warp per row; rows past nr become zeros
-    for (int r = warp; r < R; r += NTHREADS / 32) {
-      float* ar = A + r * (K + 1);
-      if (r >= nr) {
-        for (int k = lane; k < K; k += 32) ar[k] = 0.f;
-        continue;
-      }
-      if (hard) {
-        float bv = f_inf();
-        int bk = K;
-        for (int k = lane; k < K; k += 32)
-          if (argmin_better(ar[k], k, bv, bk)) {
-            bv = ar[k];
-            bk = k;
-          }
-        warp_argmin(bv, bk);
-        for (int k = lane; k < K; k += 32) ar[k] = k == bk ? 1.f : 0.f;
-        if (lane == 0) kmin[r] = bk;
-      } else {
-        float m = -f_inf();
-        for (int k = lane; k < K; k += 32) m = fmaxf(m, -scale[k] * ar[k]);
-        m = warp_max(m);
-        float sum = 0.f;
-        for (int k = lane; k < K; k += 32) {
-          const float e = expf(-scale[k] * ar[k] - m);
-          ar[k] = e;
-          sum += e;
-        }
-        sum = warp_sum(sum);
-        const float inv = 1.f / sum;
-        for (int k = lane; k < K; k += 32) ar[k] *= inv;
-      }
-    }
-    __syncthreads();
-    for (int k = tid; k < K; k += NTHREADS) {
-      float s = 0.f;
-      for (int r = 0; r < nr; ++r) s += A[r * (K + 1) + k];
-      msum[k] += s;
-    }
-    // hard backward: grad x rows are rows of G (fresh rows: the row index is the position itself)
-    if (G != 0) {
-      for (i64 e = tid; e < (i64)nr * D; e += NTHREADS) {
-        const int r = (int)(e / D), d = (int)(e % D);
-        store_f(gx, (r0 + r) * D + d, G[((i64)b * K + kmin[r]) * D + d], gx_dt);
-      }
-    }
+    // (2) assignments and their column sums
+    re_assign_fwd(A, kmin, msum, nr, R, K, hard, scale, tid);
+    if (G != 0) re_hard_grad_rows(gx, gx_dt, G, kmin, b, r0, nr, K, D, tid);
     // (3) aggregation a^T x over this block's column tile
     if (with_e) {
       for (int rs = 0; rs < nr; rs += RS) {
@@ -228,16 +397,13 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
                                 float* hsum_out, float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K,
                                 int D, i64 chunk, int write_gx, int need_c, int R, int DO) {
   DRE_DYN_SMEM(smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int ndt = (D + DO - 1) / DO;
   const i64 pid = blockIdx.x;
   const i64 pid_c = pid / ndt;
   const int pid_d = (int)(pid % ndt);
-  const i64 b = slide[pid_c];
-  if (b >= B) return;
-  const i64 lo = off[b] + (pid_c - cstart[b]) * chunk;
-  const i64 hi = lmin(off[b + 1], lo + chunk);
-  if (lo >= hi) return;
+  i64 b, lo, hi;
+  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
   const int DT = RE_DT_BWD;
   const int d0 = pid_d * DO;
   const int dn = imin(DO, D - d0);
@@ -265,10 +431,7 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
 
   for (i64 r0 = lo; r0 < hi; r0 += R) {
     const int nr = (int)lmin((i64)R, hi - r0);
-    for (int r = tid; r < R; r += NTHREADS) {
-      roff[r] = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) * s_r : 0;
-      xsq[r] = 0.f;
-    }
+    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
     __syncthreads();
     float dot[RE_PPT], dotg[RE_PPT];
 #pragma unroll
@@ -320,41 +483,7 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
     }
     __syncthreads();
     // per row: a (softmax), h = a (g - <a, g>); mass, hsum and gsum by shared atomics; shr_r = sum_k s_k h_rk
-    for (int r = warp; r < R; r += NTHREADS / 32) {
-      float* ar = A + r * (K + 1);
-      float* hr = H + r * (K + 1);
-      if (r >= nr) {
-        for (int k = lane; k < K; k += 32) ar[k] = hr[k] = 0.f;
-        if (lane == 0) shr[r] = 0.f;
-        continue;
-      }
-      float m = -f_inf();
-      for (int k = lane; k < K; k += 32) m = fmaxf(m, -scale[k] * ar[k]);
-      m = warp_max(m);
-      float sum = 0.f;
-      for (int k = lane; k < K; k += 32) sum += expf(-scale[k] * ar[k] - m);
-      sum = warp_sum(sum);
-      const float inv = 1.f / sum;
-      float ag = 0.f;
-      for (int k = lane; k < K; k += 32) ag += expf(-scale[k] * ar[k] - m) * inv * hr[k];
-      ag = warp_sum(ag);
-      float sh = 0.f;
-      for (int k = lane; k < K; k += 32) {
-        const float dist = ar[k];
-        const float a = expf(-scale[k] * dist - m) * inv;
-        const float h = a * (hr[k] - ag);
-        ar[k] = a;
-        hr[k] = h;
-        sh += scale[k] * h;
-        if (need_c && pid_d == 0) {
-          atomicAdd(msum + k, a);
-          atomicAdd(hsum + k, h);
-          atomicAdd(gsum + k, -h * dist);
-        }
-      }
-      sh = warp_sum(sh);
-      if (lane == 0) shr[r] = sh;
-    }
+    re_assign_bwd(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
     for (int rs = 0; rs < nr; rs += RS) {
       const int ns = imin(RS, nr - rs);
       __syncthreads();  // xo aliases the distance tiles; A, H, shr complete
@@ -379,14 +508,8 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
         for (int e = tid; e < ns * DO; e += NTHREADS) {
           const int r = e / DO, d = e % DO;
           if (d >= dn) continue;
-          const float* ar = A + (rs + r) * (K + 1);
-          const float* hr = H + (rs + r) * (K + 1);
-          float v = 0.f;
-          for (int k = 0; k < K; ++k) {
-            const i64 o = (i64)k * D + d0 + d;
-            v += ar[k] * Gb[o] + 2.f * scale[k] * hr[k] * C[o];
-          }
-          v -= 2.f * shr[rs + r] * xo[e];
+          const float v = re_grad_x(A + (rs + r) * (K + 1), H + (rs + r) * (K + 1), Gb, C, scale, shr[rs + r], xo[e],
+                                    K, D, d0 + d);
           store_f(gx, (r0 + rs + r) * D + d0 + d, v, gx_dt);
         }
       }
@@ -400,6 +523,244 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
       if (e < K * DO) {
         const int k = e / DO, d = e % DO;
         if (d < dn) atomicAdd(hx_out + (i64)k * D + d0 + d, acc[j]);
+      }
+    }
+    if (pid_d == 0) {
+      for (int k = tid; k < K; k += NTHREADS) {
+        atomicAdd(mass_out + b * K + k, msum[k]);
+        atomicAdd(hsum_out + k, hsum[k]);
+        atomicAdd(gsum_out + k, gsum[k]);
+      }
+    }
+  }
+}
+
+// Tensor-core forward (sm_80+, a source of bf16/fp16 rows): dre_re_fwd's algorithm, arguments and output, with the
+// distance product X C^T and the aggregation A^T X on mma.sync m16n8k16 (the float32 operand split into hi + lo).
+// Warp w owns distance tiles 4w..4w+3 of the (R/16) x (K8/8) grid (K8 = K rounded up to 8) and aggregation tiles
+// 8w..8w+7 of the (K16/16) x (DO/8) grid: 16 and 32 float32 accumulators per thread, as in the SIMT kernel.
+// Launch rule (host: re_tc_config): DO a multiple of 8 with ceil(K/16) DO/8 <= 64, R a multiple of 16 with
+// (R/16) K8/8 <= 32, DT in {16, 32}; shared floats 5R + 3K + R(K+1) + the 16-bit tiles' union.
+DRE_GLOBAL void dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
+                              int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
+                              const float* csq, const float* scale, float* acc_out, float* mass_out, const float* G,
+                              void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO,
+                              int DT) {
+  DRE_DYN_SMEM(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int ndt = with_e ? (D + DO - 1) / DO : 1;
+  const i64 pid = blockIdx.x;
+  const i64 pid_c = pid / ndt;
+  const int pid_d = (int)(pid % ndt);
+  i64 b, lo, hi;
+  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  const int d0 = pid_d * DO;
+  const int dn = with_e ? imin(DO, D - d0) : 0;
+  const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
+
+  i64* roff = (i64*)smem;
+  int* kmin = (int*)(smem + 2 * R);
+  float* xsq = smem + 3 * R;
+  float* msum = smem + 5 * R;
+  float* A = msum + 3 * K;
+  unsigned short* xs = (unsigned short*)(A + R * (K + 1));
+  unsigned short* c_hi = xs + R * (DT + 8);
+  unsigned short* c_lo = c_hi + K8 * (DT + 8);
+  unsigned short* xo = xs;
+
+  float acc[RE_EPT];
+#pragma unroll
+  for (int j = 0; j < RE_EPT; ++j) acc[j] = 0.f;
+  for (int k = tid; k < K; k += NTHREADS) msum[k] = 0.f;
+  __syncthreads();
+
+  for (i64 r0 = lo; r0 < hi; r0 += R) {
+    const int nr = (int)lmin((i64)R, hi - r0);
+    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
+    __syncthreads();
+    // (1) distances: dot_rk = <x_r, c_k> on the tensor cores, ||x_r||^2 from the same tiles
+    float dot[RE_PPT];
+#pragma unroll
+    for (int j = 0; j < RE_PPT; ++j) dot[j] = 0.f;
+    for (int dd = 0; dd < D; dd += DT) {
+      re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
+      re_tc_load_split(c_hi, c_lo, C, rows_dt, K, D, dd, DT, tid);
+      __syncthreads();
+      if (!hard && tid < R) {
+        float s = 0.f;
+        for (int d = 0; d < DT; ++d) {
+          const float v = from_16(xs[tid * (DT + 8) + d], rows_dt);
+          s += v * v;
+        }
+        xsq[tid] += s;
+      }
+#pragma unroll
+      for (int j = 0; j < RE_PPT / 4; ++j) {
+        const int q = warp * (RE_PPT / 4) + j;
+        if (q < tiles) re_tc_dot_tile(dot + 4 * j, xs, c_hi, c_lo, q / nnt, q % nnt, DT, rows_dt, lane);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < RE_PPT / 4; ++j) {
+      const int q = warp * (RE_PPT / 4) + j;
+      if (q >= tiles) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
+        if (k >= K) continue;
+        float v;
+        if (hard) {
+          v = csq[k] - 2.f * dot[4 * j + e];
+        } else {
+          v = xsq[r] - 2.f * dot[4 * j + e] + csq[k];
+          v = v < 0.f ? 0.f : v;
+        }
+        A[r * (K + 1) + k] = v;
+      }
+    }
+    __syncthreads();
+    // (2) assignments and their column sums
+    re_assign_fwd(A, kmin, msum, nr, R, K, hard, scale, tid);
+    if (G != 0) re_hard_grad_rows(gx, gx_dt, G, kmin, b, r0, nr, K, D, tid);
+    // (3) aggregation a^T x over this block's column tile, on the tensor cores
+    if (with_e) {
+      __syncthreads();  // xo aliases the distance tiles
+      re_tc_load_cols(xo, rows, roff, s_c, nr, R, DO, d0, dn, tid);
+      __syncthreads();
+      re_tc_aggregate(acc, A, xo, nr, K, DO, rows_dt, warp, lane);
+    }
+    __syncthreads();
+  }
+  if (with_e) {
+    const int ntn = DO / 8, tiles3 = ((K + 15) / 16) * ntn;
+#pragma unroll
+    for (int j = 0; j < RE_EPT / 4; ++j) {
+      const int q = warp * (RE_EPT / 4) + j;
+      if (q >= tiles3) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int k = 16 * (q / ntn) + g + 8 * (e >> 1), d = 8 * (q % ntn) + 2 * t + (e & 1);
+        if (k < K && d < dn) {
+          const i64 o = (i64)k * D + d0 + d;
+          atomicAdd(acc_out + (i64)b * K * D + o, acc[4 * j + e] - msum[k] * C[o]);
+        }
+      }
+    }
+  }
+  if (pid_d == 0 && mass_out != 0)
+    for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, msum[k]);
+}
+
+// Tensor-core soft backward (sm_80+, bf16/fp16 rows): dre_re_bwd_soft's algorithm, arguments and outputs, with
+// <x, c_k>, <x, G_bk> and h^T x on mma.sync (C and G split into hi + lo); grad x rows (fresh rows) stay SIMT.
+// Launch rule (host: re_tc_config): as the forward with (R/16) K8/8 <= 16 (two sets of distance accumulators) and
+// shared floats 5R + 3K + 2R(K+1) + the 16-bit tiles' union.
+DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
+                              const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
+                              const float* scale, const float* G, const float* gc, float* hx_out, float* hsum_out,
+                              float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk,
+                              int write_gx, int need_c, int R, int DO, int DT) {
+  DRE_DYN_SMEM(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int ndt = (D + DO - 1) / DO;
+  const i64 pid = blockIdx.x;
+  const i64 pid_c = pid / ndt;
+  const int pid_d = (int)(pid % ndt);
+  i64 b, lo, hi;
+  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  const int d0 = pid_d * DO;
+  const int dn = imin(DO, D - d0);
+  const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
+  const float* Gb = G + (i64)b * K * D;
+
+  i64* roff = (i64*)smem;
+  float* xsq = smem + 3 * R;
+  float* shr = smem + 4 * R;
+  float* msum = smem + 5 * R;
+  float* hsum = msum + K;
+  float* gsum = hsum + K;
+  float* A = gsum + K;
+  float* H = A + R * (K + 1);
+  unsigned short* xs = (unsigned short*)(H + R * (K + 1));
+  unsigned short* c_hi = xs + R * (DT + 8);
+  unsigned short* c_lo = c_hi + K8 * (DT + 8);
+  unsigned short* g_hi = c_lo + K8 * (DT + 8);
+  unsigned short* g_lo = g_hi + K8 * (DT + 8);
+  unsigned short* xo = xs;
+
+  float acc[RE_EPT];
+#pragma unroll
+  for (int j = 0; j < RE_EPT; ++j) acc[j] = 0.f;
+  for (int k = tid; k < K; k += NTHREADS) msum[k] = hsum[k] = gsum[k] = 0.f;
+  __syncthreads();
+
+  for (i64 r0 = lo; r0 < hi; r0 += R) {
+    const int nr = (int)lmin((i64)R, hi - r0);
+    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
+    __syncthreads();
+    float dot[RE_PPT / 2], dotg[RE_PPT / 2];
+#pragma unroll
+    for (int j = 0; j < RE_PPT / 2; ++j) dot[j] = dotg[j] = 0.f;
+    for (int dd = 0; dd < D; dd += DT) {
+      re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
+      re_tc_load_split(c_hi, c_lo, C, rows_dt, K, D, dd, DT, tid);
+      re_tc_load_split(g_hi, g_lo, Gb, rows_dt, K, D, dd, DT, tid);
+      __syncthreads();
+      if (tid < R) {
+        float s = 0.f;
+        for (int d = 0; d < DT; ++d) {
+          const float v = from_16(xs[tid * (DT + 8) + d], rows_dt);
+          s += v * v;
+        }
+        xsq[tid] += s;
+      }
+#pragma unroll
+      for (int j = 0; j < RE_PPT / 8; ++j) {
+        const int q = warp * (RE_PPT / 8) + j;
+        if (q < tiles) {
+          re_tc_dot_tile(dot + 4 * j, xs, c_hi, c_lo, q / nnt, q % nnt, DT, rows_dt, lane);
+          re_tc_dot_tile(dotg + 4 * j, xs, g_hi, g_lo, q / nnt, q % nnt, DT, rows_dt, lane);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < RE_PPT / 8; ++j) {
+      const int q = warp * (RE_PPT / 8) + j;
+      if (q >= tiles) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
+        if (k >= K) continue;
+        const float v = xsq[r] - 2.f * dot[4 * j + e] + csq[k];
+        A[r * (K + 1) + k] = v < 0.f ? 0.f : v;
+        H[r * (K + 1) + k] = dotg[4 * j + e] - gc[b * K + k];  // g_rk
+      }
+    }
+    __syncthreads();
+    re_assign_bwd(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
+    __syncthreads();  // xo aliases the distance tiles; A, H, shr complete
+    re_tc_load_cols(xo, rows, roff, s_c, nr, R, DO, d0, dn, tid);
+    __syncthreads();
+    if (need_c) re_tc_aggregate(acc, H, xo, nr, K, DO, rows_dt, warp, lane);
+    if (write_gx) {
+      for (int e = tid; e < nr * DO; e += NTHREADS) {
+        const int r = e / DO, d = e % DO;
+        if (d >= dn) continue;
+        const float v = re_grad_x(A + r * (K + 1), H + r * (K + 1), Gb, C, scale, shr[r],
+                                  from_16(xo[r * (DO + 8) + d], rows_dt), K, D, d0 + d);
+        store_f(gx, (r0 + r) * D + d0 + d, v, gx_dt);
+      }
+    }
+    __syncthreads();
+  }
+  if (need_c) {
+    const int ntn = DO / 8, tiles3 = ((K + 15) / 16) * ntn;
+#pragma unroll
+    for (int j = 0; j < RE_EPT / 4; ++j) {
+      const int q = warp * (RE_EPT / 4) + j;
+      if (q >= tiles3) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int k = 16 * (q / ntn) + g + 8 * (e >> 1), d = 8 * (q % ntn) + 2 * t + (e & 1);
+        if (k < K && d < dn) atomicAdd(hx_out + (i64)k * D + d0 + d, acc[4 * j + e]);
       }
     }
     if (pid_d == 0) {
@@ -437,6 +798,30 @@ cudaError_t re_bwd_soft(unsigned grid, unsigned smem, cudaStream_t stream, const
     dre_re_bwd_soft<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart,
                                                       C, csq, scale, G, gc, hx_out, hsum_out, gsum_out, mass_out, gx,
                                                       gx_dt, B, K, D, chunk, write_gx, need_c, R, DO);
+  return cudaGetLastError();
+}
+
+cudaError_t re_fwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                      i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                      const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
+                      float* mass_out, const float* G, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard,
+                      int with_e, int R, int DO, int DT) {
+  if (grid > 0)
+    dre_re_fwd_tc<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart,
+                                                    C, csq, scale, acc_out, mass_out, G, gx, gx_dt, B, K, D, chunk,
+                                                    hard, with_e, R, DO, DT);
+  return cudaGetLastError();
+}
+
+cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                      i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                      const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
+                      const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, void* gx,
+                      int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c, int R, int DO, int DT) {
+  if (grid > 0)
+    dre_re_bwd_tc<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart,
+                                                    C, csq, scale, G, gc, hx_out, hsum_out, gsum_out, mass_out, gx,
+                                                    gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch

@@ -84,6 +84,10 @@ class EmuRuntime:
     def __init__(self):
         self.lib, self.types = load()
         self.launches = []
+        self.use_tensor_cores = False  # tests switch the mma.sync kernels on (emulated per the PTX fragment layout)
+
+    def tensor_cores(self, device) -> bool:
+        return self.use_tensor_cores
 
     def launch(self, name, grid, smem, device, args):
         assert device.type == "cpu", device

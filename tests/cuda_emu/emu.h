@@ -45,6 +45,44 @@ inline T shfl_xor(T v, int o) {
   return out;
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane posts its fragments, then computes its own four
+// outputs from the whole warp's A and B, read back through the PTX fragment layout (see dre_common.cuh).
+inline unsigned mma_a[kThreads / 32][32][4], mma_b[kThreads / 32][32][2];
+
+inline float from_16(unsigned short u, int dt) {
+  if (dt == 2) {
+    const unsigned int bits = ((unsigned int)u) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  _Float16 h;
+  std::memcpy(&h, &u, 2);
+  return (float)h;
+}
+
+inline void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt) {
+  const int w = tidx.x / 32, l = tidx.x % 32, g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) mma_a[w][l][i] = a[i];
+  for (int i = 0; i < 2; ++i) mma_b[w][l][i] = b[i];
+  warp_barrier[w]->arrive_and_wait();
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const unsigned ra = mma_a[w][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)];
+      const unsigned rb = mma_b[w][col * 4 + (k % 8) / 2][k / 8];
+      const unsigned short ua = (unsigned short)(k % 2 ? ra >> 16 : ra & 0xffffu);
+      const unsigned short ub = (unsigned short)(k % 2 ? rb >> 16 : rb & 0xffffu);
+      s += from_16(ua, dt) * from_16(ub, dt);
+    }
+    out[e] = d[e] + s;
+  }
+  warp_barrier[w]->arrive_and_wait();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void()>& body) {
   if (grid == 0) return;
   smem_buf.assign(smem_bytes / sizeof(float) + 64, std::nanf(""));  // NaN-poisoned: reading unset smem shows
