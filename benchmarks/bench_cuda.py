@@ -3,6 +3,8 @@ torch.compile of the `torch` backend (CUDA only).
 
     python benchmarks/bench_cuda.py [--quick] [--out benchmarks/results/cuda_<device>.csv]
 
+Providers: torch, torch.compile, triton, native, cupy, and native_simt / cupy_simt (the same backends with
+DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores).
 Cases (inputs and measurement shared with bench_triton.py):
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):
     step  : the DRE-SLCL step shape, B=16 slides, 128 fresh rows (bf16) + 8192 bank rows (bf16 bank) each, K=64, D=384
@@ -31,8 +33,9 @@ def _residual_fn(provider, inputs, mode, hard):
     import dre_kernels
 
     x, x_off, c, s, bank, bi, bo = inputs
-    backend = "torch" if provider in ("torch", "torch.compile") else provider
+    backend = "torch" if provider in ("torch", "torch.compile") else provider.removesuffix("_simt")
     assignment = "hard" if hard else "soft"
+    simt = provider.endswith("_simt")  # the csrc/cuda SIMT kernels instead of the tensor-core ones
 
     def run(x, c, s):
         return dre_kernels.residual_encode(x, x_off, c, None if hard else s, bank=bank, bank_index=bi,
@@ -41,16 +44,26 @@ def _residual_fn(provider, inputs, mode, hard):
     if provider == "torch.compile":
         run = torch.compile(run)
     if mode == "fwd":
-        return lambda: run(x, c, s)
-    xg, cg, sg = x.clone().requires_grad_(), c.clone().requires_grad_(), s.clone().requires_grad_()
-    G = torch.randn(x_off.numel() - 1, c.shape[0], c.shape[1], device=x.device)
+        call = lambda: run(x, c, s)  # noqa: E731
+    else:
+        xg, cg, sg = x.clone().requires_grad_(), c.clone().requires_grad_(), s.clone().requires_grad_()
+        G = torch.randn(x_off.numel() - 1, c.shape[0], c.shape[1], device=x.device)
 
-    def fwd_bwd():
-        E = run(xg, cg, sg)
-        torch.autograd.backward(E, G.to(E.dtype))
-        xg.grad = cg.grad = sg.grad = None
+        def call():
+            E = run(xg, cg, sg)
+            torch.autograd.backward(E, G.to(E.dtype))
+            xg.grad = cg.grad = sg.grad = None
+    if not simt:
+        return call
 
-    return fwd_bwd
+    def call_simt():  # the switch is read at every launch, forward and backward
+        os.environ["DRE_KERNELS_CUDA_TENSOR_CORES"] = "0"
+        try:
+            return call()
+        finally:
+            os.environ.pop("DRE_KERNELS_CUDA_TENSOR_CORES", None)
+
+    return call_simt
 
 
 def main(argv=None):
@@ -88,7 +101,8 @@ def main(argv=None):
         for hard in (False, True):
             for mode in ("fwd", "fwd+bwd"):
                 base = None
-                for provider in ["torch", "torch.compile"] + kernels:
+                simt = [k + "_simt" for k in kernels if k in ("native", "cupy")]
+                for provider in ["torch", "torch.compile"] + kernels + simt:
                     res = _measure(_residual_fn(provider, inputs, mode, hard), device)
                     gbs = (1 if mode == "fwd" else 2) * rows_bytes / (res[1] * 1e-3) / 1e9
                     base = (res[1], res[3]) if provider == "torch" else base

@@ -64,3 +64,16 @@ def test_markdown_and_plots(quick_run):
     for p in pngs:
         with open(out / "plots" / p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_session_script_names_existing_files():
+    """benchmarks/gpu_session.sh is run only on a GPU machine: the files it names must not rot in between."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "benchmarks", "gpu_session.sh")).read()
+    paths = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
+    assert len(paths) >= 12
+    missing = [p for p in sorted(paths) if not os.path.isfile(os.path.join(root, p))]
+    assert not missing, missing
+    assert subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", "gpu_session.sh")]).returncode == 0
