@@ -188,9 +188,12 @@ def _simt_config(K: int, D: int, backward: bool):
     return R, DO, None, smem
 
 
-def _use_tensor_cores(rows) -> bool:
-    """The tensor-core kernels take 16-bit rows, on devices the runtime says have them (compute capability >= 8.0)."""
-    return rows.dtype in (torch.float16, torch.bfloat16) and _get_runtime().tensor_cores(rows.device)
+def _use_tensor_cores(rows, backward: bool = False) -> bool:
+    """The tensor-core kernels take 16-bit rows, on devices the runtime says have them (compute capability >= 8.0).
+    The backward only bfloat16 rows: its G and h operands, split into two parts of the rows' dtype, would lose their
+    bits in float16 when gradients are small (below float16's normal range, 6e-5); bfloat16 has float32's range."""
+    dtypes = (torch.bfloat16,) if backward else (torch.float16, torch.bfloat16)
+    return rows.dtype in dtypes and _get_runtime().tensor_cores(rows.device)
 
 
 def _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
@@ -289,7 +292,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         chunk = default_chunk_rows(n_rows, dev)
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-        tc = re_tc_config(K, D, backward=True) if _use_tensor_cores(rows) else None
+        tc = re_tc_config(K, D, backward=True) if _use_tensor_cores(rows, backward=True) else None
         R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
         gather = index is not None
         _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev,

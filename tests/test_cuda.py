@@ -382,6 +382,23 @@ def test_emu_tc_residual_encode_long_slide_duplicates(emu_tc, hard):
     _check_re(tuple(args), hard)
 
 
+def test_emu_tc_float16_small_gradients(emu_tc):
+    # dL/dE of 1e-7: float16 parts of G would be subnormal or zero, so float16 rows' backward stays on float32 SIMT
+    # (bf16 rows keep the tensor cores: bfloat16 has float32's range); grads are relative to their own size
+    for dtype in (torch.float16, torch.bfloat16):
+        x, xo, c, s, bank, bi, bo = _re_inputs([30, 4], [50, 9], K=8, D=40, x_dtype=dtype, bank_dtype=dtype)
+        gE = 1e-7 * torch.randn(2, 8, 40, generator=torch.Generator().manual_seed(5))
+        n0 = len(emu_tc.launches)
+        gx, gc, gs = cupy_kernels.residual_encode_bwd(gE, x, xo, c, s, bank, bi, bo, None, False, True, True, True)
+        assert ("dre_re_bwd_tc" in _tc_launches(emu_tc, n0)) == (dtype == torch.bfloat16)
+        _, _, (rx, rc, rs) = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, False, gE)
+        # grad x is stored in x's dtype: in float16 a 1e-7 gradient is itself subnormal, whatever the kernel
+        checks = [("grad c", gc, rc), ("grad s", gs, rs)] + ([("grad x", gx, rx)] if dtype == torch.bfloat16 else [])
+        for name, got, want in checks:
+            mag = float(want.abs().max())
+            torch.testing.assert_close(got.double() / mag, want / mag, rtol=0, atol=2e-2, msg=f"{dtype} {name}")
+
+
 def test_emu_tc_matches_simt_closely(emu):
     # the split-operand MMAs keep ~16 mantissa bits of C and a: E (float32: float32 fresh rows, bf16 bank on the
     # tensor cores) agrees with the SIMT float32 kernels to ~1e-5 of its size

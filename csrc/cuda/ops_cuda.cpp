@@ -149,9 +149,10 @@ ReTcConfig re_tc_config(int K, int D, bool backward) {
   return c;
 }
 
-// mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off
-bool use_tensor_cores(const at::Tensor& rows) {
-  if (rows.scalar_type() != at::kHalf && rows.scalar_type() != at::kBFloat16) return false;
+// mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off. The backward
+// takes bfloat16 rows only: its G and h operands split into float16 parts would lose small gradients (< 6e-5).
+bool use_tensor_cores(const at::Tensor& rows, bool backward = false) {
+  if (rows.scalar_type() != at::kBFloat16 && (backward || rows.scalar_type() != at::kHalf)) return false;
   const char* v = std::getenv("DRE_KERNELS_CUDA_TENSOR_CORES");  // read per call: benchmarks switch it in-process
   return (v == nullptr || std::string(v) != "0") && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
@@ -338,8 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
       continue;
     }
     const ChunkMap m = chunk_map(s.offsets, s.n_rows);
-    const ReTcConfig tc = use_tensor_cores(s.rows) ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
-                                                   : ReTcConfig();
+    const ReTcConfig tc = use_tensor_cores(s.rows, true)
+                              ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
+                              : ReTcConfig();
     const ReConfig cfg = tc.DT ? ReConfig{tc.R, tc.DO, tc.smem}
                                : re_config(static_cast<int>(K), static_cast<int>(D), true);
     const int64_t grid = m.slots * ((D + cfg.DO - 1) / cfg.DO);

@@ -23,7 +23,8 @@
 // Tensor cores (dre_re_fwd_tc, dre_re_bwd_tc): a source of bf16/fp16 rows on compute capability >= 8.0 runs the same
 // algorithm with the products X C^T, X G^T, A^T X and H^T X on mma.sync.m16n8k16 (16-bit inputs as stored, the float32
 // operand split into hi + lo 16-bit parts: two MMAs, ~16 mantissa bits, float32 accumulation), as the Triton kernels
-// do; float32 rows, older GPUs and DRE_KERNELS_CUDA_TENSOR_CORES=0 take the SIMT kernels. Their launch rule is
+// do; float32 rows, older GPUs and DRE_KERNELS_CUDA_TENSOR_CORES=0 take the SIMT kernels, and so does the backward
+// of float16 rows (G and h split into float16 parts would lose gradients below 6e-5). Their launch rule is
 // re_tc_config in ops_cuda.cpp / cupy_kernels.py.
 //
 // Launch rules (mirrored by the host launchers below and by dre_kernels/cupy_kernels.py): 256 threads;
@@ -650,7 +651,7 @@ DRE_GLOBAL void dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
     for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, msum[k]);
 }
 
-// Tensor-core soft backward (sm_80+, bf16/fp16 rows): dre_re_bwd_soft's algorithm, arguments and outputs, with
+// Tensor-core soft backward (sm_80+, 16-bit rows; the host sends bf16 only): dre_re_bwd_soft's algorithm and I/O, with
 // <x, c_k>, <x, G_bk> and h^T x on mma.sync (C and G split into hi + lo); grad x rows (fresh rows) stay SIMT.
 // Launch rule (host: re_tc_config): as the forward with (R/16) K8/8 <= 16 (two sets of distance accumulators) and
 // shared floats 5R + 3K + 2R(K+1) + the 16-bit tiles' union.

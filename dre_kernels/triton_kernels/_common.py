@@ -30,6 +30,13 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 1
 
 
+def dot_mode_backward(dtype: torch.dtype) -> int:
+    """dot_mode for the backward's products with G = dL/dE and h: float16 rows take float32 dots (tf32x3) there,
+    since gradients far below float16's normal range (6e-5) would lose their bits when split into float16 parts;
+    bfloat16 has float32's range."""
+    return 0 if dtype == torch.float16 else dot_mode(dtype)
+
+
 def launch(kernel, tuned, grid, args, interp_meta: dict):
     """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter."""
     if INTERPRET or tuned is None:

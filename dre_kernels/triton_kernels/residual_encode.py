@@ -39,7 +39,7 @@ import triton.language as tl
 
 from dre_kernels import _checks
 from dre_kernels._gpu_host import chunk_map, default_chunk_rows, next_pow2, prep_codewords, row_sources
-from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, launch, mm_ff, mm_fr, mm_rf
+from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, dot_mode_backward, launch, mm_ff, mm_fr, mm_rf
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -343,7 +343,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
         idx = index if gather else off
         args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
                 hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
-                hard, gather, write_gx, acc_c, dot_mode(rows.dtype), max(16, next_pow2(K)))
+                hard, gather, write_gx, acc_c, dot_mode_backward(rows.dtype), max(16, next_pow2(K)))
         launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
                _interp_meta(D))
     if use_given_mass:
