@@ -36,7 +36,7 @@ tests() {
   # the op suite runs every available backend on CUDA; the data/trainer tests need OpenSlide, absent there
   $PY -m pytest tests/test_cuda.py tests/test_ops_residual_encode.py tests/test_ops_contrastive_loss.py \
     tests/test_ops_bank.py tests/test_ops_kmeans.py tests/test_library.py tests/test_errors.py \
-    tests/test_runtime_checks.py tests/test_triton.py tests/test_nvrtc.py \
+    tests/test_runtime_checks.py tests/test_triton.py \
     -q -p no:cacheprovider -rfE --durations=15 2>&1 | tee "$OUT/tests.log" | tail -60
 }
 

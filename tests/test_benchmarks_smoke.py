@@ -73,7 +73,7 @@ def test_gpu_session_script_names_existing_files():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = open(os.path.join(root, "benchmarks", "gpu_session.sh")).read()
     paths = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
-    assert len(paths) >= 12
+    assert len(paths) >= 11
     missing = [p for p in sorted(paths) if not os.path.isfile(os.path.join(root, p))]
     assert not missing, missing
     assert subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", "gpu_session.sh")]).returncode == 0

@@ -130,8 +130,20 @@ def test_nvrtc_compiles_the_sources(arch):
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
         log = ctypes.create_string_buffer(max(n.value, 1))
         lib.nvrtcGetProgramLog(prog, log)
+        ptx = b""
+        if rc == 0:
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+            buf = ctypes.create_string_buffer(n.value)
+            lib.nvrtcGetPTX(prog, buf)
+            ptx = buf.value
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
         assert rc == 0, f"NVRTC failed on {f}:\n{log.value.decode()}"
+        for name, fname in cupy_kernels.KERNEL_FILES.items():  # every kernel cupy launches, under its C name
+            if fname == f:
+                assert f".entry {name}(".encode() in ptx, name
+        if f == "residual_encode.cu":  # the tensor-core kernels' mma.sync, both 16-bit input types
+            assert b"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+            assert b"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
 
 
 def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
