@@ -55,3 +55,25 @@ def prep_codewords(codewords, scale, hard):
     csq = (c32 * c32).sum(1).contiguous()
     s32 = csq if (hard or scale is None) else scale.detach().float().contiguous()
     return c32, csq, s32
+
+
+def backward_buffers(x, B: int, K: int, D: int, need_grad_x: bool):
+    """residual_encode_bwd's outputs and accumulators: grad x (M, D) in x's dtype (zeros unless the kernels write
+    it), and float32 hx (K, D) = sum h x, hsum (K), gsum (K) = grad scale, mass (B, K)."""
+    dev = x.device
+    gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    hx, hsum, gsum, mass = (torch.zeros(shape, **f32) for shape in ((K, D), (K,), (K,), (B, K)))
+    return gx, hx, hsum, gsum, mass
+
+
+def finish_codeword_grads(G, mass, hx, hsum, gsum, c32, s32, codewords, scale, hard, need_c, need_s):
+    """grad c_k = -sum_b mass_bk G_bk (+ 2 s_k (hx_k - hsum_k c_k) for soft) and grad s = gsum, zeros where not
+    needed, in the dtypes of codewords and scale."""
+    grad_c = -torch.einsum("bk,bkd->kd", mass, G)
+    if not hard:
+        grad_c += (2.0 * s32)[:, None] * (hx - hsum[:, None] * c32)
+    if not need_c:
+        grad_c = torch.zeros_like(grad_c)
+    grad_s = gsum if need_s else torch.zeros_like(gsum)
+    return grad_c.to(codewords.dtype), grad_s.to(scale.dtype if scale is not None else codewords.dtype)

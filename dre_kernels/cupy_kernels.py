@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from dre_kernels import _checks
-from dre_kernels._gpu_host import (chunk_map, default_chunk_rows, next_pow2, prep_codewords,  # noqa: F401
-                                     row_sources)
+from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, finish_codeword_grads,  # noqa: F401
+                                     next_pow2, prep_codewords, row_sources)
 
 NTHREADS = 256
 NORMALIZE_EPS = 1e-12
@@ -264,16 +264,11 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     dev = x.device
     if tuple(grad_E.shape) != (B, K, D):
         raise ValueError(f"dre cupy: grad_E must have shape (B, K, D) = ({B}, {K}, {D}); got {tuple(grad_E.shape)}")
-    scale_dtype = scale.dtype if scale is not None else codewords.dtype
     need_s = bool(need_grad_scale) and not hard
     need_c = bool(need_grad_codewords) or need_s
     c32, csq, s32 = prep_codewords(codewords, scale, hard)
     G = grad_E.detach().float().contiguous()
-    gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
-    hx = torch.zeros((K, D), dtype=torch.float32, device=dev)
-    hsum = torch.zeros((K,), dtype=torch.float32, device=dev)
-    gsum = torch.zeros((K,), dtype=torch.float32, device=dev)
-    mass_acc = torch.zeros((B, K), dtype=torch.float32, device=dev)
+    gx, hx, hsum, gsum, mass_acc = backward_buffers(x, B, K, D, bool(need_grad_x))
     gc = None if hard else torch.einsum("bkd,kd->bk", G, c32).contiguous()
     use_given_mass = hard and mass is not None
     if use_given_mass and tuple(mass.shape) != (B, K):
@@ -304,13 +299,9 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                 *((I32(DT),) if tc else ()))
     if use_given_mass:
         mass_acc = mass.float()
-    grad_c = -torch.einsum("bk,bkd->kd", mass_acc, G)
-    if not hard:
-        grad_c += (2.0 * s32)[:, None] * (hx - hsum[:, None] * c32)
-    grad_s = gsum if need_s else torch.zeros_like(gsum)
-    if not need_c:
-        grad_c = torch.zeros_like(grad_c)
-    return gx, grad_c.to(codewords.dtype), grad_s.to(scale_dtype)
+    grad_c, grad_s = finish_codeword_grads(G, mass_acc, hx, hsum, gsum, c32, s32, codewords, scale, hard, need_c,
+                                           need_s)
+    return gx, grad_c, grad_s
 
 
 # ---------------------------------------------------------------------------------------------- contrastive
