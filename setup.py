@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation .            # C++ CPU kernels, plus CUDA kernels when possible
 
-The C++ CPU sources (csrc/ops.cpp, csrc/cpu/*.cpp) are always compiled. The CUDA sources (csrc/cuda/*.cu and
+The C++ CPU sources (csrc/ops.cpp, csrc/value_checks.cpp, csrc/cpu/*.cpp) are always compiled. The CUDA sources (csrc/cuda/*.cu and
 their host glue csrc/cuda/*.cpp) are compiled too when torch is a CUDA build and nvcc is found. Switches:
 
     DRE_KERNELS_SKIP_CUDA=1          build the CPU extension only
@@ -97,7 +97,7 @@ def _extensions():
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)
 
-    cpu_sources = rel([os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "python_module.cpp")]
+    cpu_sources = rel([os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "python_module.cpp", "value_checks.cpp")]
                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     cuda_host_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

@@ -12,7 +12,10 @@ and runtime_checks_bank at the start of their impls), which raises the same erro
 
 So that the eager path does not synchronise twice (wrapper, then impl), the value checks remember the tensors that
 passed: a small thread-local cache of (weakref to the tensor, its _version, data pointer/shape/strides, the check and
-the bound it passed against). ensure_checked skips a check found there and runs the rest (one synchronisation).
+the bound it passed against). The wrappers and ensure_checked skip a check found there and run the rest (one
+synchronisation), so a repeated call on unchanged tensors, and the backward of a call, synchronise not at all. The
+native ops do the same in C++ with a cache of their own (csrc/value_checks.h): an eager native call on new tensors
+synchronises twice (wrapper, then C++), a repeated one not at all.
 An in-place change bumps _version and a freed tensor's reused id fails the weakref, so neither matches a stale
 entry. Writes that bypass the version counter (through .data, numpy()/DLPack views, raw kernels) are not seen,
 as for autograd's saved tensors. Inference tensors (no version counter) are never cached. During CUDA graph capture
@@ -187,8 +190,10 @@ def _device_asserts(offsets, indices, unique) -> None:
 def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
                               indices: list[tuple[str, torch.Tensor, int, str]],
                               unique: tuple[str, torch.Tensor] | None = None) -> None:
-    """Value checks on CSR offsets and row indices, with a single device synchronisation (skipped under
-    torch.compile; the kernels check again at run time, see ensure_checked). Remembers the tensors that passed.
+    """Value checks on CSR offsets and row indices, for the wrappers: skipped under torch.compile (the kernels
+    check again at run time, see ensure_checked), else as ensure_checked: one device synchronisation, none when the
+    cache vouches for every tensor (a repeated call on unchanged inputs), device-side asserts under CUDA graph
+    capture. Remembers the tensors that passed.
 
     offsets: (name, tensor, row count it must end at, name of that tensor).
     indices: (name, tensor, number of rows it indexes, name of the indexed tensor).
@@ -196,15 +201,16 @@ def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
     """
     if _compiling():
         return
-    _run_checks(offsets, indices, unique)
+    ensure_checked(offsets, indices, unique)
 
 
 def ensure_checked(offsets: list[tuple[str, torch.Tensor, int, str]],
                    indices: list[tuple[str, torch.Tensor, int, str]],
                    unique: tuple[str, torch.Tensor] | None = None) -> None:
-    """check_offsets_and_indices for kernel impls, which run also when called from a compiled graph: checks what
-    the cache does not vouch for (same tensor object, same _version, same bound), with at most one
-    synchronisation. An eager call, whose wrapper has just checked the same tensors, costs nothing here."""
+    """The value checks for the kernel impls (which run also when called from a compiled graph) and, through
+    check_offsets_and_indices, the wrappers: checks what the cache does not vouch for (same tensor object, same
+    _version, same bound), with at most one synchronisation; under CUDA graph capture, device-side asserts of
+    everything. An eager call, whose wrapper has just checked the same tensors, costs nothing in the impl."""
     for name, off, total, total_name in offsets:
         if off.numel() < 1:
             raise ValueError(f"{name} must hold B+1 >= 1 entries; got an empty tensor")
@@ -217,8 +223,7 @@ def ensure_checked(offsets: list[tuple[str, torch.Tensor, int, str]],
     indices = [i for i in indices if not _cached(i[1], ("index", i[2]))]
     if unique is not None and _cached(unique[1], ("unique",)):
         unique = None
-    if offsets or indices or unique is not None:
-        _run_checks(offsets, indices, unique)
+    _run_checks(offsets, indices, unique)
 
 
 # The value checks of each op, written once: the wrappers run them (check_offsets_and_indices) and the impls of the

@@ -146,6 +146,23 @@ def test_eager_calls_synchronise_once(syncs):
     assert not any(syncs)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_repeated_eager_calls_do_not_synchronise(syncs, backend):
+    """The wrappers consult the cache too: a call on unchanged tensors (forward and backward) checks nothing again;
+    an in-place change is checked again, and refused when bad."""
+    a = re_inputs()
+    a["x"].requires_grad_()
+    encode(**a, backend=backend).sum().backward()
+    encode(**a, backend=backend).sum().backward()
+    assert len(syncs) == 1
+    a["bank_index"][0] = 4
+    encode(**a, backend=backend)
+    assert len(syncs) == 2
+    a["bank_index"][0] = 6
+    with pytest.raises(IndexError, match=r"bank_index holds 6"):
+        encode(**a, backend=backend)
+
+
 def test_cupy_impls_skip_what_the_wrapper_checked(syncs):
     """cupy impls share the checks and the cache (called directly: no CUDA here; kernels go to a no-op runtime)."""
     launches = []

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "cpu/common.h"
+#include "value_checks.h"
 
 namespace dre {
 namespace cpu {
@@ -19,7 +20,7 @@ namespace {
 at::Tensor bank_gather_cpu(const at::Tensor& bank, const at::Tensor& index) {
   check_2d(bank, "bank");
   const at::Tensor idx = as_index(index, "index");
-  check_indices(idx, bank.size(0), "index", "bank");
+  check_values({}, {{&index, bank.size(0), "index", "bank"}});
   const int64_t n = idx.numel(), D = bank.size(1);
   at::Tensor out = at::empty({n, D}, bank.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0 || D == 0) return out;
@@ -76,14 +77,8 @@ void bank_update_cpu(const at::Tensor& bank, const at::Tensor& index, const at::
                     "dre: values must have shape (len(index), D) = (", idx.numel(), ", ", bank.size(1), "); got ",
                     values.sizes());
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "dre: momentum must be in [0, 1]; got ", momentum);
-  check_indices(idx, bank.size(0), "index", "bank");
-  if (idx.numel() > 1) {
-    // two writes to one row from two threads would race; the contract forbids duplicates anyway
-    std::vector<int64_t> sorted(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
-    std::sort(sorted.begin(), sorted.end());
-    TORCH_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
-                      "dre: index must not repeat an index (a row would be written twice); it does");
-  }
+  // no repeats: two writes to one row from two threads would race (and the contract forbids them anyway)
+  check_values({}, {{&index, bank.size(0), "index", "bank"}}, {&index, "index"});
   if (idx.numel() == 0 || bank.size(1) == 0) return;
   if (bank.scalar_type() == at::kDouble)
     update_impl<double>(bank, idx, values, momentum, normalize);

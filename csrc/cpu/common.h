@@ -106,36 +106,6 @@ inline at::Tensor as_index(const at::Tensor& t, const char* name) {
   return t.to(at::kLong).contiguous();
 }
 
-// Host-side check of CSR offsets: offsets[0] == 0, non-decreasing, offsets[-1] == total. Under torch.compile the
-// Python checks are skipped, so this is what stands between a bad offset and an out-of-bounds read.
-inline void check_offsets(const at::Tensor& off64, int64_t total, const char* name, const char* rows_name) {
-  const int64_t* o = off64.data_ptr<int64_t>();
-  const int64_t n = off64.numel();
-  TORCH_CHECK_VALUE(n >= 1, "dre: ", name, " must hold B+1 >= 1 entries; got an empty tensor");
-  TORCH_CHECK_VALUE(o[0] == 0, "dre: ", name, "[0] must be 0; got ", o[0]);
-  for (int64_t b = 1; b < n; ++b)
-    TORCH_CHECK_VALUE(o[b] >= o[b - 1], "dre: ", name, " must be non-decreasing; ", name, "[", b, "] = ", o[b],
-                      " < ", name, "[", b - 1, "] = ", o[b - 1]);
-  TORCH_CHECK_VALUE(o[n - 1] == total, "dre: ", name, "[-1] must equal the number of rows of ", rows_name, " (",
-                    total, "); got ", o[n - 1]);
-}
-
-// Host-side range check of row indices into a tensor with `rows` rows.
-inline void check_indices(const at::Tensor& idx64, int64_t rows, const char* name, const char* of_name) {
-  const int64_t* p = idx64.data_ptr<int64_t>();
-  const int64_t n = idx64.numel();
-  int64_t bad = 0;
-  bool found = false;
-  for (int64_t i = 0; i < n && !found; ++i) {
-    if (p[i] < 0 || p[i] >= rows) {
-      bad = p[i];
-      found = true;
-    }
-  }
-  TORCH_CHECK_INDEX(!found, "dre: ", name, " holds ", bad, ", out of range for ", of_name, " with ", rows,
-                    " rows (valid: 0 to ", rows - 1, ")");
-}
-
 inline at::ScalarType acc_type(std::initializer_list<const at::Tensor*> ts) {
   for (auto* t : ts)
     if (t != nullptr && t->defined() && t->scalar_type() == at::kDouble) return at::kDouble;

@@ -36,6 +36,7 @@
 
 #include "cpu/avx512_kernels.h"
 #include "cpu/common.h"
+#include "value_checks.h"
 
 namespace dre {
 namespace cpu {
@@ -250,7 +251,6 @@ Inputs setup_inputs(const at::Tensor& x, const at::Tensor& x_offsets, const at::
                     "dre: bank, bank_index and bank_offsets must be given together or not at all");
   Inputs in;
   in.xo64 = as_index(x_offsets, "x_offsets");
-  check_offsets(in.xo64, x.size(0), "x_offsets", "x");
   in.xr = Rows(x);
   in.L.B = in.xo64.numel() - 1;
   in.L.xo = in.xo64.data_ptr<int64_t>();
@@ -262,12 +262,16 @@ Inputs setup_inputs(const at::Tensor& x, const at::Tensor& x_offsets, const at::
     TORCH_CHECK_VALUE(in.bo64.numel() == in.xo64.numel(), "dre: bank_offsets must have B+1 = ", in.xo64.numel(),
                       " entries like x_offsets; got ", in.bo64.numel());
     in.bidx64 = as_index(*bank_index, "bank_index");
-    check_offsets(in.bo64, in.bidx64.numel(), "bank_offsets", "bank_index");
-    check_indices(in.bidx64, bank->size(0), "bank_index", "bank");
     in.br = Rows(*bank);
     in.L.bo = in.bo64.data_ptr<int64_t>();
     in.L.bidx = in.bidx64.data_ptr<int64_t>();
   }
+  if (has_bank)
+    check_values({{&x_offsets, x.size(0), "x_offsets", "x"}, {&*bank_offsets, bank_index->numel(), "bank_offsets",
+                  "bank_index"}},
+                 {{&*bank_index, bank->size(0), "bank_index", "bank"}});
+  else
+    check_values({{&x_offsets, x.size(0), "x_offsets", "x"}}, {});
   return in;
 }
 

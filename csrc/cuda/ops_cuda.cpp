@@ -7,11 +7,13 @@
 //
 // Checks: what the Python wrappers check is checked again here (shapes, dtypes, CSR offsets, index ranges,
 // duplicate update indices), because under torch.compile the Python value checks are skipped and a bad index must
-// raise instead of reaching a kernel. The value checks cost one device synchronisation each.
+// raise instead of reaching a kernel. The value checks of one call cost one device synchronisation, or none for
+// tensors that passed before unchanged (csrc/value_checks.h).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include <tuple>
 
 #include "cuda/launchers.h"
+#include "value_checks.h"
 
 namespace dre {
 namespace cuda_glue {
@@ -63,28 +66,12 @@ void on_device(const at::Tensor& t, const at::Device& dev, const char* name) {
 const void* ptr(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? t->data_ptr() : nullptr; }
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// offsets[0] == 0, non-decreasing, offsets[-1] == total
-void check_offsets(const at::Tensor& off, int64_t total, const char* name, const char* rows_name) {
-  is64(off, name);
-  TORCH_CHECK_VALUE(off.numel() >= 1, "dre: ", name, " must hold B+1 >= 1 entries; got an empty tensor");
-  const at::Tensor o = off.to(at::kLong);
-  const at::Tensor step = off.numel() > 1 ? (o.slice(0, 1) - o.slice(0, 0, -1)).min() : at::zeros({}, o.options());
-  const at::Tensor v = at::stack({o[0], o[-1], step}).cpu();
-  const int64_t* p = v.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(p[0] == 0, "dre: ", name, "[0] must be 0; got ", p[0]);
-  TORCH_CHECK_VALUE(p[2] >= 0, "dre: ", name, " must be non-decreasing; its smallest step is ", p[2]);
-  TORCH_CHECK_VALUE(p[1] == total, "dre: ", name, "[-1] must equal the number of rows of ", rows_name, " (", total,
-                    "); got ", p[1]);
-}
-
-void check_index(const at::Tensor& idx, int64_t rows, const char* name, const char* of_name) {
-  is64(idx, name);
-  if (idx.numel() == 0) return;
-  auto mm = at::aminmax(idx.to(at::kLong));
-  const at::Tensor v = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
-  const int64_t lo = v.data_ptr<int64_t>()[0], hi = v.data_ptr<int64_t>()[1];
-  TORCH_CHECK_INDEX(lo >= 0 && hi < rows, "dre: ", name, " holds ", lo < 0 ? lo : hi, ", out of range for ", of_name,
-                    " with ", rows, " rows (valid: 0 to ", rows - 1, ")");
+// Value checks with one synchronisation per call (none for what the cache vouches for): value_checks.h. During
+// CUDA graph capture no synchronisation is allowed and a replay runs no host code: device-side asserts instead.
+void check_values(const std::vector<OffsetsCheck>& offsets, const std::vector<IndexCheck>& indices,
+                  UniqueCheck unique = {}) {
+  dre::check_values(offsets, indices, unique,
+                    c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None);
 }
 
 // ------------------------------------------------------------------------------------------- residual_encode
@@ -217,7 +204,7 @@ void re_checks(const at::Tensor& x, const at::Tensor& x_offsets, const at::Tenso
     dt(*scale, "scale");
     on_device(*scale, dev, "scale");
   }
-  check_offsets(x_offsets, x.size(0), "x_offsets", "x");
+  is64(x_offsets, "x_offsets");
   const bool has_bank = given(bank);
   TORCH_CHECK_VALUE(has_bank == given(bank_index) && has_bank == given(bank_offsets),
                     "dre: bank, bank_index and bank_offsets must be given together or not at all");
@@ -230,8 +217,13 @@ void re_checks(const at::Tensor& x, const at::Tensor& x_offsets, const at::Tenso
     on_device(*bank_offsets, dev, "bank_offsets");
     TORCH_CHECK_VALUE(bank_offsets->numel() == x_offsets.numel(), "dre: bank_offsets must have B+1 = ",
                       x_offsets.numel(), " entries like x_offsets; got ", bank_offsets->numel());
-    check_offsets(*bank_offsets, bank_index->numel(), "bank_offsets", "bank_index");
-    check_index(*bank_index, bank->size(0), "bank_index", "bank");
+    is64(*bank_offsets, "bank_offsets");
+    is64(*bank_index, "bank_index");
+    check_values({{&x_offsets, x.size(0), "x_offsets", "x"},
+                  {&*bank_offsets, bank_index->numel(), "bank_offsets", "bank_index"}},
+                 {{&*bank_index, bank->size(0), "bank_index", "bank"}});
+  } else {
+    check_values({{&x_offsets, x.size(0), "x_offsets", "x"}}, {});
   }
 }
 
@@ -519,7 +511,8 @@ at::Tensor bank_gather_cuda(const at::Tensor& bank, const at::Tensor& index) {
   TORCH_CHECK(bank.is_cuda(), "dre: bank must be a CUDA tensor for the CUDA kernels; got ", bank.device());
   on_device(index, bank.device(), "index");
   const int code = dt(bank, "bank");
-  check_index(index, bank.size(0), "index", "bank");
+  is64(index, "index");
+  check_values({}, {{&index, bank.size(0), "index", "bank"}});
   const int64_t n = index.numel(), D = bank.size(1);
   at::Tensor out = at::empty({n, D}, bank.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0 || D == 0) return out;
@@ -544,12 +537,8 @@ void bank_update_cuda(const at::Tensor& bank, const at::Tensor& index, const at:
                     "dre: values must have shape (len(index), D) = (", n, ", ", D, "); got ", values_.sizes());
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "dre: momentum must be in [0, 1]; got ", momentum);
   const int code = dt(bank, "bank"), vcode = dt(values_, "values");
-  check_index(index, bank.size(0), "index", "bank");
-  if (n > 1) {
-    const at::Tensor srt = std::get<0>(at::sort(index.to(at::kLong)));
-    TORCH_CHECK_VALUE(!(srt.slice(0, 1) == srt.slice(0, 0, -1)).any().item<bool>(),
-                      "dre: index must not repeat an index (a row would be written twice); it does");
-  }
+  is64(index, "index");
+  check_values({}, {{&index, bank.size(0), "index", "bank"}}, {&index, "index"});
   if (n == 0 || D == 0) return;
   const at::Tensor idx = index.contiguous(), values = values_.detach();
   launched(dre_cuda_launch::bank_update(static_cast<unsigned>(std::min<int64_t>(n, kMaxGrid)),
