@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh tests    # build + the op suite on CUDA (native, triton, cupy) + test_cuda.py
 #   bash benchmarks/gpu_session.sh bench    # build + bench_cuda.py (torch, torch.compile, triton, native, cupy,
 #                                           #   native_simt) + bench_triton.py + the training step; CSVs to results/
+#   bash benchmarks/gpu_session.sh bench-cuda | bench-triton | bench-step   # one part of bench, where one call
+#                                           #   cannot hold all three (BENCH_ARGS=--quick for a shorter run)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
 #
 # Everything it prints also goes to $OUT (default gpu_out/): build.log, tests.log, bench_*.log and the CSVs, so a
@@ -33,23 +35,30 @@ build() {
 }
 
 tests() {
-  # the op suite runs every available backend on CUDA; the data/trainer tests need OpenSlide, absent there
+  # The op suite runs every available backend on CPU and CUDA; the data/trainer tests need OpenSlide, absent there.
+  # Workers (pytest-xdist, in the image) compile Triton kernels and torch.compile graphs in parallel; a per-test
+  # time limit (pytest-timeout) keeps one hang from eating the call. PYTEST_ARGS="-m cuda" keeps to the CUDA tests
+  # of the op suite and test_cuda.py.
+  local par=()
+  if $PY -c "import xdist" 2>/dev/null; then par+=(-n "${PYTEST_WORKERS:-8}"); fi
+  if $PY -c "import pytest_timeout" 2>/dev/null; then par+=(--timeout "${PYTEST_TIMEOUT:-300}"); fi
   $PY -m pytest tests/test_cuda.py tests/test_ops_residual_encode.py tests/test_ops_contrastive_loss.py \
     tests/test_ops_bank.py tests/test_ops_kmeans.py tests/test_library.py tests/test_errors.py \
     tests/test_runtime_checks.py tests/test_triton.py \
-    -q -p no:cacheprovider -rfE --durations=15 2>&1 | tee "$OUT/tests.log" | tail -60
+    "${par[@]}" -q -p no:cacheprovider -rfE --durations=15 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -60
 }
 
-bench() {
-  $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" 2>&1 | tee "$OUT/bench_cuda.log"
-  $PY benchmarks/bench_triton.py --out "$OUT/triton.csv" 2>&1 | tee "$OUT/bench_triton.log"
-  $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"
-}
+bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
+bench_triton() { $PY benchmarks/bench_triton.py --out "$OUT/triton.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_triton.log"; }
+bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
 
 case "$stage" in
   build) build ;;
   tests) build && tests ;;
-  bench) build && bench ;;
-  all) build && tests && bench ;;
-  *) echo "usage: $0 build|tests|bench|all" >&2; exit 2 ;;
+  bench) build && bench_cuda && bench_triton && bench_step ;;
+  bench-cuda) build && bench_cuda ;;
+  bench-triton) build && bench_triton ;;
+  bench-step) build && bench_step ;;
+  all) build && tests && bench_cuda && bench_triton && bench_step ;;
+  *) echo "usage: $0 build|tests|bench|bench-cuda|bench-triton|bench-step|all" >&2; exit 2 ;;
 esac
