@@ -45,7 +45,7 @@ tests() {
   $PY -m pytest tests/test_cuda.py tests/test_ops_residual_encode.py tests/test_ops_contrastive_loss.py \
     tests/test_ops_bank.py tests/test_ops_kmeans.py tests/test_library.py tests/test_errors.py \
     tests/test_runtime_checks.py tests/test_triton.py \
-    "${par[@]}" -q -p no:cacheprovider -rfE --durations=15 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -60
+    ${par[@]+"${par[@]}"} -q -p no:cacheprovider -rfE --durations=15 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -60
 }
 
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
