@@ -68,6 +68,17 @@ def make_offsets(lengths, dtype=torch.int64, device="cpu"):
     return torch.tensor(off, dtype=dtype, device=device)
 
 
+def value_check_inputs(**over):
+    """Small residual_encode arguments (B=2, K=3, D=4, a 6-row bank) for the value-check tests; `over` replaces any."""
+    g = torch.Generator().manual_seed(0)
+    a = dict(x=torch.randn(5, 4, generator=g), x_offsets=torch.tensor([0, 2, 5]),
+             codewords=torch.randn(3, 4, generator=g), scale=torch.rand(3, generator=g) + 0.5,
+             bank=torch.randn(6, 4, generator=g), bank_index=torch.tensor([0, 5, 1]),
+             bank_offsets=torch.tensor([0, 1, 3]))
+    a.update(over)
+    return a
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
 

@@ -497,13 +497,18 @@ def _gpu_backends():
     return [b for b in ("native", "cupy") if b in dre_kernels.available_backends("cuda")] or ["native"]
 
 
-@pytest.fixture(params=_gpu_backends())
-def gpu_backend(request):
+def _on_gpu(backend):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if request.param not in dre_kernels.available_backends("cuda"):
-        pytest.skip(dre_kernels.unavailable_backends("cuda")[request.param])
-    return request.param
+    if backend not in dre_kernels.available_backends("cuda"):
+        pytest.skip(dre_kernels.unavailable_backends("cuda")[backend])
+    return backend
+
+
+@pytest.fixture(params=_gpu_backends())
+def gpu_backend(request):
+    """The csrc/cuda kernels: native and cupy."""
+    return _on_gpu(request.param)
 
 
 def _gpu_re_case(backend, lens, blens, K, D, hard, x_dtype=torch.bfloat16, bank_dtype=torch.bfloat16, T=5000):
@@ -627,11 +632,8 @@ def test_gpu_opcheck_and_compile(gpu_backend, hard):
 # ---------------------------------------------------------------------- value checks on the GPU: syncs, graphs
 @pytest.fixture(params=["native", "cupy", "triton"])
 def gpu_kernel_backend(request):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if request.param not in dre_kernels.available_backends("cuda"):
-        pytest.skip(dre_kernels.unavailable_backends("cuda")[request.param])
-    return request.param
+    """Every kernel backend on CUDA."""
+    return _on_gpu(request.param)
 
 
 def _gpu_step_inputs():

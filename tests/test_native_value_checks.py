@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dre_kernels
+from conftest import value_check_inputs
 
 pytestmark = pytest.mark.skipif("native" not in dre_kernels.available_backends("cpu"),
                                 reason="native extension not built")
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.skipif("native" not in dre_kernels.available_backends("
 ops = torch.ops.dre
 
 
-def re_args(**over):
-    torch.manual_seed(0)
-    a = dict(x=torch.randn(5, 4), x_offsets=torch.tensor([0, 2, 5]), codewords=torch.randn(3, 4),
-             scale=torch.rand(3) + 0.5, bank=torch.randn(6, 4), bank_index=torch.tensor([0, 5, 1]),
-             bank_offsets=torch.tensor([0, 1, 3]))
-    a.update(over)
-    return a
 
 
 def fwd(a, hard=False):
@@ -54,7 +48,7 @@ RE_BAD = [
 
 @pytest.mark.parametrize("over", RE_BAD, ids=lambda o: "-".join(f"{k}={v.tolist()}" for k, v in o.items()))
 def test_op_raises_the_wrappers_error(over):
-    a = re_args(**over)
+    a = value_check_inputs(**over)
     exc, message = wrapper_error(a)
     with pytest.raises(exc, match=re.escape(message)):
         fwd(a)
@@ -93,7 +87,7 @@ def test_in_place_change_after_good_call_raises():
     idx[1:].fill_(-1)  # through a view: the version counter is shared
     with pytest.raises(IndexError, match=r"index holds -1"):
         ops.bank_gather(bank, idx)
-    a = re_args()
+    a = value_check_inputs()
     fwd(a)
     a["x_offsets"][1] = 7
     with pytest.raises(ValueError, match=r"x_offsets must be non-decreasing"):
@@ -110,7 +104,7 @@ def test_cache_keys_on_the_bound_and_the_kind():
     with pytest.raises(ValueError, match=r"must not repeat"):
         ops.bank_update_(torch.randn(6, 4), dup, torch.randn(2, 4), 0.5, True)
     off = torch.tensor([0, 1, 3])
-    a = re_args(bank_offsets=off)
+    a = value_check_inputs(bank_offsets=off)
     fwd(a)
     # passing as bank_offsets (ending at the 3 rows of bank_index) says nothing of them as x_offsets of a 5-row x
     with pytest.raises(ValueError, match=r"x_offsets\[-1\]"):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dre_kernels
+from conftest import value_check_inputs
 from dre_kernels import _checks, cupy_kernels
 
 pytestmark = pytest.mark.skipif("triton" not in dre_kernels.available_backends("cpu"),
@@ -42,13 +43,6 @@ def syncs(monkeypatch):
     return calls
 
 
-def re_inputs(**over):
-    torch.manual_seed(0)
-    a = dict(x=torch.randn(5, 4), x_offsets=torch.tensor([0, 2, 5]), codewords=torch.randn(3, 4),
-             scale=torch.rand(3) + 0.5, bank=torch.randn(6, 4), bank_index=torch.tensor([0, 5, 1]),
-             bank_offsets=torch.tensor([0, 1, 3]))
-    a.update(over)
-    return a
 
 
 def encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, backend="triton"):
@@ -84,10 +78,10 @@ RE_BAD = [
 def test_compiled_residual_encode_bad_input_raises(case, syncs):
     _, over, exc, pattern = case
     f = compiled(encode)
-    good = re_inputs()
+    good = value_check_inputs()
     f(**good)  # compiles on good input; the bad one below reuses the graph (same shapes)
     with pytest.raises(exc, match=pattern):
-        f(**re_inputs(**over))
+        f(**value_check_inputs(**over))
     # the error came from the impl's check at run time, not from tracing
     assert syncs and not any(syncs)
 
@@ -97,7 +91,7 @@ def test_backward_op_checks(case):
     """The backward op checks too (autograd's version check guards saved tensors; the op itself must not trust
     its caller)."""
     _, over, exc, pattern = case
-    a = re_inputs(**over)
+    a = value_check_inputs(**over)
     grad_E = torch.randn(2, 3, 4)
     with pytest.raises(exc, match=pattern):
         torch.ops.dre.triton_residual_encode_bwd(grad_E, a["x"], a["x_offsets"], a["codewords"], a["scale"],
@@ -130,7 +124,7 @@ def test_compiled_bank_update_bad_index_raises(index, exc, pattern):
 
 # ------------------------------------------------------------------------------------ (2) one sync per eager call
 def test_eager_calls_synchronise_once(syncs):
-    a = re_inputs()
+    a = value_check_inputs()
     a["x"].requires_grad_()
     E = encode(**a)
     assert len(syncs) == 1
@@ -150,7 +144,7 @@ def test_eager_calls_synchronise_once(syncs):
 def test_repeated_eager_calls_do_not_synchronise(syncs, backend):
     """The wrappers consult the cache too: a call on unchanged tensors (forward and backward) checks nothing again;
     an in-place change is checked again, and refused when bad."""
-    a = re_inputs()
+    a = value_check_inputs()
     a["x"].requires_grad_()
     encode(**a, backend=backend).sum().backward()
     encode(**a, backend=backend).sum().backward()
@@ -182,7 +176,7 @@ def test_cupy_impls_skip_what_the_wrapper_checked(syncs):
             cupy_kernels.bank_gather(bank, torch.tensor([6]))
         with pytest.raises(ValueError, match=r"index must not repeat"):
             cupy_kernels.bank_update_(bank, torch.tensor([2, 2]), torch.randn(2, 4), 0.5, True)
-        a = re_inputs(bank_index=torch.tensor([0, 9, 1]))
+        a = value_check_inputs(bank_index=torch.tensor([0, 9, 1]))
         with pytest.raises(IndexError, match=r"bank_index holds 9"):
             cupy_kernels.residual_encode_fwd(a["x"], a["x_offsets"], a["codewords"], a["scale"], a["bank"],
                                              a["bank_index"], a["bank_offsets"], False)
@@ -219,7 +213,7 @@ def test_cache_keys_on_the_bound_and_the_kind():
     with pytest.raises(ValueError, match=r"must not repeat"):
         torch.ops.dre.triton_bank_update_(torch.randn(6, 4), dup, torch.randn(2, 4), 0.5, True)
     off = torch.tensor([0, 1, 3])
-    a = re_inputs(bank_offsets=off)
+    a = value_check_inputs(bank_offsets=off)
     encode(**a)
     # checked as bank_offsets (ending at 3 rows of bank_index) says nothing of them as x_offsets of a 5-row x
     with pytest.raises(ValueError, match=r"x_offsets\[-1\]"):
@@ -281,7 +275,7 @@ def test_device_asserts_logic():
 # ------------------------------------------------------------------------------------ (4) good compiled calls
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_compiled_residual_encode_matches_reference(hard, syncs):
-    a = re_inputs()
+    a = value_check_inputs()
     if hard:
         a["scale"] = None
     x = a["x"].clone().requires_grad_()
