@@ -57,6 +57,21 @@ def prep_codewords(codewords, scale, hard):
     return c32, csq, s32
 
 
+def encode_forward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, launch_source):
+    """The forward driver of residual_encode_fwd: E and mass accumulated in float32 by one
+    launch_source(rows, index, offsets, n_rows, c32, csq, s32, acc, mass) per row source (fresh rows, then bank
+    rows); E returned in promote_types(x.dtype, codewords.dtype)."""
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
+    c32, csq, s32 = prep_codewords(codewords, scale, hard)
+    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
+    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+        launch_source(rows, index, offsets, n_rows, c32, csq, s32, acc, mass)
+    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
+
+
 def backward_buffers(x, B: int, K: int, D: int, need_grad_x: bool):
     """residual_encode_bwd's outputs and accumulators: grad x (M, D) in x's dtype (zeros unless the kernels write
     it), and float32 hx (K, D) = sum h x, hsum (K), gsum (K) = grad scale, mass (B, K)."""

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from dre_kernels import _checks
-from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, finish_codeword_grads,  # noqa: F401
-                                     next_pow2, prep_codewords, row_sources)
+from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
+                                     finish_codeword_grads, next_pow2, prep_codewords, row_sources)
 
 NTHREADS = 256
 NORMALIZE_EPS = 1e-12
@@ -245,15 +245,8 @@ def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard,
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard):
     _re_checks(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard)
-    B = x_offsets.shape[0] - 1
-    K, D = codewords.shape
-    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
-    c32, csq, s32 = prep_codewords(codewords, scale, hard)
-    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
-    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
-        _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True)
-    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
+    return encode_forward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+                          lambda *source: _launch_re_fwd(*source, hard, True))
 
 
 def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, mass, hard,

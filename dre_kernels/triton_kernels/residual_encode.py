@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from dre_kernels import _checks
-from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, finish_codeword_grads, next_pow2,
-                                     prep_codewords, row_sources)
+from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,
+                                     finish_codeword_grads, next_pow2, prep_codewords, row_sources)
 from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, dot_mode_backward, launch, mm_ff, mm_fr, mm_rf
 
 
@@ -296,15 +296,8 @@ def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, wi
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
     """(E (B, K, D) in promote_types(x, codewords), mass (B, K) float32); see the module docstring."""
     _checks.runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets)
-    B = x_offsets.shape[0] - 1
-    K, D = codewords.shape
-    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
-    c32, csq, s32 = prep_codewords(codewords, scale, hard)
-    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
-    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
-    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
-        _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, True, chunk_rows)
-    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
+    return encode_forward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
+                          lambda *source: _launch_fwd(*source, hard, True, chunk_rows))
 
 
 def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
