@@ -1,18 +1,24 @@
-"""Benchmark of the CUDA kernels (`native` on CUDA, and `cupy` when installed) against `triton`, eager `torch` and
-torch.compile of the `torch` backend (CUDA only).
+"""Benchmark of the GPU kernel backends at the DRE-SLCL shapes: `native` (csrc/cuda), `cupy` and `triton` against
+eager `torch` and torch.compile of the `torch` backend (CUDA only).
 
-    python benchmarks/bench_cuda.py [--quick] [--out benchmarks/results/cuda_<device>.csv]
+    python benchmarks/bench_cuda.py [--quick] [--providers torch triton ...] [--out results/cuda_<device>.csv]
+    python benchmarks/bench_cuda.py --smoke --out /tmp/x.csv   # tiny shapes on the CPU: exercises this script
 
 Providers: torch, torch.compile, triton, native, cupy, and native_simt / cupy_simt (the same backends with
-DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores).
-Cases (inputs and measurement shared with bench_triton.py):
+DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores);
+by default every one available. benchmarks/bench_triton.py is this script with torch, torch.compile and triton.
+Cases:
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):
     step  : the DRE-SLCL step shape, B=16 slides, 128 fresh rows (bf16) + 8192 bank rows (bf16 bank) each, K=64, D=384
     50k   : B=16 slides, 128 fresh + 50,000 bank rows each, same K, D, dtypes
-  contrastive_loss, B=65536 (16384 with --quick), P=512, bf16, normalize, fwd and fwd+bwd.
-Columns: time p20/p50/p80 (triton.testing.do_bench), GB/s of rows read (once per pass: fwd reads the rows once,
-fwd+bwd twice) and its share of the device's peak, peak extra memory (torch.cuda.max_memory_allocated), speedups
-against torch. Without a CUDA GPU the script says so and exits with status 0 without measuring anything.
+  contrastive_loss, B=65536 (16384 with --quick), P=512, bf16, normalize, fwd and fwd+bwd: peak memory against
+  torch (B x B float32 logits alone are 17 GB there; out-of-memory is recorded as inf).
+Every call reuses its inputs, so after the first (which compiles, autotunes and runs the value checks) the checks'
+cache vouches for the index tensors and no call synchronises: the times are the kernels' and the host's launches.
+Columns: time p20/p50/p80 (triton.testing.do_bench), GB/s of rows read (fresh + bank rows, each read once per
+pass: once for fwd, twice for fwd+bwd, whose backward recomputes the assignments) and its share of the device's
+peak, peak extra memory (torch.cuda.max_memory_allocated above the live memory before the call), speedups and
+memory against torch. Without a CUDA GPU (and without --smoke) the script says so and exits with status 0.
 """
 
 from __future__ import annotations
@@ -26,7 +32,27 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import device_bandwidth_gbs, device_slug, environment  # noqa: E402
+from benchmarks.common import device_bandwidth_gbs, device_slug, environment, is_oom, peak_mb, time_ms  # noqa: E402
+
+PROVIDERS = ("torch", "torch.compile", "triton", "native", "cupy", "native_simt", "cupy_simt")
+# (name, B, fresh rows per slide, bank rows per slide, K, D)
+SHAPES = [("step", 16, 128, 8192, 64, 384), ("50k", 16, 128, 50000, 64, 384)]
+SMOKE_SHAPES = [("smoke", 2, 4, 40, 8, 16)]
+
+
+def _residual_inputs(B, fresh, bank_rows, K, D, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    T = B * bank_rows
+    x = torch.randn(B * fresh, D, device=device, generator=g).to(torch.bfloat16)
+    x = torch.nn.functional.normalize(x.float(), dim=1).to(torch.bfloat16)
+    bank = torch.nn.functional.normalize(torch.randn(T, D, device=device, generator=g), dim=1).to(torch.bfloat16)
+    bank_index = torch.randperm(T, device=device, generator=g)[: B * bank_rows]
+    x_off = torch.arange(B + 1, device=device) * fresh
+    b_off = torch.arange(B + 1, device=device) * bank_rows
+    c = torch.nn.functional.normalize(torch.randn(K, D, device=device, generator=g), dim=1)
+    s = torch.full((K,), 10.0, device=device)
+    rows_bytes = x.numel() * x.element_size() + bank_index.numel() * D * bank.element_size()
+    return (x, x_off, c, s, bank, bank_index, b_off), rows_bytes
 
 
 def _residual_fn(provider, inputs, mode, hard):
@@ -35,7 +61,6 @@ def _residual_fn(provider, inputs, mode, hard):
     x, x_off, c, s, bank, bi, bo = inputs
     backend = "torch" if provider in ("torch", "torch.compile") else provider.removesuffix("_simt")
     assignment = "hard" if hard else "soft"
-    simt = provider.endswith("_simt")  # the csrc/cuda SIMT kernels instead of the tensor-core ones
 
     def run(x, c, s):
         return dre_kernels.residual_encode(x, x_off, c, None if hard else s, bank=bank, bank_index=bi,
@@ -53,10 +78,10 @@ def _residual_fn(provider, inputs, mode, hard):
             E = run(xg, cg, sg)
             torch.autograd.backward(E, G.to(E.dtype))
             xg.grad = cg.grad = sg.grad = None
-    if not simt:
+    if not provider.endswith("_simt"):
         return call
 
-    def call_simt():  # the switch is read at every launch, forward and backward
+    def call_simt():  # the csrc/cuda SIMT kernels: the switch is read at every launch, forward and backward
         os.environ["DRE_KERNELS_CUDA_TENSOR_CORES"] = "0"
         try:
             return call()
@@ -66,25 +91,73 @@ def _residual_fn(provider, inputs, mode, hard):
     return call_simt
 
 
-def main(argv=None):
+def _contrastive_fn(provider, B, P, mode, device):
+    import dre_kernels
+
+    g = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(B, P, device=device, generator=g).to(torch.bfloat16).requires_grad_(mode != "fwd")
+    b = torch.randn(B, P, device=device, generator=g).to(torch.bfloat16).requires_grad_(mode != "fwd")
+    s = torch.tensor(14.3, device=device, requires_grad=mode != "fwd")
+
+    def run():
+        loss = dre_kernels.contrastive_loss(a, b, s, normalize=True, backend=provider)
+        if mode != "fwd":
+            loss.backward()
+            a.grad = b.grad = s.grad = None
+        return loss
+
+    return run
+
+
+def _measure(fn, device):
+    """(p20, p50, p80, peak extra MB); inf everywhere for an out-of-memory, which is a result."""
+    try:
+        fn()  # compile / autotune / value checks outside the timed region
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        (p20, p50, p80), _ = time_ms(fn, device, reps=3, budget_s=0.1)
+        return p20, p50, p80, peak_mb(fn, device)
+    except Exception as e:  # noqa: BLE001 - anything but an OOM is re-raised
+        if is_oom(e):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return float("inf"), float("inf"), float("inf"), float("inf")
+        raise
+
+
+def available_providers(device, wanted=PROVIDERS):
+    """The providers of `wanted` that can run on `device` (the *_simt ones on CUDA only)."""
+    import dre_kernels
+
+    avail = dre_kernels.available_backends(device)
+    ok = []
+    for p in wanted:
+        base = "torch" if p == "torch.compile" else p.removesuffix("_simt")
+        if base in avail and (not p.endswith("_simt") or (device.type == "cuda" and base in ("native", "cupy"))):
+            ok.append(p)
+    return ok
+
+
+def main(argv=None, *, default_name="cuda", default_providers=PROVIDERS):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the step shape and a B=16384 contrastive case")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/cuda_<device>.csv)")
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(default_providers),
+                    help="what to measure (default: every one available)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks this script, measures nothing")
+    ap.add_argument("--out", default=None,
+                    help=f"CSV path (default benchmarks/results/{default_name}_<device>.csv)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_cuda: no CUDA GPU here; the CUDA kernels are benchmarked on a GPU only (nothing measured).",
-              file=sys.stderr)
+    if not (torch.cuda.is_available() or args.smoke):
+        print(f"bench_{default_name}: no CUDA GPU here; the GPU kernels are benchmarked on a GPU only "
+              "(nothing measured).", file=sys.stderr)
         return 0
-    import dre_kernels
-    from benchmarks.bench_triton import _contrastive_fn, _measure, _residual_inputs
-
-    device = torch.device("cuda")
-    avail = dre_kernels.available_backends(device)
-    if "native" not in avail:
-        print(f"bench_cuda: native CUDA kernels unavailable: {dre_kernels.unavailable_backends(device)['native']}",
+    device = torch.device("cpu" if args.smoke else "cuda")
+    providers = available_providers(device, args.providers)
+    kernels = [p for p in providers if p not in ("torch", "torch.compile")]
+    if "torch" not in providers or not kernels:
+        print(f"bench_{default_name}: nothing to compare: of {args.providers} only {providers} run on {device}",
               file=sys.stderr)
         return 1
-    kernels = [p for p in ("triton", "native", "cupy") if p in avail]
     env = environment(device)
     peak_bw, _ = device_bandwidth_gbs(device)
     rows = []
@@ -95,41 +168,44 @@ def main(argv=None):
                          peak_mb=mem, gbs=gbs, bw_share=gbs / peak_bw, speedup_vs_torch=base[0] / p50,
                          mem_vs_torch=mem / base[1] if base[1] not in (0, float("inf")) else float("nan"), **env))
 
-    shapes = [("step", 16, 128, 8192, 64, 384)] + ([] if args.quick else [("50k", 16, 128, 50000, 64, 384)])
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES[:1] if args.quick else SHAPES
     for name, B, fresh, bank_rows, K, D in shapes:
         inputs, rows_bytes = _residual_inputs(B, fresh, bank_rows, K, D, device)
         for hard in (False, True):
+            op = "residual_encode_" + ("hard" if hard else "soft")
             for mode in ("fwd", "fwd+bwd"):
                 base = None
-                simt = [k + "_simt" for k in kernels if k in ("native", "cupy")]
-                for provider in ["torch", "torch.compile"] + kernels + simt:
+                for provider in providers:  # torch first: the base of the ratios
                     res = _measure(_residual_fn(provider, inputs, mode, hard), device)
                     gbs = (1 if mode == "fwd" else 2) * rows_bytes / (res[1] * 1e-3) / 1e9
                     base = (res[1], res[3]) if provider == "torch" else base
-                    op = "residual_encode_" + ("hard" if hard else "soft")
                     record(op, f"{name}: B={B} fresh={fresh} bank={bank_rows} K={K} D={D} bf16", mode, provider,
                            res, base, gbs)
                     print(f"{name:5s} {op:21s} {mode:8s} {provider:14s} p50 {res[1]:9.3f} ms  {gbs:8.1f} GB/s "
                           f"({100 * gbs / peak_bw:5.1f}%)  peak {res[3]:9.1f} MB", flush=True)
         del inputs
-        torch.cuda.empty_cache()
-    B, P = (16384, 512) if args.quick else (65536, 512)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    B, P = (64, 16) if args.smoke else (16384, 512) if args.quick else (65536, 512)
     for mode in ("fwd", "fwd+bwd"):
         base = None
-        for provider in ["torch"] + kernels:
+        for provider in [p for p in providers if p == "torch" or p in kernels and not p.endswith("_simt")]:
             res = _measure(_contrastive_fn(provider, B, P, mode, device), device)
             base = (res[1], res[3]) if provider == "torch" else base
             record("contrastive_loss", f"B={B} P={P} bf16 normalize", mode, provider, res, base, float("nan"))
             print(f"contrastive B={B} {mode:8s} {provider:8s} p50 {res[1]:9.3f} ms  peak {res[3]:10.1f} MB",
                   flush=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"cuda_{device_slug(device)}.csv")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", newline="") as f:
+                                   f"{default_name}_{device_slug(device)}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, out)  # atomically: a run cut off leaves no half-written CSV
     print(f"wrote {out}")
     return 0
 

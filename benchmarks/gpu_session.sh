@@ -5,9 +5,9 @@
 #   bash benchmarks/gpu_session.sh build    # compile the extension for this GPU's arch only (~1-2 min on 16 cores)
 #   bash benchmarks/gpu_session.sh tests    # build + the op suite on CUDA (native, triton, cupy) + test_cuda.py
 #   bash benchmarks/gpu_session.sh bench    # build + bench_cuda.py (torch, torch.compile, triton, native, cupy,
-#                                           #   native_simt) + bench_triton.py + the training step; CSVs to results/
-#   bash benchmarks/gpu_session.sh bench-cuda | bench-triton | bench-step   # one part of bench, where one call
-#                                           #   cannot hold all three (BENCH_ARGS=--quick for a shorter run)
+#                                           #   native_simt, cupy_simt) + the training step; CSVs to $OUT
+#   bash benchmarks/gpu_session.sh bench-cuda | bench-step   # one part of bench, where one call cannot hold both
+#                                           #   (BENCH_ARGS="--quick" or "--providers torch native" for less)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
 #
 # Everything it prints also goes to $OUT (default gpu_out/): build.log, tests.log, bench_*.log and the CSVs, so a
@@ -49,16 +49,14 @@ tests() {
 }
 
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
-bench_triton() { $PY benchmarks/bench_triton.py --out "$OUT/triton.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_triton.log"; }
 bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
 
 case "$stage" in
   build) build ;;
   tests) build && tests ;;
-  bench) build && bench_cuda && bench_triton && bench_step ;;
+  bench) build && bench_cuda && bench_step ;;
   bench-cuda) build && bench_cuda ;;
-  bench-triton) build && bench_triton ;;
   bench-step) build && bench_step ;;
-  all) build && tests && bench_cuda && bench_triton && bench_step ;;
-  *) echo "usage: $0 build|tests|bench|bench-cuda|bench-triton|bench-step|all" >&2; exit 2 ;;
+  all) build && tests && bench_cuda && bench_step ;;
+  *) echo "usage: $0 build|tests|bench|bench-cuda|bench-step|all" >&2; exit 2 ;;
 esac
