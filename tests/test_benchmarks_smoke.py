@@ -105,3 +105,22 @@ def test_gpu_op_benchmark_smoke(tmp_path, script):
     # nothing to compare: an error status, not an empty CSV
     assert mod.main(["--smoke", "--providers", "torch", "--out", str(tmp_path / "none.csv")]) == 1
     assert not (tmp_path / "none.csv").exists()
+
+
+def test_training_step_benchmark_smoke(tmp_path):
+    """benchmarks/bench_step.py on a tiny step with the GPU defaults' bf16 autocast, every backend that runs here
+    (triton in its interpreter): the path a GPU session takes, minus the GPU."""
+    import dre_kernels
+
+    backends = [b for b in ("torch", "native", "triton") if b in dre_kernels.available_backends("cpu")]
+    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--device", "cpu", "--backends", *backends,
+           "--slides", "2", "--fresh", "2", "--bank-rows", "16", "--K", "4", "--D", "32", "--P", "16",
+           "--report-dim", "32", "--tile", "32", "--encoder", "vit_tiny_patch16_224", "--amp", "--warmup", "1",
+           "--steps", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, KINETO_LOG_LEVEL="5", TRITON_INTERPRET="1")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "step.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["backend"] for r in rows) == sorted(backends)
+    assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in rows), rows
