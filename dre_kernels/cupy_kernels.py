@@ -152,8 +152,8 @@ def _is64(t) -> I32:
 
 # ---------------------------------------------------------------------------------------------- residual_encode
 def re_config(K: int, D: int, backward: bool) -> tuple[int, int, int]:
-    """(R rows per step, DO output columns per block, dynamic shared memory bytes): the launch rules of
-    residual_encode.cu."""
+    """(R rows per step, DO output columns per block, dynamic shared memory bytes) of the SIMT kernels: the rules
+    of csrc/cuda/launch_rules.h (re_simt_config), which the native glue uses; tests/test_cuda.py compares them."""
     R = min(64, (2048 if backward else 4096) // K)
     DO = min(256, 8192 // K, D)
     if backward:
@@ -168,7 +168,7 @@ SMEM_LIMIT = 48 * 1024  # dynamic shared memory every launch may use without an 
 
 def re_tc_config(K: int, D: int, backward: bool):
     """(R, DO, DT, shared memory bytes) of the tensor-core kernels dre_re_fwd_tc / dre_re_bwd_tc, or None where
-    they do not fit (backward with K > 128). The launch rules written above those kernels in residual_encode.cu."""
+    they do not fit (backward with K > 128). The rules of csrc/cuda/launch_rules.h (re_tc_config)."""
     k8, k16 = -(-K // 8) * 8, -(-K // 16)
     DO = 8 * min(64 // k16, -(-D // 8))
     tiles = 16 if backward else 32  # distance accumulator tiles of 16 x 8 per block

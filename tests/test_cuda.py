@@ -146,6 +146,57 @@ def test_nvrtc_compiles_the_sources(arch):
             assert b"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
 
 
+def test_launch_rules_match_the_cupy_mirror(tmp_path, monkeypatch):
+    """csrc/cuda/launch_rules.h (the native glue's rules) and their Python copy for the cupy backend agree: the
+    header compiled on the host prints its configs for every K and a sweep of D, and the chunk sizes."""
+    from dre_kernels import _gpu_host
+
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    Ds = [1, 7, 8, 16, 33, 64, 96, 128, 200, 384, 1000, 4096]
+    rows = [0, 1, 255, 1000, 40_000, 131_072, 800_000, 5_000_000]
+    sms = [1, 4, 108, 132]
+    (tmp_path / "rules.cpp").write_text(f"""
+#include <cstdio>
+#include "cuda/launch_rules.h"
+using namespace dre_cuda_rules;
+int main() {{
+  const int Ds[] = {{{", ".join(map(str, Ds))}}};
+  const long long rows[] = {{{", ".join(map(str, rows))}}};
+  const int sms[] = {{{", ".join(map(str, sms))}}};
+  for (int K = 1; K <= 256; ++K)
+    for (int D : Ds)
+      for (int bw = 0; bw < 2; ++bw) {{
+        const ReConfig s = re_simt_config(K, D, bw), t = re_tc_config(K, D, bw);
+        std::printf("re %d %d %d %d %d %u %d %d %d %u\\n", K, D, bw, s.R, s.DO, s.smem, t.R, t.DO, t.DT, t.smem);
+      }}
+  for (long long n : rows)
+    for (int m : sms) std::printf("chunk %lld %d %lld\\n", n, m, (long long)chunk_rows(n, m));
+}}
+""")
+    exe = tmp_path / "rules"
+    res = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{os.path.join(ROOT, 'csrc')}", str(tmp_path / "rules.cpp"),
+                          "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    n_re = 0
+    for line in lines:
+        kind, *v = line.split()
+        v = [int(t) for t in v]
+        if kind == "re":
+            K, D, bw, sR, sDO, ssmem, tR, tDO, tDT, tsmem = v
+            assert cupy_kernels.re_config(K, D, bool(bw)) == (sR, sDO, ssmem), (K, D, bw)
+            tc = cupy_kernels.re_tc_config(K, D, bool(bw))
+            assert tc == ((tR, tDO, tDT, tsmem) if tDT else None), (K, D, bw)
+            n_re += 1
+        else:
+            n, m, chunk = v
+            monkeypatch.setattr(_gpu_host, "num_sms", lambda device, m=m: m)
+            assert _gpu_host.default_chunk_rows(n, torch.device("cuda")) == chunk, (n, m)
+    assert n_re == 256 * len(Ds) * 2
+
+
 def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
     assert os.path.samefile(cupy_kernels.source_dir(), CUDA_SRC) or os.path.isdir(
         os.path.join(os.path.dirname(cupy_kernels.__file__), "csrc_cuda"))

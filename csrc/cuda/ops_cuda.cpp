@@ -21,6 +21,7 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/launch_rules.h"
 #include "cuda/launchers.h"
 #include "value_checks.h"
 
@@ -75,65 +76,12 @@ void check_values(const std::vector<OffsetsCheck>& offsets, const std::vector<In
 }
 
 // ------------------------------------------------------------------------------------------- residual_encode
-int64_t next_pow2(int64_t n) {
-  int64_t p = 1;
-  while (p < n) p <<= 1;
-  return p;
-}
+using dre_cuda_rules::ReConfig;
+using dre_cuda_rules::re_simt_config;
+using dre_cuda_rules::re_tc_config;
 
-// ~4 chunks per SM over a source, 256..8192 rows each
 int64_t chunk_rows(int64_t n_rows) {
-  const int64_t target = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per = (std::max<int64_t>(n_rows, 1) + target - 1) / target;
-  return std::min<int64_t>(8192, std::max<int64_t>(256, next_pow2(per)));
-}
-
-struct ReConfig {
-  int R, DO;
-  unsigned smem;
-};
-
-ReConfig re_config(int K, int D, bool backward) {
-  ReConfig c;
-  c.R = std::min(64, (backward ? 2048 : 4096) / K);
-  c.DO = std::min(std::min(256, 8192 / K), D);
-  const int R = c.R;
-  const int floats = backward ? 5 * R + 3 * K + 2 * R * (K + 1) + std::max(R * 9 + 2 * K * 9, 4096)
-                              : 5 * R + 3 * K + R * (K + 1) + std::max(R * 17 + K * 17, 4096);
-  c.smem = 4u * static_cast<unsigned>(floats);
-  return c;
-}
-
-// The tensor-core kernels' launch rule (residual_encode.cu; mirrored by dre_kernels/cupy_kernels.re_tc_config): DO
-// output columns with ceil(K/16) DO/8 <= 64 accumulator tiles, R rows with (R/16) ceil(K/8) <= 32 (forward) or 16
-// (backward) distance tiles, DT = 32 or 16 columns per distance step; the largest R, DT whose shared memory fits
-// 48 KB, else none (dt = 0: the SIMT kernels run).
-struct ReTcConfig {
-  int R = 0, DO = 0, DT = 0;
-  unsigned smem = 0;
-};
-
-ReTcConfig re_tc_config(int K, int D, bool backward) {
-  const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16;
-  ReTcConfig c;
-  const int DO = 8 * std::min(64 / k16, (D + 7) / 8);
-  const int tiles = backward ? 16 : 32;
-  const int r_max = 16 * std::min(backward ? 2 : 4, tiles / (k8 / 8));
-  for (int DT : {32, 16}) {
-    for (int R = r_max; R >= 16; R -= 16) {
-      const int mats = backward ? 4 : 2;
-      const int un = std::max(R * (DT + 8) + mats * k8 * (DT + 8), R * (DO + 8));
-      const int floats = 5 * R + 3 * K + (backward ? 2 : 1) * R * (K + 1) + (un + 1) / 2;
-      if (4 * floats <= 48 * 1024) {
-        c.R = R;
-        c.DO = DO;
-        c.DT = DT;
-        c.smem = 4u * static_cast<unsigned>(floats);
-        return c;
-      }
-    }
-  }
-  return c;
+  return dre_cuda_rules::chunk_rows(n_rows, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 // mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off. The backward
@@ -245,9 +193,8 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   if (B == 0 || s.n_rows == 0) return;
   const int K = static_cast<int>(p.c32.size(0)), D = static_cast<int>(p.c32.size(1));
   const ChunkMap m = chunk_map(s.offsets, s.n_rows);
-  const ReTcConfig tc = use_tensor_cores(s.rows) ? re_tc_config(K, D, false) : ReTcConfig();
-  ReConfig cfg = re_config(K, D, false);
-  if (tc.DT) cfg = ReConfig{tc.R, tc.DO, tc.smem};
+  const ReConfig tc = use_tensor_cores(s.rows) ? re_tc_config(K, D, false) : ReConfig();
+  ReConfig cfg = tc.DT ? tc : re_simt_config(K, D, false);
   if (!with_e) cfg.DO = tc.DT ? 8 : 1;
   const int64_t grid = m.slots * (with_e ? (D + cfg.DO - 1) / cfg.DO : 1);
   TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
@@ -331,11 +278,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
       continue;
     }
     const ChunkMap m = chunk_map(s.offsets, s.n_rows);
-    const ReTcConfig tc = use_tensor_cores(s.rows, true)
-                              ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
-                              : ReTcConfig();
-    const ReConfig cfg = tc.DT ? ReConfig{tc.R, tc.DO, tc.smem}
-                               : re_config(static_cast<int>(K), static_cast<int>(D), true);
+    const ReConfig tc = use_tensor_cores(s.rows, true) ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
+                                                       : ReConfig();
+    const ReConfig cfg = tc.DT ? tc : re_simt_config(static_cast<int>(K), static_cast<int>(D), true);
     const int64_t grid = m.slots * ((D + cfg.DO - 1) / cfg.DO);
     TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
     const bool gather = s.index.has_value();

@@ -25,9 +25,9 @@
 // operand split into hi + lo 16-bit parts: two MMAs, ~16 mantissa bits, float32 accumulation), as the Triton kernels
 // do; float32 rows, older GPUs and DRE_KERNELS_CUDA_TENSOR_CORES=0 take the SIMT kernels, and so does the backward
 // of float16 rows (G and h split into float16 parts would lose gradients below 6e-5). Their launch rule is
-// re_tc_config in ops_cuda.cpp / cupy_kernels.py.
+// re_tc_config in launch_rules.h (copied for the cupy backend in cupy_kernels.py).
 //
-// Launch rules (mirrored by the host launchers below and by dre_kernels/cupy_kernels.py): 256 threads;
+// Launch rules (launch_rules.h, re_simt_config, and its copy in dre_kernels/cupy_kernels.py): 256 threads;
 //   forward:  R = min(64, 4096 / K) rows per step, DO = min(256, 8192 / K, D), grid = slots * ceil(D / DO)
 //             (slots only, DO = 1, without E), shared floats re_fwd_smem_floats(R, K)
 //   backward: R = min(64, 2048 / K), the same DO, grid = slots * ceil(D / DO), shared re_bwd_smem_floats(R, K)

@@ -1,0 +1,73 @@
+// Launch rules of the residual_encode kernels (residual_encode.cu says why they are what they are): rows per step,
+// output columns per block, distance step and shared memory of the SIMT and tensor-core kernels, and the rows per
+// chunk that split long slides across blocks. Plain C++ (no torch, no CUDA), used by the host glue ops_cuda.cpp.
+//
+// dre_kernels/cupy_kernels.py (re_config, re_tc_config) and dre_kernels/_gpu_host.py (default_chunk_rows) hold the
+// same rules for the cupy backend; tests/test_cuda.py compiles this header on the host and compares the two for
+// every K and a sweep of D, so a change to one side that misses the other fails on the CPU.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dre_cuda_rules {
+
+inline int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// ~4 chunks per SM over a source, 256..8192 rows each (a power of two): a long slide spreads over the GPU
+inline int64_t chunk_rows(int64_t n_rows, int64_t num_sms) {
+  const int64_t target = 4 * num_sms;
+  const int64_t per = (std::max<int64_t>(n_rows, 1) + target - 1) / target;
+  return std::min<int64_t>(8192, std::max<int64_t>(256, next_pow2(per)));
+}
+
+// R rows per step, DO output columns per block, DT columns per distance step (0: the SIMT kernels), dynamic shared
+// memory in bytes
+struct ReConfig {
+  int R = 0, DO = 0, DT = 0;
+  unsigned smem = 0;
+};
+
+// the SIMT kernels dre_re_fwd / dre_re_bwd_soft
+inline ReConfig re_simt_config(int K, int D, bool backward) {
+  ReConfig c;
+  c.R = std::min(64, (backward ? 2048 : 4096) / K);
+  c.DO = std::min(std::min(256, 8192 / K), D);
+  const int R = c.R;
+  const int floats = backward ? 5 * R + 3 * K + 2 * R * (K + 1) + std::max(R * 9 + 2 * K * 9, 4096)
+                              : 5 * R + 3 * K + R * (K + 1) + std::max(R * 17 + K * 17, 4096);
+  c.smem = 4u * static_cast<unsigned>(floats);
+  return c;
+}
+
+// The tensor-core kernels dre_re_fwd_tc / dre_re_bwd_tc: DO output columns with ceil(K/16) DO/8 <= 64 accumulator
+// tiles, R rows with (R/16) ceil(K/8) <= 32 (forward) or 16 (backward) distance tiles, DT = 32 or 16 columns per
+// distance step; the largest R, DT whose shared memory fits 48 KB, else none (DT = 0: the SIMT kernels run).
+inline ReConfig re_tc_config(int K, int D, bool backward) {
+  const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16;
+  const int DO = 8 * std::min(64 / k16, (D + 7) / 8);
+  const int tiles = backward ? 16 : 32;
+  const int r_max = 16 * std::min(backward ? 2 : 4, tiles / (k8 / 8));
+  for (int DT : {32, 16}) {
+    for (int R = r_max; R >= 16; R -= 16) {
+      const int mats = backward ? 4 : 2;
+      const int un = std::max(R * (DT + 8) + mats * k8 * (DT + 8), R * (DO + 8));
+      const int floats = 5 * R + 3 * K + (backward ? 2 : 1) * R * (K + 1) + (un + 1) / 2;
+      if (4 * floats <= 48 * 1024) {
+        ReConfig c;
+        c.R = R;
+        c.DO = DO;
+        c.DT = DT;
+        c.smem = 4u * static_cast<unsigned>(floats);
+        return c;
+      }
+    }
+  }
+  return ReConfig();
+}
+
+}  // namespace dre_cuda_rules
