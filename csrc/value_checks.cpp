@@ -4,6 +4,7 @@
 
 #include <c10/util/intrusive_ptr.h>
 
+#include <mutex>
 #include <string>
 
 namespace dre {
@@ -31,22 +32,37 @@ struct Entry {
 
 constexpr size_t kCacheSize = 16;
 
+// Process-wide, not per thread: on CUDA the backward ops run in autograd's device thread and must find what the
+// forward's thread verified. In-place writes from any thread bump the version counter that entries key on.
+// (never destroyed: nothing to release at exit, and no order problem with torch's own statics)
+std::mutex& cache_mutex() {
+  static auto* mu = new std::mutex();
+  return *mu;
+}
+
 std::vector<Entry>& cache() {
-  thread_local std::vector<Entry> entries;
-  return entries;
+  static auto* entries = new std::vector<Entry>();
+  return *entries;
 }
 
 bool trackable(const at::Tensor& t) { return !t.is_inference(); }
 
-bool cached(const at::Tensor& t, int kind, int64_t bound) {
-  if (!trackable(t)) return false;
+bool cached_locked(const at::Tensor& t, int kind, int64_t bound) {
   for (const Entry& e : cache())
     if (e.matches(t, kind, bound)) return true;
   return false;
 }
 
+bool cached(const at::Tensor& t, int kind, int64_t bound) {
+  if (!trackable(t)) return false;
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  return cached_locked(t, kind, bound);
+}
+
 void remember(const at::Tensor& t, int kind, int64_t bound) {
-  if (!trackable(t) || cached(t, kind, bound)) return;
+  if (!trackable(t)) return;
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  if (cached_locked(t, kind, bound)) return;
   std::vector<Entry>& entries = cache();
   // dead entries go first, then the oldest
   std::vector<Entry> kept;

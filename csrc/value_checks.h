@@ -3,7 +3,7 @@
 // torch.compile they are skipped, and a bad index must raise here instead of reaching a kernel.
 //
 // Cost: all the checks of one op call bring their statistics to the host in one copy (one device synchronisation
-// on CUDA, none on CPU), and a small thread-local cache remembers the tensors that passed (a weak reference to the
+// on CUDA, none on CPU), and a small process-wide cache remembers the tensors that passed (a weak reference to the
 // TensorImpl, its version counter, data pointer, sizes, strides, dtype, device, the kind of check and its bound), so
 // the backward op and repeated calls on unchanged tensors do not synchronise again. An in-place write bumps the
 // version, and a freed TensorImpl's memory is held by the weak reference, so neither matches a stale entry; writes

@@ -11,7 +11,7 @@ native kernels in C++/CUDA, the Python backends (triton, cupy) through ensure_ch
 and runtime_checks_bank at the start of their impls), which raises the same errors as the wrappers.
 
 So that the eager path does not synchronise twice (wrapper, then impl), the value checks remember the tensors that
-passed: a small thread-local cache of (weakref to the tensor, its _version, data pointer/shape/strides, the check and
+passed: a small process-wide cache of (weakref to the tensor, its _version, data pointer/shape/strides, the check and
 the bound it passed against). The wrappers and ensure_checked skip a check found there and run the rest (one
 synchronisation), so a repeated call on unchanged tensors, and the backward of a call, synchronise not at all. The
 native ops do the same in C++ with a cache of their own (csrc/value_checks.h): an eager native call on new tensors
@@ -89,15 +89,15 @@ def _to_host(stats: torch.Tensor) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- verified cache
+# Process-wide, not per thread: on CUDA the backward ops run in autograd's device thread, and must find what the
+# forward's thread verified. In-place writes from any thread bump the version counter that entries key on.
 _CACHE_SIZE = 16
-_local = threading.local()
+_ENTRIES: list = []
+_LOCK = threading.Lock()
 
 
 def _entries() -> list:
-    entries = getattr(_local, "entries", None)
-    if entries is None:
-        entries = _local.entries = []
-    return entries
+    return _ENTRIES
 
 
 def _signature(t: torch.Tensor):
@@ -111,24 +111,23 @@ def _cached(t: torch.Tensor, kind: tuple) -> bool:
     sig = _signature(t)
     if sig is None:
         return False
-    for ref, esig, ekind in _entries():
-        if ref() is t and esig == sig and ekind == kind:
-            return True
-    return False
+    with _LOCK:
+        return any(ref() is t and esig == sig and ekind == kind for ref, esig, ekind in _ENTRIES)
 
 
 def _remember(t: torch.Tensor, kind: tuple) -> None:
     sig = _signature(t)
     if sig is None or _cached(t, kind):
         return
-    entries = _entries()
-    entries.append((weakref.ref(t), sig, kind))
-    # dead or surplus entries go first-in first-out
-    entries[:] = [e for e in entries if e[0]() is not None][-_CACHE_SIZE:]
+    with _LOCK:
+        _ENTRIES.append((weakref.ref(t), sig, kind))
+        # dead or surplus entries go first-in first-out
+        _ENTRIES[:] = [e for e in _ENTRIES if e[0]() is not None][-_CACHE_SIZE:]
 
 
 def clear_checked_cache() -> None:
-    _entries().clear()
+    with _LOCK:
+        _ENTRIES.clear()
 
 
 # Kinds of verified facts: ("offsets", total), ("index", n), ("unique",).

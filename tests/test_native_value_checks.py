@@ -8,6 +8,7 @@ The cache must never vouch for a tensor changed in place, a new tensor, another 
 
 import gc
 import re
+import threading
 
 import pytest
 import torch
@@ -158,3 +159,24 @@ def test_compiled_native_bad_index_raises():
     torch.testing.assert_close(f(bank, torch.tensor([1, 5, 2])), bank[[1, 5, 2]] * 2.0)
     with pytest.raises(IndexError, match=r"index holds 6, out of range for bank with 6 rows"):
         f(bank, torch.tensor([1, 6, 2]))
+
+
+def test_cache_is_shared_across_threads():
+    """On CUDA the backward ops run in autograd's device thread: what the forward's thread verified must count
+    there too (seen through the numpy blind spot of test_a_cached_verdict_is_used, from another thread)."""
+    bank = torch.randn(6, 4)
+    idx = torch.tensor([1, 2])
+    ops.bank_update_(bank, idx, torch.randn(2, 4), 0.5, True)
+    idx.numpy()[1] = 1
+    errors = []
+
+    def other():
+        try:
+            ops.bank_update_(bank, idx, torch.randn(2, 4), 0.5, True)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors

@@ -157,6 +157,20 @@ def test_repeated_eager_calls_do_not_synchronise(syncs, backend):
         encode(**a, backend=backend)
 
 
+def test_backward_in_another_thread_finds_the_forwards_checks(syncs):
+    """On CUDA autograd runs the backward ops in its device thread: the cache is process-wide."""
+    import threading
+
+    a = value_check_inputs()
+    a["x"].requires_grad_()
+    E = encode(**a)
+    assert len(syncs) == 1
+    t = threading.Thread(target=lambda: E.sum().backward())
+    t.start()
+    t.join()
+    assert a["x"].grad is not None and len(syncs) == 1
+
+
 def test_cupy_impls_skip_what_the_wrapper_checked(syncs):
     """cupy impls share the checks and the cache (called directly: no CUDA here; kernels go to a no-op runtime)."""
     launches = []
