@@ -34,6 +34,7 @@ KERNEL_FILES = {
     "dre_re_fwd_tc": "residual_encode.cu",
     "dre_re_bwd_tc": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
+    "dre_cl_col_fix": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
     "dre_bank_update": "bank.cu",
@@ -362,6 +363,9 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rpos),
             ptr(csum), ptr(cpos), I64(B), I32(P))
     clse = (ref.double() + torch.log(csum)).float()
+    _launch("dre_cl_col_fix", -(-B // CL_BLOCK), 0, dev,  # exact LSE of the columns whose sum underflowed, if any
+            ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P))
     npos = _num_positives(labels, B, dev)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse

@@ -69,7 +69,7 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    assert len(declared) == 8  # re_fwd, re_bwd_soft, their tensor-core variants, cl_fwd, cl_bwd, bank x2
+    assert len(declared) == 9  # re_fwd, re_bwd_soft, their tensor-core variants, cl_fwd, cl_col_fix, cl_bwd, bank x2
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -516,6 +516,14 @@ def test_emu_contrastive_labels_and_16bit(emu):
 def test_emu_contrastive_large_scale_far_columns(emu):
     # logits far below the column bound: the float64 rescale must keep them
     _check_cl(66, 8, None, True, scale=80.0)
+
+
+def test_emu_contrastive_unnormalised_columns_far_below_the_bound(emu):
+    # without normalize, norms ~8 and s=30 put whole columns more than 700 below their Cauchy-Schwarz bound, where
+    # the float64 column sums underflow: dre_cl_col_fix recomputes those columns exactly
+    _check_cl(70, 64, None, False, scale=30.0)
+    labels = torch.arange(130).remainder(7)
+    _check_cl(130, 64, labels, False, dtype=torch.bfloat16, scale=30.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

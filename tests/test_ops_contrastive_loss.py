@@ -108,6 +108,33 @@ def test_noncontiguous(backend_device):
     assert_close(got, want, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("std, scale", [(3.0, 14.3), (1.0, 30.0)])
+def test_unnormalised_large_logits(backend_device, std, scale):
+    """Without normalize, inputs with large norms put every logit of a column far below the Cauchy-Schwarz bound
+    that one-pass kernels sum the column at (by more than float64's exp range, ~700): the column log-sum-exps
+    must stay exact."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(11)
+    a = (std * torch.randn(70, 64, generator=g)).to(device).requires_grad_()
+    b = (std * torch.randn(70, 64, generator=g)).to(device).requires_grad_()
+    labels = torch.arange(70).remainder(9).to(device)
+    with torch.no_grad():  # the regime: some column's logits all sit > 700 below the bound
+        logits = scale * a.double() @ b.double().T
+        bound = scale * a.double().norm(dim=1).max() * b.double().norm(dim=1)
+        assert (bound - logits.max(0).values).max() > 700
+    for lab in (None, labels):
+        got = contrastive_loss(a, b, scale, labels=lab, normalize=False, reduction="none", backend=backend)
+        want = contrastive_loss(a.double(), b.double(), scale, labels=lab, normalize=False, reduction="none",
+                                backend="reference")
+        assert torch.isfinite(got).all()
+        assert_close(got, want, dtype=torch.float32)
+        w = torch.rand(70, generator=g).to(device)
+        ga, gb = torch.autograd.grad((got * w).sum(), (a, b))
+        ra, rb = torch.autograd.grad((want * w.double()).sum(), (a, b))
+        assert_close(ga, ra, dtype=torch.float32, scale=4)
+        assert_close(gb, rb, dtype=torch.float32, scale=4)
+
+
 @pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_gradcheck_float64(backend_device, labels, normalize):

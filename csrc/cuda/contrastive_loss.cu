@@ -9,6 +9,8 @@
 // (m_t, sum_i exp(l_ij - m_t)) and adds sum * exp(m_t - ref_j) in float64 into csum_j with one atomicAdd per column
 // per tile, where ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is known before the pass; the host
 // takes col_lse = ref + log(csum). Positive logits are summed per row in shared memory and per column atomically.
+// A column whose logits all lie more than ~640 below ref_j (unnormalised inputs with large norms) underflows there:
+// dre_cl_col_fix, launched after the pass, recomputes exactly the columns that did (none with normalize, |s| <= 300).
 //
 // Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
 // grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
@@ -16,12 +18,14 @@
 // CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared memory and multiplies by the
 // matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
-// Launch rules: 256 threads; forward grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64); dynamic shared
-// memory 0 (static arrays only).
+// Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64);
+// dynamic shared memory 0 (static arrays only).
 #include "dre_common.cuh"
 
 namespace dre_cuda {
 enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16 };
+// a column sum at the bound below this has lost its largest terms to underflow (float64 normals end at 2.2e-308)
+constexpr double CL_TINY = 1e-280;
 
 // dot[u][v] += <x_{i0 + ty + 16u}, y_{j0 + tx + 16v}> over all of P, through shared slices xs, ys (64 x 17)
 DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
@@ -48,6 +52,23 @@ DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const v
   }
 }
 
+// L[r][c] = l_{i0 + r, j0 + c} = s inva_i <a_i, b_j> invb_j for the 64 x 64 tile (-inf outside B x B); ends with a
+// barrier, so L is ready for any thread
+DRE_DEVICE void cl_logits_tile(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
+                               i64 s_bc, const float* inva, const float* invb, float s, i64 i0, i64 j0, i64 B, int P,
+                               float* xs, float* ys, float* L) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  float dot[4][4];
+  cl_tile_dot(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, i0, j0, B, P, xs, ys, dot);
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) {
+      const int r = ty + 16 * u, c = tx + 16 * v;
+      const i64 i = i0 + r, j = j0 + c;
+      L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? s * inva[i] * dot[u][v] * invb[j] : -f_inf();
+    }
+  __syncthreads();
+}
+
 DRE_DEVICE bool cl_positive(const void* labels, int lab64, int has_labels, i64 i, i64 j) {
   return has_labels ? load_index(labels, i, lab64) == load_index(labels, j, lab64) : i == j;
 }
@@ -63,7 +84,7 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
   __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI];
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const i64 i0 = (i64)blockIdx.x * CL_BI;
   const float s = scale[0];
   for (int r = tid; r < CL_BI; r += NTHREADS) {
@@ -72,15 +93,7 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
     pos_i[r] = 0.f;
   }
   for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
-    float dot[4][4];
-    cl_tile_dot(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, i0, j0, B, P, xs, ys, dot);
-    for (int u = 0; u < 4; ++u)
-      for (int v = 0; v < 4; ++v) {
-        const int r = ty + 16 * u, c = tx + 16 * v;
-        const i64 i = i0 + r, j = j0 + c;
-        L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? s * inva[i] * dot[u][v] * invb[j] : -f_inf();
-      }
-    __syncthreads();
+    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
     // rows: online log-sum-exp and positives (one warp per row, two columns per lane)
     for (int r = warp; r < CL_BI; r += NTHREADS / 32) {
       const i64 i = i0 + r;
@@ -130,6 +143,49 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
       rpos[i] = pos_i[r];
     }
   }
+}
+
+// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest logit lies more than
+// ~640 below ref_j, which only unnormalised inputs with large norms reach) get their log-sum-exp recomputed exactly:
+// block J owns CL_BJ columns, returns at once when none of them needs it, else walks every row tile with an online
+// max/sum per column and overwrites clse_j of those columns.
+DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
+                               i64 s_bc, const float* inva, const float* invb, const float* scale, const double* csum,
+                               float* clse, i64 B, int P) {
+  __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
+  __shared__ float L[CL_BI * (CL_BJ + 1)];
+  __shared__ float m_j[CL_BJ], l_j[CL_BJ];
+  __shared__ int any_need;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const i64 j0 = (i64)blockIdx.x * CL_BJ;
+  if (tid == 0) any_need = 0;
+  __syncthreads();
+  if (tid < CL_BJ) {
+    m_j[tid] = -f_inf();
+    l_j[tid] = 0.f;
+    if (j0 + tid < B && csum[j0 + tid] < CL_TINY) any_need = 1;
+  }
+  __syncthreads();
+  if (!any_need) return;  // uniform across the block
+  const float s = scale[0];
+  for (i64 i0 = 0; i0 < B; i0 += CL_BI) {
+    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
+    for (int c = warp; c < CL_BJ; c += NTHREADS / 32) {
+      if (j0 + c >= B) continue;
+      float mx = fmaxf(L[lane * (CL_BJ + 1) + c], L[(lane + 32) * (CL_BJ + 1) + c]);
+      mx = warp_max(mx);  // finite: row i0 < B is valid
+      const float m_new = fmaxf(m_j[c], mx);
+      float se = 0.f;
+      for (int r = lane; r < CL_BI; r += 32) se += expf(L[r * (CL_BJ + 1) + c] - m_new);
+      se = warp_sum(se);
+      if (lane == 0) {
+        l_j[c] = (m_j[c] == -f_inf() ? 0.f : l_j[c] * expf(m_j[c] - m_new)) + se;
+        m_j[c] = m_new;
+      }
+    }
+    __syncthreads();
+  }
+  if (tid < CL_BJ && j0 + tid < B && csum[j0 + tid] < CL_TINY) clse[j0 + tid] = m_j[tid] + logf(l_j[tid]);
 }
 
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
@@ -217,6 +273,15 @@ cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, 
   if (grid > 0)
     dre_cl_fwd<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, labels, lab64,
                                               has_labels, scale, ref, rlse, rpos, csum, cpos, B, P);
+  return cudaGetLastError();
+}
+
+cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
+                       const double* csum, float* clse, i64 B, int P) {
+  if (grid > 0)
+    dre_cl_col_fix<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, csum,
+                                                  clse, B, P);
   return cudaGetLastError();
 }
 

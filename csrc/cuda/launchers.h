@@ -39,6 +39,10 @@ cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, 
                    int has_labels, const float* scale, const float* ref, float* rlse, float* rpos, double* csum,
                    float* cpos, i64 B, int P);
 
+cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
+                       const double* csum, float* clse, i64 B, int P);
+
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                    int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
                    int has_labels, const float* scale, const float* lx, const float* ly, const float* g,

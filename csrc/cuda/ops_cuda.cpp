@@ -389,6 +389,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const a
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P)),
            "dre_cl_fwd");
   const at::Tensor clse = (ref.to(at::kDouble) + at::log(csum)).to(at::kFloat);
+  launched(dre_cuda_launch::cl_col_fix(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
+                                       at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
+                                       a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
+                                       inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
+                                       csum.data_ptr<double>(), clse.data_ptr<float>(), B, static_cast<int>(P)),
+           "dre_cl_col_fix");
   const at::Tensor npos = num_positives(labels, B, f32);
   const at::Tensor loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5;
   return {loss, rlse, clse};

@@ -8,9 +8,12 @@ l_IJ with tl.dot (float32 accumulation, looping over P). The row LSE is an onlin
 LSE needs the other direction of the same tile: each tile reduces its columns to (m_t, sum_i exp(l_ij - m_t)) and
 adds sum * exp(m_t - ref_j) into a float64 per-column accumulator with one atomic add per column per tile, where
 ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is a column bound known before the pass; col_lse =
-ref_j + log(acc_j). The rescale is float64 so that columns whose logits sit up to ~700 below their bound still
-count (with normalize and |s| <= 350 no column can fall that far); only B floats per direction reach memory, never
-a B x B tensor or per-tile partials. Positives (labels_i == labels_j, or i == j without labels) are summed per row
+ref_j + log(acc_j). The rescale is float64 so that columns whose logits sit up to ~640 below their bound still
+count exactly (with normalize and |s| <= 300 no column can fall that far); only B floats per direction reach
+memory, never a B x B tensor or per-tile partials. Without normalize, inputs with large norms can put a whole column
+further below its bound, where its float64 sum underflows: a second kernel (_cl_col_fix_kernel) recomputes the
+log-sum-exp of exactly those columns with an online max over every row, and its programs whose columns are all
+fine return without reading a row (the usual case: a launch and B float64 reads). Positives (labels_i == labels_j, or i == j without labels) are summed per row
 in registers and per column with a float32 atomic add in the same pass; |P_i| comes from a sort of the labels.
 
 Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
@@ -59,6 +62,15 @@ def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
 
 
 @triton.jit
+def _online_lse(m, l, lt, AXIS: tl.constexpr):
+    """(max, sum of exp(. - max)) along AXIS after folding the tile lt into the running (m, l); -inf-safe."""
+    m_new = tl.maximum(m, tl.max(lt, axis=AXIS))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = m_safe[:, None] if AXIS == 1 else m_safe[None, :]
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(lt - shift), axis=AXIS)
+
+
+@triton.jit
 def _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS: tl.constexpr):
     if HAS_LABELS:
         lj = tl.load(lab_ptr + j, mask=jmask, other=0)
@@ -91,10 +103,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         valid = imask[:, None] & jmask[None, :]
         lt = tl.where(valid, logits, float("-inf"))
         # rows: online log-sum-exp (rows past B stay at -inf and are never stored)
-        m_new = tl.maximum(m_i, tl.max(lt, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lt - m_safe[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_lse(m_i, l_i, lt, 1)
         # positives, both directions
         pos = _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS)
         pl = tl.where(pos, logits, 0.0)
@@ -108,6 +117,35 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         tl.atomic_add(csum_ptr + j, contrib, mask=jmask, sem="relaxed")
     tl.store(rlse_ptr + i, m_i + tl.log(tl.where(imask, l_i, 1.0)), mask=imask)
     tl.store(rpos_ptr + i, pos_i, mask=imask)
+
+
+# A column whose bound-referenced sum fell below this lies more than ~640 below its bound: recomputed exactly.
+COLUMN_SUM_TINY = 1e-280
+
+
+@triton.jit
+def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, scale_ptr, csum_ptr, clse_ptr, B, P,
+                       TINY: tl.constexpr, MODE: tl.constexpr,
+                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Exact column log-sum-exps, with an online max over every row, for the columns of this block whose
+    float64 sum at the bound underflowed; a block with none returns without reading a row."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = j < B
+    need = jmask & (tl.load(csum_ptr + j, mask=jmask, other=1.0) < TINY)
+    rows = tl.where(tl.sum(need.to(tl.int32), axis=0) > 0, B, 0)
+    s = tl.load(scale_ptr)
+    sj = s * tl.load(invb_ptr + j, mask=jmask, other=0.0)
+    ACC = tl.float64 if MODE == 2 else tl.float32
+    m_j = tl.full((BLOCK_J,), float("-inf"), dtype=ACC)
+    l_j = tl.zeros((BLOCK_J,), dtype=ACC)
+    for i0 in range(0, rows, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        imask = i < B
+        dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+        inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
+        lt = tl.where(imask[:, None] & jmask[None, :], inva[:, None] * dot * sj[None, :], float("-inf"))
+        m_j, l_j = _online_lse(m_j, l_j, lt, 0)
+    tl.store(clse_ptr + j, m_j + tl.log(tl.where(need, l_j, 1.0)), mask=need)
 
 
 @triton.jit
@@ -234,6 +272,10 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
             rlse, rpos, csum, cpos, B, P, has_labels, _mode(a, b))
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P))
     clse = (ref.double() + torch.log(csum)).to(acc)
+    meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 64, "num_warps": 4}
+    _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
+        _mode(a, b), **{k: v for k, v in meta.items() if k != "BLOCK_PO"})
     npos = _num_positives(labels, B, dev, acc)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
