@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh build    # compile the extension for this GPU's arch only (~1-2 min on 16 cores)
 #   bash benchmarks/gpu_session.sh tests    # build + the op suite on CUDA (native, triton, cupy) + test_cuda.py
+#   bash benchmarks/gpu_session.sh fuzz     # build + tests/fuzz_ops.py for native, triton, cupy (FUZZ_SECONDS each)
 #   bash benchmarks/gpu_session.sh bench    # build + bench_cuda.py (torch, torch.compile, triton, native, cupy,
 #                                           #   native_simt, cupy_simt) + the training step; CSVs to $OUT
 #   bash benchmarks/gpu_session.sh bench-cuda | bench-step   # one part of bench, where one call cannot hold both
@@ -48,15 +49,24 @@ tests() {
     ${par[@]+"${par[@]}"} -q -p no:cacheprovider -rfE --durations=15 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -60
 }
 
+fuzz() {
+  # the random sweep against reference (tests/fuzz_ops.py) on the real kernels, FUZZ_SECONDS per backend
+  local b
+  for b in native triton cupy; do
+    $PY tests/fuzz_ops.py --backend "$b" --device cuda --seconds "${FUZZ_SECONDS:-60}" 2>&1 | tee -a "$OUT/fuzz.log" | tail -20
+  done
+}
+
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
 bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
 
 case "$stage" in
   build) build ;;
   tests) build && tests ;;
+  fuzz) build && fuzz ;;
   bench) build && bench_cuda && bench_step ;;
   bench-cuda) build && bench_cuda ;;
   bench-step) build && bench_step ;;
   all) build && tests && bench_cuda && bench_step ;;
-  *) echo "usage: $0 build|tests|bench|bench-cuda|bench-step|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|all" >&2; exit 2 ;;
 esac

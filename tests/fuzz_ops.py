@@ -1,0 +1,169 @@
+"""Random sweep of residual_encode and contrastive_loss for a kernel backend against `reference` (float64).
+
+    python tests/fuzz_ops.py --backend triton --seconds 300                # CPU: triton in its interpreter
+    python tests/fuzz_ops.py --backend native --device cuda --seconds 120  # GPU: the real kernels
+
+Each case draws shapes (empty and one-row slides, odd K and D, long bank slides, small and large B), dtypes,
+labels, normalize and scales (up to inputs with large norms and no normalize), runs the forward and the backward,
+and compares outputs and gradients with the reference in float64. A mismatch counts as a failure only when the
+kernel's error is also well above that of the `torch` backend at the kernel's own dtypes (--slack times it):
+float32 cannot resolve some cases (near-ties of a hard argmin, the normalisation of one-wide rows), and
+there every backend is off alike. Failures print the case; the exit status is the number of failures (max 100).
+The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
+(it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it
+for a few seconds so it does not rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _offsets(lengths, device):
+    import torch
+
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), device=device)
+
+
+def _max_err(got, want):
+    import torch
+
+    if got.numel() == 0:
+        return 0.0
+    mag = max(1.0, float(want.detach().abs().max()))
+    return float((got.detach().double() - want.detach().double()).abs().max()) / mag
+
+
+def _errors(run, backend, ref_inputs, kernel_inputs, seed):
+    """Relative max errors of each output of run(backend) and of the gradients of a random weighting of them,
+    against run('reference') on the float64 copies of the inputs."""
+    import torch
+
+    outs, refs = run(backend, kernel_inputs), run("reference", ref_inputs)
+    errs = [_max_err(o, r) for o, r in zip(outs, refs)]
+    if not any(o.numel() for o in outs):
+        return errs
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=g).to(o.device) for o in outs]
+    grads = torch.autograd.grad(sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights)), kernel_inputs,
+                                allow_unused=True)
+    rgrads = torch.autograd.grad(sum((r * w.double()).sum() for r, w in zip(refs, weights)), ref_inputs,
+                                 allow_unused=True)
+    return errs + [_max_err(a, b) if a is not None and b is not None else 0.0 for a, b in zip(grads, rgrads)]
+
+
+def residual_case(rng, device):
+    import torch
+
+    K = rng.choice([1, 2, 3, 7, 16, 17, 33, 64, 100, 256])
+    D = rng.choice([1, 3, 8, 16, 33, 64, 130, 384])
+    B = rng.randint(1, 4)
+    lens = [rng.choice([0, 1, 2, 5, 17, 40]) for _ in range(B)]
+    blens = [rng.choice([0, 1, 3, 16, 50, 300]) for _ in range(B)]
+    x_dtype, bank_dtype = (rng.choice([torch.float32, torch.bfloat16, torch.float16]) for _ in range(2))
+    hard, use_bank = rng.random() < 0.4, rng.random() < 0.8
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    x = torch.randn(sum(lens), D, generator=g).to(x_dtype)
+    c = 0.5 * torch.randn(K, D, generator=g)
+    s = 0.02 + 0.1 * torch.rand(K, generator=g)
+    T = sum(blens) + 5
+    bank = torch.randn(T, D, generator=g).to(bank_dtype).to(device)
+    bank_index = torch.randint(0, T, (sum(blens),), generator=g).to(device)
+    kw = dict(bank=bank, bank_index=bank_index, bank_offsets=_offsets(blens, device)) if use_bank else {}
+    assignment = "hard" if hard else "soft"
+    x_off = _offsets(lens, device)
+
+    def run(backend, inputs):
+        import dre_kernels
+
+        xi, ci, si = inputs
+        return [dre_kernels.residual_encode(xi, x_off, ci, None if hard else si, assignment=assignment,
+                                            backend=backend, **kw)]
+
+    desc = dict(op="residual_encode", K=K, D=D, lens=lens, blens=blens if use_bank else None, x=str(x_dtype),
+                bank=str(bank_dtype), assignment=assignment)
+    return desc, run, (x, c, s)
+
+
+def contrastive_case(rng, device):
+    import torch
+
+    B = rng.choice([1, 2, 3, 31, 32, 33, 65, 100, 130])
+    P = rng.choice([1, 2, 5, 16, 33, 64, 130])
+    labels = torch.randint(0, rng.choice([1, 2, 5, 50]), (B,)).to(device) if rng.random() < 0.4 else None
+    normalize = rng.random() < 0.5
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    std, scale = rng.choice([0.1, 1.0, 3.0]), rng.choice([0.5, 3.0, 14.3, 30.0])
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    a = (std * torch.randn(B, P, generator=g)).to(dtype)
+    b = (std * torch.randn(B, P, generator=g)).to(dtype)
+
+    def run(backend, inputs):
+        import dre_kernels
+
+        ai, bi = inputs
+        return [dre_kernels.contrastive_loss(ai, bi, scale, labels=labels, normalize=normalize, reduction="none",
+                                             backend=backend)]
+
+    desc = dict(op="contrastive_loss", B=B, P=P, labels=labels is not None, normalize=normalize, dtype=str(dtype),
+                std=std, scale=scale)
+    return desc, run, (a, b)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", required=True, choices=["triton", "native", "cupy", "torch"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ops", nargs="+", default=["residual_encode", "contrastive_loss"])
+    ap.add_argument("--tol", type=float, default=3e-3, help="relative error that always passes")
+    ap.add_argument("--slack", type=float, default=4.0, help="a failure must be this many times torch's error")
+    args = ap.parse_args(argv)
+    if args.device == "cpu" and args.backend == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import dre_kernels
+
+    if args.backend not in dre_kernels.available_backends(args.device):
+        print(f"fuzz_ops: {args.backend} is not available on {args.device}: "
+              f"{dre_kernels.unavailable_backends(args.device).get(args.backend)}", file=sys.stderr)
+        return 0
+    device = torch.device(args.device)
+    makers = {"residual_encode": residual_case, "contrastive_loss": contrastive_case}
+    rng = random.Random(args.seed)
+    t0, n, failures = time.time(), 0, 0
+    while time.time() - t0 < args.seconds:
+        desc, run, inputs = makers[rng.choice(args.ops)](rng, device)
+        seed = rng.randrange(1 << 30)
+        kernel_inputs = [t.to(device).requires_grad_() for t in inputs]
+        ref_inputs = [t.detach().double().to(device).requires_grad_() for t in inputs]
+        try:
+            errs = _errors(run, args.backend, ref_inputs, kernel_inputs, seed)
+            if max(errs) > args.tol:
+                base = _errors(run, "torch", ref_inputs, [t.detach().clone().requires_grad_() for t in kernel_inputs],
+                               seed)
+                bad = [i for i, (e, b) in enumerate(zip(errs, base)) if e > args.tol and e > args.slack * b]
+                if bad:
+                    failures += 1
+                    print(f"FAIL {desc}: errors {[f'{e:.2e}' for e in errs]}, torch {[f'{e:.2e}' for e in base]}",
+                          flush=True)
+        except Exception as e:  # noqa: BLE001 - a crash or a wrong error is a failure too
+            failures += 1
+            print(f"FAIL {desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        n += 1
+    print(f"fuzz_ops {args.backend} on {args.device}: {n} cases, "
+          f"{failures} failures in {time.time() - t0:.0f} s")
+    return min(failures, 100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
