@@ -5,10 +5,12 @@
 
 Each case draws shapes (empty and one-row slides, odd K and D, long bank slides, small and large B), dtypes,
 labels, normalize and scales (up to inputs with large norms and no normalize), runs the forward and the backward,
-and compares outputs and gradients with the reference in float64. A mismatch counts as a failure only when the
-kernel's error is also well above that of the `torch` backend at the kernel's own dtypes (--slack times it):
-float32 cannot resolve some cases (near-ties of a hard argmin, the normalisation of one-wide rows), and
-there every backend is off alike. Failures print the case; the exit status is the number of failures (max 100).
+and compares outputs and gradients with the reference in float64 (16-bit results less their own rounding). A
+mismatch counts as a failure only when the kernel's error is also well above that of the `torch` backend at the
+kernel's own dtypes (--slack times it): float32 cannot resolve some cases (near-ties of a hard argmin, say), and
+there every backend is off alike. One-wide rows are not normalised (u = +-1 whatever the input: the exact
+gradient is 0 and any float32 result is roundoff over ||a||). Failures print the case; the exit status is the
+number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
 (it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it
 for a few seconds so it does not rot.
@@ -33,12 +35,17 @@ def _offsets(lengths, device):
 
 
 def _max_err(got, want):
+    """max |got - want| / max(1, max |want|), less two epsilons of got's dtype when it is a 16-bit one (its own
+    rounding of the result, which no kernel can avoid)."""
     import torch
 
     if got.numel() == 0:
         return 0.0
     mag = max(1.0, float(want.detach().abs().max()))
-    return float((got.detach().double() - want.detach().double()).abs().max()) / mag
+    err = float((got.detach().double() - want.detach().double()).abs().max()) / mag
+    if got.dtype in (torch.float16, torch.bfloat16):
+        err = max(0.0, err - 2 * torch.finfo(got.dtype).eps)
+    return err
 
 
 def _errors(run, backend, ref_inputs, kernel_inputs, seed):
@@ -98,7 +105,7 @@ def contrastive_case(rng, device):
     B = rng.choice([1, 2, 3, 31, 32, 33, 65, 100, 130])
     P = rng.choice([1, 2, 5, 16, 33, 64, 130])
     labels = torch.randint(0, rng.choice([1, 2, 5, 50]), (B,)).to(device) if rng.random() < 0.4 else None
-    normalize = rng.random() < 0.5
+    normalize = rng.random() < 0.5 and P > 1
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
     std, scale = rng.choice([0.1, 1.0, 3.0]), rng.choice([0.5, 3.0, 14.3, 30.0])
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
