@@ -205,20 +205,17 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   const void* idx = gather ? s.index->data_ptr() : nullptr;
   const float* Gp = G ? G->data_ptr<float>() : nullptr;
   void* gxp = gx ? gx->data_ptr() : nullptr;
-  if (tc.DT)
-    launched(dre_cuda_launch::re_fwd_tc(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt,
-                                        s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off),
-                                        lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(), p.csq.data_ptr<float>(),
-                                        p.s32.data_ptr<float>(), acc, mass, Gp, gxp, gx_dt, B, K, D, m.chunk,
-                                        hard ? 1 : 0, with_e ? 1 : 0, cfg.R, cfg.DO, tc.DT),
-             "dre_re_fwd_tc");
-  else
-    launched(dre_cuda_launch::re_fwd(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt,
-                                     s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off),
-                                     lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(), p.csq.data_ptr<float>(),
-                                     p.s32.data_ptr<float>(), acc, mass, Gp, gxp, gx_dt, B, K, D, m.chunk,
-                                     hard ? 1 : 0, with_e ? 1 : 0, cfg.R, cfg.DO),
-             "dre_re_fwd");
+  // the tensor-core kernel takes the SIMT kernel's arguments and its distance step DT
+  const auto launch = [&](auto... args) {
+    if (tc.DT)
+      launched(dre_cuda_launch::re_fwd_tc(args..., tc.DT), "dre_re_fwd_tc");
+    else
+      launched(dre_cuda_launch::re_fwd(args...), "dre_re_fwd");
+  };
+  launch(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0), s.rows.stride(1),
+         idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
+         p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, Gp, gxp, gx_dt, B, K, D, m.chunk, hard ? 1 : 0,
+         with_e ? 1 : 0, cfg.R, cfg.DO);
 }
 
 std::tuple<at::Tensor, at::Tensor> residual_encode_fwd_cuda(
@@ -287,24 +284,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
     const auto stream = at::cuda::getCurrentCUDAStream();
     const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
     const void* idx = gather ? s.index->data_ptr() : nullptr;
-    if (tc.DT)
-      launched(dre_cuda_launch::re_bwd_tc(
-                   static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
-                   s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart),
-                   p.c32.data_ptr<float>(), p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(),
-                   gc.data_ptr<float>(), hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
-                   mass_acc.data_ptr<float>(), gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K),
-                   static_cast<int>(D), m.chunk, write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO, tc.DT),
-               "dre_re_bwd_tc");
-    else
-      launched(dre_cuda_launch::re_bwd_soft(
-                   static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
-                   s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart),
-                   p.c32.data_ptr<float>(), p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(),
-                   gc.data_ptr<float>(), hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
-                   mass_acc.data_ptr<float>(), gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K),
-                   static_cast<int>(D), m.chunk, write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO),
-               "dre_re_bwd_soft");
+    const auto launch = [&](auto... args) {
+      if (tc.DT)
+        launched(dre_cuda_launch::re_bwd_tc(args..., tc.DT), "dre_re_bwd_tc");
+      else
+        launched(dre_cuda_launch::re_bwd_soft(args...), "dre_re_bwd_soft");
+    };
+    launch(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
+           s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
+           p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
+           hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(),
+           gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K), static_cast<int>(D), m.chunk, write_gx ? 1 : 0,
+           acc_c ? 1 : 0, cfg.R, cfg.DO);
   }
   if (use_given_mass) mass_acc = mass->to(at::kFloat);
   at::Tensor grad_c = -(mass_acc.unsqueeze(2) * G).sum(0);

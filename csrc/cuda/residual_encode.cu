@@ -42,12 +42,37 @@ DRE_DEVICE i64 lmin(i64 a, i64 b) { return a < b ? a : b; }
 
 // shared memory layout (floats): roff (2R, int64) | kmin (R, int) | xsq (R) | shr (R) | msum, hsum, gsum (3K) |
 // A (R(K+1)) [| H (R(K+1)) backward] | union{ xs (R(DT+1)) + cs (K(DT+1)) [+ gs (K(DT+1))], xo (RE_XO) }
-// (the tensor-core kernels: the union holds 16-bit tiles instead, see re_tc_smem_floats in the host rules)
+// (the tensor-core kernels: the union holds 16-bit tiles instead, see re_tc_config in launch_rules.h)
 DRE_DEVICE int re_phase1_floats(int R, int K, int DT, int nmat) { return R * (DT + 1) + nmat * K * (DT + 1); }
 
-// The rows [lo, hi) of chunk pid_c (of slide b); false when the slot is past the last chunk or empty.
-DRE_DEVICE bool re_chunk_rows(i64 pid_c, const i64* off, const i64* slide, const i64* cstart, i64 B, i64 chunk,
-                              i64& b, i64& lo, i64& hi) {
+// The head of that layout, the same in all four kernels; `tail` is where the union starts.
+struct ReSmem {
+  i64* roff;
+  int* kmin;
+  float *xsq, *shr, *msum, *hsum, *gsum, *A, *H, *tail;
+};
+
+DRE_DEVICE ReSmem re_smem(float* smem, int R, int K, bool backward) {
+  ReSmem m;
+  m.roff = (i64*)smem;
+  m.kmin = (int*)(smem + 2 * R);
+  m.xsq = smem + 3 * R;
+  m.shr = smem + 4 * R;  // backward: sum_k s_k h_rk per row
+  m.msum = smem + 5 * R;
+  m.hsum = m.msum + K;
+  m.gsum = m.hsum + K;
+  m.A = m.gsum + K;
+  m.H = m.A + R * (K + 1);
+  m.tail = backward ? m.H + R * (K + 1) : m.H;
+  return m;
+}
+
+// The block's work: chunk blockIdx / ndt, the rows [lo, hi) of slide b, and its column tile pid_d = blockIdx % ndt;
+// false when the slot is past the last chunk or empty.
+DRE_DEVICE bool re_block_rows(int ndt, const i64* off, const i64* slide, const i64* cstart, i64 B, i64 chunk, i64& b,
+                              i64& lo, i64& hi, int& pid_d) {
+  const i64 pid_c = (i64)blockIdx.x / ndt;
+  pid_d = (int)((i64)blockIdx.x % ndt);
   b = slide[pid_c];
   if (b >= B) return false;
   lo = off[b] + (pid_c - cstart[b]) * chunk;
@@ -269,22 +294,19 @@ DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, cons
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x;
   const int ndt = with_e ? (D + DO - 1) / DO : 1;
-  const i64 pid = blockIdx.x;
-  const i64 pid_c = pid / ndt;
-  const int pid_d = (int)(pid % ndt);
   i64 b, lo, hi;
-  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  int pid_d;
+  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
   const int DT = RE_DT_FWD;
   const int d0 = pid_d * DO;
   const int dn = with_e ? imin(DO, D - d0) : 0;
   const int RS = RE_XO / (DO > 0 ? DO : 1);
 
-  i64* roff = (i64*)smem;
-  int* kmin = (int*)(smem + 2 * R);
-  float* xsq = smem + 3 * R;
-  float* msum = smem + 5 * R;
-  float* A = msum + 3 * K;
-  float* xs = A + R * (K + 1);
+  const ReSmem m = re_smem(smem, R, K, false);
+  i64* roff = m.roff;
+  int* kmin = m.kmin;
+  float *xsq = m.xsq, *msum = m.msum, *A = m.A;
+  float* xs = m.tail;
   float* cs = xs + R * (DT + 1);
   float* xo = xs;
 
@@ -400,26 +422,19 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x;
   const int ndt = (D + DO - 1) / DO;
-  const i64 pid = blockIdx.x;
-  const i64 pid_c = pid / ndt;
-  const int pid_d = (int)(pid % ndt);
   i64 b, lo, hi;
-  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  int pid_d;
+  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
   const int DT = RE_DT_BWD;
   const int d0 = pid_d * DO;
   const int dn = imin(DO, D - d0);
   const int RS = RE_XO / DO;
   const float* Gb = G + (i64)b * K * D;
 
-  i64* roff = (i64*)smem;
-  float* xsq = smem + 3 * R;
-  float* shr = smem + 4 * R;  // sum_k s_k h_ik per row
-  float* msum = smem + 5 * R;
-  float* hsum = msum + K;
-  float* gsum = hsum + K;
-  float* A = gsum + K;
-  float* H = A + R * (K + 1);
-  float* xs = H + R * (K + 1);
+  const ReSmem m = re_smem(smem, R, K, true);
+  i64* roff = m.roff;
+  float *xsq = m.xsq, *shr = m.shr, *msum = m.msum, *hsum = m.hsum, *gsum = m.gsum, *A = m.A, *H = m.H;
+  float* xs = m.tail;
   float* cs = xs + R * (DT + 1);
   float* gs = cs + K * (DT + 1);
   float* xo = xs;
@@ -550,21 +565,18 @@ DRE_GLOBAL void dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int ndt = with_e ? (D + DO - 1) / DO : 1;
-  const i64 pid = blockIdx.x;
-  const i64 pid_c = pid / ndt;
-  const int pid_d = (int)(pid % ndt);
   i64 b, lo, hi;
-  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  int pid_d;
+  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
   const int d0 = pid_d * DO;
   const int dn = with_e ? imin(DO, D - d0) : 0;
   const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
 
-  i64* roff = (i64*)smem;
-  int* kmin = (int*)(smem + 2 * R);
-  float* xsq = smem + 3 * R;
-  float* msum = smem + 5 * R;
-  float* A = msum + 3 * K;
-  unsigned short* xs = (unsigned short*)(A + R * (K + 1));
+  const ReSmem m = re_smem(smem, R, K, false);
+  i64* roff = m.roff;
+  int* kmin = m.kmin;
+  float *xsq = m.xsq, *msum = m.msum, *A = m.A;
+  unsigned short* xs = (unsigned short*)m.tail;
   unsigned short* c_hi = xs + R * (DT + 8);
   unsigned short* c_lo = c_hi + K8 * (DT + 8);
   unsigned short* xo = xs;
@@ -663,25 +675,18 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int ndt = (D + DO - 1) / DO;
-  const i64 pid = blockIdx.x;
-  const i64 pid_c = pid / ndt;
-  const int pid_d = (int)(pid % ndt);
   i64 b, lo, hi;
-  if (!re_chunk_rows(pid_c, off, slide, cstart, B, chunk, b, lo, hi)) return;
+  int pid_d;
+  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
   const int d0 = pid_d * DO;
   const int dn = imin(DO, D - d0);
   const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
   const float* Gb = G + (i64)b * K * D;
 
-  i64* roff = (i64*)smem;
-  float* xsq = smem + 3 * R;
-  float* shr = smem + 4 * R;
-  float* msum = smem + 5 * R;
-  float* hsum = msum + K;
-  float* gsum = hsum + K;
-  float* A = gsum + K;
-  float* H = A + R * (K + 1);
-  unsigned short* xs = (unsigned short*)(H + R * (K + 1));
+  const ReSmem m = re_smem(smem, R, K, true);
+  i64* roff = m.roff;
+  float *xsq = m.xsq, *shr = m.shr, *msum = m.msum, *hsum = m.hsum, *gsum = m.gsum, *A = m.A, *H = m.H;
+  unsigned short* xs = (unsigned short*)m.tail;
   unsigned short* c_hi = xs + R * (DT + 8);
   unsigned short* c_lo = c_hi + K8 * (DT + 8);
   unsigned short* g_hi = c_lo + K8 * (DT + 8);

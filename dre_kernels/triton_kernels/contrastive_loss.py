@@ -62,6 +62,15 @@ def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
 
 
 @triton.jit
+def _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+                 MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(l_ij = si_i <a_i, b_j> invb_j with si = s inv_a, the mask i, j < B) for a tile: the forward and the column
+    fix compute every logit alike."""
+    dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+    return si[:, None] * dot * invb[None, :], imask[:, None] & jmask[None, :]
+
+
+@triton.jit
 def _online_lse(m, l, lt, AXIS: tl.constexpr):
     """(max, sum of exp(. - max)) along AXIS after folding the tile lt into the running (m, l); -inf-safe."""
     m_new = tl.maximum(m, tl.max(lt, axis=AXIS))
@@ -97,10 +106,9 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
     for j0 in range(0, B, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = j < B
-        dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
-        logits = si[:, None] * dot * invb[None, :]
-        valid = imask[:, None] & jmask[None, :]
+        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+                                     MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         lt = tl.where(valid, logits, float("-inf"))
         # rows: online log-sum-exp (rows past B stay at -inf and are never stored)
         m_i, l_i = _online_lse(m_i, l_i, lt, 1)
@@ -134,16 +142,17 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr,
     need = jmask & (tl.load(csum_ptr + j, mask=jmask, other=1.0) < TINY)
     rows = tl.where(tl.sum(need.to(tl.int32), axis=0) > 0, B, 0)
     s = tl.load(scale_ptr)
-    sj = s * tl.load(invb_ptr + j, mask=jmask, other=0.0)
+    invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
     ACC = tl.float64 if MODE == 2 else tl.float32
     m_j = tl.full((BLOCK_J,), float("-inf"), dtype=ACC)
     l_j = tl.zeros((BLOCK_J,), dtype=ACC)
     for i0 in range(0, rows, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         imask = i < B
-        dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
-        inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
-        lt = tl.where(imask[:, None] & jmask[None, :], inva[:, None] * dot * sj[None, :], float("-inf"))
+        si = s * tl.load(inva_ptr + i, mask=imask, other=0.0)
+        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+                                     MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+        lt = tl.where(valid, logits, float("-inf"))
         m_j, l_j = _online_lse(m_j, l_j, lt, 0)
     tl.store(clse_ptr + j, m_j + tl.log(tl.where(need, l_j, 1.0)), mask=need)
 
