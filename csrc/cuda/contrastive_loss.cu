@@ -190,10 +190,12 @@ DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
 
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
 // (with_gs). lx, ly: the log-sum-exps on x's side and y's side; g: grad of the loss (B); npos: |P_i| (B).
-DRE_GLOBAL void dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
-                           const float* invx, const float* invy, const void* labels, int lab64, int has_labels,
-                           const float* scale, const float* lx, const float* ly, const float* g, const float* npos,
-                           float* gu, float* gs_out, i64 B, int P, int with_gs) {
+// two blocks per SM: 128 registers, no spills (unbounded, ptxas takes 140 and one block per SM)
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
+                                             i64 s_yr, i64 s_yc, const float* invx, const float* invy,
+                                             const void* labels, int lab64, int has_labels, const float* scale,
+                                             const float* lx, const float* ly, const float* g, const float* npos,
+                                             float* gu, float* gs_out, i64 B, int P, int with_gs) {
   __shared__ float tiles[CL_BJ * (CL_BI + 1)];  // the two dot slices, then the y tile (64 x 65)
   __shared__ float W[CL_BI * (CL_BJ + 1)];
   __shared__ float red[NTHREADS / 32];
@@ -213,7 +215,10 @@ DRE_GLOBAL void dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const vo
   for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
     float dot[4][4];
     cl_tile_dot(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, i0, j0, B, P, xs, ys, dot);
+    // unrolled so that dot[][] stays in registers (rolled, ptxas put it in a 64-byte local-memory frame)
+#pragma unroll
     for (int u = 0; u < 4; ++u)
+#pragma unroll
       for (int v = 0; v < 4; ++v) {
         const int r = ty + 16 * u, c = tx + 16 * v;
         const i64 i = i0 + r, j = j0 + c;

@@ -11,7 +11,10 @@
 #define DRE_DEVICE __device__ __forceinline__
 #define DRE_GLOBAL extern "C" __global__
 #define DRE_DYN_SMEM(name) extern __shared__ float name[]
+// at least `min_blocks` blocks of NTHREADS per SM: caps registers at 65536 / (NTHREADS * min_blocks)
+#define DRE_MIN_BLOCKS(min_blocks) __launch_bounds__(NTHREADS, min_blocks)
 #else
+#define DRE_MIN_BLOCKS(min_blocks)
 #define DRE_DYN_SMEM(name) float* name = dre_emu::dyn_smem()
 #define DRE_DEVICE inline
 #define DRE_GLOBAL extern "C"

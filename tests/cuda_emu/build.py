@@ -25,7 +25,7 @@ def kernel_signatures(src_dir: str = SRC) -> dict[str, list[tuple[str, str]]]:
     out = {}
     for path in sorted(glob.glob(os.path.join(src_dir, "*.cu"))):
         text = open(path).read()
-        for m in re.finditer(r"DRE_GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", text):
+        for m in re.finditer(r"DRE_GLOBAL\s+void\s+(?:DRE_MIN_BLOCKS\(\d+\)\s+)?(\w+)\s*\(([^)]*)\)", text):
             params = []
             for p in m.group(2).split(","):
                 p = " ".join(p.split())
