@@ -228,36 +228,53 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
-def _configs():
-    out = []
-    for bm, bd, bdo, w, st in [(64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 32, 256, 8, 2),
-                               (128, 32, 64, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (128, 64, 256, 8, 2)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=st))
-    return out
+# Config sets by kernel and codebook size, (BLOCK_M, BLOCK_D, BLOCK_DO, num_warps, num_stages): configs that ptxas
+# compiles without register spills and within a block's shared memory on sm_90 and sm_80 (tests/triton_aot.py, a
+# survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
+# accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
+# 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
+_FWD_CONFIGS = {
+    "small_k": [(64, 32, 64, 8, 2), (64, 32, 128, 8, 2), (32, 32, 64, 8, 2), (32, 32, 128, 8, 2),
+                (16, 64, 128, 8, 2), (16, 32, 64, 8, 2)],
+    "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2), (32, 32, 32, 8, 2)],
+}
+_BWD_CONFIGS = {
+    "small_k": [(16, 32, 32, 8, 2), (16, 32, 64, 8, 2), (32, 32, 32, 8, 2), (32, 32, 64, 8, 2),
+                (16, 32, 128, 8, 2)],
+    "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2)],
+}
+LARGE_K_PAD = 128
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose register tiles (distances, K x BLOCK_DO accumulator, operand tiles) would spill badly."""
-    K_PAD = kwargs.get("K_PAD", named_args.get("K_PAD", 64))
-    D = kwargs.get("D", named_args.get("D", 4096))
-    keep = []
-    for c in configs:
-        m, bd, bdo = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"]
-        if bdo > max(64, next_pow2(D)):
-            continue  # a column tile wider than D only wastes lanes
-        elems = 2 * m * K_PAD + K_PAD * bdo + m * bd + bd * K_PAD + m * bdo
-        if elems <= 160 * 32 * c.num_warps:
-            keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_DO"])]
+def _as_configs(table):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=st)
+            for bm, bd, bdo, w, st in table]
+
+
+def _pruner(table):
+    """Keep the configs of the launch's codebook size whose column tile is not wider than D needs."""
+    def prune(configs, named_args, **kwargs):
+        k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 64))
+        d = kwargs.get("D", named_args.get("D", 4096))
+        allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"], c.num_warps,
+                                       c.num_stages) in allowed]
+        narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d))]
+        return narrow or [min(keep, key=lambda c: c.kwargs["BLOCK_DO"])]
+    return prune
+
+
+def _autotuned(kernel, table, key, reset):
+    configs = _as_configs(table["small_k"] + table["large_k"])
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(table)},
+                           reset_to_zero=reset)(kernel)
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
-_fwd_tuned = None if INTERPRET else triton.autotune(
-    _configs(), key=_KEY + ["WITH_E"], prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["acc_ptr", "mass_ptr"])(_re_fwd_kernel)
-_bwd_tuned = None if INTERPRET else triton.autotune(
-    _configs(), key=_KEY + ["WRITE_GX", "NEED_C"], prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])(_re_bwd_kernel)
+_fwd_tuned = None if INTERPRET else _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"],
+                                               ["acc_ptr", "mass_ptr"])
+_bwd_tuned = None if INTERPRET else _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
+                                               ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])
 
 
 def _interp_meta(D):
@@ -330,11 +347,18 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
         gather = index is not None
         idx = index if gather else off
-        args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
-                hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
-                hard, gather, write_gx, acc_c, dot_mode_backward(rows.dtype), max(16, next_pow2(K)))
-        launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
-               _interp_meta(D))
+        k_pad = max(16, next_pow2(K))
+        # A soft pass writing grad x and accumulating the codeword sums at once holds G_b, C, h x (K x BLOCK_DO
+        # each) and the dots feeding grad x: at K_PAD >= 128 no tiling fits a block's shared memory (sm_80: 163 KB,
+        # sm_90: 227 KB), so large codebooks take two passes over these rows, one per output (the distances are
+        # recomputed; only the fresh rows write grad x, and they are the few).
+        split = write_gx and acc_c and not hard and k_pad >= LARGE_K_PAD
+        for pass_gx, pass_c in ((True, False), (False, True)) if split else ((write_gx, acc_c),):
+            args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
+                    hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
+                    hard, gather, pass_gx, pass_c, dot_mode_backward(rows.dtype), k_pad)
+            launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
+                   _interp_meta(D))
     if use_given_mass:
         mass_acc = mass.float()
     grad_c, grad_s = finish_codeword_grads(G, mass_acc, hx, hsum, gs, c32, s32, codewords, scale, hard, need_c,

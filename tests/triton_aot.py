@@ -1,0 +1,242 @@
+"""Compile the `triton` backend's kernels for real GPUs (sm_80, sm_90) on a machine without one.
+
+    python tests/triton_aot.py                      # every launch of the cases below, every autotune config
+    python tests/triton_aot.py --first-config       # per launch, configs up to the first that fits (CI test)
+
+Under TRITON_INTERPRET=1 the kernels run as numpy, which accepts code the compiler would reject (a dot of the
+wrong shape or dtype, an unsupported cast, too much shared memory) and never takes the 16-bit tensor-core path
+(DOT_MODE 1: the interpreter's 16-bit tl.dot is wrong, so it casts to float32). This script runs the backend's
+own host code on CPU tensors with the interpreter off and catches each kernel launch: instead of launching, it
+compiles the kernel through Triton's full pipeline (TTIR, TTGIR, LLVM, PTX, ptxas to a cubin) for each target, with
+the argument types, constexprs and alignment specialisation a GPU launch would have, and for every config the
+autotuner would try (after its pruning). The kernels' outputs are left unwritten, which the host code tolerates.
+
+What it proves: the kernels compile, with the GPU's code path, for every dtype and mode combination the cases
+reach, and fit the registers and shared memory ptxas allows. What it cannot: that they compute the right thing on
+a GPU (that is the op suite on CUDA) or how fast (benchmarks/).
+Needs Triton's compiler internals (create_function_from_signature, JITFunction._pack_args): triton 3.3..3.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JITFunctions, not interpreted ones
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = ((90, "sm_90"), (80, "sm_80"))
+
+
+# Largest dynamic shared memory a block may take (cudaDevAttrMaxSharedMemoryPerBlockOptin): a kernel asking for more
+# fails at load, and the autotuner skips such a config.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG, STACK, LOCAL of the cubin's kernel, from the cuobjdump Triton ships (no driver needed)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def _constexprs(fn, args) -> dict:
+    return {fn.arg_names[i]: a for i, a in enumerate(args) if i < len(fn.params) and fn.params[i].is_constexpr}
+
+
+class Compiler:
+    """Catches JITFunction / Autotuner launches and compiles them for each target instead of running them."""
+
+    def __init__(self, archs, first_config: bool, verbose: bool = False):
+        from triton.backends.compiler import GPUTarget
+
+        self.targets = [GPUTarget("cuda", a, 32) for a in archs]
+        self.first_config = first_config
+        self.verbose = verbose
+        self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
+        self.failures = []
+        self.last_spill_free = {}  # arch -> whether the last compile kept to registers
+        self.spilling_launches = []  # autotuned launches none of whose (compiled) configs keep to registers
+
+    def compile(self, fn, args, kwargs) -> dict:
+        """Compile fn for every target; {arch: True if it compiled and fits the block's shared memory}."""
+        from triton.compiler import ASTSource, make_backend
+        from triton.compiler import compile as triton_compile
+        from triton.runtime.jit import create_function_from_signature
+
+        kwargs = dict(kwargs)
+        kwargs.setdefault("debug", False)
+        fits = {}
+        for target in self.targets:
+            backend = make_backend(target)
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            key = (fn.__name__, target.arch, repr(signature), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+            if key not in self.compiled:
+                # constexprs (passed by position or name) and launch options; then the pointer dtypes in order
+                meta = {fn.arg_names[path[0]]: v for path, v in constexprs.items() if len(path) == 1}
+                meta.update((k, v) for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
+                types = ",".join(v[1:] for v in signature.values() if v.startswith("*"))
+                label = f"{fn.__name__} sm_{target.arch} {meta} [{types}]"
+                try:
+                    kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                            options=options.__dict__)
+                    self.compiled[key] = info = dict(label=label, arch=target.arch, shared=kernel.metadata.shared,
+                                                     **_resource_usage(kernel.asm["cubin"]))
+                    if self.verbose:
+                        print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
+                              f"LOCAL={info.get('LOCAL')}", flush=True)
+                except Exception as exc:  # noqa: BLE001  (every compiler error is a finding)
+                    self.compiled[key] = None
+                    self.failures.append(f"{label}\n    {type(exc).__name__}: {str(exc).strip()[:2000]}")
+                    print("FAILED", self.failures[-1], flush=True)
+            info = self.compiled[key]
+            fits[target.arch] = info is not None and info["shared"] <= MAX_SHARED.get(target.arch, 101376)
+            self.last_spill_free[target.arch] = info is not None and not (info.get("STACK") or info.get("LOCAL"))
+        return fits
+
+    def install(self):
+        """Replace launching by compiling: a plain launch must fit; an autotuned one needs one config that fits."""
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        compiler = self
+
+        def jit_run(fn, *args, grid, warmup, **kwargs):
+            fits = compiler.compile(fn, args, kwargs)
+            for arch, ok in fits.items():
+                if not ok:
+                    compiler.failures.append(f"{fn.__name__} sm_{arch} {kwargs}: does not fit (shared memory)")
+
+        def autotune_run(tuner, *args, grid=None, warmup=False, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs)
+            fits = {t.arch: False for t in compiler.targets}
+            spill_free = {t.arch: False for t in compiler.targets}
+            for config in configs:
+                for arch, ok in compiler.compile(tuner.fn, args, {**kwargs, **config.all_kwargs()}).items():
+                    fits[arch] |= ok
+                    spill_free[arch] |= ok and compiler.last_spill_free[arch]
+                if compiler.first_config and all(fits.values()):
+                    break
+            launch = f"{tuner.fn.__name__} {_constexprs(tuner.fn, args)}"
+            for arch, ok in fits.items():
+                if not ok:
+                    compiler.failures.append(f"{launch} sm_{arch}: no config fits the block's shared memory")
+                elif not spill_free[arch] and not compiler.first_config:
+                    compiler.spilling_launches.append(f"{launch} sm_{arch}")
+            tuner.nargs = None
+
+        JITFunction.run = jit_run
+        Autotuner.run = autotune_run
+
+
+def cases(first_config: bool):
+    """Host-side calls that reach every kernel with each mode: (name, thunk)."""
+    import torch
+
+    from dre_kernels.triton_kernels import bank, contrastive_loss, residual_encode
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    out = []
+    offsets = torch.tensor([0, 3, 3, 10])
+    bank_offsets = torch.tensor([0, 5, 6, 20])
+    row_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                  (torch.bfloat16, torch.float16)]
+    shapes = [(64, 384), (7, 33)] if first_config else [(64, 384), (7, 33), (200, 16), (1, 1)]
+    for (xd, bd), (K, D), hard in [(d, s, h) for d in row_dtypes for s in shapes for h in (False, True)]:
+        x = rand(10, D, dtype=xd)
+        bank_rows = rand(30, D, dtype=bd)
+        index = torch.randint(0, 30, (20,), generator=g)
+        cw, scale = rand(K, D), rand(K).abs()
+        grad_E = rand(3, K, D)
+        name = f"residual_encode K={K} D={D} x={xd} bank={bd} hard={hard}"
+        out.append((name + " fwd", lambda x=x, b=bank_rows, i=index, c=cw, s=scale, h=hard:
+                    residual_encode.residual_encode_fwd(x, offsets, c, s, b, i, bank_offsets, h)))
+        out.append((name + " bwd", lambda x=x, b=bank_rows, i=index, c=cw, s=scale, h=hard, G=grad_E:
+                    residual_encode.residual_encode_bwd(G, x, offsets, c, s, b, i, bank_offsets, h,
+                                                        True, True, True)))
+        if hard:  # the hard backward without the forward's mass: an argmin pass over the bank rows
+            out.append((name + " bwd (no mass)", lambda x=x, b=bank_rows, i=index, c=cw, s=scale, G=grad_E:
+                        residual_encode.residual_encode_bwd(G, x, offsets, c, s, b, i, bank_offsets, True,
+                                                            True, True, True, mass=None)))
+    cl_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                 (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+    for (ad, bd), P, labelled, normalize in [(d, P, lab, nrm) for d in cl_dtypes for P in (512, 33)
+                                             for lab in (False, True) for nrm in (True, False)
+                                             if not first_config or (lab == nrm)]:
+        B = 40
+        a, b = rand(B, P, dtype=ad), rand(B, P, dtype=bd)
+        s = torch.tensor(14.3)
+        labels = torch.randint(0, 5, (B,), generator=g) if labelled else None
+        name = f"contrastive_loss P={P} a={ad} b={bd} labels={labelled} normalize={normalize}"
+        out.append((name + " fwd", lambda a=a, b=b, lab=labels, n=normalize:
+                    contrastive_loss.contrastive_loss_fwd(a, b, s, lab, n)))
+        out.append((name + " bwd", lambda a=a, b=b, lab=labels, n=normalize:
+                    contrastive_loss.contrastive_loss_bwd(torch.ones(B, dtype=torch.float64 if a.dtype ==
+                                                                     torch.float64 else torch.float32),
+                                                          a, b, s, lab, n, torch.zeros(B), torch.zeros(B))))
+    for dtype, D in [(d, D) for d in (torch.float32, torch.bfloat16, torch.float16) for D in (384, 33, 4096)]:
+        bank_rows = rand(50, D, dtype=dtype)
+        index = torch.randperm(50, generator=g)[:9]
+        values = rand(9, D)
+        out.append((f"bank_gather D={D} {dtype}", lambda b=bank_rows, i=index: bank.bank_gather(b, i)))
+        for normalize in (False, True):
+            out.append((f"bank_update_ D={D} {dtype} normalize={normalize}",
+                        lambda b=bank_rows, i=index, v=values, n=normalize: bank.bank_update_(b, i, v, 0.9, n)))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-config", action="store_true",
+                        help="per autotuned launch, compile configs only up to the first that fits every target")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each compiled kernel")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(HERE))
+    compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose)
+    compiler.install()
+    t0 = time.time()
+    host_errors = []
+    for name, thunk in cases(args.first_config):
+        try:
+            thunk()
+        except Exception as exc:  # noqa: BLE001
+            host_errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    done = [c for c in compiler.compiled.values() if c]
+    spilling = [c for c in done if c.get("LOCAL") or c.get("STACK")]
+    too_big = [c for c in done if c["shared"] > MAX_SHARED.get(c["arch"], 101376)]
+    print(f"compiled {len(done)} kernel specialisations in {time.time() - t0:.0f} s; {len(compiler.failures)} "
+          f"failures; {len(host_errors)} host errors; {len(spilling)} spill to local memory; {len(too_big)} "
+          f"autotune configs over the block's shared memory (skipped by the autotuner)")
+    for c in spilling:
+        print(f"  spills LOCAL={c.get('LOCAL')} STACK={c.get('STACK')} REG={c.get('REG')}: {c['label']}")
+    if not args.first_config:
+        print(f"{len(compiler.spilling_launches)} autotuned launches with no config that keeps to registers:")
+        for launch in compiler.spilling_launches:
+            print("  ", launch)
+    for f in compiler.failures + host_errors:
+        print("FAILED", f)
+    return min(100, len(compiler.failures) + len(host_errors))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
