@@ -160,8 +160,11 @@ def cases(first_config: bool):
     bank_offsets = torch.tensor([0, 5, 6, 20])
     row_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.float16)]
-    shapes = [(64, 384), (7, 33)] if first_config else [(64, 384), (7, 33), (200, 16), (1, 1)]
+    shapes = [(64, 384), (7, 33), (200, 16)] + ([] if first_config else [(1, 1)])
     for (xd, bd), (K, D), hard in [(d, s, h) for d in row_dtypes for s in shapes for h in (False, True)]:
+        if first_config and K > 64 and xd != bd:
+            continue  # large codebooks (the slow compiles) once per dot mode
+
         x = rand(10, D, dtype=xd)
         bank_rows = rand(30, D, dtype=bd)
         index = torch.randint(0, 30, (20,), generator=g)
