@@ -249,20 +249,6 @@ def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
         assert _has(op, "CPU")
 
 
-def _cuobjdump():
-    """The toolkit's cuobjdump, else the one Triton ships (both read cubins without a driver)."""
-    cands = [shutil.which("cuobjdump")]
-    if os.environ.get("CUDA_HOME"):
-        cands.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
-    try:
-        import triton
-
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
-
-
 def test_built_cuda_kernels_keep_to_registers():
     """ptxas's verdict on the kernels in the built extension, per arch: no local memory (spills or a stack frame
     for an array it could not keep in registers: each costs memory traffic in an inner loop) and at most 128
@@ -271,23 +257,22 @@ def test_built_cuda_kernels_keep_to_registers():
         pytest.skip(f"extension not built: {_library.native_error}")
     if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
         pytest.skip("dre_kernels._C was built without CUDA kernels")
-    tool = _cuobjdump()
+    from triton_aot import cuobjdump, kernel_resources
+
+    tool = cuobjdump(prefer_triton=False)
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
     so = dre_kernels._C.__file__
     elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     archs = sorted(set(re.findall(r"\.(sm_\d+)\.cubin", elves)))
     assert archs, f"no cubins in {so}:\n{elves}"
-    usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
-    found = {}
-    for name, fields in re.findall(r"Function (\w+):\s*\n\s*(REG:.*)", usage):
-        found.setdefault(name, []).append(dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", fields)))
+    found = kernel_resources(so, tool)
     assert set(found) == set(cupy_kernels.KERNEL_FILES), sorted(found)
     bad = []
     for name, per_arch in found.items():
         assert len(per_arch) == len(archs), (name, per_arch, archs)
         for res in per_arch:
-            if int(res["STACK"]) or int(res["LOCAL"]) or int(res["REG"]) > 128:
+            if res["STACK"] or res["LOCAL"] or res["REG"] > 128:
                 bad.append(f"{name}: {res}")
     assert not bad, "kernels using local memory or > 128 registers:\n" + "\n".join(bad)
 

@@ -24,8 +24,6 @@ import os
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JITFunctions, not interpreted ones
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ((90, "sm_90"), (80, "sm_80"))
 
@@ -35,20 +33,54 @@ TARGETS = ((90, "sm_90"), (80, "sm_80"))
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """REG, STACK, LOCAL of the cubin's kernel, from the cuobjdump Triton ships (no driver needed)."""
+def cuobjdump(prefer_triton: bool = True) -> str | None:
+    """A cuobjdump (reads cubins, needs no driver): the one Triton ships, matching its ptxas, or the toolkit's."""
+    import shutil
+
+    cands = [shutil.which("cuobjdump")]
+    if os.environ.get("CUDA_HOME"):
+        cands.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        cands = [bundled] + cands if prefer_triton else cands + [bundled]
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+
+def kernel_resources(path: str, tool: str | None = None) -> dict[str, list[dict[str, int]]]:
+    """{kernel name: [{REG, STACK, SHARED, LOCAL, ...} per cubin holding it]} for a cubin or a library of them."""
     import re
     import subprocess
+
+    text = subprocess.run([tool or cuobjdump(), "-res-usage", path], capture_output=True, text=True,
+                          check=True).stdout
+    out = {}
+    for name, fields in re.findall(r"Function (\w+):\s*\n\s*(REG:.*)", text):
+        out.setdefault(name, []).append({k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", fields)})
+    return out
+
+
+def _cubin_resources(cubin: bytes) -> dict:
     import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+        (usage,) = kernel_resources(f.name).values()
+    return usage[0]
+
+
+def fits(info) -> bool:
+    """Compiled, and within the largest shared memory a block may take on its arch."""
+    return info is not None and info["shared"] <= MAX_SHARED.get(info["arch"], 101376)
+
+
+def keeps_to_registers(info) -> bool:
+    """No local memory: no spills, no stack frame."""
+    return info is not None and not (info.get("STACK") or info.get("LOCAL"))
 
 
 def _constexprs(fn, args) -> dict:
@@ -66,18 +98,17 @@ class Compiler:
         self.verbose = verbose
         self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
         self.failures = []
-        self.last_spill_free = {}  # arch -> whether the last compile kept to registers
         self.spilling_launches = []  # autotuned launches none of whose (compiled) configs keep to registers
 
     def compile(self, fn, args, kwargs) -> dict:
-        """Compile fn for every target; {arch: True if it compiled and fits the block's shared memory}."""
+        """Compile fn for every target: {arch: its entry in self.compiled (None if it failed)}."""
         from triton.compiler import ASTSource, make_backend
         from triton.compiler import compile as triton_compile
         from triton.runtime.jit import create_function_from_signature
 
         kwargs = dict(kwargs)
         kwargs.setdefault("debug", False)
-        fits = {}
+        out = {}
         for target in self.targets:
             backend = make_backend(target)
             binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -95,7 +126,7 @@ class Compiler:
                     kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                             options=options.__dict__)
                     self.compiled[key] = info = dict(label=label, arch=target.arch, shared=kernel.metadata.shared,
-                                                     **_resource_usage(kernel.asm["cubin"]))
+                                                     **_cubin_resources(kernel.asm["cubin"]))
                     if self.verbose:
                         print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
                               f"LOCAL={info.get('LOCAL')}", flush=True)
@@ -103,10 +134,8 @@ class Compiler:
                     self.compiled[key] = None
                     self.failures.append(f"{label}\n    {type(exc).__name__}: {str(exc).strip()[:2000]}")
                     print("FAILED", self.failures[-1], flush=True)
-            info = self.compiled[key]
-            fits[target.arch] = info is not None and info["shared"] <= MAX_SHARED.get(target.arch, 101376)
-            self.last_spill_free[target.arch] = info is not None and not (info.get("STACK") or info.get("LOCAL"))
-        return fits
+            out[target.arch] = self.compiled[key]
+        return out
 
     def install(self):
         """Replace launching by compiling: a plain launch must fit; an autotuned one needs one config that fits."""
@@ -116,24 +145,23 @@ class Compiler:
         compiler = self
 
         def jit_run(fn, *args, grid, warmup, **kwargs):
-            fits = compiler.compile(fn, args, kwargs)
-            for arch, ok in fits.items():
-                if not ok:
+            for arch, info in compiler.compile(fn, args, kwargs).items():
+                if not fits(info):
                     compiler.failures.append(f"{fn.__name__} sm_{arch} {kwargs}: does not fit (shared memory)")
 
         def autotune_run(tuner, *args, grid=None, warmup=False, **kwargs):
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs)
-            fits = {t.arch: False for t in compiler.targets}
+            fitting = {t.arch: False for t in compiler.targets}
             spill_free = {t.arch: False for t in compiler.targets}
             for config in configs:
-                for arch, ok in compiler.compile(tuner.fn, args, {**kwargs, **config.all_kwargs()}).items():
-                    fits[arch] |= ok
-                    spill_free[arch] |= ok and compiler.last_spill_free[arch]
-                if compiler.first_config and all(fits.values()):
+                for arch, info in compiler.compile(tuner.fn, args, {**kwargs, **config.all_kwargs()}).items():
+                    fitting[arch] |= fits(info)
+                    spill_free[arch] |= fits(info) and keeps_to_registers(info)
+                if compiler.first_config and all(fitting.values()):
                     break
             launch = f"{tuner.fn.__name__} {_constexprs(tuner.fn, args)}"
-            for arch, ok in fits.items():
+            for arch, ok in fitting.items():
                 if not ok:
                     compiler.failures.append(f"{launch} sm_{arch}: no config fits the block's shared memory")
                 elif not spill_free[arch] and not compiler.first_config:
@@ -214,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each compiled kernel")
     args = parser.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     sys.path.insert(0, os.path.dirname(HERE))
     compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose)
     compiler.install()
@@ -225,8 +254,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             host_errors.append(f"{name}: {type(exc).__name__}: {exc}")
     done = [c for c in compiler.compiled.values() if c]
-    spilling = [c for c in done if c.get("LOCAL") or c.get("STACK")]
-    too_big = [c for c in done if c["shared"] > MAX_SHARED.get(c["arch"], 101376)]
+    spilling = [c for c in done if not keeps_to_registers(c)]
+    too_big = [c for c in done if not fits(c)]
     print(f"compiled {len(done)} kernel specialisations in {time.time() - t0:.0f} s; {len(compiler.failures)} "
           f"failures; {len(host_errors)} host errors; {len(spilling)} spill to local memory; {len(too_big)} "
           f"autotune configs over the block's shared memory (skipped by the autotuner)")
