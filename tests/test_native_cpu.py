@@ -164,7 +164,7 @@ def test_same_inputs_same_bits():
 
 @pytest.mark.parametrize("labels", [False, True])
 def test_contrastive_loss_many_tiles(labels):
-    """B = 600 spans three 256-row tiles with a ragged last one."""
+    """B = 600 spans five 128-row tiles with a ragged last one (float64: the portable tile code)."""
     g = torch.Generator().manual_seed(3)
     B, P = 600, 20
     a = torch.randn(B, P, generator=g, dtype=torch.float64, requires_grad=True)
@@ -178,6 +178,76 @@ def test_contrastive_loss_many_tiles(labels):
         grads[backend] = [loss.detach()] + list(torch.autograd.grad((loss * w).sum(), (a, b, scale)))
     for got, want in zip(grads["native"], grads["reference"]):
         assert_close(got, want, dtype=torch.float64)
+
+
+def _check_float32_contrastive_tiles():
+    """float32 (the AVX-512 tile kernels where the CPU has them) over ragged tiles, against float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    for B, P, labelled, normalize in [(300, 40, False, True), (300, 33, True, False), (129, 7, True, True),
+                                      (1, 5, False, True)]:
+        a = torch.randn(B, P, generator=g)
+        b = torch.randn(B, P, generator=g)
+        lab = torch.randint(0, 9, (B,), generator=g) if labelled else None
+        w = torch.rand(B, generator=g)
+        out = {}
+        for backend, dt in (("native", torch.float32), ("reference", torch.float64)):
+            aa, bb = a.to(dt).requires_grad_(), b.to(dt).requires_grad_()
+            scale = torch.tensor(3.0 if not normalize else 12.0, dtype=dt, requires_grad=True)
+            loss = contrastive_loss(aa, bb, scale, labels=lab, normalize=normalize, reduction="none", backend=backend)
+            out[backend] = [loss.detach()] + list(torch.autograd.grad((loss * w.to(dt)).sum(), (aa, bb, scale)))
+        for name, got, want in zip(["loss", "grad_a", "grad_b", "grad_scale"], out["native"], out["reference"]):
+            assert_close(got, want, dtype=torch.float32, scale=10.0, msg=f"B={B} P={P} {name}")
+
+
+def test_contrastive_loss_float32_tiles():
+    _check_float32_contrastive_tiles()
+
+
+def test_contrastive_loss_float32_tiles_without_avx512():
+    env = dict(os.environ, DRE_NATIVE_NO_AVX512="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    code = "import test_native_cpu as t; t._check_float32_contrastive_tiles(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.join(ROOT, "tests"))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_contrastive_loss_same_bits_for_any_thread_count():
+    """Each logit tile pair runs in one task in a fixed round, so the sums' order does not depend on threads."""
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(400, 24, generator=g), torch.randn(400, 24, generator=g)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+            loss = contrastive_loss(aa, bb, torch.tensor(5.0), normalize=True, reduction="mean", backend="native")
+            outs.append([loss.detach()] + list(torch.autograd.grad(loss, (aa, bb))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contrastive_loss_non_finite_logits(dtype):
+    """The online log-sum-exps over tiles: a NaN logit makes its row's and every column's lse NaN (it must not be
+    dropped when another tile raises the running max), and a column of -inf logits has lse -inf, not NaN."""
+    g = torch.Generator().manual_seed(7)
+    B = 300  # three tiles: the NaN row and the -inf column meet the other tiles in different rounds
+    a, b = torch.randn(B, 8, generator=g, dtype=dtype), torch.randn(B, 8, generator=g, dtype=dtype)
+    a[150, 3] = float("nan")
+    _, row_lse, col_lse = torch.ops.dre.contrastive_loss_fwd(a, b, torch.tensor(2.0, dtype=dtype), None, False)
+    assert row_lse[150].isnan() and col_lse.isnan().all()
+    assert row_lse[torch.arange(B) != 150].isfinite().all()
+    a = torch.rand(B, 1, generator=g, dtype=dtype) + 0.5  # P = 1, a > 0: l_i7 = a_i * -inf = -inf
+    b = torch.randn(B, 1, generator=g, dtype=dtype)
+    b[7] = float("-inf")
+    _, row_lse, col_lse = torch.ops.dre.contrastive_loss_fwd(a, b, torch.tensor(2.0, dtype=dtype), None, False)
+    assert col_lse[7] == float("-inf")
+    assert col_lse[torch.arange(B) != 7].isfinite().all() and row_lse.isfinite().all()
 
 
 def test_float16_and_bfloat16_accumulate_in_float32():

@@ -367,6 +367,60 @@ DRE_AVX512 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_
   }
 }
 
+DRE_AVX512 void lse_tile(const float* L, int64_t ni, int64_t nj, int64_t ldl, float* rm, float* rs, float* cm,
+                         float* cs) {
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff()), zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < ni; ++i) {
+    const float* l = L + i * ldl;
+    __m512 vmax = ninf;
+    for (int64_t j = 0; j < nj; j += 16)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, tail_mask(nj - j), l + j));
+    const float tile_max = _mm512_reduce_max_ps(vmax);
+    const float m = rm[i] > tile_max ? rm[i] : tile_max;  // a NaN tile max keeps m; the sum below turns NaN
+    const __m512 shift = _mm512_set1_ps(m == -__builtin_inff() ? 0.0f : m);
+    __m512 acc = zero;
+    for (int64_t j = 0; j < nj; j += 16)
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(tail_mask(nj - j),
+                                                   exp_ps(_mm512_sub_ps(_mm512_loadu_ps(l + j), shift))));
+    // an old max of -inf: the old sum is 0, or NaN (kept NaN by the product)
+    const float old = rs[i] * (rm[i] == -__builtin_inff() ? 0.0f : __builtin_expf(rm[i] - m));
+    rs[i] = old + _mm512_reduce_add_ps(acc);
+    rm[i] = m;
+  }
+  for (int64_t j = 0; j < nj; j += 16) {
+    const __mmask16 t = tail_mask(nj - j);
+    __m512 vmax = ninf;
+    for (int64_t i = 0; i < ni; ++i)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, t, L + i * ldl + j));
+    const __m512 old_m = _mm512_maskz_loadu_ps(t, cm + j);
+    const __m512 m = _mm512_max_ps(old_m, vmax);
+    const __mmask16 m_inf = _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ);
+    const __m512 shift = _mm512_mask_mov_ps(m, m_inf, zero);
+    __m512 acc = zero;
+    for (int64_t i = 0; i < ni; ++i)
+      acc = _mm512_add_ps(acc, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(L + i * ldl + j), shift)));
+    const __mmask16 old_inf = _mm512_cmp_ps_mask(old_m, ninf, _CMP_EQ_OQ);
+    const __m512 old = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, cs + j),
+                                     _mm512_maskz_mov_ps(~old_inf, exp_ps(_mm512_sub_ps(old_m, m))));
+    _mm512_mask_storeu_ps(cs + j, t, _mm512_add_ps(old, acc));
+    _mm512_mask_storeu_ps(cm + j, t, m);
+  }
+}
+
+DRE_AVX512 void z_tile(const float* L, int64_t ni, int64_t nj, int64_t ldl, const float* gr, const float* lr,
+                       const float* gc, const float* lc, float* Z, int64_t ldz) {
+  for (int64_t i = 0; i < ni; ++i) {
+    const __m512 g = _mm512_set1_ps(gr[i]), li = _mm512_set1_ps(lr[i]);
+    for (int64_t j = 0; j < nj; j += 16) {
+      const __mmask16 t = tail_mask(nj - j);
+      const __m512 l = _mm512_maskz_loadu_ps(t, L + i * ldl + j);
+      const __m512 zc = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, gc + j),
+                                      exp_ps(_mm512_sub_ps(l, _mm512_maskz_loadu_ps(t, lc + j))));
+      _mm512_mask_storeu_ps(Z + i * ldz + j, t, _mm512_fmadd_ps(g, exp_ps(_mm512_sub_ps(l, li)), zc));
+    }
+  }
+}
+
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace dre

@@ -55,6 +55,17 @@ void add_row(float* dst, const float* src, int64_t D);
 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_t lda, const float* H, int64_t ldh,
                    const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws, float* wsum);
 
+// contrastive_loss: online log-sum-exp update from one tile of logits l_ij = L[i * ldl + j] (i < ni, j < nj):
+//   rows:    m = max(rm_i, max_j l_ij),  rs_i <- rs_i e^{rm_i - m} + sum_j e^{l_ij - m},  rm_i <- m
+//   columns: the same over i into (cm_j, cs_j).
+// A row or column that is all -inf keeps sum 0 (its lse is -inf); a NaN logit makes its row's and column's sum NaN.
+void lse_tile(const float* L, int64_t ni, int64_t nj, int64_t ldl, float* rm, float* rs, float* cm, float* cs);
+
+// contrastive_loss backward: Z_ij = gr_i e^{L_ij - lr_i} + gc_j e^{L_ij - lc_j} (the dense part of dloss/dl_ij),
+// written to Z[i * ldz + j].
+void z_tile(const float* L, int64_t ni, int64_t nj, int64_t ldl, const float* gr, const float* lr, const float* gc,
+            const float* lc, float* Z, int64_t ldz);
+
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace dre
