@@ -211,11 +211,14 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
 # ---------------------------------------------------------------------------------------------- autotuning
 # Configs that ptxas compiles without register spills on sm_90 for bf16 and float32 at P=512 (tests/triton_aot.py
 # survey, triton 3.9); the earlier set (three stages, 128-wide tiles at four warps) spilled in nearly every case.
-# float64 (raw-op use only) spills in all of them.
+# On sm_80 the float32 forward (three tf32 products per tile) spills in the first five (88-1000 B per thread); the
+# last three, 16-wide in P or 4 warps on 64 x 32, are spill-free on both archs and every dtype. The backward has
+# spill-free members on both. float64 (raw-op use only) spills in all of them.
 def _fwd_configs():
     return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
             for bi, bj, bp, w, st in [(64, 64, 32, 8, 2), (64, 64, 64, 8, 2), (128, 64, 32, 8, 2),
-                                      (64, 128, 32, 8, 2), (64, 32, 64, 4, 2)]]
+                                      (64, 128, 32, 8, 2), (64, 32, 64, 4, 2),
+                                      (64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)]]
 
 
 def _bwd_configs():
