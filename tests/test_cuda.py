@@ -554,6 +554,20 @@ def test_emu_contrastive_unnormalised_columns_far_below_the_bound(emu):
     _check_cl(130, 64, labels, False, dtype=torch.bfloat16, scale=30.0)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_emu_contrastive_saturated_loss_has_exactly_zero_gradient(emu, normalize):
+    """One-hot softmaxes (pairs far apart): loss and gradient exactly 0, as `torch` gives. The backward of either
+    side must recompute the forward's logits bit for bit (cl_logit: symmetric, the product rounded)."""
+    g = torch.Generator().manual_seed(13)
+    a = 3.0 * torch.randn(70, 33, generator=g)
+    b = a + 0.1 * torch.randn(70, 33, generator=g)
+    s = torch.tensor(30.0 if not normalize else 3000.0)
+    loss, rl, cl = cupy_kernels.contrastive_loss_fwd(a, b, s, None, normalize)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(torch.rand(70, generator=g), a, b, s, None, normalize, rl, cl)
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb)) and gs == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_emu_bank_gather_and_update(emu, dtype):
     g = torch.Generator().manual_seed(0)

@@ -135,6 +135,33 @@ def test_unnormalised_large_logits(backend_device, std, scale):
         assert_close(gb, rb, dtype=torch.float32, scale=4)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("B", [1, 2, 3])
+def test_saturated_loss_has_exactly_zero_gradient(backend_device, B, normalize):
+    """Each pair far apart from the others (huge unnormalised logits): every softmax is one-hot, the loss and its
+    exact gradient are 0, and `torch` gets exactly 0 (it subtracts the logits it summed). A kernel that recomputes
+    a logit in the backward by another rounding than the forward's, or fuses s * dot - max into an FMA, leaves
+    s x ulp(l) ~ 1e-2 here (found by tests/fuzz_ops.py)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(12)
+    a = (3.0 * torch.randn(B, 33, generator=g)).to(device)
+    b = (a + 0.1 * torch.randn(B, 33, generator=g).to(device)).requires_grad_()
+    a.requires_grad_()
+    scale = 3000.0 if normalize else 30.0
+    with torch.no_grad():
+        an, bn = a.double(), b.double()
+        if normalize:
+            an, bn = F.normalize(an, dim=1), F.normalize(bn, dim=1)
+        logits = scale * an @ bn.T
+        off = torch.eye(B, dtype=torch.float64, device=device) * 1e9  # the diagonal out of the min
+        d = logits.diagonal()
+        assert (d[:, None] - logits + off).min() > 200 and (d[None, :] - logits + off).min() > 200
+    loss = contrastive_loss(a, b, scale, normalize=normalize, reduction="none", backend=backend)
+    ga, gb = torch.autograd.grad((loss * torch.linspace(0.5, 1.0, B, device=device)).sum(), (a, b))
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
+
+
 @pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_gradcheck_float64(backend_device, labels, normalize):

@@ -37,13 +37,14 @@ def dot_mode_backward(dtype: torch.dtype) -> int:
     return 0 if dtype == torch.float16 else dot_mode(dtype)
 
 
-def launch(kernel, tuned, grid, args, interp_meta: dict):
-    """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter."""
+def launch(kernel, tuned, grid, args, interp_meta: dict, **options):
+    """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter; options: compile
+    options of the launch (enable_fp_fusion)."""
     if INTERPRET or tuned is None:
         g = grid(interp_meta) if callable(grid) else grid
-        kernel[g](*args, **interp_meta)
+        kernel[g](*args, **interp_meta, **options)
     else:
-        tuned[grid](*args)
+        tuned[grid](*args, **options)
 
 
 @triton.jit

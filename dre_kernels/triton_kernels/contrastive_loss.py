@@ -62,12 +62,22 @@ def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
 
 
 @triton.jit
-def _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+def _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                  MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(l_ij = si_i <a_i, b_j> invb_j with si = s inv_a, the mask i, j < B) for a tile: the forward and the column
-    fix compute every logit alike."""
+    """(l_ij = s <a_i, b_j> inva_i invb_j, the mask i, j < B) for a tile: the forward and the column fix compute every
+    logit alike, and the backward too (_logit)."""
     dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
-    return si[:, None] * dot * invb[None, :], imask[:, None] & jmask[None, :]
+    return _logit(s, dot, inva, invb)[0], imask[:, None] & jmask[None, :]
+
+
+@triton.jit
+def _logit(s, dot, inv_i, inv_j):
+    """(l, uv) with uv = dot (inv_i inv_j), l = s uv: symmetric in the two sides, so the backward of either side
+    recomputes the forward's logits bit for bit where its dot is the same. The kernels run without FP fusion: a
+    fused s * uv - m would leave the product's rounding error in e^{l - m} where l is the max m itself, and with
+    it a gradient of s x ulp(l) in a saturated loss whose exact gradient is 0."""
+    uv = dot * (inv_i[:, None] * inv_j[None, :])
+    return s * uv, uv
 
 
 @triton.jit
@@ -97,7 +107,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < B
     s = tl.load(scale_ptr)
-    si = s * tl.load(inva_ptr + i, mask=imask, other=0.0)
+    inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
     li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
     ACC = tl.float64 if MODE == 2 else tl.float32
     m_i = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)
@@ -107,7 +117,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = j < B
         invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
-        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         lt = tl.where(valid, logits, float("-inf"))
         # rows: online log-sum-exp (rows past B stay at -inf and are never stored)
@@ -149,8 +159,8 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr,
     for i0 in range(0, rows, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         imask = i < B
-        si = s * tl.load(inva_ptr + i, mask=imask, other=0.0)
-        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, si, i, imask, invb, j, jmask, P,
+        inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
+        logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         lt = tl.where(valid, logits, float("-inf"))
         m_j, l_j = _online_lse(m_j, l_j, lt, 0)
@@ -187,8 +197,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
         ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
         hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
         n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0)
-        uv = dot * invx[:, None] * invy[None, :]
-        logits = s * uv
+        logits, uv = _logit(s, dot, invx, invy)
         valid = imask[:, None] & jmask[None, :]
         posf = tl.where(_positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS), 1.0, 0.0)
         w = (hg_i[:, None] * (tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
@@ -286,12 +295,13 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     lab = labels.contiguous() if has_labels else inva
     args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, lab, s, ref,
             rlse, rpos, csum, cpos, B, P, has_labels, _mode(a, b))
-    launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P))
+    launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
+           enable_fp_fusion=False)
     clse = (ref.double() + torch.log(csum)).to(acc)
     meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 64, "num_warps": 4}
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
-        _mode(a, b), **{k: v for k, v in meta.items() if k != "BLOCK_PO"})
+        _mode(a, b), **{k: v for k, v in meta.items() if k != "BLOCK_PO"}, enable_fp_fusion=False)
     npos = _num_positives(labels, B, dev, acc)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
@@ -331,7 +341,8 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
             args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, g, npos,
                     out, gs, B, P, has_labels, with_gs, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
-                   lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta)
+                   lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
+                   enable_fp_fusion=False)
     grad_a = _normalize_backward(gu, a, inva, na, normalize).to(a.dtype)
     grad_b = _normalize_backward(gv, b, invb, nb, normalize).to(b.dtype)
     return grad_a, grad_b, gs.sum().reshape(())
