@@ -327,13 +327,52 @@ void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half,
   });
 }
 
-// d/da of â = a / max(||a||, eps), applied to dâ: (dâ - â <â, dâ>) / ||a|| when ||a|| > eps, else dâ / eps.
+// Finishes one side's gradient in place, row by row (no B x P temporaries): with D = Y (U = Â, V = B̂) or X (the
+// roles swapped),
+//   D_i -= (g_i Vsum_c + GVsum_c) / (2 n_c)    (positives; singletons: D_i -= g_i V_i),
+//   dots_i = <D_i, U_i>                         (grad s = sum_i dots_i; only when dots is given),
+//   D_i <- s D_i, then through û = u / max(||u||, eps) when normalize: (D_i - û_i <û_i, D_i>) / ||u_i|| above eps,
+//   D_i / eps below.
 template <typename T>
-at::Tensor normalize_backward(const at::Tensor& dA, const at::Tensor& A, const at::Tensor& norms) {
-  const at::Tensor big = norms > kEps;
-  const at::Tensor proj = (A * dA).sum(1, true);
-  const at::Tensor through = (dA - A * proj) / norms.clamp_min(kEps).unsqueeze(1);
-  return at::where(big.unsqueeze(1), through, dA / kEps);
+void finish_side(at::Tensor& D, const at::Tensor& U, const at::Tensor& V, const at::Tensor& norms, bool normalize,
+                 T s, const T* g, const Classes& c, bool singletons, T* dots) {
+  const int64_t B = D.size(0), P = D.size(1);
+  at::Tensor Vsum, GVsum;
+  if (!singletons) {
+    Vsum = class_sums<T>(V, c, nullptr);
+    GVsum = class_sums<T>(V, c, g);
+  }
+  T* dp = D.template data_ptr<T>();
+  const T* up = U.template data_ptr<T>();
+  const T* vp = V.template data_ptr<T>();
+  const T* np = normalize ? norms.template data_ptr<T>() : nullptr;
+  at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* d = dp + i * P;
+      const T* u = up + i * P;
+      if (singletons) {
+        const T* v = vp + i * P;
+        for (int64_t j = 0; j < P; ++j) d[j] -= g[i] * v[j];
+      } else {
+        const int64_t k = c.cls[i];
+        const T inv2n = T(1) / (T(2) * static_cast<T>(c.count[k]));
+        const T* vs = Vsum.template data_ptr<T>() + k * P;
+        const T* gvs = GVsum.template data_ptr<T>() + k * P;
+        for (int64_t j = 0; j < P; ++j) d[j] -= (g[i] * vs[j] + gvs[j]) * inv2n;
+      }
+      T du = 0;
+      for (int64_t j = 0; j < P; ++j) du += d[j] * u[j];
+      if (dots != nullptr) dots[i] = du;
+      if (!normalize) {
+        for (int64_t j = 0; j < P; ++j) d[j] *= s;
+      } else if (np[i] > kEps) {
+        const T proj = s * du, inv = T(1) / np[i];
+        for (int64_t j = 0; j < P; ++j) d[j] = (s * d[j] - u[j] * proj) * inv;
+      } else {
+        for (int64_t j = 0; j < P; ++j) d[j] = s * d[j] / static_cast<T>(kEps);
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -355,31 +394,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const at::Tensor g_half = g / 2;
   dense_grad<T>(A, Bn, s, g_half.template data_ptr<T>(), row_lse.template data_ptr<T>(),
                 col_lse.template data_ptr<T>(), Y, X);
-  // positives: Y_i -= (g_i Bsum_c + GBsum_c) / (2n), X_j -= (g_j Asum_c + GAsum_c) / (2n)
   const Classes c = classes_of(labels, B);
-  const at::Tensor Bsum = class_sums<T>(Bn, c, nullptr), GBsum = class_sums<T>(Bn, c, gp);
-  const at::Tensor Asum = class_sums<T>(A, c, nullptr), GAsum = class_sums<T>(A, c, gp);
-  {
-    T* yp = Y.template data_ptr<T>();
-    T* xp = X.template data_ptr<T>();
-    const T *bs = Bsum.template data_ptr<T>(), *gbs = GBsum.template data_ptr<T>(), *as = Asum.template data_ptr<T>(),
-            *gas = GAsum.template data_ptr<T>();
-    for (int64_t i = 0; i < B; ++i) {
-      const int64_t k = c.cls[i];
-      const T inv2n = T(1) / (T(2) * static_cast<T>(c.count[k]));
-      for (int64_t j = 0; j < P; ++j) {
-        yp[i * P + j] -= (gp[i] * bs[k * P + j] + gbs[k * P + j]) * inv2n;
-        xp[i * P + j] -= (gp[i] * as[k * P + j] + gas[k * P + j]) * inv2n;
-      }
-    }
-  }
-  const at::Tensor grad_s = (Y * A).sum().to(st);
-  at::Tensor dA = Y * s, dB = X * s;
-  if (normalize) {
-    dA = normalize_backward<T>(dA, A, na);
-    dB = normalize_backward<T>(dB, Bn, nb);
-  }
-  return {dA.to(a.scalar_type()).contiguous(), dB.to(b.scalar_type()).contiguous(), grad_s};
+  const bool singletons = !labels.has_value() || !labels->defined();
+  std::vector<T> dots(B);
+  finish_side<T>(Y, A, Bn, na, normalize, s, gp, c, singletons, dots.data());
+  finish_side<T>(X, Bn, A, nb, normalize, s, gp, c, singletons, nullptr);
+  double gs = 0;  // a fixed order, in double: the same bits for any thread count
+  for (int64_t i = 0; i < B; ++i) gs += static_cast<double>(dots[i]);
+  const at::Tensor grad_s = at::scalar_tensor(gs, topts<T>());
+  return {Y.to(a.scalar_type()).contiguous(), X.to(b.scalar_type()).contiguous(), grad_s};
 }
 
 void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale) {
