@@ -204,12 +204,7 @@ def test_contrastive_loss_float32_tiles():
 
 
 def test_contrastive_loss_float32_tiles_without_avx512():
-    env = dict(os.environ, DRE_NATIVE_NO_AVX512="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    code = "import test_native_cpu as t; t._check_float32_contrastive_tiles(); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                         cwd=os.path.join(ROOT, "tests"))
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _run_without_avx512("_check_float32_contrastive_tiles")
 
 
 def test_contrastive_loss_same_bits_for_any_thread_count():
@@ -396,11 +391,16 @@ def test_float32_kernel_paths():
     _check_float32_kernel_paths()
 
 
-def test_float32_kernel_paths_without_avx512():
-    """The portable path (ATen GEMMs), forced with DRE_NATIVE_NO_AVX512=1 in a fresh interpreter."""
+def _run_without_avx512(check: str):
+    """test_native_cpu.<check>() on the portable path (ATen GEMMs, scalar loops): a fresh interpreter with
+    DRE_NATIVE_NO_AVX512=1, which the extension reads once."""
     env = dict(os.environ, DRE_NATIVE_NO_AVX512="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    code = "import test_native_cpu as t; t._check_float32_kernel_paths(); print('ok')"
+    code = f"import test_native_cpu as t; t.{check}(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                          cwd=os.path.join(ROOT, "tests"))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_float32_kernel_paths_without_avx512():
+    _run_without_avx512("_check_float32_kernel_paths")
