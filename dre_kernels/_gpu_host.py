@@ -1,5 +1,6 @@
 """Host-side launch rules shared by the GPU backends (triton, cupy): how a source of rows is cut into
-slide-aligned chunks, and the float32 codeword tensors every residual_encode kernel reads.
+slide-aligned chunks, the float32 codeword tensors every residual_encode kernel reads, and the contrastive_loss
+host math around the kernels (inverse norms, positives per row, the normalisation backward).
 
 A "source" is the fresh rows (x, split by x_offsets) or the bank rows (bank gathered by bank_index, split by
 bank_offsets). Each source is cut into chunks of `chunk` rows that never cross a slide, so a long slide spreads
@@ -9,6 +10,8 @@ over many programs/blocks and their partial sums are added atomically.
 from __future__ import annotations
 
 import torch
+
+from dre_kernels.contrastive_loss import NORMALIZE_EPS
 
 
 def next_pow2(n: int) -> int:
@@ -92,3 +95,34 @@ def finish_codeword_grads(G, mass, hx, hsum, gsum, c32, s32, codewords, scale, h
         grad_c = torch.zeros_like(grad_c)
     grad_s = gsum if need_s else torch.zeros_like(gsum)
     return grad_c.to(codewords.dtype), grad_s.to(scale.dtype if scale is not None else codewords.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- contrastive_loss
+def inv_norms(t, normalize: bool, dtype=torch.float32):
+    """(1 / max(||t_i||, eps), or ones without normalize; ||t_i||), in `dtype`."""
+    norm = torch.linalg.vector_norm(t, dim=1, dtype=dtype)
+    if not normalize:
+        return torch.ones_like(norm), norm
+    return (1.0 / norm.clamp_min(NORMALIZE_EPS)).contiguous(), norm
+
+
+def num_positives(labels, B: int, device, dtype=torch.float32):
+    """n_i = |{j : label_j = label_i}| (1 without labels), in `dtype`."""
+    if labels is None:
+        return torch.ones(B, dtype=dtype, device=device)
+    lab = labels.to(torch.int64)
+    srt = torch.sort(lab).values
+    n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
+    return n.to(dtype)
+
+
+def normalize_backward_(gu, t, inv, norm, normalize: bool):
+    """grad t from grad u, u = t / max(||t||, eps), in place on gu: (gu - u <u, gu>) / ||t|| above eps, gu / eps
+    below (inv is 1 / max(||t||, eps)). One B x P temporary (u) besides gu: at B = 65536, P = 512 each is 134 MB."""
+    if not normalize:
+        return gu
+    u = t.to(gu.dtype) * inv[:, None]
+    dots = torch.einsum("ij,ij->i", u, gu)
+    dots.masked_fill_(norm <= NORMALIZE_EPS, 0.0)
+    gu.addcmul_(u, dots[:, None], value=-1.0)
+    return gu.mul_(inv[:, None])

@@ -23,10 +23,10 @@ import torch
 
 from dre_kernels import _checks
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
-                                     finish_codeword_grads, next_pow2, prep_codewords, row_sources)
+                                     finish_codeword_grads, inv_norms, next_pow2, normalize_backward_, num_positives,
+                                     prep_codewords, row_sources)
 
 NTHREADS = 256
-NORMALIZE_EPS = 1e-12
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KERNEL_FILES = {
     "dre_re_fwd": "residual_encode.cu",
@@ -302,22 +302,6 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
 CL_BLOCK = 64
 
 
-def _inv_norms(t, normalize):
-    norm = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32)
-    if not normalize:
-        return torch.ones_like(norm), norm
-    return (1.0 / norm.clamp_min(NORMALIZE_EPS)).contiguous(), norm
-
-
-def _num_positives(labels, B, device):
-    if labels is None:
-        return torch.ones(B, dtype=torch.float32, device=device)
-    lab = labels.to(torch.int64)
-    srt = torch.sort(lab).values
-    n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
-    return n.to(torch.float32)
-
-
 def _labels(labels, B):
     if labels is None:
         return None, I32(1), I32(0)
@@ -347,8 +331,8 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     dev = a.device
     a, b = a.detach(), b.detach()
     s = logit_scale.detach().float().reshape(1).contiguous()
-    inva, na = _inv_norms(a, normalize)
-    invb, nb = _inv_norms(b, normalize)
+    inva, na = inv_norms(a, normalize)
+    invb, nb = inv_norms(b, normalize)
     rlse = torch.empty(B, dtype=torch.float32, device=dev)
     if B == 0:
         return rlse, rlse.clone(), rlse.clone()
@@ -366,18 +350,9 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     _launch("dre_cl_col_fix", -(-B // CL_BLOCK), 0, dev,  # exact LSE of the columns whose sum underflowed, if any
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P))
-    npos = _num_positives(labels, B, dev)
+    npos = num_positives(labels, B, dev)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
-
-
-def _normalize_backward(gu, t, inv, norm, normalize):
-    """grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below."""
-    if not normalize:
-        return gu
-    u = t.float() * inv[:, None]
-    proj = gu - u * (u * gu).sum(1, keepdim=True)
-    return torch.where((norm > NORMALIZE_EPS)[:, None], proj * inv[:, None], gu * inv[:, None])
 
 
 def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
@@ -386,12 +361,12 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     dev = a.device
     a, b = a.detach(), b.detach()
     s = logit_scale.detach().float().reshape(1).contiguous()
-    inva, na = _inv_norms(a, normalize)
-    invb, nb = _inv_norms(b, normalize)
+    inva, na = inv_norms(a, normalize)
+    invb, nb = inv_norms(b, normalize)
     g = grad_loss.detach().float().reshape(-1).contiguous()
     if g.numel() != B or row_lse.numel() != B or col_lse.numel() != B:
         raise ValueError(f"dre cupy: grad_loss, row_lse and col_lse must have B = {B} entries")
-    npos = _num_positives(labels, B, dev)
+    npos = num_positives(labels, B, dev)
     lab, lab64, has = _labels(labels, B)
     gu = torch.empty((B, P), dtype=torch.float32, device=dev)
     gv = torch.empty((B, P), dtype=torch.float32, device=dev)
@@ -406,8 +381,8 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
                     ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
                     I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(g),
                     ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
-    grad_a = _normalize_backward(gu, a, inva, na, normalize).to(a.dtype)
-    grad_b = _normalize_backward(gv, b, invb, nb, normalize).to(b.dtype)
+    grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
+    grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
     return grad_a, grad_b, gs.sum().reshape(())
 
 

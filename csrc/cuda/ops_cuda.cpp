@@ -391,13 +391,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const a
   return {loss, rlse, clse};
 }
 
-// grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below
-at::Tensor normalize_backward(const at::Tensor& gu, const at::Tensor& t, const at::Tensor& inv, const at::Tensor& norm,
-                              bool normalize) {
+// grad t from grad u, u = t / max(||t||, eps), in place on gu: (gu - u <u, gu>) / ||t|| above eps, gu / eps below
+// (inv = 1 / max(||t||, eps)). One B x P temporary (u) besides gu (dre_kernels._gpu_host.normalize_backward_).
+at::Tensor normalize_backward_(at::Tensor& gu, const at::Tensor& t, const at::Tensor& inv, const at::Tensor& norm,
+                               bool normalize) {
   if (!normalize) return gu;
   const at::Tensor u = t.to(at::kFloat) * inv.unsqueeze(1);
-  const at::Tensor proj = gu - u * (u * gu).sum(1, true);
-  return at::where((norm > kEps).unsqueeze(1), proj * inv.unsqueeze(1), gu * inv.unsqueeze(1));
+  at::Tensor dots = at::einsum("ij,ij->i", {u, gu});
+  dots.masked_fill_(norm <= kEps, 0.0);
+  gu.addcmul_(u, dots.unsqueeze(1), -1.0);
+  return gu.mul_(inv.unsqueeze(1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
@@ -441,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                "dre_cl_bwd");
     }
   }
-  const at::Tensor grad_a = normalize_backward(gu, a, inva, na, normalize).to(a.scalar_type());
-  const at::Tensor grad_b = normalize_backward(gv, b, invb, nb, normalize).to(b.scalar_type());
+  const at::Tensor grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.scalar_type());
+  const at::Tensor grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.scalar_type());
   return {grad_a, grad_b, gs.sum()};
 }
 

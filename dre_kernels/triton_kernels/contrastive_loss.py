@@ -30,10 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
 from dre_kernels._library import loss_dtype
 from dre_kernels.triton_kernels._common import INTERPRET, launch, mm_fr, next_pow2
-
-NORMALIZE_EPS = 1e-12
 
 
 @triton.jit
@@ -258,31 +257,14 @@ def _mode(a, b) -> int:
     return 1
 
 
-def _inv_norms(t, normalize, acc):
-    """(1 / max(||t_i||, eps) or ones, ||t_i||), in the loss dtype."""
-    norm = torch.linalg.vector_norm(t, dim=1, dtype=acc)
-    if not normalize:
-        return torch.ones_like(norm), norm
-    return 1.0 / norm.clamp_min(NORMALIZE_EPS), norm
-
-
-def _num_positives(labels, B, device, acc):
-    if labels is None:
-        return torch.ones(B, dtype=acc, device=device)
-    lab = labels.to(torch.int64)
-    srt = torch.sort(lab).values
-    n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
-    return n.to(acc)
-
-
 def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     B, P = a.shape
     dev = a.device
     a, b = a.detach(), b.detach()
     acc = loss_dtype(a, b)
     s = logit_scale.detach().to(acc).reshape(1).contiguous()
-    inva, na = _inv_norms(a, normalize, acc)
-    invb, nb = _inv_norms(b, normalize, acc)
+    inva, na = inv_norms(a, normalize, acc)
+    invb, nb = inv_norms(b, normalize, acc)
     # column bound ref_j = |s| max_i ||u_i|| ||v_j||
     ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous() if B else nb
     rlse = torch.empty(B, dtype=acc, device=dev)
@@ -302,18 +284,9 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
         _mode(a, b), **{k: v for k, v in meta.items() if k != "BLOCK_PO"}, enable_fp_fusion=False)
-    npos = _num_positives(labels, B, dev, acc)
+    npos = num_positives(labels, B, dev, acc)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
-
-
-def _normalize_backward(gu, t, inv, norm, normalize):
-    """grad t from grad u, u = t / max(||t||, eps): (gu - u <u, gu>) / ||t|| above eps, gu / eps below."""
-    if not normalize:
-        return gu
-    u = t.to(inv.dtype) * inv[:, None]
-    proj = gu - u * (u * gu).sum(1, keepdim=True)
-    return torch.where((norm > NORMALIZE_EPS)[:, None], proj * inv[:, None], gu * inv[:, None])
 
 
 def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
@@ -322,10 +295,10 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     a, b = a.detach(), b.detach()
     acc = loss_dtype(a, b)
     s = logit_scale.detach().to(acc).reshape(1).contiguous()
-    inva, na = _inv_norms(a, normalize, acc)
-    invb, nb = _inv_norms(b, normalize, acc)
+    inva, na = inv_norms(a, normalize, acc)
+    invb, nb = inv_norms(b, normalize, acc)
     g = grad_loss.detach().to(acc).contiguous()
-    npos = _num_positives(labels, B, dev, acc)
+    npos = num_positives(labels, B, dev, acc)
     has_labels = labels is not None
     lab = labels.contiguous() if has_labels else inva
     gu = torch.empty((B, P), dtype=acc, device=dev)
@@ -343,6 +316,6 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
                    enable_fp_fusion=False)
-    grad_a = _normalize_backward(gu, a, inva, na, normalize).to(a.dtype)
-    grad_b = _normalize_backward(gv, b, invb, nb, normalize).to(b.dtype)
+    grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
+    grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
     return grad_a, grad_b, gs.sum().reshape(())
