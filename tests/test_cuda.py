@@ -557,7 +557,7 @@ def test_emu_contrastive_unnormalised_columns_far_below_the_bound(emu):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_emu_contrastive_saturated_loss_has_exactly_zero_gradient(emu, normalize):
     """One-hot softmaxes (pairs far apart): loss and gradient exactly 0, as `torch` gives. The backward of either
-    side must recompute the forward's logits bit for bit (cl_logit: symmetric, the product rounded)."""
+    side must recompute the forward's logits bit for bit (cl_uv is symmetric, cl_logit rounds the product)."""
     g = torch.Generator().manual_seed(13)
     a = 3.0 * torch.randn(70, 33, generator=g)
     b = a + 0.1 * torch.randn(70, 33, generator=g)

@@ -49,10 +49,12 @@ std::pair<at::Tensor, at::Tensor> normalized(const at::Tensor& a, bool normalize
   return {A.contiguous(), norms};
 }
 
-// Class of each row (0..nclasses-1) and class sizes; labels=None gives singleton classes.
+// Class of each row (0..nclasses-1) and class sizes; labels=None gives singleton classes (singletons: class i is
+// row i, which the positives use without class sums).
 struct Classes {
   std::vector<int64_t> cls, count;
   int64_t n = 0;
+  bool singletons = false;
 };
 
 Classes classes_of(const c10::optional<at::Tensor>& labels, int64_t B) {
@@ -62,6 +64,7 @@ Classes classes_of(const c10::optional<at::Tensor>& labels, int64_t B) {
     for (int64_t i = 0; i < B; ++i) c.cls[i] = i;
     c.count.assign(B, 1);
     c.n = B;
+    c.singletons = true;
     return c;
   }
   TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == B, "dre: labels must have shape (B,) = (", B,
@@ -138,13 +141,14 @@ void for_each_tile_pair(int64_t B, bool with_z, const Fn& fn) {
     });
 }
 
-// The logit tiles' second operand: K as is (at::mm), or for the AVX-512 GEMM, K^T packed (P x pad16(B), zero
-// columns after B) once for all tiles.
+// The logit tiles' second operand: K as is (at::mm), or for the AVX-512 GEMM (fast: float32 on a CPU with AVX-512),
+// K^T packed (P x pad16(B), zero columns after B) once for all tiles.
 template <typename T>
 struct LogitOperand {
   at::Tensor K, Kt;
   bool fast;
-  LogitOperand(const at::Tensor& K_, bool fast_) : K(K_), fast(fast_) {
+  explicit LogitOperand(const at::Tensor& K_)
+      : K(K_), fast(std::is_same<T, float>::value && avx512::available()) {
     if (fast) {
       Kt = at::zeros({K.size(1), avx512::pad16(K.size(0))}, K.options());
       Kt.narrow(1, 0, K.size(0)).copy_(K.t());
@@ -220,8 +224,8 @@ void z_tile(const T* L, int64_t ni, int64_t nj, int64_t ld, const T* gr, const T
 // Singleton classes (labels=None): only the diagonal of the diagonal tiles.
 template <typename T>
 void positives_tile(const T* L, int64_t i0, int64_t ni, int64_t j0, int64_t nj, int64_t ld, const Classes& c,
-                    bool singletons, T* pos_row, T* pos_col) {
-  if (singletons) {
+                    T* pos_row, T* pos_col) {
+  if (c.singletons) {
     if (i0 != j0) return;
     for (int64_t k = 0; k < ni; ++k) {
       const T l = L[k * ld + k];
@@ -244,19 +248,18 @@ void positives_tile(const T* L, int64_t i0, int64_t ni, int64_t j0, int64_t nj, 
 // row_lse_i = logsumexp_j l_ij, col_lse_j = logsumexp_i l_ij (l_ij = s <A_i, B_j>) and the positive sums
 // (positives_tile), one logit tile for all four.
 template <typename T>
-void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, bool singletons, T* row_lse,
-              T* col_lse, T* pos_row, T* pos_col) {
+void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, T* row_lse, T* col_lse, T* pos_row,
+              T* pos_col) {
   const int64_t B = A.size(0);
-  const bool fast = std::is_same<T, float>::value && avx512::available();
   std::vector<T> rm(B, -std::numeric_limits<T>::infinity()), rs(B, T(0)), cm(rm), cs(rs);
   std::fill(pos_row, pos_row + B, T(0));
   std::fill(pos_col, pos_col + B, T(0));
-  const LogitOperand<T> k(Bn, fast);
+  const LogitOperand<T> k(Bn);
   for_each_tile_pair<T>(B, false, [&](TileScratch<T>& w, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
     logit_tile<T>(A, k, s, i0, ni, j0, nj, w);
-    positives_tile<T>(w.L.data(), i0, ni, j0, nj, w.ld, c, singletons, pos_row, pos_col);
+    positives_tile<T>(w.L.data(), i0, ni, j0, nj, w.ld, c, pos_row, pos_col);
     if constexpr (std::is_same<T, float>::value) {
-      if (fast) {
+      if (k.fast) {
         avx512::lse_tile(w.L.data(), ni, nj, w.ld, &rm[i0], &rs[i0], &cm[j0], &cs[j0]);
         return;
       }
@@ -277,11 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& a, con
   const T s = logit_scale.to(c10::CppTypeToScalarType<T>::value).template item<T>();
   const at::Tensor A = normalized<T>(a, normalize).first, Bn = normalized<T>(b, normalize).first;
   const Classes c = classes_of(labels, B);
-  const bool singletons = !labels.has_value() || !labels->defined();
   at::Tensor row_lse = at::empty({B}, topts<T>()), col_lse = at::empty({B}, topts<T>());
   std::vector<T> pos_row(B), pos_col(B);
-  lse_both<T>(A, Bn, s, c, singletons, row_lse.template data_ptr<T>(), col_lse.template data_ptr<T>(),
-              pos_row.data(), pos_col.data());
+  lse_both<T>(A, Bn, s, c, row_lse.template data_ptr<T>(), col_lse.template data_ptr<T>(), pos_row.data(),
+              pos_col.data());
   at::Tensor loss = at::empty({B}, topts<T>());
   const T* rl = row_lse.template data_ptr<T>();
   const T* cl = col_lse.template data_ptr<T>();
@@ -300,12 +302,11 @@ template <typename T>
 void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half, const T* row_lse, const T* col_lse,
                 at::Tensor& Y, at::Tensor& X) {
   const int64_t B = A.size(0), P = A.size(1);
-  const bool fast = std::is_same<T, float>::value && avx512::available();
-  const LogitOperand<T> k(Bn, fast);
+  const LogitOperand<T> k(Bn);
   for_each_tile_pair<T>(B, true, [&](TileScratch<T>& w, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
     logit_tile<T>(A, k, s, i0, ni, j0, nj, w);
     if constexpr (std::is_same<T, float>::value) {
-      if (fast) {
+      if (k.fast) {
         avx512::z_tile(w.L.data(), ni, nj, w.ld, g_half + i0, row_lse + i0, g_half + j0, col_lse + j0,
                        w.Z.data(), w.ld);
         // L is free again: Z^T into it, the A operand of Y_i's product
@@ -335,10 +336,10 @@ void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half,
 //   D_i / eps below.
 template <typename T>
 void finish_side(at::Tensor& D, const at::Tensor& U, const at::Tensor& V, const at::Tensor& norms, bool normalize,
-                 T s, const T* g, const Classes& c, bool singletons, T* dots) {
+                 T s, const T* g, const Classes& c, T* dots) {
   const int64_t B = D.size(0), P = D.size(1);
   at::Tensor Vsum, GVsum;
-  if (!singletons) {
+  if (!c.singletons) {
     Vsum = class_sums<T>(V, c, nullptr);
     GVsum = class_sums<T>(V, c, g);
   }
@@ -350,7 +351,7 @@ void finish_side(at::Tensor& D, const at::Tensor& U, const at::Tensor& V, const 
     for (int64_t i = i0; i < i1; ++i) {
       T* d = dp + i * P;
       const T* u = up + i * P;
-      if (singletons) {
+      if (c.singletons) {
         const T* v = vp + i * P;
         for (int64_t j = 0; j < P; ++j) d[j] -= g[i] * v[j];
       } else {
@@ -395,10 +396,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   dense_grad<T>(A, Bn, s, g_half.template data_ptr<T>(), row_lse.template data_ptr<T>(),
                 col_lse.template data_ptr<T>(), Y, X);
   const Classes c = classes_of(labels, B);
-  const bool singletons = !labels.has_value() || !labels->defined();
   std::vector<T> dots(B);
-  finish_side<T>(Y, A, Bn, na, normalize, s, gp, c, singletons, dots.data());
-  finish_side<T>(X, Bn, A, nb, normalize, s, gp, c, singletons, nullptr);
+  finish_side<T>(Y, A, Bn, na, normalize, s, gp, c, dots.data());
+  finish_side<T>(X, Bn, A, nb, normalize, s, gp, c, nullptr);
   double gs = 0;  // a fixed order, in double: the same bits for any thread count
   for (int64_t i = 0; i < B; ++i) gs += static_cast<double>(dots[i]);
   const at::Tensor grad_s = at::scalar_tensor(gs, topts<T>());

@@ -27,13 +27,12 @@ enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16 };
 // a column sum at the bound below this has lost its largest terms to underflow (float64 normals end at 2.2e-308)
 constexpr double CL_TINY = 1e-280;
 
-// l = s (dot (inv_i inv_j)): symmetric in the two sides, so either side's backward recomputes the forward's logit
-// bit for bit (the dots are the same FMA chain over P); __fmul_rn is never fused into an FMA, so l is rounded before
-// a max is subtracted from it (a fused s * uv - m leaves the product's rounding error in e^{l - m} at the max, and a
-// gradient of s x ulp(l) in a saturated loss whose exact gradient is 0).
-DRE_DEVICE float cl_logit(float s, float dot, float inv_i, float inv_j) {
-  return __fmul_rn(s, dot * (inv_i * inv_j));
-}
+// l = s uv with uv = dot (inv_i inv_j): symmetric in the two sides, so either side's backward recomputes the
+// forward's logit bit for bit (the dots are the same FMA chain over P); __fmul_rn is never fused into an FMA, so l
+// is rounded before a max is subtracted from it (a fused s * uv - m leaves the product's rounding error in e^{l - m}
+// at the max, and a gradient of s x ulp(l) in a saturated loss whose exact gradient is 0).
+DRE_DEVICE float cl_uv(float dot, float inv_i, float inv_j) { return dot * (inv_i * inv_j); }
+DRE_DEVICE float cl_logit(float s, float uv) { return __fmul_rn(s, uv); }
 
 // dot[u][v] += <x_{i0 + ty + 16u}, y_{j0 + tx + 16v}> over all of P, through shared slices xs, ys (64 x 17)
 DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
@@ -72,7 +71,7 @@ DRE_DEVICE void cl_logits_tile(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
     for (int v = 0; v < 4; ++v) {
       const int r = ty + 16 * u, c = tx + 16 * v;
       const i64 i = i0 + r, j = j0 + c;
-      L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? cl_logit(s, dot[u][v], inva[i], invb[j]) : -f_inf();
+      L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? cl_logit(s, cl_uv(dot[u][v], inva[i], invb[j])) : -f_inf();
     }
   __syncthreads();
 }
@@ -232,8 +231,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
         const i64 i = i0 + r, j = j0 + c;
         float w = 0.f;
         if (i < B && j < B) {
-          const float uv = dot[u][v] * (invx[i] * invy[j]);
-          const float l = cl_logit(s, dot[u][v], invx[i], invy[j]);
+          const float uv = cl_uv(dot[u][v], invx[i], invy[j]);
+          const float l = cl_logit(s, uv);
           const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
           w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
           gsl += w * uv;

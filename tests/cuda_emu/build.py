@@ -64,8 +64,8 @@ def load():
         cpp = os.path.join(build, "emu.cpp")
         with open(cpp, "w") as f:
             f.write(code)
-        subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-DDRE_CUDA_EMULATE",
-                        "-include", os.path.join(HERE, "emu.h"), "-I", SRC,
+        subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
+                        "-DDRE_CUDA_EMULATE", "-include", os.path.join(HERE, "emu.h"), "-I", SRC,
                         cpp, "-o", so + ".tmp"], check=True, capture_output=False)
         os.replace(so + ".tmp", so)
     lib = ctypes.CDLL(so)

@@ -119,7 +119,7 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {
   return dre_emu::shfl_xor(v, o);
 }
-inline float __fmul_rn(float a, float b) { return a * b; }  // g++ for x86-64 fuses nothing
+inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 inline float __uint_as_float(unsigned int u) {
