@@ -135,17 +135,18 @@ def test_unnormalised_large_logits(backend_device, std, scale):
         assert_close(gb, rb, dtype=torch.float32, scale=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("B", [1, 2, 3])
-def test_saturated_loss_has_exactly_zero_gradient(backend_device, B, normalize):
+@pytest.mark.parametrize("B", [1, 2, 3, 70])
+def test_saturated_loss_has_exactly_zero_gradient(backend_device, B, normalize, dtype):
     """Each pair far apart from the others (huge unnormalised logits): every softmax is one-hot, the loss and its
     exact gradient are 0, and `torch` gets exactly 0 (it subtracts the logits it summed). A kernel that recomputes
     a logit in the backward by another rounding than the forward's, or fuses s * dot - max into an FMA, leaves
     s x ulp(l) ~ 1e-2 here (found by tests/fuzz_ops.py)."""
     backend, device = backend_device
     g = torch.Generator().manual_seed(12)
-    a = (3.0 * torch.randn(B, 33, generator=g)).to(device)
-    b = (a + 0.1 * torch.randn(B, 33, generator=g).to(device)).requires_grad_()
+    a = (3.0 * torch.randn(B, 33, generator=g)).to(device, dtype)
+    b = (a + 0.1 * torch.randn(B, 33, generator=g).to(device, dtype)).requires_grad_()
     a.requires_grad_()
     scale = 3000.0 if normalize else 30.0
     with torch.no_grad():

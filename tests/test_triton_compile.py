@@ -8,6 +8,7 @@ One subprocess per arch, side by side (CI has two cores).
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,16 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         for kernel in ("_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel",
                        "_gather_kernel", "_update_kernel"):
             assert kernel in out, f"sm_{arch}: {kernel} was never compiled\n{out[-3000:]}"
+        # the contrastive launches share one BLOCK_P per dot mode: a saturated loss's zero gradient needs the
+        # backward's logits to be the forward's to the bit, and a tf32x3 dot rounds by where the P slices end
+        from dre_kernels.triton_kernels.contrastive_loss import BLOCK_P_BY_MODE
+
+        seen = set()
+        for line in out.splitlines():
+            m = re.match(r"(_cl_\w+_kernel) sm_\d+ .*'MODE': (\d), .*'BLOCK_P': (\d+)", line)
+            if m:
+                kernel, mode, block_p = m.group(1), int(m.group(2)), int(m.group(3))
+                assert block_p == BLOCK_P_BY_MODE[mode], f"sm_{arch}: {line}"
+                seen.add((kernel, mode))
+        assert {(k, mode) for k in ("_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel")
+                for mode in (0, 1)} <= seen, f"sm_{arch}: contrastive launches compiled: {sorted(seen)}"

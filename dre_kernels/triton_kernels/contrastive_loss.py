@@ -19,7 +19,9 @@ in registers and per column with a float32 atomic add in the same pass; |P_i| co
 Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
 grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>. W is symmetric under
 swapping (a, R) with (b, C), so one kernel computes grad u with rows of a, and the same kernel with the roles
-swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics per tile).
+swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics per tile). Every
+launch computes a logit alike, a on the left of the dot and the same BLOCK_P (BLOCK_P_BY_MODE), so that the
+backward's logits are the forward's to the bit.
 Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator. The normalisation's
 backward, grad a = (grad u - u <u, grad u>) / ||a||, is O(B*P) elementwise work in PyTorch.
 """
@@ -169,7 +171,7 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr,
 @triton.jit
 def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab_ptr, scale_ptr,
                    lx_ptr, ly_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
-                   HAS_LABELS: tl.constexpr, WITH_GS: tl.constexpr, MODE: tl.constexpr,
+                   HAS_LABELS: tl.constexpr, X_IS_B: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PO: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     n_pt = tl.cdiv(P, BLOCK_PO)
@@ -191,7 +193,15 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
     for j0 in range(0, B, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = j < B
-        dot = _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
+        if X_IS_B:
+            # <a_j, b_i> with a on the left as in the forward, then transposed: a tensor-core dot is not symmetric
+            # in its operands to the bit (tf32x3 adds a_lo b_hi before a_hi b_lo), and the saturated loss needs
+            # these logits to be the forward's exactly
+            dot = tl.trans(_tile_dot(y_ptr, s_yr, s_yc, x_ptr, s_xr, s_xc, j, jmask, i, imask, P, MODE,
+                                     BLOCK_J, BLOCK_I, BLOCK_P))
+        else:
+            dot = _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J,
+                            BLOCK_P)
         invy = tl.load(invy_ptr + j, mask=jmask, other=0.0)
         ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
         hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
@@ -208,38 +218,45 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
             acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc)
         else:
             acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
-        if WITH_GS:
+        if not X_IS_B:  # grad s once, in the a-side call
             gs += tl.sum(w * uv, axis=1)
     tl.store(gu_ptr + i[:, None] * P + po[None, :], s * acc, mask=imask[:, None] & pomask[None, :])
-    if WITH_GS:
+    if not X_IS_B:
         if pid_p == 0:
             tl.store(gs_ptr + pid_i, tl.sum(gs, axis=0))
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
-# Configs that ptxas compiles without register spills on sm_90 for bf16 and float32 at P=512 (tests/triton_aot.py
-# survey, triton 3.9); the earlier set (three stages, 128-wide tiles at four warps) spilled in nearly every case.
-# On sm_80 the float32 forward (three tf32 products per tile) spills in the first five (88-1000 B per thread); the
-# last three, 16-wide in P or 4 warps on 64 x 32, are spill-free on both archs and every dtype. The backward has
-# spill-free members on both. float64 (raw-op use only) spills in all of them.
-def _fwd_configs():
-    return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
-            for bi, bj, bp, w, st in [(64, 64, 32, 8, 2), (64, 64, 64, 8, 2), (128, 64, 32, 8, 2),
-                                      (64, 128, 32, 8, 2), (64, 32, 64, 4, 2),
-                                      (64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)]]
+# The forward, the column fix and both backward calls must compute each logit to the same bits (a saturated loss has
+# its exact gradient 0 only where exp(l_ij - R_i) is exactly 1 at the max), so they share one BLOCK_P per dot mode:
+# a tf32x3 tl.dot is three MMA chains per BLOCK_P slice of P (a_lo b_hi, a_hi b_lo, a_hi b_hi), and where the slices
+# end changes the rounding. (16-bit MMAs chain through the accumulator whatever the slice; pinned too, one rule.)
+BLOCK_P_BY_MODE = {0: 16, 1: 32, 2: 16}
+# Configs, by mode, that ptxas compiles without register spills on sm_90 and sm_80 at P=512 (tests/triton_aot.py
+# survey, triton 3.9; float32 for mode 0, bfloat16 and float16 for mode 1; but for 8 bytes of stack in the a-side
+# backward at (32, 32, 32, 64) on sm_90). float64 (raw-op use only) spills in all of them.
+_FWD_CONFIGS = [(64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2),
+                (64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 32, 32, 4, 2)]
+# BLOCK_I >= 32 throughout: the grad-scale partials buffer holds cdiv(B, 32) row blocks
+_BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64, 4, 2),
+                (64, 32, 32, 128, 8, 2), (64, 64, 32, 64, 8, 2), (32, 32, 32, 64, 4, 2)]
 
 
-def _bwd_configs():
-    # BLOCK_I >= 32 throughout: the grad-scale partials buffer holds cdiv(B, 32) row blocks
-    return [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp, "BLOCK_PO": bpo}, num_warps=w, num_stages=st)
-            for bi, bj, bp, bpo, w, st in [(64, 32, 32, 128, 8, 2), (64, 32, 64, 64, 8, 2), (64, 64, 32, 64, 8, 2),
-                                           (32, 32, 32, 64, 4, 2)]]
+def _keep_mode_block_p(configs, named_args, **kwargs):
+    """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE)."""
+    bp = BLOCK_P_BY_MODE[kwargs.get("MODE", named_args.get("MODE"))]
+    return [c for c in configs if c.kwargs["BLOCK_P"] == bp]
 
 
+_PRUNE = {"early_config_prune": _keep_mode_block_p}
 _fwd_tuned = None if INTERPRET else triton.autotune(
-    _fwd_configs(), key=["P", "HAS_LABELS", "MODE"], reset_to_zero=["csum_ptr", "cpos_ptr"])(_cl_fwd_kernel)
+    [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
+     for bi, bj, bp, w, st in _FWD_CONFIGS], key=["P", "HAS_LABELS", "MODE"], prune_configs_by=_PRUNE,
+    reset_to_zero=["csum_ptr", "cpos_ptr"])(_cl_fwd_kernel)
 _bwd_tuned = None if INTERPRET else triton.autotune(
-    _bwd_configs(), key=["P", "HAS_LABELS", "MODE", "WITH_GS"])(_cl_bwd_kernel)
+    [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp, "BLOCK_PO": bpo}, num_warps=w, num_stages=st)
+     for bi, bj, bp, bpo, w, st in _BWD_CONFIGS],
+    key=["P", "HAS_LABELS", "MODE", "X_IS_B"], prune_configs_by=_PRUNE)(_cl_bwd_kernel)
 
 
 def _interp_meta(P):
@@ -275,15 +292,17 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
         return rlse, rlse.clone(), rlse.clone()
     has_labels = labels is not None
     lab = labels.contiguous() if has_labels else inva
+    mode = _mode(a, b)
     args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, lab, s, ref,
-            rlse, rpos, csum, cpos, B, P, has_labels, _mode(a, b))
+            rlse, rpos, csum, cpos, B, P, has_labels, mode)
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
            enable_fp_fusion=False)
     clse = (ref.double() + torch.log(csum)).to(acc)
-    meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 64, "num_warps": 4}
+    meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": BLOCK_P_BY_MODE[mode],
+                                              "num_warps": 8}
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
-        _mode(a, b), **{k: v for k, v in meta.items() if k != "BLOCK_PO"}, enable_fp_fusion=False)
+        mode, **{k: v for k, v in meta.items() if k != "BLOCK_PO"}, enable_fp_fusion=False)
     npos = num_positives(labels, B, dev, acc)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
@@ -309,10 +328,10 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     rl, cl = row_lse.to(acc).contiguous(), col_lse.to(acc).contiguous()
     mode = _mode(a, b)
     if B:
-        for x, y, invx, invy, lx, ly, out, with_gs in ((a, b, inva, invb, rl, cl, gu, True),
-                                                       (b, a, invb, inva, cl, rl, gv, False)):
+        for x, y, invx, invy, lx, ly, out, x_is_b in ((a, b, inva, invb, rl, cl, gu, False),
+                                                      (b, a, invb, inva, cl, rl, gv, True)):
             args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, g, npos,
-                    out, gs, B, P, has_labels, with_gs, mode)
+                    out, gs, B, P, has_labels, x_is_b, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
                    enable_fp_fusion=False)
