@@ -132,7 +132,8 @@ class Compiler:
                               f"LOCAL={info.get('LOCAL')}", flush=True)
                 except Exception as exc:  # noqa: BLE001  (every compiler error is a finding)
                     self.compiled[key] = None
-                    self.failures.append(f"{label}\n    {type(exc).__name__}: {str(exc).strip()[:2000]}")
+                    self.failures.append(f"{label}\n    {type(exc).__name__}: {str(exc).strip()[:2000]}"
+                                         + (f"\n    caused by {exc.__cause__!r}"[:1000] if exc.__cause__ else ""))
                     print("FAILED", self.failures[-1], flush=True)
             out[target.arch] = self.compiled[key]
         return out

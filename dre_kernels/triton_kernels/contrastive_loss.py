@@ -42,7 +42,7 @@ def _mm_rr(p, q, acc, MODE: tl.constexpr):
     if MODE == 1:
         acc = tl.dot(p, q, acc)
     elif MODE == 2:
-        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc)
+        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc, out_dtype=tl.float64)  # triton < 3.7 wants it said
     else:
         acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="tf32x3")
     return acc
@@ -215,7 +215,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
         yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
                      other=0.0)
         if MODE == 2:
-            acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc)
+            acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc, out_dtype=tl.float64)
         else:
             acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
         if not X_IS_B:  # grad s once, in the a-side call
