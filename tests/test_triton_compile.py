@@ -65,3 +65,17 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                 seen.add((kernel, mode))
         assert {(k, mode) for k in ("_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel")
                 for mode in (0, 1)} <= seen, f"sm_{arch}: contrastive launches compiled: {sorted(seen)}"
+        # hard residual_encode: the backward's argmin must be the forward's, so both take the rows' dot mode
+        # (float32 rows: 0, 16-bit: 1) and one BLOCK_D
+        from dre_kernels.triton_kernels.residual_encode import HARD_BLOCK_D
+
+        seen = set()
+        for line in out.splitlines():
+            m = re.match(r"(_re_\w+_kernel) sm_\d+ .*'HARD': True, .*'MODE': (\d), .*'BLOCK_D': (\d+), .*\[(\w+),",
+                         line)
+            if m:
+                kernel, mode, block_d, rows = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+                assert block_d == HARD_BLOCK_D and mode == (0 if rows == "fp32" else 1), f"sm_{arch}: {line}"
+                seen.add((kernel, rows))
+        assert {(k, rows) for k in ("_re_fwd_kernel", "_re_bwd_kernel")
+                for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"

@@ -46,9 +46,11 @@ from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, dot_mode_bac
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
-               WITH_G: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2, and x G_b^T when WITH_G (g_ptr at G_b)."""
+               WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2 (HARD: d - ||x||^2, the argmin's key), and x G_b^T when
+    WITH_G (g_ptr at G_b). ||x||^2 is the same for every codeword of a row: adding it before the argmin would round
+    away the low bits that set near codewords apart."""
     dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -57,15 +59,19 @@ def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
         dmask = d < D
         xt = tl.load(rows_ptr + row[:, None] + d[None, :].to(tl.int64) * s_c,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
-        xf = xt.to(tl.float32)
-        xsq += tl.sum(xf * xf, axis=1)
+        if not HARD:
+            xf = xt.to(tl.float32)
+            xsq += tl.sum(xf * xf, axis=1)
         cmask = kmask[None, :] & dmask[:, None]
         ct = tl.load(c_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)  # (BLOCK_D, K_PAD) = c^T
         dot = mm_rf(xt, ct, dot, MODE)
         if WITH_G:
             gt = tl.load(g_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)
             dotg = mm_rf(xt, gt, dotg, MODE)
-    dist = xsq[:, None] - 2.0 * dot + csq[None, :]
+    if HARD:
+        dist = csq[None, :] - 2.0 * dot
+    else:
+        dist = xsq[:, None] - 2.0 * dot + csq[None, :]
     return dist, dotg
 
 
@@ -136,7 +142,7 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
             rmask = r < hi
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
             dist, _ = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, c_ptr, D,
-                                 False, MODE, K_PAD, BLOCK_M, BLOCK_D)
+                                 False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, _ = _assign(dist, k, kmask, rmask, s, HARD)
             mass += tl.sum(a, axis=0)
             if WITH_E:
@@ -191,7 +197,7 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
             rmask = r < hi
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
             dist, dotg = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, gb_ptr, D,
-                                    not HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
+                                    not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, amin = _assign(dist, k, kmask, rmask, s, HARD)
             omask = rmask[:, None] & domask[None, :]
             if HARD:
@@ -254,14 +260,22 @@ def _as_configs(table):
             for bm, bd, bdo, w, st in table]
 
 
+# Hard assignment: the backward recomputes each fresh row's argmin, which must be the forward's (its gradient goes
+# to the codeword the forward counted it under), so the forward and the backward compute the distances alike: the
+# forward's dot mode and one BLOCK_D (where a split-precision dot's slices of D end changes its rounding).
+HARD_BLOCK_D = 32
+
+
 def _pruner(table):
-    """Keep the configs of the launch's codebook size whose column tile is not wider than D needs."""
+    """Keep the configs of the launch's codebook size whose column tile is not wider than D needs (hard: and whose
+    BLOCK_D is HARD_BLOCK_D)."""
     def prune(configs, named_args, **kwargs):
         k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 64))
         d = kwargs.get("D", named_args.get("D", 4096))
+        hard = kwargs.get("HARD", named_args.get("HARD", False))
         allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"], c.num_warps,
-                                       c.num_stages) in allowed]
+                                       c.num_stages) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
         narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d))]
         return narrow or [min(keep, key=lambda c: c.kwargs["BLOCK_DO"])]
     return prune
@@ -359,7 +373,8 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
         for pass_gx, pass_c in ((True, False), (False, True)) if split else ((write_gx, acc_c),):
             args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
-                    hard, gather, pass_gx, pass_c, dot_mode_backward(rows.dtype), k_pad)
+                    hard, gather, pass_gx, pass_c,
+                    dot_mode(rows.dtype) if hard else dot_mode_backward(rows.dtype), k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
                    _interp_meta(D))
     if use_given_mass:
