@@ -1,6 +1,6 @@
 """Triton residual_encode: forward and backward, soft (Deep TEN) and hard (VLAD) assignment.
 
-    d_ik = ||x_i||^2 - 2 <x_i, c_k> + ||c_k||^2          (tl.dot, float32 accumulation)
+    d_ik = ||x_i||^2 - 2 <x_i, c_k> + ||c_k||^2          (tl.dot, float32 accumulation; clamped at 0)
     soft: a_ik = softmax_k(-s_k d_ik)                   hard: a_ik = [k = first argmin_j d_ij]
     E_bk = sum_{i in S_b} a_ik x_i - mass_bk c_k        mass_bk = sum_{i in S_b} a_ik
 
@@ -72,6 +72,7 @@ def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
         dist = csq[None, :] - 2.0 * dot
     else:
         dist = xsq[:, None] - 2.0 * dot + csq[None, :]
+        dist = tl.where(dist < 0.0, 0.0, dist)  # cancellation near x = c_k; clamped as on CPU and CUDA, NaN kept
     return dist, dotg
 
 
