@@ -11,6 +11,9 @@
 #                                           #   (BENCH_ARGS="--quick" or "--providers torch native" for less)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
 #
+# Before spending device time: `make test-gpu-stack` on a CPU machine runs the kernel tests against this image's
+# torch 2.11 / triton 3.6 (interpreter, emulator, the CUDA build and Triton's sm_80/sm_90 compile).
+#
 # Everything it prints also goes to $OUT (default gpu_out/): build.log, tests.log, bench_*.log and the CSVs, so a
 # run cut off at its time limit still returns what it had. Each stage must fit one 10-minute device call; run
 # `tests` and `bench` as separate calls if needed (the build is cached in build/ only within one machine).
