@@ -34,6 +34,11 @@ def _compiler_available() -> str | None:
     return None
 
 
+def _launches(out: str, pattern: str):
+    """(line, groups) for each compiled launch that triton_aot.py -v printed and `pattern` matches."""
+    return [(line, m.groups()) for line in out.splitlines() if (m := re.match(pattern, line))]
+
+
 def test_triton_kernels_compile_for_sm80_and_sm90():
     reason = _compiler_available()
     if reason:
@@ -57,12 +62,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         from dre_kernels.triton_kernels.contrastive_loss import BLOCK_P_BY_MODE
 
         seen = set()
-        for line in out.splitlines():
-            m = re.match(r"(_cl_\w+_kernel) sm_\d+ .*'MODE': (\d), .*'BLOCK_P': (\d+)", line)
-            if m:
-                kernel, mode, block_p = m.group(1), int(m.group(2)), int(m.group(3))
-                assert block_p == BLOCK_P_BY_MODE[mode], f"sm_{arch}: {line}"
-                seen.add((kernel, mode))
+        for line, (kernel, mode, block_p) in _launches(
+                out, r"(_cl_\w+_kernel) sm_\d+ .*'MODE': (\d), .*'BLOCK_P': (\d+)"):
+            assert int(block_p) == BLOCK_P_BY_MODE[int(mode)], f"sm_{arch}: {line}"
+            seen.add((kernel, int(mode)))
         assert {(k, mode) for k in ("_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel")
                 for mode in (0, 1)} <= seen, f"sm_{arch}: contrastive launches compiled: {sorted(seen)}"
         # hard residual_encode: the backward's argmin must be the forward's, so both take the rows' dot mode
@@ -70,12 +73,9 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         from dre_kernels.triton_kernels.residual_encode import HARD_BLOCK_D
 
         seen = set()
-        for line in out.splitlines():
-            m = re.match(r"(_re_\w+_kernel) sm_\d+ .*'HARD': True, .*'MODE': (\d), .*'BLOCK_D': (\d+), .*\[(\w+),",
-                         line)
-            if m:
-                kernel, mode, block_d, rows = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-                assert block_d == HARD_BLOCK_D and mode == (0 if rows == "fp32" else 1), f"sm_{arch}: {line}"
-                seen.add((kernel, rows))
+        for line, (kernel, mode, block_d, rows) in _launches(
+                out, r"(_re_\w+_kernel) sm_\d+ .*'HARD': True, .*'MODE': (\d), .*'BLOCK_D': (\d+), .*\[(\w+),"):
+            assert int(block_d) == HARD_BLOCK_D and int(mode) == (0 if rows == "fp32" else 1), f"sm_{arch}: {line}"
+            seen.add((kernel, rows))
         assert {(k, rows) for k in ("_re_fwd_kernel", "_re_bwd_kernel")
                 for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"

@@ -30,11 +30,17 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 1
 
 
-def dot_mode_backward(dtype: torch.dtype) -> int:
+def dot_mode_backward(dtype: torch.dtype, hard: bool = False) -> int:
     """dot_mode for the backward's products with G = dL/dE and h: float16 rows take float32 dots (tf32x3) there,
     since gradients far below float16's normal range (6e-5) would lose their bits when split into float16 parts;
-    bfloat16 has float32's range."""
-    return 0 if dtype == torch.float16 else dot_mode(dtype)
+    bfloat16 has float32's range. A hard backward has no such products, only the distances of its argmin, which
+    must be the forward's: the forward's mode."""
+    return 0 if dtype == torch.float16 and not hard else dot_mode(dtype)
+
+
+def launch_arg(named_args: dict, kwargs: dict, name: str, default=None):
+    """An argument of the launch being autotuned, as an early_config_prune sees it (positional or keyword)."""
+    return kwargs.get(name, named_args.get(name, default))
 
 
 def launch(kernel, tuned, grid, args, interp_meta: dict, **options):

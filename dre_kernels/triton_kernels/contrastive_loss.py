@@ -34,7 +34,7 @@ import triton.language as tl
 
 from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
 from dre_kernels._library import loss_dtype
-from dre_kernels.triton_kernels._common import INTERPRET, launch, mm_fr, next_pow2
+from dre_kernels.triton_kernels._common import INTERPRET, launch, launch_arg, mm_fr, next_pow2
 
 
 @triton.jit
@@ -244,7 +244,7 @@ _BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64
 
 def _keep_mode_block_p(configs, named_args, **kwargs):
     """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE)."""
-    bp = BLOCK_P_BY_MODE[kwargs.get("MODE", named_args.get("MODE"))]
+    bp = BLOCK_P_BY_MODE[launch_arg(named_args, kwargs, "MODE")]
     return [c for c in configs if c.kwargs["BLOCK_P"] == bp]
 
 

@@ -40,7 +40,8 @@ import triton.language as tl
 from dre_kernels import _checks
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,
                                      finish_codeword_grads, next_pow2, prep_codewords, row_sources)
-from dre_kernels.triton_kernels._common import INTERPRET, dot_mode, dot_mode_backward, launch, mm_ff, mm_fr, mm_rf
+from dre_kernels.triton_kernels._common import (INTERPRET, dot_mode, dot_mode_backward, launch, launch_arg, mm_ff,
+                                               mm_fr, mm_rf)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -263,7 +264,8 @@ def _as_configs(table):
 
 # Hard assignment: the backward recomputes each fresh row's argmin, which must be the forward's (its gradient goes
 # to the codeword the forward counted it under), so the forward and the backward compute the distances alike: the
-# forward's dot mode and one BLOCK_D (where a split-precision dot's slices of D end changes its rounding).
+# forward's dot mode (dot_mode_backward) and one BLOCK_D (where a split-precision dot's slices of D end changes its
+# rounding).
 HARD_BLOCK_D = 32
 
 
@@ -271,9 +273,9 @@ def _pruner(table):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs (hard: and whose
     BLOCK_D is HARD_BLOCK_D)."""
     def prune(configs, named_args, **kwargs):
-        k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 64))
-        d = kwargs.get("D", named_args.get("D", 4096))
-        hard = kwargs.get("HARD", named_args.get("HARD", False))
+        k_pad = launch_arg(named_args, kwargs, "K_PAD", 64)
+        d = launch_arg(named_args, kwargs, "D", 4096)
+        hard = launch_arg(named_args, kwargs, "HARD", False)
         allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"], c.num_warps,
                                        c.num_stages) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
@@ -374,8 +376,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
         for pass_gx, pass_c in ((True, False), (False, True)) if split else ((write_gx, acc_c),):
             args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
-                    hard, gather, pass_gx, pass_c,
-                    dot_mode(rows.dtype) if hard else dot_mode_backward(rows.dtype), k_pad)
+                    hard, gather, pass_gx, pass_c, dot_mode_backward(rows.dtype, hard), k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
                    _interp_meta(D))
     if use_given_mass:
