@@ -82,9 +82,13 @@ def test_residual_encode_memory_rule(assignment):
     native = _peak_mib(setup, warmup, f"E = step('native', '{assignment}')")
     # allowed: O(B*K*D + M*D + K*D) plus per-thread blocks; well under one Mb x K float32 matrix
     assert native < mb_k_mib / 2, f"native peak {native:.1f} MiB; one Mb x K float32 matrix is {mb_k_mib:.1f} MiB"
-    torch_peak = _peak_mib(setup, warmup, f"E = step('torch', '{assignment}')")
-    # the measurement can see what a backend that materialises the gathered rows allocates
-    assert torch_peak > B * Mb * D * 4 / 2**20, f"torch peak {torch_peak:.1f} MiB: the probe is not measuring"
+    # the probe sees an allocation of the size the rule forbids: gathering the bank rows once. (It used to run the
+    # `torch` backend here, but its hard path gathers in blocks and keeps none of them for backward, so its peak
+    # exceeded all gathered rows only where the C heap kept freed blocks: under torch 2.15, not 2.11.)
+    gathered_mib = B * Mb * D * 4 / 2**20
+    gather_peak = _peak_mib(setup, warmup, "rows = bank.index_select(0, bi)")
+    assert gather_peak > 0.9 * gathered_mib, (
+        f"peak {gather_peak:.1f} MiB while gathering {gathered_mib:.1f} MiB of rows: the probe is not measuring")
 
 
 def test_contrastive_loss_large_batch_without_b_by_b():
