@@ -1,6 +1,7 @@
 // Value checks of the native ops (CSR offsets, index ranges, duplicate update indices), shared by the CPU and CUDA
-// impls. The Python wrappers check the same values first (dre_kernels/_checks.py) with the same messages, but under
-// torch.compile they are skipped, and a bad index must raise here instead of reaching a kernel.
+// impls. They are the only ones a native call gets: the Python wrappers leave these checks to the kernel backends'
+// impls (dre_kernels/_checks.py, check_values), eager or compiled, and the messages here are theirs (for
+// `reference` and `torch`), so a bad index raises the same error whatever the backend.
 //
 // Cost: all the checks of one op call bring their statistics to the host in one copy (one device synchronisation
 // on CUDA, none on CPU), and a small process-wide cache remembers the tensors that passed (a weak reference to the

@@ -5,17 +5,17 @@ ValueError (shapes, offsets, unknown options, bank arguments given partly), Type
 offsets), IndexError (index out of range), RuntimeError (mixed devices).
 
 The checks on values (offsets monotone, indices in range, no duplicate indices) read the tensors, which costs one
-device synchronisation per call. Under torch.compile the wrappers skip them, since they would break the graph; the
-kernels then check again when they run, so a bad index still raises instead of touching memory out of bounds: the
-native kernels in C++/CUDA, the Python backends (triton, cupy) through ensure_checked (runtime_checks_residual_encode
-and runtime_checks_bank at the start of their impls), which raises the same errors as the wrappers.
+device synchronisation per call. They run where the kernels run: the kernel backends check in their impls, before
+any kernel, in eager calls and in compiled graphs alike (the native ops in C++, csrc/value_checks.h; triton and
+cupy through ensure_checked, runtime_checks_residual_encode and runtime_checks_bank at the start of their impls),
+with the wrappers' errors; the wrappers run them only for `reference` and `torch` (check_values), and not under
+torch.compile, where they would break the graph. So an eager call on new index tensors synchronises once, whatever
+the backend.
 
-So that the eager path does not synchronise twice (wrapper, then impl), the value checks remember the tensors that
-passed: a small process-wide cache of (weakref to the tensor, its _version, data pointer/shape/strides, the check and
-the bound it passed against). The wrappers and ensure_checked skip a check found there and run the rest (one
-synchronisation), so a repeated call on unchanged tensors, and the backward of a call, synchronise not at all. The
-native ops do the same in C++ with a cache of their own (csrc/value_checks.h): an eager native call on new tensors
-synchronises twice (wrapper, then C++), a repeated one not at all.
+Each side remembers the tensors that passed: a small process-wide cache of (weakref to the tensor, its _version,
+data pointer/shape/strides, the check and the bound it passed against), in Python here and in C++ for the native
+ops. A check found there is skipped and the rest run (one synchronisation), so a repeated call on unchanged
+tensors, and the backward of a call, synchronise not at all.
 An in-place change bumps _version and a freed tensor's reused id fails the weakref, so neither matches a stale
 entry. Writes that bypass the version counter (through .data, numpy()/DLPack views, raw kernels) are not seen,
 as for autograd's saved tensors. Inference tensors (no version counter) are never cached. During CUDA graph capture
@@ -30,6 +30,8 @@ import threading
 import weakref
 
 import torch
+
+from dre_kernels import _backend
 
 MAX_K = 256
 MAX_D = 4096
@@ -189,10 +191,10 @@ def _device_asserts(offsets, indices, unique) -> None:
 def check_offsets_and_indices(offsets: list[tuple[str, torch.Tensor, int, str]],
                               indices: list[tuple[str, torch.Tensor, int, str]],
                               unique: tuple[str, torch.Tensor] | None = None) -> None:
-    """Value checks on CSR offsets and row indices, for the wrappers: skipped under torch.compile (the kernels
-    check again at run time, see ensure_checked), else as ensure_checked: one device synchronisation, none when the
-    cache vouches for every tensor (a repeated call on unchanged inputs), device-side asserts under CUDA graph
-    capture. Remembers the tensors that passed.
+    """Value checks on CSR offsets and row indices, for the wrappers (see check_values): skipped under
+    torch.compile, else as ensure_checked: one device synchronisation, none when the cache vouches for every tensor
+    (a repeated call on unchanged inputs), device-side asserts under CUDA graph capture. Remembers the tensors that
+    passed.
 
     offsets: (name, tensor, row count it must end at, name of that tensor).
     indices: (name, tensor, number of rows it indexes, name of the indexed tensor).
@@ -209,7 +211,7 @@ def ensure_checked(offsets: list[tuple[str, torch.Tensor, int, str]],
     """The value checks for the kernel impls (which run also when called from a compiled graph) and, through
     check_offsets_and_indices, the wrappers: checks what the cache does not vouch for (same tensor object, same
     _version, same bound), with at most one synchronisation; under CUDA graph capture, device-side asserts of
-    everything. An eager call, whose wrapper has just checked the same tensors, costs nothing in the impl."""
+    everything. The backward of an eager call, whose forward has just checked the same tensors, costs nothing."""
     for name, off, total, total_name in offsets:
         if off.numel() < 1:
             raise ValueError(f"{name} must hold B+1 >= 1 entries; got an empty tensor")
@@ -225,8 +227,8 @@ def ensure_checked(offsets: list[tuple[str, torch.Tensor, int, str]],
     _run_checks(offsets, indices, unique)
 
 
-# The value checks of each op, written once: the wrappers run them (check_offsets_and_indices) and the impls of the
-# Python kernel backends re-run what the cache does not vouch for (ensure_checked); the same bounds make them meet.
+# The value checks of each op, written once: the impls of the Python kernel backends run them (ensure_checked) and
+# the wrappers for the other backends (check_values).
 def _residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets):
     offsets = [("x_offsets", x_offsets, x.shape[0], "x")]
     indices = []
@@ -238,6 +240,18 @@ def _residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets):
 
 def _bank_values(bank, index, unique: bool):
     return [], [("index", index, bank.shape[0], "bank")], (("index", index) if unique else None)
+
+
+# Backends whose impls check the values themselves (above, and csrc/value_checks.h for native): their wrappers
+# leave the checks to them, so that an eager call on new index tensors synchronises once, not twice.
+KERNEL_BACKENDS = ("triton", "native", "cupy")
+
+
+def check_values(backend: str, offsets, indices, unique=None) -> None:
+    """The wrappers' value checks, after the dispatch: run for `reference` and `torch`, left to the impls of the
+    kernel backends (which run them before any kernel, with the same errors)."""
+    if backend not in KERNEL_BACKENDS:
+        check_offsets_and_indices(offsets, indices, unique)
 
 
 def runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets) -> None:
@@ -257,8 +271,9 @@ def check_offsets_shape(name: str, off, num_rows_name: str) -> None:
                          f"{num_rows_name}); got an empty tensor")
 
 
-def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, assignment, return_mass):
-    """Checks every argument of residual_encode; returns the device and the float dtypes taking part."""
+def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, assignment, return_mass,
+                          backend):
+    """Checks every argument of residual_encode and resolves `backend`; returns the backend's name."""
     if assignment not in ("soft", "hard"):
         raise ValueError(f"assignment must be 'soft' or 'hard'; got {assignment!r}")
     if not isinstance(return_mass, bool):
@@ -300,12 +315,13 @@ def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank
                              f"got {bank_offsets.shape[0]}")
         tensors.update(bank=bank, bank_index=bank_index, bank_offsets=bank_offsets)
         dtypes.append(bank.dtype)
-    device = check_same_device(**tensors)
-    check_offsets_and_indices(*_residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets))
-    return device, dtypes
+    name = _backend.resolve_backend(backend, check_same_device(**tensors), dtypes)
+    check_values(name, *_residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets))
+    return name
 
 
-def check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction):
+def check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction, backend):
+    """Checks every argument of contrastive_loss and resolves `backend`; returns the backend's name."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
     if not isinstance(normalize, bool):
@@ -332,20 +348,20 @@ def check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction):
         if labels.shape != (a.shape[0],):
             raise ValueError(f"labels must have shape (B,) = ({a.shape[0]},); got {tuple(labels.shape)}")
         tensors["labels"] = labels
-    device = check_same_device(**tensors)
-    dtypes = [a.dtype, b.dtype]
-    return device, dtypes
+    return _backend.resolve_backend(backend, check_same_device(**tensors), [a.dtype, b.dtype])
 
 
-def check_bank_gather(bank, index):
+def check_bank_gather(bank, index, backend):
+    """Checks every argument of bank_gather and resolves `backend`; returns the backend's name."""
     check_features("bank", bank)
     check_index_tensor("index", index)
-    device = check_same_device(bank=bank, index=index)
-    check_offsets_and_indices(*_bank_values(bank, index, unique=False))
-    return device, [bank.dtype]
+    name = _backend.resolve_backend(backend, check_same_device(bank=bank, index=index), [bank.dtype])
+    check_values(name, *_bank_values(bank, index, unique=False))
+    return name
 
 
-def check_bank_update(bank, index, values, momentum, normalize):
+def check_bank_update(bank, index, values, momentum, normalize, backend):
+    """Checks every argument of bank_update_ and resolves `backend`; returns the backend's name."""
     check_features("bank", bank)
     check_index_tensor("index", index)
     check_features("values", values)
@@ -360,12 +376,14 @@ def check_bank_update(bank, index, values, momentum, normalize):
         raise TypeError(f"normalize must be a bool; got {_describe(normalize)}")
     if bank.requires_grad:
         raise ValueError("bank must not require grad: it is a buffer updated in place, never differentiated")
-    device = check_same_device(bank=bank, index=index, values=values)
-    check_offsets_and_indices(*_bank_values(bank, index, unique=True))
-    return device, [bank.dtype, values.dtype]
+    name = _backend.resolve_backend(backend, check_same_device(bank=bank, index=index, values=values),
+                                    [bank.dtype, values.dtype])
+    check_values(name, *_bank_values(bank, index, unique=True))
+    return name
 
 
-def check_kmeans(x, k, iters, seed):
+def check_kmeans(x, k, iters, seed, backend):
+    """Checks every argument of kmeans and resolves `backend`; returns the backend's name."""
     check_features("x", x)
     for name, v in (("k", k), ("iters", iters), ("seed", seed)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -378,4 +396,4 @@ def check_kmeans(x, k, iters, seed):
         raise ValueError(f"x must have 1 <= D <= {MAX_D} columns; got D = {x.shape[1]}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
-    return x.device, [x.dtype]
+    return _backend.resolve_backend(backend, x.device, [x.dtype])

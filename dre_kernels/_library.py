@@ -27,7 +27,8 @@ Contract every implementation meets (shapes: B slides, M fresh rows, K codewords
   -> (grad_a a.dtype, grad_b b.dtype, grad_logit_scale 0-dim in the loss dtype).
 - bank_gather(bank, index) -> (n, D) bank.dtype.
 - bank_update_(bank, index, values, momentum, normalize) -> (), bank updated in place.
-The Python wrappers have checked every argument before these run (SPEC.md 'Bad input').
+The Python wrappers have checked every argument's type and shape before these run (SPEC.md 'Bad input'); the
+values of offsets and indices each implementation checks itself, before any kernel (_checks.check_values).
 """
 
 from __future__ import annotations

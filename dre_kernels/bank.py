@@ -16,8 +16,7 @@ from dre_kernels import _library  # noqa: F401
 
 def bank_gather(bank, index, backend="auto"):
     """Rows of the bank: (n, D) in bank.dtype. Gradient, if the bank requires one, scatter-adds back."""
-    device, dtypes = _checks.check_bank_gather(bank, index)
-    name = _backend.resolve_backend(backend, device, dtypes)
+    name = _checks.check_bank_gather(bank, index, backend)
     if name == "reference":
         return bank_gather_reference(bank, index)
     if name == "torch":
@@ -30,8 +29,7 @@ def bank_update_(bank, index, values, *, momentum=0.0, normalize=True, backend="
 
     values is never differentiated through. Duplicate indices raise ValueError, out-of-range ones IndexError.
     """
-    device, dtypes = _checks.check_bank_update(bank, index, values, momentum, normalize)
-    name = _backend.resolve_backend(backend, device, dtypes)
+    name = _checks.check_bank_update(bank, index, values, momentum, normalize, backend)
     values = values.detach()
     with torch.no_grad():
         if name == "reference":

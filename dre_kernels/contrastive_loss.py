@@ -34,8 +34,7 @@ def contrastive_loss(a, b, logit_scale, *, labels=None, normalize=False, reducti
     logit_scale: the multiplier itself (e.g. log_scale.exp()), a Python float or a 0-dim tensor that may
     require grad. labels (B,) int: rows with equal labels are all positives of each other.
     """
-    device, dtypes = _checks.check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction)
-    name = _backend.resolve_backend(backend, device, dtypes)
+    name = _checks.check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction, backend)
     acc = loss_dtype(a, b)
     s = _scale_tensor(logit_scale, acc, a.device)
     if name == "reference":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dre_kernels import _backend, _checks
+from dre_kernels import _checks
 from dre_kernels.residual_encode import residual_encode
 
 
@@ -34,8 +34,7 @@ def kmeans_plusplus_init(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def kmeans(x, k, *, iters=20, seed=0, backend="auto"):
     """K-means codebook of the rows of x (N, D): returns (k, D) float32. Same seed, same result."""
-    device, dtypes = _checks.check_kmeans(x, k, iters, seed)
-    name = _backend.resolve_backend(backend, device, dtypes)
+    name = _checks.check_kmeans(x, k, iters, seed, backend)
     x = x.detach()
     c = kmeans_plusplus_init(x, k, seed).to(x.device)
     offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)

@@ -40,9 +40,8 @@ def residual_encode(x, x_offsets, codewords, scale=None, *, bank=None, bank_inde
     gradient). E_bk = sum_{i in S_b} a_ik (x_i - c_k) in promote_types(x.dtype, codewords.dtype); gradients flow
     to x, codewords and scale (soft); mass carries none. See SPEC.md for the full contract.
     """
-    device, dtypes = _checks.check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets,
-                                                   assignment, return_mass)
-    name = _backend.resolve_backend(backend, device, dtypes)
+    name = _checks.check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, assignment,
+                                         return_mass, backend)
     hard = assignment == "hard"
     if hard:
         scale = None

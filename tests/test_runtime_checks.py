@@ -1,9 +1,10 @@
 """The value checks of the Python kernel backends at run time (dre_kernels._checks.ensure_checked).
 
-Under torch.compile the wrappers skip their value checks (offsets, index ranges, duplicate indices); the triton and
-cupy impls re-run them, so a bad index raises the wrapper's error instead of reaching a kernel. In eager mode the
-impl finds the wrapper's verdict in a small cache and does not synchronise a second time; the cache must never
-vouch for a tensor changed in place, a different tensor, or another bound.
+The value checks (offsets, index ranges, duplicate indices) run in the impls of the kernel backends, eager or
+compiled (the wrappers run them for `reference` and `torch` only, and skip them under torch.compile), so a bad index
+raises the wrapper's error instead of reaching a kernel, and an eager call on new tensors synchronises once. A small
+cache spares the backward and repeated calls on unchanged tensors a second synchronisation; it must never vouch for
+a tensor changed in place, a different tensor, or another bound.
 
 Triton runs here under TRITON_INTERPRET=1 (conftest.py); cupy's impls are called directly with a no-op kernel
 runtime, since their checks run before any launch.
@@ -140,9 +141,38 @@ def test_eager_calls_synchronise_once(syncs):
     assert not any(syncs)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_values_are_checked_on_one_side(monkeypatch, syncs, backend):
+    """The wrappers check values for `reference` and `torch` only; a kernel backend's impl checks them (native: in
+    C++, no Python synchronisation at all), so an eager call on new tensors synchronises once, not twice."""
+    if backend not in dre_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} not available here")
+    wrapper_checks = []
+    orig = _checks.check_offsets_and_indices
+    monkeypatch.setattr(_checks, "check_offsets_and_indices",
+                        lambda *args: (wrapper_checks.append(args), orig(*args))[1])
+    kernel = backend in _checks.KERNEL_BACKENDS
+    a = value_check_inputs()
+    encode(**a, backend=backend)
+    bank, idx = torch.randn(6, 4), torch.tensor([3, 0, 5])
+    dre_kernels.bank_gather(bank, idx, backend=backend)
+    dre_kernels.bank_update_(bank, torch.tensor([1, 2]), torch.randn(2, 4), momentum=0.5, backend=backend)
+    assert len(wrapper_checks) == (0 if kernel else 3)
+    assert len(syncs) == (0 if backend == "native" else 3)
+    # and bad values still raise the wrappers' errors before any kernel
+    for over, exc, pattern in [(dict(bank_index=torch.tensor([0, 6, 1])), IndexError, r"bank_index holds 6"),
+                               (dict(x_offsets=torch.tensor([0, 6, 5])), ValueError, r"x_offsets must be non-decr")]:
+        with pytest.raises(exc, match=pattern):
+            encode(**value_check_inputs(**over), backend=backend)
+    before = bank.clone()
+    with pytest.raises(ValueError, match=r"index must not repeat an index"):
+        dre_kernels.bank_update_(bank, torch.tensor([1, 1]), torch.randn(2, 4), momentum=0.5, backend=backend)
+    torch.testing.assert_close(bank, before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_repeated_eager_calls_do_not_synchronise(syncs, backend):
-    """The wrappers consult the cache too: a call on unchanged tensors (forward and backward) checks nothing again;
+    """The cache, wherever the checks run: a call on unchanged tensors (forward and backward) checks nothing again;
     an in-place change is checked again, and refused when bad."""
     a = value_check_inputs()
     a["x"].requires_grad_()
@@ -171,7 +201,7 @@ def test_backward_in_another_thread_finds_the_forwards_checks(syncs):
     assert a["x"].grad is not None and len(syncs) == 1
 
 
-def test_cupy_impls_skip_what_the_wrapper_checked(syncs):
+def test_cupy_impls_share_the_checks_and_the_cache(syncs):
     """cupy impls share the checks and the cache (called directly: no CUDA here; kernels go to a no-op runtime)."""
     launches = []
 
@@ -182,9 +212,8 @@ def test_cupy_impls_skip_what_the_wrapper_checked(syncs):
     prev = cupy_kernels.set_runtime(NoRuntime())
     try:
         bank, idx = torch.randn(6, 4), torch.tensor([3, 0, 5])
-        _checks.check_bank_update(bank, idx, torch.randn(3, 4), 0.5, True)
         cupy_kernels.bank_update_(bank, idx, torch.randn(3, 4), 0.5, True)
-        cupy_kernels.bank_gather(bank, idx)
+        cupy_kernels.bank_gather(bank, idx)  # the update's verdict on idx covers the gather's range check
         assert len(syncs) == 1 and launches == ["dre_bank_update", "dre_bank_gather"]
         with pytest.raises(IndexError, match=r"index holds 6"):
             cupy_kernels.bank_gather(bank, torch.tensor([6]))
