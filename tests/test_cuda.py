@@ -401,6 +401,19 @@ def test_emu_hard_backward_with_mass_reads_no_bank_rows(emu):
     torch.testing.assert_close(gc1, gc0)
 
 
+def test_emu_soft_backward_precise_where_the_softmax_saturates(emu):
+    """test_ops_residual_encode's saturated-softmax precision test on the SIMT backward (re_assign_bwd shifts g by
+    g at each row's largest assignment). Not on the tensor cores: their split codewords resolve d to ~2^-16."""
+    from test_ops_residual_encode import SATURATED_LIMITS, relative_errors, saturated_inputs
+
+    for seed in range(2):
+        x, xo, c, s, bank, bi, bo, gE = saturated_inputs(seed)
+        _, _, want = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, False, gE)
+        got = cupy_kernels.residual_encode_bwd(gE, x, xo, c, s, bank, bi, bo, None, False, True, True, True)
+        for what, err in relative_errors(got, want).items():
+            assert err < SATURATED_LIMITS[what], f"seed {seed}: grad {what}: {err:.2e} of its size"
+
+
 def test_emu_residual_encode_bad_index_raises(emu):
     x, xo, c, s, bank, bi, bo = _re_inputs([3], [4], K=2, D=4, T=10)
     bi[2] = 10

@@ -408,3 +408,16 @@ def _run_without_avx512(check: str):
 
 def test_float32_kernel_paths_without_avx512():
     _run_without_avx512("_check_float32_kernel_paths")
+
+
+def _check_saturated_soft_backward():
+    from test_ops_residual_encode import SATURATED_LIMITS, saturated_soft_backward_errors
+
+    for seed in range(3):
+        for what, err in saturated_soft_backward_errors("native", "cpu", seed).items():
+            assert err < SATURATED_LIMITS[what], f"seed {seed}: grad {what}: {err:.2e} of its size"
+
+
+def test_saturated_soft_backward_without_avx512():
+    """test_ops_residual_encode's saturated-softmax precision test on the portable path (its own u loop)."""
+    _run_without_avx512("_check_saturated_soft_backward")

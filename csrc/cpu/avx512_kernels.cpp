@@ -334,16 +334,22 @@ DRE_AVX512 void add_row(float* dst, const float* src, int64_t D) {
 
 DRE_AVX512 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_t lda, const float* H, int64_t ldh,
                               const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws,
-                              float* wsum) {
+                              float* wsum, float* gm) {
   const int64_t kp = pad16(K);
   const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int64_t i = 0; i < r; ++i) {  // phase 1: ga_i = sum_k a_ik g_ik (independent chains across rows)
     const float* a = A + i * lda;
     const float* h = H + i * ldh;
+    int64_t m = 0;  // g is shifted by g_im (residual_encode.cpp: the backward's u)
+    for (int64_t k = 1; k < K; ++k)
+      if (a[k] > a[m]) m = k;
+    gm[i] = h[m] - gc[m];
+    const __m512 shift = _mm512_set1_ps(gm[i]);
     __m512 vga = _mm512_setzero_ps();
     for (int64_t k = 0; k < kp; k += 16)
-      vga = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k)),
-                            vga);
+      vga = _mm512_fmadd_ps(
+          _mm512_loadu_ps(a + k),
+          _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k)), shift), vga);
     wsum[i] = _mm512_reduce_add_ps(vga);
   }
   for (int64_t i = 0; i < r; ++i) {
@@ -352,10 +358,11 @@ DRE_AVX512 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_
     const float* d = Dd + i * lda;
     float* w_out = W + i * lda;
     const __m512 ga = _mm512_set1_ps(wsum[i]);
+    const __m512 shift = _mm512_set1_ps(gm[i]);
     __m512 vws = _mm512_setzero_ps();
     for (int64_t k = 0; k < kp; k += 16) {
       const __mmask16 valid = tail_mask(K - k);
-      const __m512 g = _mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k));
+      const __m512 g = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(gc + k)), shift);
       const __m512 u = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(_mm512_loadu_ps(a + k), _mm512_sub_ps(g, ga)));
       const __m512 w = _mm512_mul_ps(_mm512_xor_ps(_mm512_loadu_ps(s + k), sign), u);
       _mm512_storeu_ps(w_out + k, w);

@@ -49,11 +49,12 @@ void hard_rows(const float* S, int64_t lds, int64_t r, const float* csq, int64_t
 void add_row(float* dst, const float* src, int64_t D);
 
 // Soft backward of r rows (row arrays padded to kp = pad16(K), zeros in the padding of gc and s), with h_ik =
-// H[i * ldh + k] = <x_i, G_bk>:
-//   g_ik = h_ik - gc_k, ga_i = sum_k a_ik g_ik, u_ik = a_ik (g_ik - ga_i), w_ik = -s_k u_ik
-//   W <- w; gs_k -= sum_i u_ik d_ik; ws_k += sum_i w_ik; wsum[i] = sum_k w_ik.
+// H[i * ldh + k] = <x_i, G_bk>, m_i = argmax_k a_ik:
+//   g_ik = h_ik - gc_k - g_im, ga_i = sum_k a_ik g_ik, u_ik = a_ik (g_ik - ga_i), w_ik = -s_k u_ik
+//   W <- w; gs_k -= sum_i u_ik d_ik; ws_k += sum_i w_ik; wsum[i] = sum_k w_ik. gm: r floats of scratch.
 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_t lda, const float* H, int64_t ldh,
-                   const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws, float* wsum);
+                   const float* gc, const float* s, int64_t K, float* W, float* gs, float* ws, float* wsum,
+                   float* gm);
 
 // contrastive_loss: online log-sum-exp update from one tile of logits l_ij = L[i * ldl + j] (i < ni, j < nj):
 //   rows:    m = max(rm_i, max_j l_ij),  rs_i <- rs_i e^{rm_i - m} + sum_j e^{l_ij - m},  rm_i <- m

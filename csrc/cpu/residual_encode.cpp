@@ -20,7 +20,9 @@
 // only inside the thread-local block buffers. Elsewhere (float64, no AVX-512, DRE_NATIVE_NO_AVX512=1): at::mm.
 //
 // Backward (soft), with G_bk = grad_E[b,k,:], g_ik = <G_bk, x_i - c_k>, u_ik = a_ik (g_ik - sum_j a_ij g_ij),
-// w_ik = dL/dd_ik = -s_k u_ik:
+// w_ik = dL/dd_ik = -s_k u_ik. u is computed with g_ik - g_im in place of g_ik, m = argmax_j a_ij (the same, as
+// sum_j a_ij = 1): where a_im is near 1, sum_j a_ij g_ij ~ g_im would cancel against g_im and leave u_im an error of
+// eps |g| instead of eps |u_im| (float32 grad_s off by 1e-3 of its size at a saturated softmax).
 //   grad_x_i = sum_k a_ik G_bk + 2 sum_k w_ik (x_i - c_k)                    (fresh rows only)
 //   grad_c_k = -sum_b mass_bk G_bk - 2 sum_i w_ik x_i + 2 (sum_i w_ik) c_k     (all rows, bank included)
 //   grad_s_k = -sum_i u_ik d_ik
@@ -493,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
     at::Tensor CG = at::empty({2 * K, D}, opts<T>());  // [C; G_b]
     std::copy(C, C + K * D, CG.template data_ptr<T>());
     const at::Tensor CGt = hard ? P.C.t() : CG.t();
-    std::vector<T> mseg(Kp), rowtmp(D), wsum_row(R);
+    std::vector<T> mseg(Kp), rowtmp(D), wsum_row(R), gm_row(R);
     std::vector<int64_t> kmin(R);
     std::vector<const T*> ptr(R), nxt(R);
     int64_t nn = 0;
@@ -551,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
                 avx512::soft_rows(rows, r, D, sh, ld, csqp.data_ptr<float>(), sp.data_ptr<float>(), K, A, Dd, Kp,
                                   mseg.data(), wsum_row.data());
                 avx512::soft_bwd_rows(r, A, Dd, Kp, sh + Kp, ld, gcp.data(), sp.data_ptr<float>(), K, W, gsp.data(),
-                                      wsp.data(), wsum_row.data());
+                                      wsp.data(), wsum_row.data(), gm_row.data());
                 if (need_c) avx512::gemm_at_rows(W, Kp, rows, r, K, D, WXc.data_ptr<float>(), D);
                 if (fresh && need_x) {
                   // grad_x = [-2W | A] [C; G_b] + 2 (sum_k w_ik) x_i   (fresh rows: a small share of all rows)
@@ -594,15 +596,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(Inputs& in, const at::Te
             for (int64_t i = 0; i < r; ++i) {
               const T* a = A + i * K;
               const T* h = sh + i * W2 + K;
+              int64_t m = 0;  // g is shifted by g_im (see the top of this file)
+              for (int64_t k = 1; k < K; ++k)
+                if (a[k] > a[m]) m = k;
+              const T gm = h[m] - gc[m];
               T ga = 0;
 #pragma omp simd reduction(+ : ga)
-              for (int64_t k = 0; k < K; ++k) ga += a[k] * (h[k] - gc[k]);
+              for (int64_t k = 0; k < K; ++k) ga += a[k] * ((h[k] - gc[k]) - gm);
               T ws = 0;
               T* pw = Pp + i * 2 * K;
               const T* di = Dd + i * K;
 #pragma omp simd reduction(+ : ws)
               for (int64_t k = 0; k < K; ++k) {
-                const T u = a[k] * ((h[k] - gc[k]) - ga);
+                const T u = a[k] * (((h[k] - gc[k]) - gm) - ga);
                 const T w = -s[k] * u;
                 GSc[k] -= u * di[k];
                 WSc[k] += w;

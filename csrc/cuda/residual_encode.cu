@@ -145,6 +145,8 @@ DRE_DEVICE void re_hard_grad_rows(void* gx, int gx_dt, const float* G, const int
 
 // Soft backward (2), one warp per row: A (distances) becomes a = softmax, H (g) becomes h = a (g - <a, g>);
 // shr_r = sum_k s_k h_rk; with acc_k: msum += a, hsum += h, gsum -= h d (shared atomics). Rows past nr: zeros.
+// g is shifted by g_m, m the row's largest assignment (h is the same, as sum_k a_k = 1): where a_m is near 1,
+// <a, g> ~ g_m would cancel against g_m and leave h_m an error of eps |g| instead of eps |h_m|.
 DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float* hsum, float* gsum, int nr, int R,
                               int K, const float* scale, int acc_k, int tid) {
   const int lane = tid & 31, warp = tid >> 5;
@@ -157,20 +159,30 @@ DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float
       continue;
     }
     float m = -f_inf();
-    for (int k = lane; k < K; k += 32) m = fmaxf(m, -scale[k] * ar[k]);
+    float best = f_inf();  // the largest assignment: the smallest s_k d_k
+    int kbest = K;
+    for (int k = lane; k < K; k += 32) {
+      m = fmaxf(m, -scale[k] * ar[k]);
+      if (argmin_better(scale[k] * ar[k], k, best, kbest)) {
+        best = scale[k] * ar[k];
+        kbest = k;
+      }
+    }
     m = warp_max(m);
+    warp_argmin(best, kbest);
+    const float gm = kbest < K ? hr[kbest] : 0.f;
     float sum = 0.f;
     for (int k = lane; k < K; k += 32) sum += expf(-scale[k] * ar[k] - m);
     sum = warp_sum(sum);
     const float inv = 1.f / sum;
     float ag = 0.f;
-    for (int k = lane; k < K; k += 32) ag += expf(-scale[k] * ar[k] - m) * inv * hr[k];
+    for (int k = lane; k < K; k += 32) ag += expf(-scale[k] * ar[k] - m) * inv * (hr[k] - gm);
     ag = warp_sum(ag);
     float sh = 0.f;
     for (int k = lane; k < K; k += 32) {
       const float dist = ar[k];
       const float a = expf(-scale[k] * dist - m) * inv;
-      const float h = a * (hr[k] - ag);
+      const float h = a * ((hr[k] - gm) - ag);
       ar[k] = a;
       hr[k] = h;
       sh += scale[k] * h;

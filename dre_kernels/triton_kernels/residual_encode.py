@@ -20,7 +20,8 @@ is negligible). Chosen over split-and-reduce because a partials buffer would cos
 sync-free; the price is that float32 sums are not bitwise deterministic across runs when a slide spans programs.
 
 Backward (recomputation, flash-attention style; nothing of the forward is saved). With G = dL/dE,
-g_ik = <G_bk, x_i> - <G_bk, c_k>, h_ik = a_ik (g_ik - sum_j a_ij g_ij) (soft only):
+g_ik = <G_bk, x_i> - <G_bk, c_k>, h_ik = a_ik (g_ik - sum_j a_ij g_ij) (soft only; computed with g_ik - g_im for
+g_ik, m = argmax_j a_ij, which cancels nothing where a_im is near 1):
     grad x_i = sum_k a_ik G_bk + 2 sum_k s_k h_ik (c_k - x_i)                        (fresh rows only)
     grad c_k = -sum_b mass_bk G_bk + 2 s_k (sum_i h_ik x_i - c_k sum_i h_ik)
     grad s_k = -sum_i h_ik d_ik
@@ -211,6 +212,10 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
                              gx.to(gx_ptr.dtype.element_ty), mask=omask)
             else:
                 g = dotg - gc[None, :]
+                # shifted by g at the row's largest assignment (h is the same, as sum_k a_k = 1): where that a is
+                # near 1, sum_k a_k g_k ~ g_m would cancel against g_m and leave h_m an error of eps |g|
+                k_top = tl.argmax(a, axis=1)
+                g -= tl.sum(tl.where(k[None, :] == k_top[:, None], g, 0.0), axis=1)[:, None]
                 h = a * (g - tl.sum(a * g, axis=1)[:, None])
                 xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=omask, other=0.0)
                 if NEED_C:
