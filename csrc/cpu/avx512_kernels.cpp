@@ -340,10 +340,17 @@ DRE_AVX512 void soft_bwd_rows(int64_t r, const float* A, const float* Dd, int64_
   for (int64_t i = 0; i < r; ++i) {  // phase 1: ga_i = sum_k a_ik g_ik (independent chains across rows)
     const float* a = A + i * lda;
     const float* h = H + i * ldh;
-    int64_t m = 0;  // g is shifted by g_im (residual_encode.cpp: the backward's u)
-    for (int64_t k = 1; k < K; ++k)
-      if (a[k] > a[m]) m = k;
-    gm[i] = h[m] - gc[m];
+    // g is shifted by g_im, m the first k of the largest a_ik (residual_encode.cpp: the backward's u); the
+    // padding holds a = h = gc = 0, so a row with no match (NaN) takes gm = 0
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kp; k += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(a + k));
+    const __m512 amax = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    int64_t m = kp;
+    for (int64_t k = 0; k < kp && m == kp; k += 16) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + k), amax, _CMP_EQ_OQ);
+      if (hit) m = k + __builtin_ctz(hit);
+    }
+    gm[i] = m < K ? h[m] - gc[m] : 0.0f;
     const __m512 shift = _mm512_set1_ps(gm[i]);
     __m512 vga = _mm512_setzero_ps();
     for (int64_t k = 0; k < kp; k += 16)
