@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from dre_kernels import _backend
+from dre_kernels import _backend, _library
 
 MAX_K = 256
 MAX_D = 4096
@@ -242,15 +242,11 @@ def _bank_values(bank, index, unique: bool):
     return [], [("index", index, bank.shape[0], "bank")], (("index", index) if unique else None)
 
 
-# Backends whose impls check the values themselves (above, and csrc/value_checks.h for native): their wrappers
-# leave the checks to them, so that an eager call on new index tensors synchronises once, not twice.
-KERNEL_BACKENDS = ("triton", "native", "cupy")
-
-
 def check_values(backend: str, offsets, indices, unique=None) -> None:
     """The wrappers' value checks, after the dispatch: run for `reference` and `torch`, left to the impls of the
-    kernel backends (which run them before any kernel, with the same errors)."""
-    if backend not in KERNEL_BACKENDS:
+    kernel backends, the `dre` operators of _library.PREFIXES (above, and csrc/value_checks.h for native), which
+    run them before any kernel with the same errors: an eager call on new index tensors synchronises once."""
+    if backend not in _library.PREFIXES:
         check_offsets_and_indices(offsets, indices, unique)
 
 

@@ -17,7 +17,7 @@ import torch
 
 import dre_kernels
 from conftest import value_check_inputs
-from dre_kernels import _checks, cupy_kernels
+from dre_kernels import _checks, _library, cupy_kernels
 
 pytestmark = pytest.mark.skipif("triton" not in dre_kernels.available_backends("cpu"),
                                 reason="triton backend not available on CPU (needs TRITON_INTERPRET=1)")
@@ -151,7 +151,7 @@ def test_values_are_checked_on_one_side(monkeypatch, syncs, backend):
     orig = _checks.check_offsets_and_indices
     monkeypatch.setattr(_checks, "check_offsets_and_indices",
                         lambda *args: (wrapper_checks.append(args), orig(*args))[1])
-    kernel = backend in _checks.KERNEL_BACKENDS
+    kernel = backend in _library.PREFIXES
     a = value_check_inputs()
     encode(**a, backend=backend)
     bank, idx = torch.randn(6, 4), torch.tensor([3, 0, 5])
