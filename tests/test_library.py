@@ -275,3 +275,33 @@ def test_package_imports_and_reports_backends_without_the_extension():
     assert "native" not in lines[0] and "'torch'" in lines[0]
     assert "not built" in lines[1]
     assert lines[2] == "(1, 2, 3)"
+
+
+def test_package_imports_on_a_machine_with_no_gpu_driver():
+    """With the interpreter off and no GPU driver, the package imports and the CPU backends work: the Triton
+    autotuners are built at the first GPU launch, not at import. triton < 3.3 builds an autotuner by asking for the
+    active driver, which raises on a CPU machine ("0 active drivers"); emulated here by a triton.autotune that raises
+    so, as any triton would on that machine."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = (
+        "import triton\n"
+        "def autotune(*args, **kwargs):\n"
+        "    raise RuntimeError('0 active drivers ([]). There should only be one.')\n"
+        "triton.autotune = autotune\n"
+        "import torch, dre_kernels\n"
+        "print(dre_kernels.available_backends('cpu'))\n"
+        "print(dre_kernels.unavailable_backends('cpu')['triton'])\n"
+        "E = dre_kernels.residual_encode(torch.randn(4, 3), torch.tensor([0, 4]), torch.randn(2, 3), torch.ones(2))\n"
+        "print(tuple(E.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**env, "DRE_KERNELS_BACKEND": "auto"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "triton" not in lines[0] and "'torch'" in lines[0]
+    assert "TRITON_INTERPRET" in lines[1]
+    assert lines[2] == "(1, 2, 3)"

@@ -149,3 +149,86 @@ def test_bank_ops_on_strided_bank_int32(device):
     dre_kernels.bank_update_(ref, idx, vals, momentum=0.3, normalize=True, backend="reference")
     assert_close(bank, ref)
     assert torch.equal(storage[:, 1::2], odd)  # the interleaved columns outside the view are untouched
+
+
+def test_interpreter_launches_pass_only_the_kernels_own_arguments(device, monkeypatch):
+    """Every launch names only its kernel's parameters and compile options. triton >= 3.3's interpreter drops other
+    keywords silently; triton 3.2's (the oldest that torch 2.6 pins) raises TypeError for them, as the compiled
+    path of any Triton does: a stray BLOCK_PO once broke every contrastive_loss call there."""
+    if device != "cpu":
+        pytest.skip("checks the interpreter's launches")
+    from triton.runtime import interpreter
+
+    options = {"num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "grid", "maxnreg", "warmup"}
+    launched, stray = set(), []
+    run = interpreter.GridExecutor.__call__
+
+    def checked(self, *args, **kwargs):
+        params = set(self.arg_names)
+        launched.add(self.fn.__name__)
+        stray.extend(f"{self.fn.__name__}({k}=)" for k in kwargs if k not in params | options)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked)
+    g = torch.Generator().manual_seed(3)
+    for hard in (False, True):
+        x, xo, c, s, bank, bi, bo = _inputs(device, [5, 0, 3], [4, 2, 0], 5, 7, seed=3)
+        x.requires_grad_()
+        c.requires_grad_()
+        E = dre_kernels.residual_encode(x, xo, c, None if hard else s.requires_grad_(), bank=bank, bank_index=bi,
+                                        bank_offsets=bo, assignment="hard" if hard else "soft", backend="triton")
+        E.sum().backward()
+    a = torch.randn(6, 5, generator=g, requires_grad=True)
+    b = torch.randn(6, 5, generator=g, requires_grad=True)
+    dre_kernels.contrastive_loss(a, b, 2.0, backend="triton").backward()
+    bank = torch.randn(9, 7, generator=g)
+    idx = torch.tensor([1, 8])
+    dre_kernels.bank_gather(bank, idx, backend="triton")
+    dre_kernels.bank_update_(bank, idx, torch.randn(2, 7, generator=g), momentum=0.5, backend="triton")
+    assert not stray, stray
+    assert {"_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel",
+            "_gather_kernel", "_update_kernel"} <= launched, launched
+
+
+@pytest.mark.parametrize("f64_dot", [True, False], ids=["tl_dot", "broadcast_sum"])
+def test_contrastive_float64_raw_kernels(device, f64_dot, monkeypatch):
+    """The kernels' float64 path (MODE 2, reached through the raw ops, for checking): tl.dot where triton takes
+    float64 operands (>= 3.3), the broadcast product summed over P before; both against the float64 reference."""
+    if device != "cpu":
+        pytest.skip("switches the interpreter's dot path")
+    import triton.language as tl
+
+    from dre_kernels.triton_kernels import _common
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    monkeypatch.setattr(_common, "F64_DOT", tl.constexpr(f64_dot))
+    g = torch.Generator().manual_seed(11)
+    B, P = 37, 21
+    a = torch.randn(B, P, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(B, P, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (B,), generator=g)
+    loss, rl, cl = tcl.contrastive_loss_fwd(a, b, s, labels, True)
+    want = contrastive_loss_reference(a, b, s, labels, True)
+    assert loss.dtype == torch.float64
+    assert_close(loss, want, torch.float64)
+    w = torch.randn(B, generator=g, dtype=torch.float64)
+    got = tcl.contrastive_loss_bwd(w, a, b, s, labels, True, rl, cl)
+    for u, v in zip(got, torch.autograd.grad((want * w).sum(), [a, b, s])):
+        assert_close(u, v, torch.float64)
+
+
+def test_backward_configs_that_abort_old_compilers_are_never_tried(monkeypatch):
+    """triton 3.2's compiler aborts the process (an assertion, not an exception) on two of the contrastive
+    backward's 16-bit configs on sm_90 (tests/triton_aot.py): under triton < 3.3 the pruner drops them, and a
+    config is left for every mode; newer triton keeps them all."""
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    configs = tcl._bwd_tuned.configs
+    kept = {m: [tcl._config_tuple(c) for c in tcl._keep_mode_block_p(configs, {"MODE": m})] for m in (0, 1, 2)}
+    assert set(tcl._BWD_ABORTS_BEFORE_TRITON_3_3) <= set(kept[1])
+    monkeypatch.setattr(tcl, "TRITON_VERSION", (3, 2))
+    for mode in (0, 1, 2):
+        old = [tcl._config_tuple(c) for c in tcl._keep_mode_block_p(configs, {"MODE": mode})]
+        assert old and not set(old) & tcl._BWD_ABORTS_BEFORE_TRITON_3_3
+        assert set(old) == set(kept[mode]) - tcl._BWD_ABORTS_BEFORE_TRITON_3_3

@@ -13,6 +13,7 @@ first (DOT_MODE 0), and autotuning is bypassed for one fixed config per shape (a
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -21,6 +22,9 @@ import triton.language as tl
 from dre_kernels._gpu_host import next_pow2  # noqa: F401  (shared with the cupy backend)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+# tl.dot takes float64 operands from triton 3.3 on (mm_f64)
+F64_DOT = tl.constexpr(TRITON_VERSION >= (3, 3))
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -43,14 +47,29 @@ def launch_arg(named_args: dict, kwargs: dict, name: str, default=None):
     return kwargs.get(name, named_args.get(name, default))
 
 
-def launch(kernel, tuned, grid, args, interp_meta: dict, **options):
+class LazyAutotune:
+    """triton.autotune(configs, **kwargs)(kernel), built at the first GPU launch. Built at import, the autotuner of
+    triton < 3.3 asks for the active GPU driver and raises where there is none ("0 active drivers"), which made
+    `import dre_kernels` fail on a CPU machine; triton >= 3.3 asks later."""
+
+    def __init__(self, kernel, configs, **kwargs):
+        self.kernel, self.configs, self.kwargs = kernel, configs, kwargs
+        self._tuned = None
+
+    def get(self):
+        if self._tuned is None:
+            self._tuned = triton.autotune(self.configs, **self.kwargs)(self.kernel)
+        return self._tuned
+
+
+def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options):
     """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter; options: compile
     options of the launch (enable_fp_fusion)."""
-    if INTERPRET or tuned is None:
+    if INTERPRET:
         g = grid(interp_meta) if callable(grid) else grid
         kernel[g](*args, **interp_meta, **options)
     else:
-        tuned[grid](*args, **options)
+        tuned.get()[grid](*args, **options)
 
 
 @triton.jit
@@ -77,6 +96,17 @@ def mm_fr(p, q, acc, MODE: tl.constexpr, EXACT_P: tl.constexpr):
             acc = tl.dot(p_lo, q, acc)
     else:
         acc = tl.dot(p, q.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def mm_f64(p, q, acc):
+    """acc + p @ q in float64 (the raw ops' float64 path): tl.dot where it takes float64, else a broadcast product
+    summed over the inner dimension (slow, spills; float64 is for checking, not speed)."""
+    if F64_DOT:
+        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc, out_dtype=tl.float64)  # triton < 3.7 wants it said
+    else:
+        acc += tl.sum(p.to(tl.float64)[:, :, None] * q.to(tl.float64)[None, :, :], axis=1)
     return acc
 
 

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
 from dre_kernels._library import loss_dtype
-from dre_kernels.triton_kernels._common import INTERPRET, launch, launch_arg, mm_fr, next_pow2
+from dre_kernels.triton_kernels._common import (INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg, mm_f64,
+                                               mm_fr, next_pow2)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _mm_rr(p, q, acc, MODE: tl.constexpr):
     if MODE == 1:
         acc = tl.dot(p, q, acc)
     elif MODE == 2:
-        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc, out_dtype=tl.float64)  # triton < 3.7 wants it said
+        acc = mm_f64(p, q, acc)
     else:
         acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="tf32x3")
     return acc
@@ -215,7 +216,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
         yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
                      other=0.0)
         if MODE == 2:
-            acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc, out_dtype=tl.float64)
+            acc = mm_f64(w * invy[None, :], yt, acc)
         else:
             acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
         if not X_IS_B:  # grad s once, in the a-side call
@@ -242,26 +243,41 @@ _BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64
                 (64, 32, 32, 128, 8, 2), (64, 64, 32, 64, 8, 2), (32, 32, 32, 64, 4, 2)]
 
 
+# Backward configs whose compile aborts the process in triton < 3.3 (an assertion in LinearLayout::reshapeOuts, 16-bit
+# rows, the a-side call, sm_90; tests/triton_aot.py with triton 3.2): an autotuner that tried one would kill its
+# process, so there they are never tried.
+_BWD_ABORTS_BEFORE_TRITON_3_3 = {(64, 32, 32, 128, 8, 2), (64, 64, 32, 64, 8, 2)}
+
+
+def _config_tuple(c):
+    return tuple(c.kwargs[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_P", "BLOCK_PO") if k in c.kwargs) + (
+        c.num_warps, c.num_stages)
+
+
 def _keep_mode_block_p(configs, named_args, **kwargs):
-    """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE)."""
+    """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE), less those that abort the compiler."""
     bp = BLOCK_P_BY_MODE[launch_arg(named_args, kwargs, "MODE")]
-    return [c for c in configs if c.kwargs["BLOCK_P"] == bp]
+    aborts = _BWD_ABORTS_BEFORE_TRITON_3_3 if TRITON_VERSION < (3, 3) else set()
+    return [c for c in configs if c.kwargs["BLOCK_P"] == bp and _config_tuple(c) not in aborts]
 
 
 _PRUNE = {"early_config_prune": _keep_mode_block_p}
-_fwd_tuned = None if INTERPRET else triton.autotune(
+_fwd_tuned = LazyAutotune(
+    _cl_fwd_kernel,
     [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
      for bi, bj, bp, w, st in _FWD_CONFIGS], key=["P", "HAS_LABELS", "MODE"], prune_configs_by=_PRUNE,
-    reset_to_zero=["csum_ptr", "cpos_ptr"])(_cl_fwd_kernel)
-_bwd_tuned = None if INTERPRET else triton.autotune(
+    reset_to_zero=["csum_ptr", "cpos_ptr"])
+_bwd_tuned = LazyAutotune(
+    _cl_bwd_kernel,
     [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp, "BLOCK_PO": bpo}, num_warps=w, num_stages=st)
      for bi, bj, bp, bpo, w, st in _BWD_CONFIGS],
-    key=["P", "HAS_LABELS", "MODE", "X_IS_B"], prune_configs_by=_PRUNE)(_cl_bwd_kernel)
+    key=["P", "HAS_LABELS", "MODE", "X_IS_B"], prune_configs_by=_PRUNE)
 
 
-def _interp_meta(P):
+def _interp_meta(P, backward=False):
+    # only the kernel's own constexprs: triton < 3.3 rejects a launch with any other keyword
     bp = min(128, max(16, next_pow2(P)))
-    return {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_P": bp, "BLOCK_PO": bp}
+    return {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_P": bp, **({"BLOCK_PO": bp} if backward else {})}
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -302,7 +318,7 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
                                               "num_warps": 8}
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
-        mode, **{k: v for k, v in meta.items() if k != "BLOCK_PO"}, enable_fp_fusion=False)
+        mode, **meta, enable_fp_fusion=False)
     npos = num_positives(labels, B, dev, acc)
     loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
     return loss, rlse, clse
@@ -322,7 +338,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     lab = labels.contiguous() if has_labels else inva
     gu = torch.empty((B, P), dtype=acc, device=dev)
     gv = torch.empty((B, P), dtype=acc, device=dev)
-    meta = _interp_meta(P)
+    meta = _interp_meta(P, backward=True)
     # one float per row block, summed here: deterministic, and sized for the smallest BLOCK_I of any config
     gs = torch.zeros(triton.cdiv(B, 32) if B else 1, dtype=acc, device=dev)
     rl, cl = row_lse.to(acc).contiguous(), col_lse.to(acc).contiguous()

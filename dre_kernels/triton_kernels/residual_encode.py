@@ -41,8 +41,8 @@ import triton.language as tl
 from dre_kernels import _checks
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,
                                      finish_codeword_grads, next_pow2, prep_codewords, row_sources)
-from dre_kernels.triton_kernels._common import (INTERPRET, dot_mode, dot_mode_backward, launch, launch_arg, mm_ff,
-                                               mm_fr, mm_rf)
+from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, launch,
+                                               launch_arg, mm_ff, mm_fr, mm_rf)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -291,15 +291,14 @@ def _pruner(table):
 
 def _autotuned(kernel, table, key, reset):
     configs = _as_configs(table["small_k"] + table["large_k"])
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(table)},
-                           reset_to_zero=reset)(kernel)
+    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table)},
+                        reset_to_zero=reset)
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
-_fwd_tuned = None if INTERPRET else _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"],
-                                               ["acc_ptr", "mass_ptr"])
-_bwd_tuned = None if INTERPRET else _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
-                                               ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])
+_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"])
+_bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
+                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])
 
 
 def _interp_meta(D):
