@@ -183,7 +183,7 @@ setup(
         "triton": ["triton>=3.2"],
         "cupy": ["cupy-cuda13x"],  # torch cu13 builds; on CUDA 12.x: pip install cupy-cuda12x
         "slcl": ["timm>=1.0", "openslide-python>=1.4", "openslide-bin>=4.0", "tifffile", "h5py", "safetensors",
-                 "tqdm", "matplotlib"],
+                 "tqdm", "matplotlib", "tomli>=1.1; python_version < '3.11'"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
     },
     entry_points={"console_scripts": ["dre-slcl=dre_slcl.cli:main"]},

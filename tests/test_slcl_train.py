@@ -221,6 +221,37 @@ def test_ddp_two_processes_on_gloo_match_one_process(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+def test_config_files_on_a_python_without_tomllib(tmp_path):
+    """Python 3.10 (setup.py allows it) has no tomllib: the config module imports there, reads TOML through the
+    tomli package (the slcl extra's dependency there) and, without it, JSON, with a clear error for TOML. Run in a
+    subprocess whose tomllib is hidden; tomli is played by the real tomllib."""
+    (tmp_path / "run.toml").write_text("steps = 7\n[train]\nsteps = 9\n")
+    (tmp_path / "run.json").write_text('{"steps": 9}')
+    code = (
+        "import sys, tomllib\n"
+        "sys.modules['tomli'] = tomllib if sys.argv[2] == 'tomli' else None\n"
+        "sys.modules['tomllib'] = None\n"
+        "from dre_slcl import config\n"
+        "print(config.tomllib is not None)\n"
+        "print(config.load_config_file(sys.argv[1] + '/run.json')['steps'])\n"
+        "try:\n"
+        "    print(config.load_config_file(sys.argv[1] + '/run.toml')['steps'])\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    outs = {}
+    for tomli in ("tomli", "none"):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path), tomli], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs[tomli] = r.stdout.strip().splitlines()
+    assert outs["tomli"] == ["True", "9", "9"]
+    assert outs["none"][:2] == ["False", "9"]
+    assert outs["none"][2].startswith("ValueError CONFIG:") and "pip install tomli" in outs["none"][2]
+
+
 def test_bad_configs_get_clear_errors(dataset, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('tile_dir = "x"\nlearning_rate = 0.1\n')

@@ -11,10 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomllib's parser as the tomli package (the slcl extra installs it there)
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
 
 
 @dataclass
@@ -134,10 +142,14 @@ def load_config_file(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"CONFIG: {path} does not exist")
     text = path.read_text(encoding="utf-8")
+    toml = path.suffix.lower() == ".toml"
+    if toml and tomllib is None:
+        raise ValueError(f"CONFIG: {path} is TOML, which this Python ({sys.version.split()[0]}) reads only with the "
+                         f"tomli package: pip install tomli (or give the config as JSON)")
     try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"CONFIG: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from e
+        data = tomllib.loads(text) if toml else json.loads(text)
+    except (json.JSONDecodeError, *((tomllib.TOMLDecodeError,) if tomllib else ())) as e:
+        raise ValueError(f"CONFIG: {path} is not valid {'TOML' if toml else 'JSON'}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"CONFIG: {path} must hold a table of options")
     data = dict(data.get("train", data))  # either flat, or under [train]
