@@ -190,32 +190,43 @@ def test_interpreter_launches_pass_only_the_kernels_own_arguments(device, monkey
             "_gather_kernel", "_update_kernel"} <= launched, launched
 
 
-@pytest.mark.parametrize("f64_dot", [True, False], ids=["tl_dot", "broadcast_sum"])
-def test_contrastive_float64_raw_kernels(device, f64_dot, monkeypatch):
-    """The kernels' float64 path (MODE 2, reached through the raw ops, for checking): tl.dot where triton takes
-    float64 operands (>= 3.3), the broadcast product summed over P before; both against the float64 reference."""
-    if device != "cpu":
-        pytest.skip("switches the interpreter's dot path")
-    import triton.language as tl
-
-    from dre_kernels.triton_kernels import _common
-    from dre_kernels.triton_kernels import contrastive_loss as tcl
-
-    monkeypatch.setattr(_common, "F64_DOT", tl.constexpr(f64_dot))
+def _float64_case():
     g = torch.Generator().manual_seed(11)
     B, P = 37, 21
     a = torch.randn(B, P, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(B, P, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 6, (B,), generator=g)
+    return a, b, s, torch.randint(0, 6, (B,), generator=g), torch.randn(B, generator=g, dtype=torch.float64)
+
+
+def test_contrastive_float64_raw_kernels(device):
+    """The kernels' float64 path (MODE 2, reached through the raw ops, for checking) against the float64
+    reference."""
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    if not tcl.F64_DOT:
+        pytest.skip("this triton's tl.dot takes no float64 (test_contrastive_float64_needs_triton_3_3)")
+    a, b, s, labels, w = (t.to(device) for t in _float64_case())
     loss, rl, cl = tcl.contrastive_loss_fwd(a, b, s, labels, True)
     want = contrastive_loss_reference(a, b, s, labels, True)
     assert loss.dtype == torch.float64
     assert_close(loss, want, torch.float64)
-    w = torch.randn(B, generator=g, dtype=torch.float64)
     got = tcl.contrastive_loss_bwd(w, a, b, s, labels, True, rl, cl)
     for u, v in zip(got, torch.autograd.grad((want * w).sum(), [a, b, s])):
         assert_close(u, v, torch.float64)
+
+
+def test_contrastive_float64_needs_triton_3_3(device, monkeypatch):
+    """Before triton 3.3 tl.dot takes no float64: the raw ops say so (a TypeError naming the version) instead of
+    failing to compile."""
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    monkeypatch.setattr(tcl, "F64_DOT", False)
+    a, b, s, labels, w = (t.to(device) for t in _float64_case())
+    with pytest.raises(TypeError, match="from triton 3.3 on"):
+        tcl.contrastive_loss_fwd(a, b, s, labels, True)
+    with pytest.raises(TypeError, match="from triton 3.3 on"):
+        tcl.contrastive_loss_bwd(w, a, b, s, labels, True, torch.zeros_like(w), torch.zeros_like(w))
 
 
 def test_backward_configs_that_abort_old_compilers_are_never_tried(monkeypatch):

@@ -23,8 +23,8 @@ from dre_kernels._gpu_host import next_pow2  # noqa: F401  (shared with the cupy
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
-# tl.dot takes float64 operands from triton 3.3 on (mm_f64)
-F64_DOT = tl.constexpr(TRITON_VERSION >= (3, 3))
+# tl.dot takes float64 operands from triton 3.3 on
+F64_DOT = TRITON_VERSION >= (3, 3)
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -96,17 +96,6 @@ def mm_fr(p, q, acc, MODE: tl.constexpr, EXACT_P: tl.constexpr):
             acc = tl.dot(p_lo, q, acc)
     else:
         acc = tl.dot(p, q.to(tl.float32), acc, input_precision="tf32x3")
-    return acc
-
-
-@triton.jit
-def mm_f64(p, q, acc):
-    """acc + p @ q in float64 (the raw ops' float64 path): tl.dot where it takes float64, else a broadcast product
-    summed over the inner dimension (slow, spills; float64 is for checking, not speed)."""
-    if F64_DOT:
-        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc, out_dtype=tl.float64)  # triton < 3.7 wants it said
-    else:
-        acc += tl.sum(p.to(tl.float64)[:, :, None] * q.to(tl.float64)[None, :, :], axis=1)
     return acc
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
 from dre_kernels._library import loss_dtype
-from dre_kernels.triton_kernels._common import (INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg, mm_f64,
+from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg,
                                                mm_fr, next_pow2)
 
 
@@ -43,7 +43,7 @@ def _mm_rr(p, q, acc, MODE: tl.constexpr):
     if MODE == 1:
         acc = tl.dot(p, q, acc)
     elif MODE == 2:
-        acc = mm_f64(p, q, acc)
+        acc = tl.dot(p.to(tl.float64), q.to(tl.float64), acc, out_dtype=tl.float64)  # triton < 3.7 wants it said
     else:
         acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="tf32x3")
     return acc
@@ -216,7 +216,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
         yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
                      other=0.0)
         if MODE == 2:
-            acc = mm_f64(w * invy[None, :], yt, acc)
+            acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc, out_dtype=tl.float64)
         else:
             acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
         if not X_IS_B:  # grad s once, in the a-side call
@@ -284,6 +284,10 @@ def _interp_meta(P, backward=False):
 def _mode(a, b) -> int:
     """0: float32 dots (tf32x3 on GPU); 1: both in one 16-bit dtype, exact products; 2: float64 (raw-op use)."""
     if torch.float64 in (a.dtype, b.dtype):
+        if not F64_DOT:
+            # a broadcast product in its place compiles to megabytes of PTX that ptxas takes minutes over
+            raise TypeError(f"the triton backend's contrastive kernels take float64 (raw ops) from triton 3.3 on, "
+                            f"whose tl.dot takes float64; this is triton {triton.__version__}")
         return 2
     if INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32:
         return 0
