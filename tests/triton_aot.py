@@ -14,13 +14,17 @@ autotuner would try (after its pruning). The kernels' outputs are left unwritten
 What it proves: the kernels compile, with the GPU's code path, for every dtype and mode combination the cases
 reach, and fit the registers and shared memory ptxas allows. What it cannot: that they compute the right thing on
 a GPU (that is the op suite on CUDA) or how fast (benchmarks/).
-Needs Triton's compiler internals (create_function_from_signature, JITFunction._pack_args): triton 3.3..3.9.
+Needs Triton's compiler internals (create_function_from_signature, and JITFunction._pack_args from triton 3.3 on, or
+what triton 3.2's JITFunction.run does in its place): triton 3.2..3.9. Triton 3.2's compiler aborts the process on
+some configs (an assertion, not an exception); there each compile runs in a forked child (--isolate), so an abort is
+reported as that launch's failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -87,15 +91,80 @@ def _constexprs(fn, args) -> dict:
     return {fn.arg_names[i]: a for i, a in enumerate(args) if i < len(fn.params) and fn.params[i].is_constexpr}
 
 
+def _compile_one(triton_compile, source, target, options) -> dict:
+    kernel = triton_compile(source, target=target, options=options.__dict__)
+    return dict(shared=kernel.metadata.shared, **_cubin_resources(kernel.asm["cubin"]))
+
+
+class CompilerCrash(RuntimeError):
+    pass
+
+
+def _in_child(work):
+    """work() in a forked child, its result (JSON) or its exception back here: a compiler that aborts (an LLVM or
+    MLIR assertion; triton 3.2 has some) kills the child, which becomes a failure of that launch, not of the survey."""
+    import json
+    import signal
+    import traceback
+
+    if not hasattr(os, "fork"):
+        return work()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 0
+        try:
+            msg = {"ok": work()}
+        except BaseException as exc:  # noqa: BLE001
+            msg = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+        try:
+            with os.fdopen(w, "w") as f:
+                json.dump(msg, f)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        raise CompilerCrash(f"the compiler killed its process with {signal.Signals(sig).name} (an assertion in "
+                            f"Triton's C++ passes; stderr above)")
+    msg = json.loads(data) if data else {"error": f"child exited with status {os.WEXITSTATUS(status)}"}
+    if "error" in msg:
+        raise RuntimeError(msg["error"] + ("\n" + msg["trace"] if "trace" in msg else ""))
+    return msg["ok"]
+
+
+def _pack_args_triton32(fn, backend, binder, args, kwargs):
+    """(options, signature, constants, attrs) of a launch as triton 3.2's JITFunction.run builds them (it has no
+    _pack_args): signature {name: type} of the non-constexpr arguments, constants {name: value} (constexprs, None
+    and the arguments specialised to 1), attrs the divisibility descriptor."""
+    bound, sig_and_spec, _, _, excess = binder(*args, **kwargs)
+    options = backend.parse_options(kwargs)
+    for k in excess:
+        if k not in options.__dict__:
+            raise KeyError(f"Keyword argument {k} was specified but unrecognised")
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    signature = {k: ("*i8" if v == "none" else v) for k, v in zip(names, sig_and_spec[:len(names)])}
+    values = tuple(bound.values())
+    attrs = backend.get_attrs_descriptor(fn.params, values)
+    specialised = attrs.get_constants()
+    constants = {p.name: v for v, p in zip(values, fn.params) if p.is_constexpr or p.num in specialised or v is None}
+    return options, signature, constants, attrs
+
+
 class Compiler:
     """Catches JITFunction / Autotuner launches and compiles them for each target instead of running them."""
 
-    def __init__(self, archs, first_config: bool, verbose: bool = False):
+    def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.targets = [GPUTarget("cuda", a, 32) for a in archs]
         self.first_config = first_config
         self.verbose = verbose
+        self.isolate = isolate
         self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
         self.failures = []
         self.spilling_launches = []  # autotuned launches none of whose (compiled) configs keep to registers
@@ -112,21 +181,29 @@ class Compiler:
         for target in self.targets:
             backend = make_backend(target)
             binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-            key = (fn.__name__, target.arch, repr(signature), repr(sorted(constexprs.items())),
-                   repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+            if hasattr(fn, "_pack_args"):  # triton >= 3.3: constexprs keyed by argument path
+                bound, specialization, options = binder(*args, **kwargs)
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                                      options)
+                named = {fn.arg_names[path[0]]: v for path, v in constexprs.items() if len(path) == 1}
+                attrs_key = repr(sorted(attrs.items()))
+            else:
+                options, signature, constexprs, attrs = _pack_args_triton32(fn, backend, binder, args, kwargs)
+                named = {k: v for k, v in constexprs.items() if fn.params[fn.arg_names.index(k)].is_constexpr}
+                attrs_key = repr(attrs.hash())
+            key = (fn.__name__, target.arch, repr(signature), repr(sorted(constexprs.items())), attrs_key,
+                   repr(sorted(options.__dict__.items())))
             if key not in self.compiled:
                 # constexprs (passed by position or name) and launch options; then the pointer dtypes in order
-                meta = {fn.arg_names[path[0]]: v for path, v in constexprs.items() if len(path) == 1}
+                meta = dict(named)
                 meta.update((k, v) for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
                 types = ",".join(v[1:] for v in signature.values() if v.startswith("*"))
                 label = f"{fn.__name__} sm_{target.arch} {meta} [{types}]"
                 try:
-                    kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                            options=options.__dict__)
-                    self.compiled[key] = info = dict(label=label, arch=target.arch, shared=kernel.metadata.shared,
-                                                     **_cubin_resources(kernel.asm["cubin"]))
+                    source = ASTSource(fn, signature, constexprs, attrs)
+                    info = (_in_child(lambda: _compile_one(triton_compile, source, target, options)) if self.isolate
+                            else _compile_one(triton_compile, source, target, options))
+                    self.compiled[key] = info = dict(label=label, arch=target.arch, **info)
                     if self.verbose:
                         print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
                               f"LOCAL={info.get('LOCAL')}", flush=True)
@@ -171,6 +248,15 @@ class Compiler:
 
         JITFunction.run = jit_run
         Autotuner.run = autotune_run
+        # triton < 3.3 asks the GPU driver for a benchmarker when an autotuner is built, and there is none here
+        build_tuner = Autotuner.__init__
+
+        def tuner_init(tuner, *args, **kwargs):
+            if kwargs.get("do_bench") is None:
+                kwargs["do_bench"] = lambda *a, **k: None
+            build_tuner(tuner, *args, **kwargs)
+
+        Autotuner.__init__ = tuner_init
 
 
 def cases(first_config: bool):
@@ -210,7 +296,9 @@ def cases(first_config: bool):
                         residual_encode.residual_encode_bwd(G, x, offsets, c, s, b, i, bank_offsets, True,
                                                             True, True, True, mass=None)))
     cl_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                 (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+                 (torch.bfloat16, torch.float32)]
+    if contrastive_loss.F64_DOT:  # before triton 3.3 the raw ops refuse float64 (no float64 tl.dot)
+        cl_dtypes.append((torch.float64, torch.float64))
     for (ad, bd), P, labelled, normalize in [(d, P, lab, nrm) for d in cl_dtypes for P in (512, 33)
                                              for lab in (False, True) for nrm in (True, False)
                                              if not first_config or (lab == nrm)]:
@@ -242,10 +330,18 @@ def main(argv=None) -> int:
                         help="per autotuned launch, compile configs only up to the first that fits every target")
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each compiled kernel")
+    parser.add_argument("--isolate", action="store_true",
+                        help="compile each kernel in a forked process, so that a compiler abort is reported as that "
+                             "launch's failure (on by default for triton < 3.3, whose compiler aborts on some configs; "
+                             "~1.5x slower)")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     sys.path.insert(0, os.path.dirname(HERE))
-    compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose)
+    import triton
+
+    old_triton = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 3)
+    compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose,
+                        args.isolate or old_triton)
     compiler.install()
     t0 = time.time()
     host_errors = []
