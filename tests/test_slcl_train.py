@@ -224,12 +224,16 @@ def test_ddp_two_processes_on_gloo_match_one_process(dataset, tmp_path):
 def test_config_files_on_a_python_without_tomllib(tmp_path):
     """Python 3.10 (setup.py allows it) has no tomllib: the config module imports there, reads TOML through the
     tomli package (the slcl extra's dependency there) and, without it, JSON, with a clear error for TOML. Run in a
-    subprocess whose tomllib is hidden; tomli is played by the real tomllib."""
+    subprocess whose tomllib is hidden; tomli is played by the real tomllib (on Python 3.10, by tomli)."""
     (tmp_path / "run.toml").write_text("steps = 7\n[train]\nsteps = 9\n")
     (tmp_path / "run.json").write_text('{"steps": 9}')
     code = (
-        "import sys, tomllib\n"
-        "sys.modules['tomli'] = tomllib if sys.argv[2] == 'tomli' else None\n"
+        "import sys\n"
+        "try:\n"
+        "    import tomllib as parser\n"
+        "except ModuleNotFoundError:\n"  # Python 3.10: the real tomli
+        "    import tomli as parser\n"
+        "sys.modules['tomli'] = parser if sys.argv[2] == 'tomli' else None\n"
         "sys.modules['tomllib'] = None\n"
         "from dre_slcl import config\n"
         "print(config.tomllib is not None)\n"
