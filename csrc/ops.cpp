@@ -17,10 +17,10 @@ TORCH_LIBRARY(dre, m) {
       "bool need_grad_codewords, bool need_grad_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_fwd(Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, "
-      "bool normalize, Tensor row_lse, Tensor col_lse) -> (Tensor, Tensor, Tensor)");
+      "bool normalize, Tensor row_lse, Tensor col_lse, Tensor row_loss, Tensor col_loss) -> (Tensor, Tensor, Tensor)");
   m.def("bank_gather(Tensor bank, Tensor index) -> Tensor");
   m.def("bank_update_(Tensor(a!) bank, Tensor index, Tensor values, float momentum, bool normalize) -> ()");
 }

@@ -19,12 +19,17 @@ Contract every implementation meets (shapes: B slides, M fresh rows, K codewords
   gradient. The backward recomputes the assignments; nothing of the forward is saved but its inputs and, for hard
   assignment, its mass (B, K): then grad_c = -sum_b mass_bk G_bk needs no pass over the bank rows at all
   (mass is None for soft assignment, and may be None for hard, in which case the bank rows are re-assigned).
-- contrastive_loss_fwd(a, b, logit_scale, labels, normalize) -> (loss (B,), row_lse (B,), col_lse (B,)), all in the
-  loss dtype: float32, or float64 when a or b is float64. loss_i = (r_i + c_i) / 2; logit_scale is a 0-dim tensor
-  of the loss dtype; row_lse/col_lse the log-sum-exp of each row and column of the logits, saved for the backward.
-  normalize uses F.normalize's epsilon: â = a / max(||a||, 1e-12).
-- contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse)
-  -> (grad_a a.dtype, grad_b b.dtype, grad_logit_scale 0-dim in the loss dtype).
+- contrastive_loss_fwd(a, b, logit_scale, labels, normalize) -> (loss, row_lse, col_lse, row_loss, col_loss), each
+  (B,) in the loss dtype: float32, or float64 when a or b is float64. logit_scale is a 0-dim tensor of the loss
+  dtype; normalize uses F.normalize's epsilon: â = a / max(||a||, 1e-12). row_lse/col_lse: the log-sum-exp of each
+  row and column of the logits; row_loss/col_loss: SPEC's r and c; loss = (r + c) / 2. Where a row's only positive
+  is its diagonal (n_i = 1: labels=None, or a label of its own), r_i = log(1 + sum_{j != i} exp(l_ij - l_ii)) is
+  computed from the off-diagonal log-sum-exp, so that it keeps its relative precision as r_i -> 0 (R_i - l_ii
+  would lose it to ulp(R_i)); the same for c_j. The last four are saved for the backward.
+- contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss)
+  -> (grad_a a.dtype, grad_b b.dtype, grad_logit_scale 0-dim in the loss dtype). Where n_i = 1, the diagonal's
+  p_ii - 1 is taken as expm1(-r_i) (and q_ii - 1 as expm1(-c_i)), not as exp(l_ii - R_i) - 1: that difference
+  cancels to an absolute error of ulp(R_i) in a row whose loss is small, which is then the row's whole gradient.
 - bank_gather(bank, index) -> (n, D) bank.dtype.
 - bank_update_(bank, index, values, momentum, normalize) -> (), bank updated in place.
 The Python wrappers have checked every argument's type and shape before these run (SPEC.md 'Bad input'); the
@@ -46,10 +51,11 @@ SCHEMAS: dict[str, str] = {
         "Tensor? bank_index, Tensor? bank_offsets, Tensor? mass, bool hard, bool need_grad_x, "
         "bool need_grad_codewords, bool need_grad_scale) -> (Tensor, Tensor, Tensor)"),
     "contrastive_loss_fwd": (
-        "(Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize) -> (Tensor, Tensor, Tensor)"),
+        "(Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"),
     "contrastive_loss_bwd": (
         "(Tensor grad_loss, Tensor a, Tensor b, Tensor logit_scale, Tensor? labels, bool normalize, "
-        "Tensor row_lse, Tensor col_lse) -> (Tensor, Tensor, Tensor)"),
+        "Tensor row_lse, Tensor col_lse, Tensor row_loss, Tensor col_loss) -> (Tensor, Tensor, Tensor)"),
     "bank_gather": "(Tensor bank, Tensor index) -> Tensor",
     "bank_update_": "(Tensor(a!) bank, Tensor index, Tensor values, float momentum, bool normalize) -> ()",
 }
@@ -97,10 +103,11 @@ def loss_dtype(a, b) -> torch.dtype:
 
 def _contrastive_loss_fwd_fake(a, b, logit_scale, labels, normalize):
     B = a.shape[0]
-    return tuple(a.new_empty((B,), dtype=loss_dtype(a, b)) for _ in range(3))
+    return tuple(a.new_empty((B,), dtype=loss_dtype(a, b)) for _ in range(5))
 
 
-def _contrastive_loss_bwd_fake(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
+def _contrastive_loss_bwd_fake(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss,
+                               col_loss):
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(b, memory_format=torch.contiguous_format),
             a.new_empty((), dtype=loss_dtype(a, b)))
@@ -150,17 +157,17 @@ def _make_autograd(backend: str):
 
     def contrastive_setup(ctx, inputs, output):
         a, b, logit_scale, labels, normalize = inputs
-        _, row_lse, col_lse = output
-        ctx.save_for_backward(a, b, logit_scale, labels, row_lse, col_lse)
+        _, row_lse, col_lse, row_loss, col_loss = output
+        ctx.save_for_backward(a, b, logit_scale, labels, row_lse, col_lse, row_loss, col_loss)
         ctx.normalize = normalize
-        ctx.mark_non_differentiable(row_lse, col_lse)
+        ctx.mark_non_differentiable(row_lse, col_lse, row_loss, col_loss)
 
-    def contrastive_backward(ctx, grad_loss, grad_row_lse, grad_col_lse):
-        a, b, logit_scale, labels, row_lse, col_lse = ctx.saved_tensors
+    def contrastive_backward(ctx, grad_loss, *_grad_saved):
+        a, b, logit_scale, labels, row_lse, col_lse, row_loss, col_loss = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 5
         grad_a, grad_b, grad_s = _op(backend, "contrastive_loss_bwd")(
-            grad_loss, a, b, logit_scale, labels, ctx.normalize, row_lse, col_lse)
+            grad_loss, a, b, logit_scale, labels, ctx.normalize, row_lse, col_lse, row_loss, col_loss)
         need = ctx.needs_input_grad
         return (grad_a if need[0] else None, grad_b if need[1] else None, grad_s if need[2] else None, None, None)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dre_kernels import _checks
+from dre_kernels.contrastive_loss import contrastive_loss_finish
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
                                      finish_codeword_grads, inv_norms, next_pow2, normalize_backward_, num_positives,
                                      prep_codewords, row_sources)
@@ -333,29 +334,28 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     s = logit_scale.detach().float().reshape(1).contiguous()
     inva, na = inv_norms(a, normalize)
     invb, nb = inv_norms(b, normalize)
-    rlse = torch.empty(B, dtype=torch.float32, device=dev)
+    rlse = torch.empty(B, dtype=torch.float32, device=dev)  # the off-diagonal row log-sum-exps
     if B == 0:
-        return rlse, rlse.clone(), rlse.clone()
+        return (rlse,) + tuple(rlse.clone() for _ in range(4))
     # column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
     ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous()
+    rdiag = torch.empty(B, dtype=torch.float32, device=dev)
     rpos = torch.empty(B, dtype=torch.float32, device=dev)
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
     cpos = torch.zeros(B, dtype=torch.float32, device=dev)
     lab, lab64, has = _labels(labels, B)
     _launch("dre_cl_fwd", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
-            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rpos),
-            ptr(csum), ptr(cpos), I64(B), I32(P))
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rdiag),
+            ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P))
     clse = (ref.double() + torch.log(csum)).float()
     _launch("dre_cl_col_fix", -(-B // CL_BLOCK), 0, dev,  # exact LSE of the columns whose sum underflowed, if any
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P))
-    npos = num_positives(labels, B, dev)
-    loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
-    return loss, rlse, clse
+    return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev))
 
 
-def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
+def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss):
     _cl_checks(a, b, logit_scale)
     B, P = a.shape
     dev = a.device
@@ -364,8 +364,8 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     inva, na = inv_norms(a, normalize)
     invb, nb = inv_norms(b, normalize)
     g = grad_loss.detach().float().reshape(-1).contiguous()
-    if g.numel() != B or row_lse.numel() != B or col_lse.numel() != B:
-        raise ValueError(f"dre cupy: grad_loss, row_lse and col_lse must have B = {B} entries")
+    if any(t.numel() != B for t in (g, row_lse, col_lse, row_loss, col_loss)):
+        raise ValueError(f"dre cupy: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = {B} entries")
     npos = num_positives(labels, B, dev)
     lab, lab64, has = _labels(labels, B)
     gu = torch.empty((B, P), dtype=torch.float32, device=dev)
@@ -373,14 +373,16 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     nrb = -(-B // CL_BLOCK)
     gs = torch.zeros(max(nrb, 1), dtype=torch.float32, device=dev)
     rl, cl = row_lse.detach().float().contiguous(), col_lse.detach().float().contiguous()
+    er = torch.expm1(-row_loss.detach().float()).contiguous()
+    ec = torch.expm1(-col_loss.detach().float()).contiguous()
     if B:
         grid = nrb * -(-P // CL_BLOCK)
-        for x, y, invx, invy, lx, ly, out, with_gs in ((a, b, inva, invb, rl, cl, gu, 1),
-                                                       (b, a, invb, inva, cl, rl, gv, 0)):
+        for x, y, invx, invy, lx, ly, ex, ey, out, with_gs in ((a, b, inva, invb, rl, cl, er, ec, gu, 1),
+                                                               (b, a, invb, inva, cl, rl, ec, er, gv, 0)):
             _launch("dre_cl_bwd", grid, 0, dev,
                     ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
-                    I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(g),
-                    ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
+                    I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(ex),
+                    ptr(ey), ptr(g), ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
     grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
     grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
     return grad_a, grad_b, gs.sum().reshape(())

@@ -525,13 +525,13 @@ def _check_cl(B, P, labels, normalize, dtype=torch.float32, scale=3.0):
     a = torch.randn(B, P, generator=g).to(dtype)
     b = torch.randn(B, P, generator=g).to(dtype)
     s = torch.tensor(scale)
-    loss, rl, cl = cupy_kernels.contrastive_loss_fwd(a, b, s, labels, normalize)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, labels, normalize)
     a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
     s64 = s.double().requires_grad_()
     ref = contrastive_loss_reference(a64, b64, s64, labels, normalize)
     assert_close(loss, ref, torch.float32 if dtype == torch.float32 else torch.float16)
     gl = torch.rand(B, generator=g)
-    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(gl, a, b, s, labels, normalize, rl, cl)
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(gl, a, b, s, labels, normalize, *saved)
     ra, rb, rs = torch.autograd.grad(ref, (a64, b64, s64), gl.double())
     assert ga.dtype == dtype and gs.shape == ()
     t = torch.float32 if dtype == torch.float32 else torch.float16
@@ -575,10 +575,30 @@ def test_emu_contrastive_saturated_loss_has_exactly_zero_gradient(emu, normalize
     a = 3.0 * torch.randn(70, 33, generator=g)
     b = a + 0.1 * torch.randn(70, 33, generator=g)
     s = torch.tensor(30.0 if not normalize else 3000.0)
-    loss, rl, cl = cupy_kernels.contrastive_loss_fwd(a, b, s, None, normalize)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, None, normalize)
     assert torch.equal(loss, torch.zeros_like(loss))
-    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(torch.rand(70, generator=g), a, b, s, None, normalize, rl, cl)
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(torch.rand(70, generator=g), a, b, s, None, normalize, *saved)
     assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb)) and gs == 0
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
+def test_emu_contrastive_small_losses_keep_relative_precision(emu, labels):
+    """Rows with losses ~1e-5 (scale 20, normalize): the loss from the off-diagonal log-sum-exp and the diagonal's
+    p_ii - 1 as expm1(-r_i) keep ~1e-6 relative per row (R_i - l_ii as before: 3e-2; test_ops_contrastive_loss)."""
+    from test_ops_contrastive_loss import near_saturated_case, row_relative_error
+
+    a, b, lab = near_saturated_case(70, 40, 20.0, True, labels)
+    s = torch.tensor(20.0)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, lab, True)
+    a64, b64, s64 = a.double().requires_grad_(), b.double().requires_grad_(), s.double().requires_grad_()
+    ref = contrastive_loss_reference(a64, b64, s64, lab, True)
+    assert float(ref.detach().median()) < 1e-4
+    gl = torch.linspace(0.5, 1.0, 70)
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(gl, a, b, s, lab, True, *saved)
+    ra, rb, rs = torch.autograd.grad(ref, (a64, b64, s64), gl.double())
+    assert row_relative_error(loss, ref) < 1e-4
+    assert row_relative_error(ga, ra) < 1e-4 and row_relative_error(gb, rb) < 1e-4
+    assert abs(float(gs) - float(rs)) < 1e-4 * abs(float(rs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

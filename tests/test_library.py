@@ -15,7 +15,7 @@ import torch
 import dre_kernels
 from conftest import assert_close
 from dre_kernels import _backend, _library
-from dre_kernels.contrastive_loss import contrastive_loss_backward_torch, contrastive_loss_torch
+from dre_kernels.contrastive_loss import contrastive_loss_backward_torch, contrastive_loss_parts_torch
 from dre_kernels.residual_encode import residual_encode_backward_torch, residual_encode_torch
 
 re_mod = importlib.import_module("dre_kernels.residual_encode")
@@ -35,24 +35,13 @@ def _re_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offse
     return tuple(t.contiguous() for t in g)
 
 
-def _cl_rows(a, b, s, labels, normalize):
-    from dre_kernels.contrastive_loss import _normalized
-
-    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    A, Bm = _normalized(a, acc, normalize), _normalized(b, acc, normalize)
-    logits = (A @ Bm.t()) * s.to(acc)
-    return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
-
-
 def _cl_fwd(a, b, s, labels, normalize):
     with torch.no_grad():
-        loss = contrastive_loss_torch(a, b, s, labels, normalize)
-        r, c = _cl_rows(a, b, s, labels, normalize)
-    return loss.contiguous(), r.contiguous(), c.contiguous()
+        return tuple(t.contiguous() for t in contrastive_loss_parts_torch(a, b, s, labels, normalize))
 
 
-def _cl_bwd(g, a, b, s, labels, normalize, row_lse, col_lse):
-    ga, gb, gs = contrastive_loss_backward_torch(g, a, b, s, labels, normalize, row_lse, col_lse)
+def _cl_bwd(g, a, b, s, labels, normalize, row_lse, col_lse, row_loss, col_loss):
+    ga, gb, gs = contrastive_loss_backward_torch(g, a, b, s, labels, normalize, row_lse, col_lse, row_loss, col_loss)
     return ga.contiguous(), gb.contiguous(), gs.reshape(()).clone()
 
 
@@ -127,9 +116,9 @@ def test_opcheck_contrastive_loss(backend, labels):
     b = torch.randn(5, 3, generator=g, requires_grad=True)
     s = torch.tensor(1.7, requires_grad=True)
     torch.library.opcheck(op(backend, "contrastive_loss_fwd"), (a, b, s, labels, True))
-    loss, r, c = op(backend, "contrastive_loss_fwd")(a.detach(), b.detach(), s.detach(), labels, True)
+    saved = op(backend, "contrastive_loss_fwd")(a.detach(), b.detach(), s.detach(), labels, True)[1:]
     torch.library.opcheck(op(backend, "contrastive_loss_bwd"),
-                          (torch.randn(5), a.detach(), b.detach(), s.detach(), labels, True, r, c))
+                          (torch.randn(5), a.detach(), b.detach(), s.detach(), labels, True, *saved))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

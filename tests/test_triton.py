@@ -207,11 +207,11 @@ def test_contrastive_float64_raw_kernels(device):
     if not tcl.F64_DOT:
         pytest.skip("this triton's tl.dot takes no float64 (test_contrastive_float64_needs_triton_3_3)")
     a, b, s, labels, w = (t.to(device) for t in _float64_case())
-    loss, rl, cl = tcl.contrastive_loss_fwd(a, b, s, labels, True)
+    loss, *saved = tcl.contrastive_loss_fwd(a, b, s, labels, True)
     want = contrastive_loss_reference(a, b, s, labels, True)
     assert loss.dtype == torch.float64
     assert_close(loss, want, torch.float64)
-    got = tcl.contrastive_loss_bwd(w, a, b, s, labels, True, rl, cl)
+    got = tcl.contrastive_loss_bwd(w, a, b, s, labels, True, *saved)
     for u, v in zip(got, torch.autograd.grad((want * w).sum(), [a, b, s])):
         assert_close(u, v, torch.float64)
 
@@ -226,7 +226,7 @@ def test_contrastive_float64_needs_triton_3_3(device, monkeypatch):
     with pytest.raises(TypeError, match="from triton 3.3 on"):
         tcl.contrastive_loss_fwd(a, b, s, labels, True)
     with pytest.raises(TypeError, match="from triton 3.3 on"):
-        tcl.contrastive_loss_bwd(w, a, b, s, labels, True, torch.zeros_like(w), torch.zeros_like(w))
+        tcl.contrastive_loss_bwd(w, a, b, s, labels, True, *[torch.zeros_like(w)] * 4)
 
 
 def test_backward_configs_that_abort_old_compilers_are_never_tried(monkeypatch):

@@ -312,7 +312,7 @@ def cases(first_config: bool):
         out.append((name + " bwd", lambda a=a, b=b, lab=labels, n=normalize:
                     contrastive_loss.contrastive_loss_bwd(torch.ones(B, dtype=torch.float64 if a.dtype ==
                                                                      torch.float64 else torch.float32),
-                                                          a, b, s, lab, n, torch.zeros(B), torch.zeros(B))))
+                                                          a, b, s, lab, n, *[torch.zeros(B)] * 4)))
     for dtype, D in [(d, D) for d in (torch.float32, torch.bfloat16, torch.float16) for D in (384, 33, 4096)]:
         bank_rows = rand(50, D, dtype=dtype)
         index = torch.randperm(50, generator=g)[:9]

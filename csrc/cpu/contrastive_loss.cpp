@@ -4,6 +4,11 @@
 //   row_lse_i = logsumexp_j l_ij,  col_lse_j = logsumexp_i l_ij
 //   r_i = row_lse_i - (1/n_i) sum_{j in P_i} l_ij,   c_j = col_lse_j - (1/n_j) sum_{i in P_j} l_ij,  loss = (r + c)/2
 //
+// The log-sum-exps run over the off-diagonal logits (O_i, O'_j) and the diagonal l_ii is added back at the end:
+// row_lse_i = logaddexp(O_i, l_ii), and where n_i = 1 (the diagonal is the row's only positive)
+// r_i = log(1 + exp(O_i - l_ii)), which keeps its relative precision as r_i -> 0 (row_lse_i - l_ii keeps only
+// ulp(row_lse_i)); the backward then takes p_ii - 1 = expm1(-r_i) for such a row (dre_kernels/_library.py).
+//
 // The log-sum-exps are online over tiles of the logits (one tile x tile GEMM at a time, per task), each logit tile
 // computed once for both directions (for_each_tile_pair); the result does not depend on the thread count. On a CPU
 // with AVX-512 the float32 tiles take avx512_kernels.h (its GEMMs and exp). The forward sums the positive logits
@@ -13,6 +18,8 @@
 // Backward, with g = grad_loss, p_ij = exp(l_ij - row_lse_i), q_ij = exp(l_ij - col_lse_j), n = |class|:
 //   Z_ij = dL/dl_ij = g_i/2 p_ij + g_j/2 q_ij - [c(i) = c(j)] (g_i + g_j) / (2 n)
 //   Y_i = sum_j Z_ij b̂_j,  X_j = sum_i Z_ij â_i   (dense part by tiles, positive part by class sums)
+// except for classes of one row, whose Z_ii = g_i/2 (expm1(-r_i) + expm1(-c_i)) is set in the tile and whose
+// positive part is left out of the class sums (no g_i b̂_i to be cancelled by the dense part's g_i p_ii b̂_i).
 //   dâ = s Y, db̂ = s X, ds = sum_i <Y_i, â_i>, then through the normalisation.
 #include <torch/library.h>
 
@@ -245,11 +252,11 @@ void positives_tile(const T* L, int64_t i0, int64_t ni, int64_t j0, int64_t nj, 
   }
 }
 
-// row_lse_i = logsumexp_j l_ij, col_lse_j = logsumexp_i l_ij (l_ij = s <A_i, B_j>) and the positive sums
-// (positives_tile), one logit tile for all four.
+// The off-diagonal log-sum-exps O_i = logsumexp_{j != i} l_ij, O'_j = logsumexp_{i != j} l_ij (l_ij = s <A_i, B_j>),
+// the diagonal l_ii and the positive sums (positives_tile), one logit tile for all five.
 template <typename T>
-void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, T* row_lse, T* col_lse, T* pos_row,
-              T* pos_col) {
+void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, T* off_row, T* off_col, T* diag,
+              T* pos_row, T* pos_col) {
   const int64_t B = A.size(0);
   std::vector<T> rm(B, -std::numeric_limits<T>::infinity()), rs(B, T(0)), cm(rm), cs(rs);
   std::fill(pos_row, pos_row + B, T(0));
@@ -258,6 +265,11 @@ void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, 
   for_each_tile_pair<T>(B, false, [&](TileScratch<T>& w, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
     logit_tile<T>(A, k, s, i0, ni, j0, nj, w);
     positives_tile<T>(w.L.data(), i0, ni, j0, nj, w.ld, c, pos_row, pos_col);
+    if (i0 == j0)  // a diagonal tile (rows and columns are cut alike): its diagonal out of the sums
+      for (int64_t q = 0; q < ni; ++q) {
+        diag[i0 + q] = w.L[q * w.ld + q];
+        w.L[q * w.ld + q] = -std::numeric_limits<T>::infinity();
+      }
     if constexpr (std::is_same<T, float>::value) {
       if (k.fast) {
         avx512::lse_tile(w.L.data(), ni, nj, w.ld, &rm[i0], &rs[i0], &cm[j0], &cs[j0]);
@@ -267,48 +279,77 @@ void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, 
     lse_tile<T>(w.L.data(), ni, nj, w.ld, &rm[i0], &rs[i0], &cm[j0], &cs[j0]);
   });
   for (int64_t i = 0; i < B; ++i) {
-    row_lse[i] = rm[i] + std::log(rs[i]);
-    col_lse[i] = cm[i] + std::log(cs[i]);
+    off_row[i] = rm[i] + std::log(rs[i]);  // -inf without an off-diagonal term (B = 1)
+    off_col[i] = cm[i] + std::log(cs[i]);
   }
 }
 
+// log(e^x + e^y) without overflow, -inf for two -inf, NaN for a NaN
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& a, const at::Tensor& b,
+T logaddexp(T x, T y) {
+  if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<T>::quiet_NaN();
+  const T m = std::max(x, y);
+  if (std::isinf(m)) return m;
+  return m + std::log1p(std::exp(-std::abs(x - y)));
+}
+
+// log(1 + e^x), keeping the relative precision of small results
+template <typename T>
+T softplus(T x) {
+  return x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
+}
+
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+FwdOut fwd_impl(const at::Tensor& a, const at::Tensor& b,
                                                         const at::Tensor& logit_scale,
                                                         const c10::optional<at::Tensor>& labels, bool normalize) {
   const int64_t B = a.size(0);
   const T s = logit_scale.to(c10::CppTypeToScalarType<T>::value).template item<T>();
   const at::Tensor A = normalized<T>(a, normalize).first, Bn = normalized<T>(b, normalize).first;
   const Classes c = classes_of(labels, B);
-  at::Tensor row_lse = at::empty({B}, topts<T>()), col_lse = at::empty({B}, topts<T>());
-  std::vector<T> pos_row(B), pos_col(B);
-  lse_both<T>(A, Bn, s, c, row_lse.template data_ptr<T>(), col_lse.template data_ptr<T>(), pos_row.data(),
-              pos_col.data());
-  at::Tensor loss = at::empty({B}, topts<T>());
-  const T* rl = row_lse.template data_ptr<T>();
-  const T* cl = col_lse.template data_ptr<T>();
-  T* lo = loss.template data_ptr<T>();
+  std::vector<T> off_row(B), off_col(B), diag(B), pos_row(B), pos_col(B);
+  lse_both<T>(A, Bn, s, c, off_row.data(), off_col.data(), diag.data(), pos_row.data(), pos_col.data());
+  // dre_kernels.contrastive_loss.contrastive_loss_finish
+  at::Tensor loss = at::empty({B}, topts<T>()), row_lse = at::empty({B}, topts<T>()),
+             col_lse = at::empty({B}, topts<T>()), row_loss = at::empty({B}, topts<T>()),
+             col_loss = at::empty({B}, topts<T>());
+  T *lo = loss.template data_ptr<T>(), *rl = row_lse.template data_ptr<T>(), *cl = col_lse.template data_ptr<T>(),
+    *r = row_loss.template data_ptr<T>(), *co = col_loss.template data_ptr<T>();
   for (int64_t i = 0; i < B; ++i) {
-    const T n = static_cast<T>(c.count[c.cls[i]]);
-    lo[i] = ((rl[i] - pos_row[i] / n) + (cl[i] - pos_col[i] / n)) / T(2);
+    const int64_t count = c.count[c.cls[i]];
+    const T n = static_cast<T>(count);
+    rl[i] = logaddexp(off_row[i], diag[i]);
+    cl[i] = logaddexp(off_col[i], diag[i]);
+    r[i] = count == 1 ? softplus(off_row[i] - diag[i]) : rl[i] - pos_row[i] / n;
+    co[i] = count == 1 ? softplus(off_col[i] - diag[i]) : cl[i] - pos_col[i] / n;
+    lo[i] = (r[i] + co[i]) / T(2);
   }
-  return {loss, row_lse, col_lse};
+  return {loss, row_lse, col_lse, row_loss, col_loss};
 }
 
 // The dense part of the backward, one logit tile for both sides: with
 // Zdense_ij = g_i/2 exp(l_ij - row_lse_i) + g_j/2 exp(l_ij - col_lse_j),  Y_i += sum_j Zdense_ij B_j and
-// X_j += sum_i Zdense_ij A_i.
+// X_j += sum_i Zdense_ij A_i; but Zdense_ii = g_i/2 (em1_row_i + em1_col_i) for a row of a one-row class (own_i):
+// its whole dL/dl_ii, with em1 = expm1(-r), expm1(-c) (its positive part is then left out of finish_side).
 template <typename T>
 void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half, const T* row_lse, const T* col_lse,
-                at::Tensor& Y, at::Tensor& X) {
+                const T* em1_row, const T* em1_col, const std::vector<char>& own, at::Tensor& Y, at::Tensor& X) {
   const int64_t B = A.size(0), P = A.size(1);
   const LogitOperand<T> k(Bn);
+  const auto own_diagonal = [&](TileScratch<T>& w, int64_t i0, int64_t ni, int64_t j0) {
+    if (i0 == j0)
+      for (int64_t q = 0; q < ni; ++q)
+        if (own[i0 + q]) w.Z[q * w.ld + q] = g_half[i0 + q] * (em1_row[i0 + q] + em1_col[i0 + q]);
+  };
   for_each_tile_pair<T>(B, true, [&](TileScratch<T>& w, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
     logit_tile<T>(A, k, s, i0, ni, j0, nj, w);
     if constexpr (std::is_same<T, float>::value) {
       if (k.fast) {
         avx512::z_tile(w.L.data(), ni, nj, w.ld, g_half + i0, row_lse + i0, g_half + j0, col_lse + j0,
                        w.Z.data(), w.ld);
+        own_diagonal(w, i0, ni, j0);
         // L is free again: Z^T into it, the A operand of Y_i's product
         for (int64_t i = 0; i < ni; ++i)
           for (int64_t j = 0; j < nj; ++j) w.L[j * w.ld + i] = w.Z[i * w.ld + j];
@@ -322,6 +363,7 @@ void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half,
       }
     }
     z_tile<T>(w.L.data(), ni, nj, w.ld, g_half + i0, row_lse + i0, g_half + j0, col_lse + j0, w.Z.data());
+    own_diagonal(w, i0, ni, j0);
     const at::Tensor Z = at::from_blob(w.Z.data(), {ni, nj}, {w.ld, 1}, topts<T>());
     Y.narrow(0, i0, ni).addmm_(Z, Bn.narrow(0, j0, nj));
     X.narrow(0, j0, nj).addmm_(Z.t(), A.narrow(0, i0, ni));
@@ -330,7 +372,7 @@ void dense_grad(const at::Tensor& A, const at::Tensor& Bn, T s, const T* g_half,
 
 // Finishes one side's gradient in place, row by row (no B x P temporaries): with D = Y (U = Â, V = B̂) or X (the
 // roles swapped),
-//   D_i -= (g_i Vsum_c + GVsum_c) / (2 n_c)    (positives; singletons: D_i -= g_i V_i),
+//   D_i -= (g_i Vsum_c + GVsum_c) / (2 n_c)    (positives; not for classes of one row: in dense_grad's Z_ii),
 //   dots_i = <D_i, U_i>                         (grad s = sum_i dots_i; only when dots is given),
 //   D_i <- s D_i, then through û = u / max(||u||, eps) when normalize: (D_i - û_i <û_i, D_i>) / ||u_i|| above eps,
 //   D_i / eps below.
@@ -345,16 +387,12 @@ void finish_side(at::Tensor& D, const at::Tensor& U, const at::Tensor& V, const 
   }
   T* dp = D.template data_ptr<T>();
   const T* up = U.template data_ptr<T>();
-  const T* vp = V.template data_ptr<T>();
   const T* np = normalize ? norms.template data_ptr<T>() : nullptr;
   at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* d = dp + i * P;
       const T* u = up + i * P;
-      if (c.singletons) {
-        const T* v = vp + i * P;
-        for (int64_t j = 0; j < P; ++j) d[j] -= g[i] * v[j];
-      } else {
+      if (c.count[c.cls[i]] > 1) {
         const int64_t k = c.cls[i];
         const T inv2n = T(1) / (T(2) * static_cast<T>(c.count[k]));
         const T* vs = Vsum.template data_ptr<T>() + k * P;
@@ -380,11 +418,13 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_loss, const at::Tensor& a,
                                                         const at::Tensor& b, const at::Tensor& logit_scale,
                                                         const c10::optional<at::Tensor>& labels, bool normalize,
-                                                        const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
+                                                        const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
+                                                        const at::Tensor& row_loss, const at::Tensor& col_loss) {
   constexpr auto st = c10::CppTypeToScalarType<T>::value;
   const int64_t B = a.size(0), P = a.size(1);
-  TORCH_CHECK_VALUE(grad_loss.numel() == B && row_lse_in.numel() == B && col_lse_in.numel() == B,
-                    "dre: grad_loss, row_lse and col_lse must have B = ", B, " entries");
+  TORCH_CHECK_VALUE(grad_loss.numel() == B && row_lse_in.numel() == B && col_lse_in.numel() == B &&
+                        row_loss.numel() == B && col_loss.numel() == B,
+                    "dre: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = ", B, " entries");
   const T s = logit_scale.to(st).template item<T>();
   auto [A, na] = normalized<T>(a, normalize);
   auto [Bn, nb] = normalized<T>(b, normalize);
@@ -393,9 +433,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const T* gp = g.template data_ptr<T>();
   at::Tensor Y = at::zeros({B, P}, topts<T>()), X = at::zeros({B, P}, topts<T>());
   const at::Tensor g_half = g / 2;
-  dense_grad<T>(A, Bn, s, g_half.template data_ptr<T>(), row_lse.template data_ptr<T>(),
-                col_lse.template data_ptr<T>(), Y, X);
+  const at::Tensor em1_row = at::expm1(-row_loss.to(st)).contiguous(), em1_col = at::expm1(-col_loss.to(st)).contiguous();
   const Classes c = classes_of(labels, B);
+  std::vector<char> own(B);
+  for (int64_t i = 0; i < B; ++i) own[i] = c.count[c.cls[i]] == 1;
+  dense_grad<T>(A, Bn, s, g_half.template data_ptr<T>(), row_lse.template data_ptr<T>(),
+                col_lse.template data_ptr<T>(), em1_row.template data_ptr<T>(), em1_col.template data_ptr<T>(), own,
+                Y, X);
   std::vector<T> dots(B);
   finish_side<T>(Y, A, Bn, na, normalize, s, gp, c, dots.data());
   finish_side<T>(X, Bn, A, nb, normalize, s, gp, c, nullptr);
@@ -415,10 +459,8 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lo
                     logit_scale.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cpu(const at::Tensor& a, const at::Tensor& b,
-                                                                        const at::Tensor& logit_scale,
-                                                                        const c10::optional<at::Tensor>& labels,
-                                                                        bool normalize) {
+FwdOut contrastive_loss_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+                                const c10::optional<at::Tensor>& labels, bool normalize) {
   check_inputs(a, b, logit_scale);
   // detached views: at::parallel_for workers do not inherit the caller's below-autograd dispatch state
   const at::Tensor a_ = a.detach(), b_ = b.detach(), s_ = logit_scale.detach();
@@ -428,12 +470,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cpu(const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
-    const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse) {
+    const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& row_loss, const at::Tensor& col_loss) {
   check_inputs(a, b, logit_scale);
   const at::Tensor a_ = a.detach(), b_ = b.detach(), s_ = logit_scale.detach(), g_ = grad_loss.detach();
   if (acc_type({&a, &b}) == at::kDouble)
-    return bwd_impl<double>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach());
-  return bwd_impl<float>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach());
+    return bwd_impl<double>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach(), row_loss.detach(),
+                            col_loss.detach());
+  return bwd_impl<float>(g_, a_, b_, s_, labels, normalize, row_lse.detach(), col_lse.detach(), row_loss.detach(),
+                         col_loss.detach());
 }
 
 }  // namespace

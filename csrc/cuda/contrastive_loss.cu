@@ -11,10 +11,14 @@
 // takes col_lse = ref + log(csum). Positive logits are summed per row in shared memory and per column atomically.
 // A column whose logits all lie more than ~640 below ref_j (unnormalised inputs with large norms) underflows there:
 // dre_cl_col_fix, launched after the pass, recomputes exactly the columns that did (none with normalize, |s| <= 300).
+// Both log-sum-exps leave the diagonal out and each row's diagonal logit l_ii is kept: the host forms
+// R_i = logaddexp(O_i, l_ii) and, where l_ii is the row's only positive, r_i = log(1 + exp(O_i - l_ii))
+// (dre_kernels.contrastive_loss.contrastive_loss_finish), which keeps its relative precision as r_i -> 0.
 //
 // Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
 // grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
-// swapped), grad s = sum_ij W_ij <u_i, v_j> (per row block, summed on the host). Block (I, p) owns CL_BI rows and a
+// swapped), grad s = sum_ij W_ij <u_i, v_j> (per row block, summed on the host); on the diagonal of a row whose only
+// positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the host (ex, ey), free of that difference's cancellation. Block (I, p) owns CL_BI rows and a
 // CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared memory and multiplies by the
 // matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
@@ -83,14 +87,15 @@ DRE_DEVICE bool cl_positive(const void* labels, int lab64, int has_labels, i64 i
 
 using namespace dre_cuda;
 
-// rlse, rpos (B) float32 written; csum (B) float64 and cpos (B) float32 accumulated (zeroed by the host).
+// rlse (the off-diagonal row log-sum-exps), rdiag (l_ii), rpos (B) float32 written; csum (B) float64 (off-diagonal)
+// and cpos (B) float32 accumulated (zeroed by the host).
 DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br, i64 s_bc,
                            const float* inva, const float* invb, const void* labels, int lab64, int has_labels,
-                           const float* scale, const float* ref, float* rlse, float* rpos, double* csum, float* cpos,
-                           i64 B, int P) {
+                           const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos, double* csum,
+                           float* cpos, i64 B, int P) {
   __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
-  __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI];
+  __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI], dg[CL_BI];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const i64 i0 = (i64)blockIdx.x * CL_BI;
   const float s = scale[0];
@@ -101,6 +106,17 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
   }
   for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
     cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
+    // the diagonal out of the log-sum-exps (-inf in L), kept in dg for the positives
+    if (i0 == j0) {  // CL_BI == CL_BJ: the diagonal of a row block lies in one tile
+      for (int r = tid; r < CL_BI; r += NTHREADS) {
+        if (i0 + r < B) {
+          dg[r] = L[r * (CL_BJ + 1) + r];
+          rdiag[i0 + r] = dg[r];
+          L[r * (CL_BJ + 1) + r] = -f_inf();
+        }
+      }
+      __syncthreads();
+    }
     // rows: online log-sum-exp and positives (one warp per row, two columns per lane)
     for (int r = warp; r < CL_BI; r += NTHREADS / 32) {
       const i64 i = i0 + r;
@@ -109,10 +125,11 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
       float mx = fmaxf(lr[lane], lr[lane + 32]);
       mx = warp_max(mx);
       const float m_new = fmaxf(m_i[r], mx);
+      const float shift = m_new == -f_inf() ? 0.f : m_new;  // a row with no off-diagonal logit yet
       float se = 0.f, ps = 0.f;
       for (int c = lane; c < CL_BJ; c += 32) {
-        se += expf(lr[c] - m_new);
-        if (j0 + c < B && cl_positive(labels, lab64, has_labels, i, j0 + c)) ps += lr[c];
+        se += expf(lr[c] - shift);
+        if (j0 + c < B && cl_positive(labels, lab64, has_labels, i, j0 + c)) ps += j0 + c == i ? dg[r] : lr[c];
       }
       se = warp_sum(se);
       ps = warp_sum(ps);
@@ -127,12 +144,13 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
       const i64 j = j0 + c;
       if (j >= B) continue;
       float mx = fmaxf(L[lane * (CL_BJ + 1) + c], L[(lane + 32) * (CL_BJ + 1) + c]);
-      mx = warp_max(mx);  // finite: row i0 < B is valid
+      mx = warp_max(mx);
+      if (mx == -f_inf()) mx = 0.f;  // a column whose only logit here was its diagonal
       float se = 0.f, ps = 0.f;
       for (int r = lane; r < CL_BI; r += 32) {
         const float l = L[r * (CL_BJ + 1) + c];
         se += expf(l - mx);
-        if (i0 + r < B && cl_positive(labels, lab64, has_labels, i0 + r, j)) ps += l;
+        if (i0 + r < B && cl_positive(labels, lab64, has_labels, i0 + r, j)) ps += i0 + r == j ? dg[c] : l;
       }
       se = warp_sum(se);
       ps = warp_sum(ps);
@@ -152,10 +170,10 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
   }
 }
 
-// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest logit lies more than
-// ~640 below ref_j, which only unnormalised inputs with large norms reach) get their log-sum-exp recomputed exactly:
-// block J owns CL_BJ columns, returns at once when none of them needs it, else walks every row tile with an online
-// max/sum per column and overwrites clse_j of those columns.
+// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal logit lies
+// more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal log-sum-exp
+// recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks every row
+// tile with an online max/sum per column and overwrites clse_j of those columns.
 DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
                                i64 s_bc, const float* inva, const float* invb, const float* scale, const double* csum,
                                float* clse, i64 B, int P) {
@@ -177,13 +195,18 @@ DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
   const float s = scale[0];
   for (i64 i0 = 0; i0 < B; i0 += CL_BI) {
     cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
+    if (i0 == j0) {  // the diagonal out, as in dre_cl_fwd
+      for (int r = tid; r < CL_BI; r += NTHREADS) L[r * (CL_BJ + 1) + r] = -f_inf();
+      __syncthreads();
+    }
     for (int c = warp; c < CL_BJ; c += NTHREADS / 32) {
       if (j0 + c >= B) continue;
       float mx = fmaxf(L[lane * (CL_BJ + 1) + c], L[(lane + 32) * (CL_BJ + 1) + c]);
-      mx = warp_max(mx);  // finite: row i0 < B is valid
+      mx = warp_max(mx);
       const float m_new = fmaxf(m_j[c], mx);
+      const float shift = m_new == -f_inf() ? 0.f : m_new;
       float se = 0.f;
-      for (int r = lane; r < CL_BI; r += 32) se += expf(L[r * (CL_BJ + 1) + c] - m_new);
+      for (int r = lane; r < CL_BI; r += 32) se += expf(L[r * (CL_BJ + 1) + c] - shift);
       se = warp_sum(se);
       if (lane == 0) {
         l_j[c] = (m_j[c] == -f_inf() ? 0.f : l_j[c] * expf(m_j[c] - m_new)) + se;
@@ -196,13 +219,15 @@ DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
 }
 
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
-// (with_gs). lx, ly: the log-sum-exps on x's side and y's side; g: grad of the loss (B); npos: |P_i| (B).
+// (with_gs). lx, ly: the log-sum-exps on x's side and y's side; ex, ey: expm1(-r), expm1(-c) on each side (used on
+// the diagonal where npos = 1); g: grad of the loss (B); npos: |P_i| (B).
 // two blocks per SM: 128 registers, no spills (unbounded, ptxas takes 140 and one block per SM)
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
                                              i64 s_yr, i64 s_yc, const float* invx, const float* invy,
                                              const void* labels, int lab64, int has_labels, const float* scale,
-                                             const float* lx, const float* ly, const float* g, const float* npos,
-                                             float* gu, float* gs_out, i64 B, int P, int with_gs) {
+                                             const float* lx, const float* ly, const float* ex, const float* ey,
+                                             const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
+                                             int with_gs) {
   __shared__ float tiles[CL_BJ * (CL_BI + 1)];  // the two dot slices, then the y tile (64 x 65)
   __shared__ float W[CL_BI * (CL_BJ + 1)];
   __shared__ float red[NTHREADS / 32];
@@ -233,8 +258,12 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
         if (i < B && j < B) {
           const float uv = cl_uv(dot[u][v], invx[i], invy[j]);
           const float l = cl_logit(s, uv);
-          const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
-          w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
+          if (i == j && npos[i] == 1.f) {
+            w = 0.5f * g[i] * (ex[i] + ey[i]);
+          } else {
+            const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
+            w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
+          }
           gsl += w * uv;
           w *= invy[j];
         }
@@ -280,11 +309,11 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
 namespace dre_cuda_launch {
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* ref, float* rlse, float* rpos, double* csum,
-                   float* cpos, i64 B, int P) {
+                   int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
+                   double* csum, float* cpos, i64 B, int P) {
   if (grid > 0)
     dre_cl_fwd<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, labels, lab64,
-                                              has_labels, scale, ref, rlse, rpos, csum, cpos, B, P);
+                                              has_labels, scale, ref, rlse, rdiag, rpos, csum, cpos, B, P);
   return cudaGetLastError();
 }
 
@@ -299,11 +328,12 @@ cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_
 
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                    int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* lx, const float* ly, const float* g,
-                   const float* npos, float* gu, float* gs_out, i64 B, int P, int with_gs) {
+                   int has_labels, const float* scale, const float* lx, const float* ly, const float* ex,
+                   const float* ey, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
+                   int with_gs) {
   if (grid > 0)
     dre_cl_bwd<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
-                                              has_labels, scale, lx, ly, g, npos, gu, gs_out, B, P, with_gs);
+                                              has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P, with_gs);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch

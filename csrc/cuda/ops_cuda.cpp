@@ -352,10 +352,21 @@ void cl_checks(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit
                     logit_scale.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tensor& b_,
-                                                                         const at::Tensor& logit_scale,
-                                                                         const c10::optional<at::Tensor>& labels,
-                                                                         bool normalize) {
+// dre_kernels.contrastive_loss.contrastive_loss_finish: (loss, row_lse, col_lse, row_loss, col_loss) from the
+// off-diagonal log-sum-exps, the diagonal logits, the positive sums and |P_i|
+using ClFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ClFwdOut contrastive_loss_finish(const at::Tensor& off_row, const at::Tensor& off_col, const at::Tensor& diag,
+                                 const at::Tensor& pos_row, const at::Tensor& pos_col, const at::Tensor& npos) {
+  const at::Tensor zero = at::zeros_like(diag), single = npos == 1;
+  const at::Tensor row_lse = at::logaddexp(off_row, diag), col_lse = at::logaddexp(off_col, diag);
+  const at::Tensor r = at::where(single, at::logaddexp(off_row - diag, zero), row_lse - pos_row / npos);
+  const at::Tensor c = at::where(single, at::logaddexp(off_col - diag, zero), col_lse - pos_col / npos);
+  return {(r + c) * 0.5, row_lse, col_lse, r, c};
+}
+
+ClFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& logit_scale,
+                                   const c10::optional<at::Tensor>& labels, bool normalize) {
   const c10::cuda::CUDAGuard guard(a_.device());
   cl_checks(a_, b_, logit_scale);
   const at::Tensor a = a_.detach(), b = b_.detach();
@@ -364,11 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const a
   const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
   auto [inva, na] = inv_norms(a, normalize);
   auto [invb, nb] = inv_norms(b, normalize);
-  at::Tensor rlse = at::empty({B}, f32);
-  if (B == 0) return {rlse, rlse.clone(), rlse.clone()};
+  at::Tensor rlse = at::empty({B}, f32);  // the off-diagonal row log-sum-exps
+  if (B == 0) return {rlse, rlse.clone(), rlse.clone(), rlse.clone(), rlse.clone()};
   // column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
   const at::Tensor ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous();
-  at::Tensor rpos = at::empty({B}, f32), cpos = at::zeros({B}, f32);
+  at::Tensor rdiag = at::empty({B}, f32), rpos = at::empty({B}, f32), cpos = at::zeros({B}, f32);
   at::Tensor csum = at::zeros({B}, a.options().dtype(at::kDouble));
   const Labels lab = labels_of(labels, B, a.device());
   launched(dre_cuda_launch::cl_fwd(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
@@ -376,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const a
                                    a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
                                    inva.data_ptr<float>(), invb.data_ptr<float>(),
                                    lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
-                                   ref.data_ptr<float>(), rlse.data_ptr<float>(), rpos.data_ptr<float>(),
+                                   ref.data_ptr<float>(), rlse.data_ptr<float>(), rdiag.data_ptr<float>(),
+                                   rpos.data_ptr<float>(),
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P)),
            "dre_cl_fwd");
   const at::Tensor clse = (ref.to(at::kDouble) + at::log(csum)).to(at::kFloat);
@@ -386,9 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_fwd_cuda(const a
                                        inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
                                        csum.data_ptr<double>(), clse.data_ptr<float>(), B, static_cast<int>(P)),
            "dre_cl_col_fix");
-  const at::Tensor npos = num_positives(labels, B, f32);
-  const at::Tensor loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5;
-  return {loss, rlse, clse};
+  return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, f32));
 }
 
 // grad t from grad u, u = t / max(||t||, eps), in place on gu: (gu - u <u, gu>) / ||t|| above eps, gu / eps below
@@ -405,13 +415,15 @@ at::Tensor normalize_backward_(at::Tensor& gu, const at::Tensor& t, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& logit_scale,
-    const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse) {
+    const c10::optional<at::Tensor>& labels, bool normalize, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& row_loss, const at::Tensor& col_loss) {
   const c10::cuda::CUDAGuard guard(a_.device());
   cl_checks(a_, b_, logit_scale);
   const at::Tensor a = a_.detach(), b = b_.detach();
   const int64_t B = a.size(0), P = a.size(1);
-  TORCH_CHECK_VALUE(grad_loss.numel() == B && row_lse.numel() == B && col_lse.numel() == B,
-                    "dre: grad_loss, row_lse and col_lse must have B = ", B, " entries");
+  TORCH_CHECK_VALUE(grad_loss.numel() == B && row_lse.numel() == B && col_lse.numel() == B &&
+                        row_loss.numel() == B && col_loss.numel() == B,
+                    "dre: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = ", B, " entries");
   const auto f32 = a.options().dtype(at::kFloat);
   const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
   auto [inva, na] = inv_norms(a, normalize);
@@ -423,22 +435,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
   const int64_t nrb = (B + kClBlock - 1) / kClBlock;
   at::Tensor gs = at::zeros({std::max<int64_t>(nrb, 1)}, f32);
   const at::Tensor rl = row_lse.detach().to(at::kFloat).contiguous(), cl = col_lse.detach().to(at::kFloat).contiguous();
+  const at::Tensor er = at::expm1(-row_loss.detach().to(at::kFloat)).contiguous(),
+                   ec = at::expm1(-col_loss.detach().to(at::kFloat)).contiguous();
   if (B > 0) {
     const int64_t grid = nrb * ((P + kClBlock - 1) / kClBlock);
     TORCH_CHECK(grid < (1LL << 31), "dre: contrastive_loss grid too large (", grid, " blocks)");
     struct Side {
-      const at::Tensor *x, *y, *invx, *invy, *lx, *ly;
+      const at::Tensor *x, *y, *invx, *invy, *lx, *ly, *ex, *ey;
       at::Tensor* out;
       int with_gs;
     };
-    const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &gu, 1}, {&b, &a, &invb, &inva, &cl, &rl, &gv, 0}};
+    const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &er, &ec, &gu, 1},
+                           {&b, &a, &invb, &inva, &cl, &rl, &ec, &er, &gv, 0}};
     for (const Side& sd : sides) {
       launched(dre_cuda_launch::cl_bwd(static_cast<unsigned>(grid), at::cuda::getCurrentCUDAStream(),
                                        sd.x->data_ptr(), dt(*sd.x, "a"), sd.x->stride(0), sd.x->stride(1),
                                        sd.y->data_ptr(), dt(*sd.y, "b"), sd.y->stride(0), sd.y->stride(1),
                                        sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
                                        lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
-                                       sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), g.data_ptr<float>(),
+                                       sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.ex->data_ptr<float>(),
+                                       sd.ey->data_ptr<float>(), g.data_ptr<float>(),
                                        npos.data_ptr<float>(), sd.out->data_ptr<float>(), gs.data_ptr<float>(), B,
                                        static_cast<int>(P), sd.with_gs),
                "dre_cl_bwd");

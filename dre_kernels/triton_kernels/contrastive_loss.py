@@ -15,9 +15,13 @@ further below its bound, where its float64 sum underflows: a second kernel (_cl_
 log-sum-exp of exactly those columns with an online max over every row, and its programs whose columns are all
 fine return without reading a row (the usual case: a launch and B float64 reads). Positives (labels_i == labels_j, or i == j without labels) are summed per row
 in registers and per column with a float32 atomic add in the same pass; |P_i| comes from a sort of the labels.
+Both log-sum-exps leave the diagonal out, and the pass keeps each row's diagonal logit l_ii: the host forms
+R_i = logaddexp(O_i, l_ii) and, for a row whose only positive is its diagonal, r_i = log(1 + exp(O_i - l_ii))
+(contrastive_loss_finish), which keeps its relative precision as r_i -> 0 where R_i - l_ii keeps ulp(R_i).
 
 Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
-grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>. W is symmetric under
+grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>; on the diagonal of a
+row whose only positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the forward (no cancellation). W is symmetric under
 swapping (a, R) with (b, C), so one kernel computes grad u with rows of a, and the same kernel with the roles
 swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics per tile). Every
 launch computes a logit alike, a on the left of the dot and the same BLOCK_P (BLOCK_P_BY_MODE), so that the
@@ -33,6 +37,7 @@ import triton
 import triton.language as tl
 
 from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
+from dre_kernels.contrastive_loss import contrastive_loss_finish
 from dre_kernels._library import loss_dtype
 from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg,
                                                mm_fr, next_pow2)
@@ -103,7 +108,7 @@ def _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS: tl.constexpr):
 
 @triton.jit
 def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab_ptr, scale_ptr, ref_ptr,
-                   rlse_ptr, rpos_ptr, csum_ptr, cpos_ptr, B, P,
+                   rlse_ptr, rdiag_ptr, rpos_ptr, csum_ptr, cpos_ptr, B, P,
                    HAS_LABELS: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -115,14 +120,18 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
     m_i = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_I,), dtype=ACC)
     pos_i = tl.zeros((BLOCK_I,), dtype=ACC)
+    d_i = tl.zeros((BLOCK_I,), dtype=ACC)
     for j0 in range(0, B, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = j < B
         invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
-        lt = tl.where(valid, logits, float("-inf"))
-        # rows: online log-sum-exp (rows past B stay at -inf and are never stored)
+        on_diag = (i[:, None] == j[None, :]) & valid
+        d_i += tl.sum(tl.where(on_diag, logits, 0.0), axis=1)
+        # the log-sum-exps leave the diagonal out (the host adds it back: contrastive_loss_finish)
+        lt = tl.where(valid & ~on_diag, logits, float("-inf"))
+        # rows: online log-sum-exp (rows past B, and a row with no off-diagonal logit, stay at -inf)
         m_i, l_i = _online_lse(m_i, l_i, lt, 1)
         # positives, both directions
         pos = _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS)
@@ -130,12 +139,14 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         pos_i += tl.sum(pl, axis=1)
         tl.atomic_add(cpos_ptr + j, tl.sum(pl, axis=0), mask=jmask, sem="relaxed")
         # columns: this tile's share, rescaled to the column bound in float64
-        cm = tl.where(jmask, tl.max(lt, axis=0), 0.0)  # columns past B: 0, not -inf (no inf - inf)
+        cm = tl.max(lt, axis=0)
+        cm = tl.where(cm == float("-inf"), 0.0, cm)  # a column with no logit here (past B, or only its diagonal)
         cs = tl.sum(tl.exp(lt - cm[None, :]), axis=0)
         ref = tl.load(ref_ptr + j, mask=jmask, other=0.0)
         contrib = cs.to(tl.float64) * tl.exp((cm - ref).to(tl.float64))
         tl.atomic_add(csum_ptr + j, contrib, mask=jmask, sem="relaxed")
     tl.store(rlse_ptr + i, m_i + tl.log(tl.where(imask, l_i, 1.0)), mask=imask)
+    tl.store(rdiag_ptr + i, d_i, mask=imask)
     tl.store(rpos_ptr + i, pos_i, mask=imask)
 
 
@@ -147,7 +158,7 @@ COLUMN_SUM_TINY = 1e-280
 def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, scale_ptr, csum_ptr, clse_ptr, B, P,
                        TINY: tl.constexpr, MODE: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Exact column log-sum-exps, with an online max over every row, for the columns of this block whose
+    """Exact off-diagonal column log-sum-exps, with an online max over every row, for the columns of this block whose
     float64 sum at the bound underflowed; a block with none returns without reading a row."""
     j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = j < B
@@ -164,14 +175,14 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr,
         inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
-        lt = tl.where(valid, logits, float("-inf"))
+        lt = tl.where(valid & (i[:, None] != j[None, :]), logits, float("-inf"))
         m_j, l_j = _online_lse(m_j, l_j, lt, 0)
     tl.store(clse_ptr + j, m_j + tl.log(tl.where(need, l_j, 1.0)), mask=need)
 
 
 @triton.jit
 def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab_ptr, scale_ptr,
-                   lx_ptr, ly_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
+                   lx_ptr, ly_ptr, ex_ptr, ey_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
                    HAS_LABELS: tl.constexpr, X_IS_B: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PO: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -183,6 +194,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
     s = tl.load(scale_ptr)
     invx = tl.load(invx_ptr + i, mask=imask, other=0.0)
     lx = tl.load(lx_ptr + i, mask=imask, other=0.0)
+    ex = tl.load(ex_ptr + i, mask=imask, other=0.0)
     hg_i = 0.5 * tl.load(g_ptr + i, mask=imask, other=0.0)
     n_i = tl.load(npos_ptr + i, mask=imask, other=1.0)
     li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
@@ -205,13 +217,16 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
                             BLOCK_P)
         invy = tl.load(invy_ptr + j, mask=jmask, other=0.0)
         ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
+        ey = tl.load(ey_ptr + j, mask=jmask, other=0.0)
         hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
         n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0)
         logits, uv = _logit(s, dot, invx, invy)
         valid = imask[:, None] & jmask[None, :]
         posf = tl.where(_positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS), 1.0, 0.0)
-        w = (hg_i[:, None] * (tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
-             + hg_j[None, :] * (tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
+        # on the diagonal of a row whose only positive it is, p_ii - 1 = expm1(-r_i), given (no cancellation)
+        own = (i[:, None] == j[None, :]) & (n_i[:, None] == 1.0)
+        w = (hg_i[:, None] * tl.where(own, ex[:, None], tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
+             + hg_j[None, :] * tl.where(own, ey[None, :], tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
         w = tl.where(valid, w, 0.0)
         yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
                      other=0.0)
@@ -304,17 +319,18 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     invb, nb = inv_norms(b, normalize, acc)
     # column bound ref_j = |s| max_i ||u_i|| ||v_j||
     ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous() if B else nb
-    rlse = torch.empty(B, dtype=acc, device=dev)
+    rlse = torch.empty(B, dtype=acc, device=dev)  # the off-diagonal row log-sum-exps, then row_lse
+    rdiag = torch.empty(B, dtype=acc, device=dev)
     rpos = torch.empty(B, dtype=acc, device=dev)
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
     cpos = torch.zeros(B, dtype=acc, device=dev)
     if B == 0:
-        return rlse, rlse.clone(), rlse.clone()
+        return (rlse,) + tuple(rlse.clone() for _ in range(4))
     has_labels = labels is not None
     lab = labels.contiguous() if has_labels else inva
     mode = _mode(a, b)
     args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, lab, s, ref,
-            rlse, rpos, csum, cpos, B, P, has_labels, mode)
+            rlse, rdiag, rpos, csum, cpos, B, P, has_labels, mode)
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
            enable_fp_fusion=False)
     clse = (ref.double() + torch.log(csum)).to(acc)
@@ -323,12 +339,10 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
         mode, **meta, enable_fp_fusion=False)
-    npos = num_positives(labels, B, dev, acc)
-    loss = ((rlse - rpos / npos) + (clse - cpos / npos)) * 0.5
-    return loss, rlse, clse
+    return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev, acc))
 
 
-def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse):
+def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss):
     B, P = a.shape
     dev = a.device
     a, b = a.detach(), b.detach()
@@ -346,11 +360,13 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     # one float per row block, summed here: deterministic, and sized for the smallest BLOCK_I of any config
     gs = torch.zeros(triton.cdiv(B, 32) if B else 1, dtype=acc, device=dev)
     rl, cl = row_lse.to(acc).contiguous(), col_lse.to(acc).contiguous()
+    er, ec = torch.expm1(-row_loss.to(acc)).contiguous(), torch.expm1(-col_loss.to(acc)).contiguous()
     mode = _mode(a, b)
     if B:
-        for x, y, invx, invy, lx, ly, out, x_is_b in ((a, b, inva, invb, rl, cl, gu, False),
-                                                      (b, a, invb, inva, cl, rl, gv, True)):
-            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, g, npos,
+        for x, y, invx, invy, lx, ly, ex, ey, out, x_is_b in ((a, b, inva, invb, rl, cl, er, ec, gu, False),
+                                                              (b, a, invb, inva, cl, rl, ec, er, gv, True)):
+            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, ex, ey, g,
+                    npos,
                     out, gs, B, P, has_labels, x_is_b, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
