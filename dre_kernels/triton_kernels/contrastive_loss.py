@@ -127,10 +127,10 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
-        on_diag = (i[:, None] == j[None, :]) & valid
-        d_i += tl.sum(tl.where(on_diag, logits, 0.0), axis=1)
-        # the log-sum-exps leave the diagonal out (the host adds it back: contrastive_loss_finish)
-        lt = tl.where(valid & ~on_diag, logits, float("-inf"))
+        d_i += tl.sum(tl.where(valid & (i[:, None] == j[None, :]), logits, 0.0), axis=1)
+        # the log-sum-exps leave the diagonal out (the host adds it back: contrastive_loss_finish); no `~` on a
+        # boolean tile: triton 3.2's interpreter cannot invert int1
+        lt = tl.where(valid & (i[:, None] != j[None, :]), logits, float("-inf"))
         # rows: online log-sum-exp (rows past B, and a row with no off-diagonal logit, stay at -inf)
         m_i, l_i = _online_lse(m_i, l_i, lt, 1)
         # positives, both directions
