@@ -337,11 +337,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     sys.path.insert(0, os.path.dirname(HERE))
-    import triton
+    from dre_kernels.triton_kernels._common import TRITON_VERSION
 
-    old_triton = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 3)
     compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose,
-                        args.isolate or old_triton)
+                        args.isolate or TRITON_VERSION < (3, 3))
     compiler.install()
     t0 = time.time()
     host_errors = []

@@ -30,6 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "contrastive_loss_finish.h"
 #include "cpu/avx512_kernels.h"
 #include "cpu/common.h"
 
@@ -284,49 +285,20 @@ void lse_both(const at::Tensor& A, const at::Tensor& Bn, T s, const Classes& c, 
   }
 }
 
-// log(e^x + e^y) without overflow, -inf for two -inf, NaN for a NaN
-template <typename T>
-T logaddexp(T x, T y) {
-  if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<T>::quiet_NaN();
-  const T m = std::max(x, y);
-  if (std::isinf(m)) return m;
-  return m + std::log1p(std::exp(-std::abs(x - y)));
-}
-
-// log(1 + e^x), keeping the relative precision of small results
-template <typename T>
-T softplus(T x) {
-  return x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
-}
-
-using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename T>
-FwdOut fwd_impl(const at::Tensor& a, const at::Tensor& b,
-                                                        const at::Tensor& logit_scale,
-                                                        const c10::optional<at::Tensor>& labels, bool normalize) {
+ContrastiveFwdOut fwd_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+                           const c10::optional<at::Tensor>& labels, bool normalize) {
   const int64_t B = a.size(0);
   const T s = logit_scale.to(c10::CppTypeToScalarType<T>::value).template item<T>();
   const at::Tensor A = normalized<T>(a, normalize).first, Bn = normalized<T>(b, normalize).first;
   const Classes c = classes_of(labels, B);
-  std::vector<T> off_row(B), off_col(B), diag(B), pos_row(B), pos_col(B);
-  lse_both<T>(A, Bn, s, c, off_row.data(), off_col.data(), diag.data(), pos_row.data(), pos_col.data());
-  // dre_kernels.contrastive_loss.contrastive_loss_finish
-  at::Tensor loss = at::empty({B}, topts<T>()), row_lse = at::empty({B}, topts<T>()),
-             col_lse = at::empty({B}, topts<T>()), row_loss = at::empty({B}, topts<T>()),
-             col_loss = at::empty({B}, topts<T>());
-  T *lo = loss.template data_ptr<T>(), *rl = row_lse.template data_ptr<T>(), *cl = col_lse.template data_ptr<T>(),
-    *r = row_loss.template data_ptr<T>(), *co = col_loss.template data_ptr<T>();
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t count = c.count[c.cls[i]];
-    const T n = static_cast<T>(count);
-    rl[i] = logaddexp(off_row[i], diag[i]);
-    cl[i] = logaddexp(off_col[i], diag[i]);
-    r[i] = count == 1 ? softplus(off_row[i] - diag[i]) : rl[i] - pos_row[i] / n;
-    co[i] = count == 1 ? softplus(off_col[i] - diag[i]) : cl[i] - pos_col[i] / n;
-    lo[i] = (r[i] + co[i]) / T(2);
-  }
-  return {loss, row_lse, col_lse, row_loss, col_loss};
+  // off-diagonal log-sum-exps (rows, columns), diagonal, positive sums (rows, columns), |P_i|
+  at::Tensor parts = at::empty({6, B}, topts<T>());
+  T* p = parts.template data_ptr<T>();
+  lse_both<T>(A, Bn, s, c, p, p + B, p + 2 * B, p + 3 * B, p + 4 * B);
+  for (int64_t i = 0; i < B; ++i) p[5 * B + i] = static_cast<T>(c.count[c.cls[i]]);
+  return contrastive_loss_finish(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]);
 }
 
 // The dense part of the backward, one logit tile for both sides: with
@@ -433,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const T* gp = g.template data_ptr<T>();
   at::Tensor Y = at::zeros({B, P}, topts<T>()), X = at::zeros({B, P}, topts<T>());
   const at::Tensor g_half = g / 2;
-  const at::Tensor em1_row = at::expm1(-row_loss.to(st)).contiguous(), em1_col = at::expm1(-col_loss.to(st)).contiguous();
+  const at::Tensor em1_row = at::expm1(-row_loss.to(st)).contiguous();
+  const at::Tensor em1_col = at::expm1(-col_loss.to(st)).contiguous();
   const Classes c = classes_of(labels, B);
   std::vector<char> own(B);
   for (int64_t i = 0; i < B; ++i) own[i] = c.count[c.cls[i]] == 1;
@@ -459,8 +432,8 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lo
                     logit_scale.sizes());
 }
 
-FwdOut contrastive_loss_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
-                                const c10::optional<at::Tensor>& labels, bool normalize) {
+ContrastiveFwdOut contrastive_loss_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+                                           const c10::optional<at::Tensor>& labels, bool normalize) {
   check_inputs(a, b, logit_scale);
   // detached views: at::parallel_for workers do not inherit the caller's below-autograd dispatch state
   const at::Tensor a_ = a.detach(), b_ = b.detach(), s_ = logit_scale.detach();

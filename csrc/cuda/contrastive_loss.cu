@@ -18,9 +18,9 @@
 // Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
 // grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
 // swapped), grad s = sum_ij W_ij <u_i, v_j> (per row block, summed on the host); on the diagonal of a row whose only
-// positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the host (ex, ey), free of that difference's cancellation. Block (I, p) owns CL_BI rows and a
-// CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared memory and multiplies by the
-// matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
+// positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the host (ex, ey), free of that difference's cancellation.
+// Block (I, p) owns CL_BI rows and a CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared
+// memory and multiplies by the matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
 // Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64);
 // dynamic shared memory 0 (static arrays only).
@@ -170,10 +170,10 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
   }
 }
 
-// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal logit lies
-// more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal log-sum-exp
-// recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks every row
-// tile with an online max/sum per column and overwrites clse_j of those columns.
+// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal logit
+// lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal
+// log-sum-exp recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks
+// every row tile with an online max/sum per column and overwrites clse_j of those columns.
 DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
                                i64 s_bc, const float* inva, const float* invb, const float* scale, const double* csum,
                                float* clse, i64 B, int P) {

@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "cuda/launch_rules.h"
+#include "contrastive_loss_finish.h"
 #include "cuda/launchers.h"
 #include "value_checks.h"
 
@@ -352,21 +353,9 @@ void cl_checks(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit
                     logit_scale.sizes());
 }
 
-// dre_kernels.contrastive_loss.contrastive_loss_finish: (loss, row_lse, col_lse, row_loss, col_loss) from the
-// off-diagonal log-sum-exps, the diagonal logits, the positive sums and |P_i|
-using ClFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-ClFwdOut contrastive_loss_finish(const at::Tensor& off_row, const at::Tensor& off_col, const at::Tensor& diag,
-                                 const at::Tensor& pos_row, const at::Tensor& pos_col, const at::Tensor& npos) {
-  const at::Tensor zero = at::zeros_like(diag), single = npos == 1;
-  const at::Tensor row_lse = at::logaddexp(off_row, diag), col_lse = at::logaddexp(off_col, diag);
-  const at::Tensor r = at::where(single, at::logaddexp(off_row - diag, zero), row_lse - pos_row / npos);
-  const at::Tensor c = at::where(single, at::logaddexp(off_col - diag, zero), col_lse - pos_col / npos);
-  return {(r + c) * 0.5, row_lse, col_lse, r, c};
-}
-
-ClFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& logit_scale,
-                                   const c10::optional<at::Tensor>& labels, bool normalize) {
+ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tensor& b_,
+                                            const at::Tensor& logit_scale, const c10::optional<at::Tensor>& labels,
+                                            bool normalize) {
   const c10::cuda::CUDAGuard guard(a_.device());
   cl_checks(a_, b_, logit_scale);
   const at::Tensor a = a_.detach(), b = b_.detach();
