@@ -13,19 +13,20 @@ count exactly (with normalize and |s| <= 300 no column can fall that far); only 
 memory, never a B x B tensor or per-tile partials. Without normalize, inputs with large norms can put a whole column
 further below its bound, where its float64 sum underflows: a second kernel (_cl_col_fix_kernel) recomputes the
 log-sum-exp of exactly those columns with an online max over every row, and its programs whose columns are all
-fine return without reading a row (the usual case: a launch and B float64 reads). Positives (labels_i == labels_j, or i == j without labels) are summed per row
-in registers and per column with a float32 atomic add in the same pass; |P_i| comes from a sort of the labels.
+fine return without reading a row (the usual case: a launch and B float64 reads). Positives (labels_i == labels_j,
+or i == j without labels) are summed per row in registers and per column with a float32 atomic add in the same pass;
+|P_i| comes from a sort of the labels.
 Both log-sum-exps leave the diagonal out, and the pass keeps each row's diagonal logit l_ii: the host forms
 R_i = logaddexp(O_i, l_ii) and, for a row whose only positive is its diagonal, r_i = log(1 + exp(O_i - l_ii))
 (contrastive_loss_finish), which keeps its relative precision as r_i -> 0 where R_i - l_ii keeps ulp(R_i).
 
 Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
 grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>; on the diagonal of a
-row whose only positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the forward (no cancellation). W is symmetric under
-swapping (a, R) with (b, C), so one kernel computes grad u with rows of a, and the same kernel with the roles
-swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics per tile). Every
-launch computes a logit alike, a on the left of the dot and the same BLOCK_P (BLOCK_P_BY_MODE), so that the
-backward's logits are the forward's to the bit.
+row whose only positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the forward (no cancellation). W is
+symmetric under swapping (a, R) with (b, C), so one kernel computes grad u with rows of a, and the same kernel
+with the roles swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics
+per tile). Every launch computes a logit alike, a on the left of the dot and the same BLOCK_P (BLOCK_P_BY_MODE),
+so that the backward's logits are the forward's to the bit.
 Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator. The normalisation's
 backward, grad a = (grad u - u <u, grad u>) / ||a||, is O(B*P) elementwise work in PyTorch.
 """
@@ -366,8 +367,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
         for x, y, invx, invy, lx, ly, ex, ey, out, x_is_b in ((a, b, inva, invb, rl, cl, er, ec, gu, False),
                                                               (b, a, invb, inva, cl, rl, ec, er, gv, True)):
             args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, ex, ey, g,
-                    npos,
-                    out, gs, B, P, has_labels, x_is_b, mode)
+                    npos, out, gs, B, P, has_labels, x_is_b, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
                    enable_fp_fusion=False)
