@@ -293,34 +293,256 @@ DRE_DEVICE void re_tc_aggregate(float* acc, const float* W, const unsigned short
   }
 }
 
-}  // namespace dre_cuda
+// ---- the two ways to run the products, behind one interface that re_fwd_body and re_bwd_body are written against.
+// A Tiles value holds this block's staging tiles (in the shared-memory union after ReSmem's head) and what it needs to
+// fill them; its methods, called by all threads of the block:
+//   load<WITH_G>(nr, dd, C, Gb)  stage columns [dd, dd + DT) of this step's nr rows, of C and (WITH_G) of G_b
+//   row_sq(r)                    sum over the staged columns of x_rd^2
+//   dots<WITH_G>(dot, dotg)      dot[j] += <x_r, c_k> (dotg[j] += <x_r, G_bk>) over them, for this thread's pairs j
+//   for_each_pair<N>(f)          f(j, r, k) for each dot[j] (of N) this thread holds: row r, codeword k
+//   for_each_row_block(nr, d0, dn, f)   stage columns [d0, d0 + dn) of the rows in xo, a block of rows at a time
+//                                (barrier before and after each staging), calling f(rs, ns) on rows rs..rs + ns
+//   aggregate(acc, W, rs, ns)    acc[j] += sum_r W_(rs + r),k x_(rs + r),d (W row stride K + 1) over a staged block
+//   xo_at(r, d)                  a staged value (r relative to the block)
+//   for_each_out(f)              f(j, k, d) for each acc[j] this thread holds: codeword k, column d of the tile
+// kPairsFwd / kPairsBwd: the length of dot (and dotg) per thread. The bodies give the same instructions as four
+// hand-written kernels would (ptxas: the same registers as the kernels they replaced, instruction counts within 1%).
 
-using namespace dre_cuda;
+// SIMT float32 FMA: xs (R x DT), cs and gs (K x DT) with row stride DT + 1 (no bank conflicts in the pair loops);
+// thread tid holds pairs p = tid + NTHREADS j (r = p / K, k = p % K) and outputs e = tid + NTHREADS j (k = e / DO,
+// d = e % DO); xo (RE_XO floats, RE_XO / DO rows at a time) aliases the distance tiles.
+template <int DT>
+struct ReSimtTiles {
+  static constexpr int kPairsFwd = RE_PPT, kPairsBwd = RE_PPT;
+  float *xs, *cs, *gs, *xo;
+  const void* rows;
+  const i64* roff;
+  i64 s_c;
+  int dt, R, K, D, DO, tid;
 
-// Forward over one source of rows. With E (with_e): adds partial E into acc (B, K, D) float32, and mass (B, K).
-// Without E: the argmin/assignment pass only (mass). With G (hard only): writes grad x rows gx[i] = G_{b, k(i)}.
-DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
-                           const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
-                           const float* scale, float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
-                           i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO) {
+  DRE_DEVICE ReSimtTiles(float* tail, const void* rows_, int dt_, const i64* roff_, i64 s_c_, int R_, int K_, int D_,
+                         int DO_, int /*DT: a template argument here*/, int tid_)
+      : rows(rows_), roff(roff_), s_c(s_c_), dt(dt_), R(R_), K(K_), D(D_), DO(DO_), tid(tid_) {
+    xs = tail;
+    cs = xs + R * (DT + 1);
+    gs = cs + K * (DT + 1);
+    xo = xs;
+  }
+
+  template <bool WITH_G>
+  DRE_DEVICE void load(int nr, int dd, const float* C, const float* Gb) {
+    for (int e = tid; e < R * DT; e += NTHREADS) {
+      const int r = e / DT, d = e % DT;
+      xs[r * (DT + 1) + d] = (r < nr && dd + d < D) ? load_f(rows, roff[r] + (i64)(dd + d) * s_c, dt) : 0.f;
+    }
+    for (int e = tid; e < K * DT; e += NTHREADS) {
+      const int k = e / DT, d = e % DT;
+      const bool in = dd + d < D;
+      cs[k * (DT + 1) + d] = in ? C[(i64)k * D + dd + d] : 0.f;
+      if constexpr (WITH_G) gs[k * (DT + 1) + d] = in ? Gb[(i64)k * D + dd + d] : 0.f;
+    }
+  }
+
+  DRE_DEVICE float row_sq(int r) const {
+    float s = 0.f;
+    for (int d = 0; d < DT; ++d) s += xs[r * (DT + 1) + d] * xs[r * (DT + 1) + d];
+    return s;
+  }
+
+  template <bool WITH_G, int N>
+  DRE_DEVICE void dots(float (&dot)[N], float (&dotg)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int p = tid + NTHREADS * j;
+      if (p < R * K) {
+        const float* xr = xs + (p / K) * (DT + 1);
+        const float* cr = cs + (p % K) * (DT + 1);
+        const float* gr = gs + (p % K) * (DT + 1);
+        float s = dot[j], t = dotg[j];
+        for (int d = 0; d < DT; ++d) {
+          s += xr[d] * cr[d];
+          if constexpr (WITH_G) t += xr[d] * gr[d];
+        }
+        dot[j] = s;
+        if constexpr (WITH_G) dotg[j] = t;
+      }
+    }
+  }
+
+  template <int N, class F>
+  DRE_DEVICE void for_each_pair(F&& f) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int p = tid + NTHREADS * j;
+      if (p < R * K) f(j, p / K, p % K);
+    }
+  }
+
+  template <class F>
+  DRE_DEVICE void for_each_row_block(int nr, int d0, int dn, F&& f) {
+    const int RS = RE_XO / DO;  // DO >= 1: the host passes 1 for a pass without E
+    for (int rs = 0; rs < nr; rs += RS) {
+      const int ns = imin(RS, nr - rs);
+      __syncthreads();  // xo aliases the distance tiles
+      for (int e = tid; e < ns * DO; e += NTHREADS) {
+        const int r = e / DO, d = e % DO;
+        xo[e] = d < dn ? load_f(rows, roff[rs + r] + (i64)(d0 + d) * s_c, dt) : 0.f;
+      }
+      __syncthreads();
+      f(rs, ns);
+    }
+  }
+
+  DRE_DEVICE void aggregate(float* acc, const float* W, int rs, int ns) const {
+#pragma unroll
+    for (int j = 0; j < RE_EPT; ++j) {
+      const int e = tid + NTHREADS * j;
+      if (e < K * DO) {
+        const int k = e / DO, d = e % DO;
+        float s = acc[j];
+        for (int r = 0; r < ns; ++r) s += W[(rs + r) * (K + 1) + k] * xo[r * DO + d];
+        acc[j] = s;
+      }
+    }
+  }
+
+  DRE_DEVICE float xo_at(int r, int d) const { return xo[r * DO + d]; }
+
+  template <class F>
+  DRE_DEVICE void for_each_out(F&& f) const {
+#pragma unroll
+    for (int j = 0; j < RE_EPT; ++j) {
+      const int e = tid + NTHREADS * j;
+      if (e < K * DO) f(j, e / DO, e % DO);
+    }
+  }
+};
+
+// Tensor cores (sm_80+, 16-bit rows): mma.sync m16n8k16 on 16-bit tiles xs (R x DT), c_hi/c_lo and g_hi/g_lo
+// (K8 x DT, the float32 operand split into hi + lo), row stride DT + 8; xo (R x DO, all nr rows at once) aliases them.
+// Warp w owns distance tiles (N / 4) w.. of the (R/16) x (K8/8) grid (N = kPairs*) and aggregation tiles 8w..8w+7 of
+// the (K16/16) x (DO/8) grid; element e of a tile sits in the accumulator's [4 (tile - first) + e] (PTX layout).
+struct ReTcTiles {
+  static constexpr int kPairsFwd = RE_PPT, kPairsBwd = RE_PPT / 2;  // the backward holds dot and dotg
+  unsigned short *xs, *c_hi, *c_lo, *g_hi, *g_lo, *xo;
+  const void* rows;
+  const i64* roff;
+  i64 s_c;
+  int dt, R, K, D, DO, DT, tid;
+
+  // recomputed where used: held in the struct, they stay live through the row loop (ptxas then takes 115-128
+  // registers for these kernels on sm_90 instead of 96)
+  DRE_DEVICE int warp() const { return tid >> 5; }
+  DRE_DEVICE int lane() const { return tid & 31; }
+  DRE_DEVICE int nnt() const { return ((K + 7) & ~7) / 8; }
+  DRE_DEVICE int tiles() const { return (R / 16) * nnt(); }
+
+  DRE_DEVICE ReTcTiles(float* tail, const void* rows_, int dt_, const i64* roff_, i64 s_c_, int R_, int K_, int D_,
+                       int DO_, int DT_, int tid_)
+      : rows(rows_), roff(roff_), s_c(s_c_), dt(dt_), R(R_), K(K_), D(D_), DO(DO_), DT(DT_), tid(tid_) {
+    const int K8 = (K + 7) & ~7;
+    xs = (unsigned short*)tail;
+    c_hi = xs + R * (DT + 8);
+    c_lo = c_hi + K8 * (DT + 8);
+    g_hi = c_lo + K8 * (DT + 8);
+    g_lo = g_hi + K8 * (DT + 8);
+    xo = xs;
+  }
+
+  template <bool WITH_G>
+  DRE_DEVICE void load(int nr, int dd, const float* C, const float* Gb) {
+    re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
+    re_tc_load_split(c_hi, c_lo, C, dt, K, D, dd, DT, tid);
+    if constexpr (WITH_G) re_tc_load_split(g_hi, g_lo, Gb, dt, K, D, dd, DT, tid);
+  }
+
+  DRE_DEVICE float row_sq(int r) const {
+    float s = 0.f;
+    for (int d = 0; d < DT; ++d) {
+      const float v = from_16(xs[r * (DT + 8) + d], dt);
+      s += v * v;
+    }
+    return s;
+  }
+
+  template <bool WITH_G, int N>
+  DRE_DEVICE void dots(float (&dot)[N], float (&dotg)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      const int q = warp() * (N / 4) + j;
+      if (q < tiles()) {
+        re_tc_dot_tile(dot + 4 * j, xs, c_hi, c_lo, q / nnt(), q % nnt(), DT, dt, lane());
+        if constexpr (WITH_G) re_tc_dot_tile(dotg + 4 * j, xs, g_hi, g_lo, q / nnt(), q % nnt(), DT, dt, lane());
+      }
+    }
+  }
+
+  template <int N, class F>
+  DRE_DEVICE void for_each_pair(F&& f) const {
+    const int g = lane() >> 2, t = lane() & 3;
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      const int q = warp() * (N / 4) + j;
+      if (q >= tiles()) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * (q / nnt()) + g + 8 * (e >> 1), k = 8 * (q % nnt()) + 2 * t + (e & 1);
+        if (k < K) f(4 * j + e, r, k);
+      }
+    }
+  }
+
+  template <class F>
+  DRE_DEVICE void for_each_row_block(int nr, int d0, int dn, F&& f) {
+    __syncthreads();  // xo aliases the distance tiles
+    re_tc_load_cols(xo, rows, roff, s_c, nr, R, DO, d0, dn, tid);
+    __syncthreads();
+    f(0, nr);
+  }
+
+  DRE_DEVICE void aggregate(float* acc, const float* W, int rs, int ns) const {
+    re_tc_aggregate(acc, W + rs * (K + 1), xo + rs * (DO + 8), ns, K, DO, dt, warp(), lane());
+  }
+
+  DRE_DEVICE float xo_at(int r, int d) const { return from_16(xo[r * (DO + 8) + d], dt); }
+
+  template <class F>
+  DRE_DEVICE void for_each_out(F&& f) const {
+    const int ntn = DO / 8, tiles3 = ((K + 15) / 16) * ntn, g = lane() >> 2, t = lane() & 3;
+#pragma unroll
+    for (int j = 0; j < RE_EPT / 4; ++j) {
+      const int q = warp() * (RE_EPT / 4) + j;
+      if (q >= tiles3) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int k = 16 * (q / ntn) + g + 8 * (e >> 1), d = 8 * (q % ntn) + 2 * t + (e & 1);
+        if (k < K) f(4 * j + e, k, d);
+      }
+    }
+  }
+};
+
+// Forward over one source of rows, the products by Tiles (see the header comment). With E (with_e): adds partial E
+// into acc (B, K, D) float32, and mass (B, K). Without E: the argmin/assignment pass only (mass). With G (hard only):
+// writes grad x rows gx[i] = G_{b, k(i)}.
+template <class Tiles>
+DRE_DEVICE void re_fwd_body(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
+                            const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
+                            const float* scale, float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
+                            i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO, int DT) {
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x;
   const int ndt = with_e ? (D + DO - 1) / DO : 1;
   i64 b, lo, hi;
   int pid_d;
   if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
-  const int DT = RE_DT_FWD;
   const int d0 = pid_d * DO;
   const int dn = with_e ? imin(DO, D - d0) : 0;
-  const int RS = RE_XO / (DO > 0 ? DO : 1);
+  constexpr int NP = Tiles::kPairsFwd;
 
   const ReSmem m = re_smem(smem, R, K, false);
   i64* roff = m.roff;
   int* kmin = m.kmin;
   float *xsq = m.xsq, *msum = m.msum, *A = m.A;
-  float* xs = m.tail;
-  float* cs = xs + R * (DT + 1);
-  float* xo = xs;
+  Tiles tl(m.tail, rows, rows_dt, roff, s_c, R, K, D, DO, DT, tid);
 
   float acc[RE_EPT];
 #pragma unroll
@@ -332,124 +554,71 @@ DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, cons
     const int nr = (int)lmin((i64)R, hi - r0);
     re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
     __syncthreads();
-    // (1) distances
-    float dot[RE_PPT];
+    // (1) distances: dot_rk = <x_r, c_k>, ||x_r||^2 from the same tiles
+    float dot[NP];
 #pragma unroll
-    for (int j = 0; j < RE_PPT; ++j) dot[j] = 0.f;
+    for (int j = 0; j < NP; ++j) dot[j] = 0.f;
     for (int dd = 0; dd < D; dd += DT) {
-      for (int e = tid; e < R * DT; e += NTHREADS) {
-        const int r = e / DT, d = e % DT;
-        xs[r * (DT + 1) + d] = (r < nr && dd + d < D) ? load_f(rows, roff[r] + (i64)(dd + d) * s_c, rows_dt) : 0.f;
-      }
-      for (int e = tid; e < K * DT; e += NTHREADS) {
-        const int k = e / DT, d = e % DT;
-        cs[k * (DT + 1) + d] = dd + d < D ? C[(i64)k * D + dd + d] : 0.f;
-      }
+      tl.template load<false>(nr, dd, C, C);
       __syncthreads();
-      if (!hard && tid < R) {
-        float s = 0.f;
-        for (int d = 0; d < DT; ++d) s += xs[tid * (DT + 1) + d] * xs[tid * (DT + 1) + d];
-        xsq[tid] += s;
-      }
-#pragma unroll
-      for (int j = 0; j < RE_PPT; ++j) {
-        const int p = tid + NTHREADS * j;
-        if (p < R * K) {
-          const float* xr = xs + (p / K) * (DT + 1);
-          const float* cr = cs + (p % K) * (DT + 1);
-          float s = dot[j];
-          for (int d = 0; d < DT; ++d) s += xr[d] * cr[d];
-          dot[j] = s;
-        }
-      }
+      if (!hard && tid < R) xsq[tid] += tl.row_sq(tid);
+      tl.template dots<false>(dot, dot);
       __syncthreads();
     }
-#pragma unroll
-    for (int j = 0; j < RE_PPT; ++j) {
-      const int p = tid + NTHREADS * j;
-      if (p < R * K) {
-        const int r = p / K, k = p % K;
-        float v;
-        if (hard) {
-          v = csq[k] - 2.f * dot[j];  // argmin needs no ||x||^2 and no clamp
-        } else {
-          v = xsq[r] - 2.f * dot[j] + csq[k];
-          v = v < 0.f ? 0.f : v;  // NaN stays NaN
-        }
-        A[r * (K + 1) + k] = v;
+    tl.template for_each_pair<NP>([&](int j, int r, int k) {
+      float v;
+      if (hard) {
+        v = csq[k] - 2.f * dot[j];  // argmin needs no ||x||^2 and no clamp
+      } else {
+        v = xsq[r] - 2.f * dot[j] + csq[k];
+        v = v < 0.f ? 0.f : v;  // NaN stays NaN
       }
-    }
+      A[r * (K + 1) + k] = v;
+    });
     __syncthreads();
     // (2) assignments and their column sums
     re_assign_fwd(A, kmin, msum, nr, R, K, hard, scale, tid);
     if (G != 0) re_hard_grad_rows(gx, gx_dt, G, kmin, b, r0, nr, K, D, tid);
     // (3) aggregation a^T x over this block's column tile
-    if (with_e) {
-      for (int rs = 0; rs < nr; rs += RS) {
-        const int ns = imin(RS, nr - rs);
-        __syncthreads();  // xo aliases the distance tiles
-        for (int e = tid; e < ns * DO; e += NTHREADS) {
-          const int r = e / DO, d = e % DO;
-          xo[e] = d < dn ? load_f(rows, roff[rs + r] + (i64)(d0 + d) * s_c, rows_dt) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < RE_EPT; ++j) {
-          const int e = tid + NTHREADS * j;
-          if (e < K * DO) {
-            const int k = e / DO, d = e % DO;
-            float s = acc[j];
-            for (int r = 0; r < ns; ++r) s += A[(rs + r) * (K + 1) + k] * xo[r * DO + d];
-            acc[j] = s;
-          }
-        }
-      }
-    }
+    if (with_e) tl.for_each_row_block(nr, d0, dn, [&](int rs, int ns) { tl.aggregate(acc, A, rs, ns); });
     __syncthreads();
   }
   if (with_e) {
-#pragma unroll
-    for (int j = 0; j < RE_EPT; ++j) {
-      const int e = tid + NTHREADS * j;
-      if (e < K * DO) {
-        const int k = e / DO, d = e % DO;
-        if (d < dn) {
-          const i64 o = (i64)k * D + d0 + d;
-          atomicAdd(acc_out + (i64)b * K * D + o, acc[j] - msum[k] * C[o]);
-        }
+    tl.for_each_out([&](int j, int k, int d) {
+      if (d < dn) {
+        const i64 o = (i64)k * D + d0 + d;
+        atomicAdd(acc_out + (i64)b * K * D + o, acc[j] - msum[k] * C[o]);
       }
-    }
+    });
   }
   if (pid_d == 0 && mass_out != 0)
     for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, msum[k]);
 }
 
-// Soft backward over one source of rows (see the header comment). G (B, K, D) and gc (B, K) = <G_bk, c_k> float32;
-// hx (K, D), hsum (K), gsum (K), mass (B, K) float32 accumulators; gx (M, D) contiguous in gx_dt (fresh rows only).
-DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
-                                int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
-                                const float* csq, const float* scale, const float* G, const float* gc, float* hx_out,
-                                float* hsum_out, float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K,
-                                int D, i64 chunk, int write_gx, int need_c, int R, int DO) {
+// Soft backward over one source of rows, the products by Tiles (see the header comment). G (B, K, D) and gc (B, K) =
+// <G_bk, c_k> float32; hx (K, D), hsum (K), gsum (K), mass (B, K) float32 accumulators; gx (M, D) contiguous in gx_dt
+// (fresh rows only).
+template <class Tiles>
+DRE_DEVICE void re_bwd_body(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
+                            const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
+                            const float* scale, const float* G, const float* gc, float* hx_out, float* hsum_out,
+                            float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk,
+                            int write_gx, int need_c, int R, int DO, int DT) {
   DRE_DYN_SMEM(smem);
   const int tid = threadIdx.x;
   const int ndt = (D + DO - 1) / DO;
   i64 b, lo, hi;
   int pid_d;
   if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
-  const int DT = RE_DT_BWD;
   const int d0 = pid_d * DO;
   const int dn = imin(DO, D - d0);
-  const int RS = RE_XO / DO;
   const float* Gb = G + (i64)b * K * D;
+  constexpr int NP = Tiles::kPairsBwd;
 
   const ReSmem m = re_smem(smem, R, K, true);
   i64* roff = m.roff;
   float *xsq = m.xsq, *shr = m.shr, *msum = m.msum, *hsum = m.hsum, *gsum = m.gsum, *A = m.A, *H = m.H;
-  float* xs = m.tail;
-  float* cs = xs + R * (DT + 1);
-  float* gs = cs + K * (DT + 1);
-  float* xo = xs;
+  Tiles tl(m.tail, rows, rows_dt, roff, s_c, R, K, D, DO, DT, tid);
 
   float acc[RE_EPT];
 #pragma unroll
@@ -461,98 +630,45 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
     const int nr = (int)lmin((i64)R, hi - r0);
     re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
     __syncthreads();
-    float dot[RE_PPT], dotg[RE_PPT];
+    // (1) distances and g_rk = <G_bk, x_r> - <G_bk, c_k> from the same tiles
+    float dot[NP], dotg[NP];
 #pragma unroll
-    for (int j = 0; j < RE_PPT; ++j) dot[j] = dotg[j] = 0.f;
+    for (int j = 0; j < NP; ++j) dot[j] = dotg[j] = 0.f;
     for (int dd = 0; dd < D; dd += DT) {
-      for (int e = tid; e < R * DT; e += NTHREADS) {
-        const int r = e / DT, d = e % DT;
-        xs[r * (DT + 1) + d] = (r < nr && dd + d < D) ? load_f(rows, roff[r] + (i64)(dd + d) * s_c, rows_dt) : 0.f;
-      }
-      for (int e = tid; e < K * DT; e += NTHREADS) {
-        const int k = e / DT, d = e % DT;
-        const bool in = dd + d < D;
-        cs[k * (DT + 1) + d] = in ? C[(i64)k * D + dd + d] : 0.f;
-        gs[k * (DT + 1) + d] = in ? Gb[(i64)k * D + dd + d] : 0.f;
-      }
+      tl.template load<true>(nr, dd, C, Gb);
       __syncthreads();
-      if (tid < R) {
-        float s = 0.f;
-        for (int d = 0; d < DT; ++d) s += xs[tid * (DT + 1) + d] * xs[tid * (DT + 1) + d];
-        xsq[tid] += s;
-      }
-#pragma unroll
-      for (int j = 0; j < RE_PPT; ++j) {
-        const int p = tid + NTHREADS * j;
-        if (p < R * K) {
-          const float* xr = xs + (p / K) * (DT + 1);
-          const float* cr = cs + (p % K) * (DT + 1);
-          const float* gr = gs + (p % K) * (DT + 1);
-          float s = dot[j], t = dotg[j];
-          for (int d = 0; d < DT; ++d) {
-            s += xr[d] * cr[d];
-            t += xr[d] * gr[d];
-          }
-          dot[j] = s;
-          dotg[j] = t;
-        }
-      }
+      if (tid < R) xsq[tid] += tl.row_sq(tid);
+      tl.template dots<true>(dot, dotg);
       __syncthreads();
     }
-#pragma unroll
-    for (int j = 0; j < RE_PPT; ++j) {
-      const int p = tid + NTHREADS * j;
-      if (p < R * K) {
-        const int r = p / K, k = p % K;
-        const float v = xsq[r] - 2.f * dot[j] + csq[k];
-        A[r * (K + 1) + k] = v < 0.f ? 0.f : v;
-        H[r * (K + 1) + k] = dotg[j] - gc[b * K + k];  // g_rk
-      }
-    }
+    tl.template for_each_pair<NP>([&](int j, int r, int k) {
+      const float v = xsq[r] - 2.f * dot[j] + csq[k];
+      A[r * (K + 1) + k] = v < 0.f ? 0.f : v;
+      H[r * (K + 1) + k] = dotg[j] - gc[b * K + k];  // g_rk
+    });
     __syncthreads();
-    // per row: a (softmax), h = a (g - <a, g>); mass, hsum and gsum by shared atomics; shr_r = sum_k s_k h_rk
+    // (2) per row: a (softmax), h = a (g - <a, g>); mass, hsum and gsum by shared atomics; shr_r = sum_k s_k h_rk
     re_assign_bwd(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
-    for (int rs = 0; rs < nr; rs += RS) {
-      const int ns = imin(RS, nr - rs);
-      __syncthreads();  // xo aliases the distance tiles; A, H, shr complete
-      for (int e = tid; e < ns * DO; e += NTHREADS) {
-        const int r = e / DO, d = e % DO;
-        xo[e] = d < dn ? load_f(rows, roff[rs + r] + (i64)(d0 + d) * s_c, rows_dt) : 0.f;
-      }
-      __syncthreads();
-      if (need_c) {
-#pragma unroll
-        for (int j = 0; j < RE_EPT; ++j) {
-          const int e = tid + NTHREADS * j;
-          if (e < K * DO) {
-            const int k = e / DO, d = e % DO;
-            float s = acc[j];
-            for (int r = 0; r < ns; ++r) s += H[(rs + r) * (K + 1) + k] * xo[r * DO + d];
-            acc[j] = s;
-          }
-        }
-      }
+    // (3) h^T x over this block's column tile, and grad x of the fresh rows (barriers in for_each_row_block: A, H,
+    // shr complete before the first block)
+    tl.for_each_row_block(nr, d0, dn, [&](int rs, int ns) {
+      if (need_c) tl.aggregate(acc, H, rs, ns);
       if (write_gx) {
         for (int e = tid; e < ns * DO; e += NTHREADS) {
           const int r = e / DO, d = e % DO;
           if (d >= dn) continue;
-          const float v = re_grad_x(A + (rs + r) * (K + 1), H + (rs + r) * (K + 1), Gb, C, scale, shr[rs + r], xo[e],
-                                    K, D, d0 + d);
+          const float v = re_grad_x(A + (rs + r) * (K + 1), H + (rs + r) * (K + 1), Gb, C, scale, shr[rs + r],
+                                    tl.xo_at(r, d), K, D, d0 + d);
           store_f(gx, (r0 + rs + r) * D + d0 + d, v, gx_dt);
         }
       }
-    }
+    });
     __syncthreads();
   }
   if (need_c) {
-#pragma unroll
-    for (int j = 0; j < RE_EPT; ++j) {
-      const int e = tid + NTHREADS * j;
-      if (e < K * DO) {
-        const int k = e / DO, d = e % DO;
-        if (d < dn) atomicAdd(hx_out + (i64)k * D + d0 + d, acc[j]);
-      }
-    }
+    tl.for_each_out([&](int j, int k, int d) {
+      if (d < dn) atomicAdd(hx_out + (i64)k * D + d0 + d, acc[j]);
+    });
     if (pid_d == 0) {
       for (int k = tid; k < K; k += NTHREADS) {
         atomicAdd(mass_out + b * K + k, msum[k]);
@@ -563,232 +679,49 @@ DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c,
   }
 }
 
-// Tensor-core forward (sm_80+, a source of bf16/fp16 rows): dre_re_fwd's algorithm, arguments and output, with the
-// distance product X C^T and the aggregation A^T X on mma.sync m16n8k16 (the float32 operand split into hi + lo).
-// Warp w owns distance tiles 4w..4w+3 of the (R/16) x (K8/8) grid (K8 = K rounded up to 8) and aggregation tiles
-// 8w..8w+7 of the (K16/16) x (DO/8) grid: 16 and 32 float32 accumulators per thread, as in the SIMT kernel.
-// Launch rule (host: re_tc_config): DO a multiple of 8 with ceil(K/16) DO/8 <= 64, R a multiple of 16 with
-// (R/16) K8/8 <= 32, DT in {16, 32}; shared floats 5R + 3K + R(K+1) + the 16-bit tiles' union.
+}  // namespace dre_cuda
+
+using namespace dre_cuda;
+
+// The four kernels: forward and soft backward, each SIMT (any rows, any GPU) and on the tensor cores (sm_80+,
+// 16-bit rows). Tensor-core launch rule (host: re_tc_config): DO a multiple of 8 with ceil(K/16) DO/8 <= 64, R a
+// multiple of 16 with (R/16) K8/8 <= 32 (backward: <= 16, two sets of distance accumulators), DT in {16, 32}; shared
+// floats 5R + 3K + R(K+1) (backward: + R(K+1) more) + the 16-bit tiles' union.
+DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
+                           const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
+                           const float* scale, float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
+                           i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO) {
+  re_fwd_body<ReSimtTiles<RE_DT_FWD>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale,
+                                      acc_out, mass_out, G, gx, gx_dt, B, K, D, chunk, hard, with_e, R, DO, RE_DT_FWD);
+}
+
+DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
+                                int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
+                                const float* csq, const float* scale, const float* G, const float* gc, float* hx_out,
+                                float* hsum_out, float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K,
+                                int D, i64 chunk, int write_gx, int need_c, int R, int DO) {
+  re_bwd_body<ReSimtTiles<RE_DT_BWD>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale,
+                                      G, gc, hx_out, hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx,
+                                      need_c, R, DO, RE_DT_BWD);
+}
+
 DRE_GLOBAL void dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
                               int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
                               const float* csq, const float* scale, float* acc_out, float* mass_out, const float* G,
                               void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO,
                               int DT) {
-  DRE_DYN_SMEM(smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int ndt = with_e ? (D + DO - 1) / DO : 1;
-  i64 b, lo, hi;
-  int pid_d;
-  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
-  const int d0 = pid_d * DO;
-  const int dn = with_e ? imin(DO, D - d0) : 0;
-  const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
-
-  const ReSmem m = re_smem(smem, R, K, false);
-  i64* roff = m.roff;
-  int* kmin = m.kmin;
-  float *xsq = m.xsq, *msum = m.msum, *A = m.A;
-  unsigned short* xs = (unsigned short*)m.tail;
-  unsigned short* c_hi = xs + R * (DT + 8);
-  unsigned short* c_lo = c_hi + K8 * (DT + 8);
-  unsigned short* xo = xs;
-
-  float acc[RE_EPT];
-#pragma unroll
-  for (int j = 0; j < RE_EPT; ++j) acc[j] = 0.f;
-  for (int k = tid; k < K; k += NTHREADS) msum[k] = 0.f;
-  __syncthreads();
-
-  for (i64 r0 = lo; r0 < hi; r0 += R) {
-    const int nr = (int)lmin((i64)R, hi - r0);
-    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
-    __syncthreads();
-    // (1) distances: dot_rk = <x_r, c_k> on the tensor cores, ||x_r||^2 from the same tiles
-    float dot[RE_PPT];
-#pragma unroll
-    for (int j = 0; j < RE_PPT; ++j) dot[j] = 0.f;
-    for (int dd = 0; dd < D; dd += DT) {
-      re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
-      re_tc_load_split(c_hi, c_lo, C, rows_dt, K, D, dd, DT, tid);
-      __syncthreads();
-      if (!hard && tid < R) {
-        float s = 0.f;
-        for (int d = 0; d < DT; ++d) {
-          const float v = from_16(xs[tid * (DT + 8) + d], rows_dt);
-          s += v * v;
-        }
-        xsq[tid] += s;
-      }
-#pragma unroll
-      for (int j = 0; j < RE_PPT / 4; ++j) {
-        const int q = warp * (RE_PPT / 4) + j;
-        if (q < tiles) re_tc_dot_tile(dot + 4 * j, xs, c_hi, c_lo, q / nnt, q % nnt, DT, rows_dt, lane);
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int j = 0; j < RE_PPT / 4; ++j) {
-      const int q = warp * (RE_PPT / 4) + j;
-      if (q >= tiles) continue;
-      for (int e = 0; e < 4; ++e) {
-        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
-        if (k >= K) continue;
-        float v;
-        if (hard) {
-          v = csq[k] - 2.f * dot[4 * j + e];
-        } else {
-          v = xsq[r] - 2.f * dot[4 * j + e] + csq[k];
-          v = v < 0.f ? 0.f : v;
-        }
-        A[r * (K + 1) + k] = v;
-      }
-    }
-    __syncthreads();
-    // (2) assignments and their column sums
-    re_assign_fwd(A, kmin, msum, nr, R, K, hard, scale, tid);
-    if (G != 0) re_hard_grad_rows(gx, gx_dt, G, kmin, b, r0, nr, K, D, tid);
-    // (3) aggregation a^T x over this block's column tile, on the tensor cores
-    if (with_e) {
-      __syncthreads();  // xo aliases the distance tiles
-      re_tc_load_cols(xo, rows, roff, s_c, nr, R, DO, d0, dn, tid);
-      __syncthreads();
-      re_tc_aggregate(acc, A, xo, nr, K, DO, rows_dt, warp, lane);
-    }
-    __syncthreads();
-  }
-  if (with_e) {
-    const int ntn = DO / 8, tiles3 = ((K + 15) / 16) * ntn;
-#pragma unroll
-    for (int j = 0; j < RE_EPT / 4; ++j) {
-      const int q = warp * (RE_EPT / 4) + j;
-      if (q >= tiles3) continue;
-      for (int e = 0; e < 4; ++e) {
-        const int k = 16 * (q / ntn) + g + 8 * (e >> 1), d = 8 * (q % ntn) + 2 * t + (e & 1);
-        if (k < K && d < dn) {
-          const i64 o = (i64)k * D + d0 + d;
-          atomicAdd(acc_out + (i64)b * K * D + o, acc[4 * j + e] - msum[k] * C[o]);
-        }
-      }
-    }
-  }
-  if (pid_d == 0 && mass_out != 0)
-    for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, msum[k]);
+  re_fwd_body<ReTcTiles>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale, acc_out,
+                         mass_out, G, gx, gx_dt, B, K, D, chunk, hard, with_e, R, DO, DT);
 }
 
-// Tensor-core soft backward (sm_80+, 16-bit rows; the host sends bf16 only): dre_re_bwd_soft's algorithm and I/O, with
-// <x, c_k>, <x, G_bk> and h^T x on mma.sync (C and G split into hi + lo); grad x rows (fresh rows) stay SIMT.
-// Launch rule (host: re_tc_config): as the forward with (R/16) K8/8 <= 16 (two sets of distance accumulators) and
-// shared floats 5R + 3K + 2R(K+1) + the 16-bit tiles' union.
+// (the host sends bf16 rows only: G and h split into float16 parts would lose gradients below 6e-5)
 DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
                               const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
                               const float* scale, const float* G, const float* gc, float* hx_out, float* hsum_out,
                               float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk,
                               int write_gx, int need_c, int R, int DO, int DT) {
-  DRE_DYN_SMEM(smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int ndt = (D + DO - 1) / DO;
-  i64 b, lo, hi;
-  int pid_d;
-  if (!re_block_rows(ndt, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
-  const int d0 = pid_d * DO;
-  const int dn = imin(DO, D - d0);
-  const int K8 = (K + 7) & ~7, nnt = K8 / 8, tiles = (R / 16) * nnt;
-  const float* Gb = G + (i64)b * K * D;
-
-  const ReSmem m = re_smem(smem, R, K, true);
-  i64* roff = m.roff;
-  float *xsq = m.xsq, *shr = m.shr, *msum = m.msum, *hsum = m.hsum, *gsum = m.gsum, *A = m.A, *H = m.H;
-  unsigned short* xs = (unsigned short*)m.tail;
-  unsigned short* c_hi = xs + R * (DT + 8);
-  unsigned short* c_lo = c_hi + K8 * (DT + 8);
-  unsigned short* g_hi = c_lo + K8 * (DT + 8);
-  unsigned short* g_lo = g_hi + K8 * (DT + 8);
-  unsigned short* xo = xs;
-
-  float acc[RE_EPT];
-#pragma unroll
-  for (int j = 0; j < RE_EPT; ++j) acc[j] = 0.f;
-  for (int k = tid; k < K; k += NTHREADS) msum[k] = hsum[k] = gsum[k] = 0.f;
-  __syncthreads();
-
-  for (i64 r0 = lo; r0 < hi; r0 += R) {
-    const int nr = (int)lmin((i64)R, hi - r0);
-    re_row_offsets(roff, xsq, r0, nr, R, idx, idx64, gather, s_r, tid);
-    __syncthreads();
-    float dot[RE_PPT / 2], dotg[RE_PPT / 2];
-#pragma unroll
-    for (int j = 0; j < RE_PPT / 2; ++j) dot[j] = dotg[j] = 0.f;
-    for (int dd = 0; dd < D; dd += DT) {
-      re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
-      re_tc_load_split(c_hi, c_lo, C, rows_dt, K, D, dd, DT, tid);
-      re_tc_load_split(g_hi, g_lo, Gb, rows_dt, K, D, dd, DT, tid);
-      __syncthreads();
-      if (tid < R) {
-        float s = 0.f;
-        for (int d = 0; d < DT; ++d) {
-          const float v = from_16(xs[tid * (DT + 8) + d], rows_dt);
-          s += v * v;
-        }
-        xsq[tid] += s;
-      }
-#pragma unroll
-      for (int j = 0; j < RE_PPT / 8; ++j) {
-        const int q = warp * (RE_PPT / 8) + j;
-        if (q < tiles) {
-          re_tc_dot_tile(dot + 4 * j, xs, c_hi, c_lo, q / nnt, q % nnt, DT, rows_dt, lane);
-          re_tc_dot_tile(dotg + 4 * j, xs, g_hi, g_lo, q / nnt, q % nnt, DT, rows_dt, lane);
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int j = 0; j < RE_PPT / 8; ++j) {
-      const int q = warp * (RE_PPT / 8) + j;
-      if (q >= tiles) continue;
-      for (int e = 0; e < 4; ++e) {
-        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
-        if (k >= K) continue;
-        const float v = xsq[r] - 2.f * dot[4 * j + e] + csq[k];
-        A[r * (K + 1) + k] = v < 0.f ? 0.f : v;
-        H[r * (K + 1) + k] = dotg[4 * j + e] - gc[b * K + k];  // g_rk
-      }
-    }
-    __syncthreads();
-    re_assign_bwd(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
-    __syncthreads();  // xo aliases the distance tiles; A, H, shr complete
-    re_tc_load_cols(xo, rows, roff, s_c, nr, R, DO, d0, dn, tid);
-    __syncthreads();
-    if (need_c) re_tc_aggregate(acc, H, xo, nr, K, DO, rows_dt, warp, lane);
-    if (write_gx) {
-      for (int e = tid; e < nr * DO; e += NTHREADS) {
-        const int r = e / DO, d = e % DO;
-        if (d >= dn) continue;
-        const float v = re_grad_x(A + r * (K + 1), H + r * (K + 1), Gb, C, scale, shr[r],
-                                  from_16(xo[r * (DO + 8) + d], rows_dt), K, D, d0 + d);
-        store_f(gx, (r0 + r) * D + d0 + d, v, gx_dt);
-      }
-    }
-    __syncthreads();
-  }
-  if (need_c) {
-    const int ntn = DO / 8, tiles3 = ((K + 15) / 16) * ntn;
-#pragma unroll
-    for (int j = 0; j < RE_EPT / 4; ++j) {
-      const int q = warp * (RE_EPT / 4) + j;
-      if (q >= tiles3) continue;
-      for (int e = 0; e < 4; ++e) {
-        const int k = 16 * (q / ntn) + g + 8 * (e >> 1), d = 8 * (q % ntn) + 2 * t + (e & 1);
-        if (k < K && d < dn) atomicAdd(hx_out + (i64)k * D + d0 + d, acc[4 * j + e]);
-      }
-    }
-    if (pid_d == 0) {
-      for (int k = tid; k < K; k += NTHREADS) {
-        atomicAdd(mass_out + b * K + k, msum[k]);
-        atomicAdd(hsum_out + k, hsum[k]);
-        atomicAdd(gsum_out + k, gsum[k]);
-      }
-    }
-  }
+  re_bwd_body<ReTcTiles>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale, G, gc, hx_out,
+                         hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
 }
 
 #if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
