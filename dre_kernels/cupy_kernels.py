@@ -316,7 +316,9 @@ def _labels(labels, B):
     return lab, _is64(lab), I32(1)
 
 
-def _cl_checks(a, b, logit_scale):
+def _cl_inputs(a, b, logit_scale, normalize):
+    """What both directions start from: a, b detached; the scale as a float32 (1,) tensor; 1/||.|| (ones without
+    normalize) and the norms of a's and b's rows."""
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"dre cupy: a and b must have the same shape (B, P); got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
@@ -324,16 +326,17 @@ def _cl_checks(a, b, logit_scale):
     _dt(b, "b")
     if logit_scale.numel() != 1:
         raise ValueError(f"dre cupy: logit_scale must be a 0-dim tensor; got shape {tuple(logit_scale.shape)}")
-
-
-def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
-    _cl_checks(a, b, logit_scale)
-    B, P = a.shape
-    dev = a.device
     a, b = a.detach(), b.detach()
     s = logit_scale.detach().float().reshape(1).contiguous()
     inva, na = inv_norms(a, normalize)
     invb, nb = inv_norms(b, normalize)
+    return a, b, s, inva, na, invb, nb
+
+
+def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
+    a, b, s, inva, na, invb, nb = _cl_inputs(a, b, logit_scale, normalize)
+    B, P = a.shape
+    dev = a.device
     rlse = torch.empty(B, dtype=torch.float32, device=dev)  # the off-diagonal row log-sum-exps
     if B == 0:
         return (rlse,) + tuple(rlse.clone() for _ in range(4))
@@ -356,13 +359,9 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
 
 
 def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss):
-    _cl_checks(a, b, logit_scale)
+    a, b, s, inva, na, invb, nb = _cl_inputs(a, b, logit_scale, normalize)
     B, P = a.shape
     dev = a.device
-    a, b = a.detach(), b.detach()
-    s = logit_scale.detach().float().reshape(1).contiguous()
-    inva, na = inv_norms(a, normalize)
-    invb, nb = inv_norms(b, normalize)
     g = grad_loss.detach().float().reshape(-1).contiguous()
     if any(t.numel() != B for t in (g, row_lse, col_lse, row_loss, col_loss)):
         raise ValueError(f"dre cupy: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = {B} entries")

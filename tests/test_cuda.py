@@ -554,6 +554,22 @@ def test_emu_contrastive_labels_and_16bit(emu):
     _check_cl(1, 3, None, False)
 
 
+def test_emu_contrastive_bad_inputs_raise_naming_the_argument(emu):
+    # the cupy host's own checks (the public op checks first; these guard direct calls), in both directions
+    a, b, s = torch.randn(4, 3), torch.randn(4, 3), torch.tensor(2.0)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, None, True)
+    bad = [((a, torch.randn(5, 3), s), ValueError, "a and b must have the same shape"),
+           ((a.double(), b.double(), s), TypeError, "a must be float16, bfloat16 or float32"),
+           ((a, b, torch.ones(2)), ValueError, "logit_scale must be a 0-dim tensor")]
+    for (a_, b_, s_), exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            cupy_kernels.contrastive_loss_fwd(a_, b_, s_, None, True)
+        with pytest.raises(exc, match=msg):
+            cupy_kernels.contrastive_loss_bwd(torch.ones(4), a_, b_, s_, None, True, *saved)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        cupy_kernels.contrastive_loss_fwd(a, b, s, torch.zeros(3, dtype=torch.int64), True)
+
+
 def test_emu_contrastive_large_scale_far_columns(emu):
     # logits far below the column bound: the float64 rescale must keep them
     _check_cl(66, 8, None, True, scale=80.0)
