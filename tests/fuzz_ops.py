@@ -2,6 +2,7 @@
 
     python tests/fuzz_ops.py --backend triton --seconds 300                # CPU: triton in its interpreter
     python tests/fuzz_ops.py --backend native --device cuda --seconds 120  # GPU: the real kernels
+    python tests/fuzz_ops.py --backend cuda-emu --seconds 300              # CPU: csrc/cuda in the CPU emulation
 
 Each case draws shapes (empty and one-row slides, odd K and D, long bank slides, small and large B), dtypes,
 labels, normalize and scales (up to inputs with large norms and no normalize), runs the forward and the backward,
@@ -12,6 +13,9 @@ there every backend is off alike. One-wide rows are not normalised (u = +-1 what
 gradient is 0 and any float32 result is roundoff over ||a||). On a GPU, hard assignment of 16-bit rows runs on
 tensor cores with the codewords split into two 16-bit parts, which resolves distances to ~2^-16 of their size: a
 report of a few rows at a near-tie taking the neighbouring codeword (small D, large K) is that, not a bug.
+`cuda-emu` runs the CUDA kernels (csrc/cuda/*.cu) in the CPU emulation of tests/cuda_emu as the `cupy` backend
+on CPU tensors (its host code, autograd glue and kernels, through the public ops), the tensor-core kernels in a
+random half of the cases: their logic, not their speed or GPU-only hazards.
 Failures print the case; the exit status is the number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
 (it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it
@@ -126,9 +130,31 @@ def contrastive_case(rng, device):
     return desc, run, (a, b)
 
 
+def _emulate_cuda_as_cupy():
+    """Make `cupy` run here on CPU tensors in the CUDA emulation (this process only); returns the emulator runtime,
+    whose use_tensor_cores picks the mma.sync kernels for 16-bit rows."""
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
+    import build
+
+    from dre_kernels import _backend, _library, cupy_kernels
+
+    rt = build.EmuRuntime()
+    cupy_kernels.set_runtime(rt)
+    if ("cupy", "residual_encode_fwd") in _backend._KERNELS:  # CuPy installed: the ops exist for CUDA tensors
+        for op, fn in cupy_kernels.IMPLS.items():
+            torch.library.impl(_library.qualname("cupy", op), "CPU", fn, lib=_library._LIB)
+    else:
+        _library.define_python_backend("cupy", cupy_kernels.IMPLS, dispatch_keys=("CPU",))
+    unavailable = _backend._unavailable_reason
+    _backend._unavailable_reason = lambda name, dev: None if (name, dev) == ("cupy", "cpu") else unavailable(name, dev)
+    return rt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", required=True, choices=["triton", "native", "cupy", "torch"])
+    ap.add_argument("--backend", required=True, choices=["triton", "native", "cupy", "torch", "cuda-emu"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -142,6 +168,11 @@ def main(argv=None) -> int:
 
     import dre_kernels
 
+    label, emu = args.backend, None
+    if args.backend == "cuda-emu":
+        if args.device != "cpu":
+            ap.error("--backend cuda-emu runs on --device cpu")
+        emu, args.backend = _emulate_cuda_as_cupy(), "cupy"
     if args.backend not in dre_kernels.available_backends(args.device):
         print(f"fuzz_ops: {args.backend} is not available on {args.device}: "
               f"{dre_kernels.unavailable_backends(args.device).get(args.backend)}", file=sys.stderr)
@@ -153,6 +184,8 @@ def main(argv=None) -> int:
     while time.time() - t0 < args.seconds:
         desc, run, inputs = makers[rng.choice(args.ops)](rng, device)
         seed = rng.randrange(1 << 30)
+        if emu is not None:
+            emu.use_tensor_cores = desc["tensor_cores"] = rng.random() < 0.5
         kernel_inputs = [t.to(device).requires_grad_() for t in inputs]
         ref_inputs = [t.detach().double().to(device).requires_grad_() for t in inputs]
         try:
@@ -169,7 +202,7 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
         n += 1
-    print(f"fuzz_ops {args.backend} on {args.device}: {n} cases, "
+    print(f"fuzz_ops {label} on {args.device}: {n} cases, "
           f"{failures} failures in {time.time() - t0:.0f} s")
     return min(failures, 100)
 
