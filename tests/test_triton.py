@@ -190,6 +190,57 @@ def test_interpreter_launches_pass_only_the_kernels_own_arguments(device, monkey
             "_gather_kernel", "_update_kernel"} <= launched, launched
 
 
+def test_first_call_autotuning_keeps_what_earlier_launches_added(device, monkeypatch):
+    """On GPU the first call of each shape autotunes: the autotuner runs every config on the real buffers, then the
+    chosen one. The residual_encode fresh-row and bank-row launches add into the same E and mass, and the
+    contrastive backward's two calls share a grad-scale buffer sized for the narrowest row block: an autotuner that
+    zeroed them (reset_to_zero) lost the fresh rows, one that left the benchmark runs' sums behind doubled them (both
+    seen on an H100 at the first call only). Here Triton's own autotuner runs the kernels under the interpreter, with
+    the library's restore/reset settings, two configs per launch and a timer that runs each twice."""
+    if device != "cpu":
+        pytest.skip("the GPU runs the real autotuner at every first call")
+    import itertools
+
+    import triton
+
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    order = itertools.count()
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        return [100.0 - next(order)] * len(quantiles)  # the config benchmarked last wins
+
+    def autotuned_launch(kernel, tuned, grid, args, interp_meta, **options):
+        # a narrower row block first, then a wider one (BLOCK_I >= 32: the grad-scale buffer's row blocks)
+        first, second = dict(interp_meta), dict(interp_meta)
+        if "BLOCK_M" in first:
+            first["BLOCK_M"] //= 2
+        if "BLOCK_I" in second:
+            second["BLOCK_I"] *= 2
+        settings = {k: tuned.kwargs[k] for k in ("reset_to_zero", "restore_value") if k in tuned.kwargs}
+        at = triton.autotune([triton.Config(first), triton.Config(second)], key=tuned.kwargs["key"],
+                             do_bench=bench, **settings)(kernel)
+        at[grid](*args, **options)
+
+    monkeypatch.setattr(tre, "launch", autotuned_launch)
+    monkeypatch.setattr(tcl, "launch", autotuned_launch)
+    for hard in (False, True):
+        _check_fwd_bwd(_inputs(device, [7, 0, 3], [5, 4, 0], K=5, D=7, seed=5), hard)
+    g = torch.Generator().manual_seed(6)
+    B = 80  # three row blocks of 32 (the config benchmarked first), two of 64 (the one chosen)
+    a = torch.randn(B, 9, generator=g, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(B, 9, generator=g, dtype=torch.float64).float().requires_grad_()
+    s = torch.tensor(1.7, requires_grad=True)
+    got = dre_kernels.contrastive_loss(a, b, s, normalize=True, backend="triton")
+    want = contrastive_loss_reference(a.double(), b.double(), s.double(), None, True).mean()
+    assert_close(got, want.float())
+    for name, x, y in zip("abs", torch.autograd.grad(got, [a, b, s]), torch.autograd.grad(want, [a, b, s])):
+        assert_close(x, y.float(), msg=f"grad {name}")
+    assert next(order) > 0, "the autotuner never benchmarked"
+
+
 def _float64_case():
     g = torch.Generator().manual_seed(11)
     B, P = 37, 21

@@ -282,12 +282,14 @@ _fwd_tuned = LazyAutotune(
     _cl_fwd_kernel,
     [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp}, num_warps=w, num_stages=st)
      for bi, bj, bp, w, st in _FWD_CONFIGS], key=["P", "HAS_LABELS", "MODE"], prune_configs_by=_PRUNE,
-    reset_to_zero=["csum_ptr", "cpos_ptr"])
+    restore_value=["csum_ptr", "cpos_ptr"])
+# gs: one slot per row block of the config's BLOCK_I; a benchmark run of a narrower config must not leave its slots
+# behind for the sum (the first call of each shape had a wrong grad scale on GPU)
 _bwd_tuned = LazyAutotune(
     _cl_bwd_kernel,
     [triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_P": bp, "BLOCK_PO": bpo}, num_warps=w, num_stages=st)
      for bi, bj, bp, bpo, w, st in _BWD_CONFIGS],
-    key=["P", "HAS_LABELS", "MODE", "X_IS_B"], prune_configs_by=_PRUNE)
+    key=["P", "HAS_LABELS", "MODE", "X_IS_B"], prune_configs_by=_PRUNE, restore_value=["gs_ptr"])
 
 
 def _interp_meta(P, backward=False):

@@ -289,10 +289,13 @@ def _pruner(table):
     return prune
 
 
-def _autotuned(kernel, table, key, reset):
+def _autotuned(kernel, table, key, accumulated):
+    # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
+    # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
+    # fresh rows on GPU); restore_value puts back what the benchmark runs added.
     configs = _as_configs(table["small_k"] + table["large_k"])
     return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table)},
-                        reset_to_zero=reset)
+                        restore_value=accumulated)
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
