@@ -199,6 +199,9 @@ def test_first_call_autotuning_keeps_what_earlier_launches_added(device, monkeyp
     the library's restore/reset settings, two configs per launch and a timer that runs each twice."""
     if device != "cpu":
         pytest.skip("the GPU runs the real autotuner at every first call")
+    from dre_kernels.triton_kernels._common import TRITON_VERSION
+    if TRITON_VERSION < (3, 3):
+        pytest.skip("triton < 3.3 builds an autotuner only where a GPU driver is active")
     import itertools
 
     import triton
