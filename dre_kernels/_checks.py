@@ -311,7 +311,7 @@ def check_residual_encode(x, x_offsets, codewords, scale, bank, bank_index, bank
                              f"got {bank_offsets.shape[0]}")
         tensors.update(bank=bank, bank_index=bank_index, bank_offsets=bank_offsets)
         dtypes.append(bank.dtype)
-    name = _backend.resolve_backend(backend, check_same_device(**tensors), dtypes)
+    name = _backend.resolve_backend(backend, check_same_device(**tensors), dtypes, "residual_encode")
     check_values(name, *_residual_encode_values(x, x_offsets, bank, bank_index, bank_offsets))
     return name
 
@@ -344,7 +344,7 @@ def check_contrastive_loss(a, b, logit_scale, labels, normalize, reduction, back
         if labels.shape != (a.shape[0],):
             raise ValueError(f"labels must have shape (B,) = ({a.shape[0]},); got {tuple(labels.shape)}")
         tensors["labels"] = labels
-    return _backend.resolve_backend(backend, check_same_device(**tensors), [a.dtype, b.dtype])
+    return _backend.resolve_backend(backend, check_same_device(**tensors), [a.dtype, b.dtype], "contrastive_loss")
 
 
 def check_bank_gather(bank, index, backend):

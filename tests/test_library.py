@@ -215,6 +215,26 @@ def test_auto_falls_back_to_torch_for_unsupported_dtypes(monkeypatch):
         _backend.resolve_backend("triton", "cuda", [torch.float64])
 
 
+def test_auto_on_cuda_takes_the_measured_faster_backend_of_each_op(monkeypatch):
+    """H100 (benchmarks/results): triton is the faster for residual_encode and contrastive_loss, native for the
+    bank ops; each falls back to the other, then to torch."""
+    monkeypatch.delenv("DRE_KERNELS_BACKEND", raising=False)
+    gone = set()
+    monkeypatch.setattr(_backend, "_unavailable_reason", lambda name, dev: "gone" if name in gone else None)
+    bf16 = [torch.bfloat16]
+    assert _backend.resolve_backend("auto", "cuda", bf16, "residual_encode") == "triton"
+    assert _backend.resolve_backend("auto", "cuda", bf16, "contrastive_loss") == "triton"
+    assert _backend.resolve_backend("auto", "cuda", bf16, "bank_update_") == "native"
+    assert _backend.resolve_backend("auto", "cpu", bf16, "residual_encode") == "native"
+    gone.add("triton")
+    assert _backend.resolve_backend("auto", "cuda", bf16, "residual_encode") == "native"
+    gone.add("native")
+    assert _backend.resolve_backend("auto", "cuda", bf16, "contrastive_loss") == "torch"
+    monkeypatch.setenv("DRE_KERNELS_BACKEND", "cupy")
+    gone.clear()
+    assert _backend.resolve_backend("auto", "cuda", bf16, "residual_encode") == "cupy"  # the variable still wins
+
+
 def test_available_and_unavailable_cover_every_backend():
     for device in ("cpu", "cuda"):
         avail, unavail = dre_kernels.available_backends(device), dre_kernels.unavailable_backends(device)
