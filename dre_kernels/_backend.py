@@ -9,10 +9,10 @@
 | `cupy`      | the csrc/cuda kernels compiled at run time by CuPy/NVRTC             | CUDA       |
 
 `"auto"` (or the `DRE_KERNELS_BACKEND` environment variable, which overrides `"auto"`): CUDA tensors take the
-faster kernel backend as measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/): `triton` for residual_encode and
-contrastive_loss (2.5-8x faster than `native` there), `native` for the bank ops and kmeans; the other one where the
-first is missing. CPU tensors take `native` if built, else `torch`. If the chosen backend does not support the
-inputs' dtype (float64 on a GPU kernel, say), `auto` falls back to `torch`.
+faster kernel backend as measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/): `triton` for
+residual_encode and contrastive_loss (2.5-8x faster than `native` there), `native` for the bank ops and kmeans; the
+other one where the first is missing. CPU tensors take `native` if built, else `torch`. If the chosen backend
+does not support the inputs' dtype (float64 on a GPU kernel, say), `auto` falls back to `torch`.
 """
 
 from __future__ import annotations
