@@ -44,13 +44,13 @@ def profile(name, fn, reps):
         print(f"   {t:8.3f} ms  x{n:<3d} {key[:100]}")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--providers", nargs="+", default=["triton", "native"])
     ap.add_argument("--shape", default="step", choices=[s[0] for s in SHAPES])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--contrastive-batch", type=int, default=16384)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_kernels: no CUDA GPU here (nothing measured)", file=sys.stderr)
         return 0

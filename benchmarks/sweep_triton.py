@@ -24,14 +24,21 @@ from benchmarks.bench_cuda import SHAPES, _residual_inputs  # noqa: E402
 
 
 def capture(module, call):
-    """[(kernel, autotuned config, grid, args, options)] of the launches `call` makes through module.launch."""
+    """[(kernel, config, autotuned?, grid, args, options)] of the launches `call` makes through module.launch."""
+    from dre_kernels.triton_kernels._common import INTERPRET
+
     seen = []
     real = module.launch
 
     def spy(kernel, tuned, grid, args, interp_meta, **options):
         out = real(kernel, tuned, grid, args, interp_meta, **options)
-        best = getattr(tuned.get(), "best_config", None)  # the config the autotuner ran this launch with
-        seen.append((kernel, best, grid, args, options))
+        # the config the autotuner ran this launch with; under the interpreter (no autotuning) its fixed one
+        best = None if INTERPRET else getattr(tuned.get(), "best_config", None)
+        if best is not None:
+            seen.append((kernel, dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), True,
+                         grid, args, options))
+        else:
+            seen.append((kernel, dict(interp_meta), False, grid, args, options))
         return out
 
     module.launch = spy
@@ -43,9 +50,9 @@ def capture(module, call):
     return seen
 
 
-def grid_of(kernel_name, best):
-    """Candidate configs; the autotuned config's values stand for the parameters not swept (the contrastive
-    kernels' BLOCK_P is set by the dot mode)."""
+def grid_of(kernel_name, base):
+    """Candidate configs; the launch's own config stands for the parameters not swept (the contrastive kernels'
+    BLOCK_P is set by the dot mode)."""
     if kernel_name.startswith("_re_"):
         axes = dict(BLOCK_M=[16, 32, 64, 128], BLOCK_D=[32, 64, 128], BLOCK_DO=[32, 64, 128, 256],
                     num_warps=[4, 8, 16], num_stages=[1, 2, 3])
@@ -54,7 +61,6 @@ def grid_of(kernel_name, best):
         if kernel_name == "_cl_bwd_kernel":
             axes["BLOCK_PO"] = [64, 128, 256, 512]
     names = list(axes)
-    base = dict(best.kwargs) if best is not None else {}
     return [dict(base, **dict(zip(names, v))) for v in itertools.product(*axes.values())]
 
 
@@ -62,12 +68,11 @@ def sweep(label, launches, budget_s, rows, rng):
     import triton
     import triton.testing
 
-    for n, (kernel, best, grid, args, options) in enumerate(launches):
+    for n, (kernel, base, autotuned, grid, args, options) in enumerate(launches):
         kname = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        cands = grid_of(kname, best)
+        cands = grid_of(kname, base)
         rng.shuffle(cands)
-        if best is not None:
-            cands.insert(0, dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages))
+        cands.insert(0, base)
         t_end = time.time() + budget_s
         results, lost = [], False
         for cfg in cands:
@@ -92,20 +97,20 @@ def sweep(label, launches, budget_s, rows, rng):
                 continue
             results.append((ms, cfg, ""))
         results.sort(key=lambda r: r[0])
-        tuned_ms = next((r[0] for r in results if best is not None and r[1] == cands[0]), float("nan"))
-        print(f"== {label} launch {n} {kname}: {len(results)} configs tried; autotuner's choice "
-              f"{cands[0] if best is not None else None}: {tuned_ms:.4f} ms", flush=True)
+        base_ms = next((r[0] for r in results if r[1] is base), float("nan"))
+        print(f"== {label} launch {n} {kname}: {len(results)} configs tried; the launch's own config "
+              f"({'autotuned' if autotuned else 'fixed'}) {base}: {base_ms:.4f} ms", flush=True)
         for ms, cfg, err in results[:8]:
             print(f"   {ms:9.4f} ms  {cfg} {err}", flush=True)
         for rank, (ms, cfg, err) in enumerate(results):
             rows.append(dict(op=label, launch=n, kernel=kname, ms=ms, error=err, rank=rank,
-                             autotuned=best is not None and cfg == cands[0], **cfg))
+                             own_config=cfg is base, **cfg))
         if lost:
             return False
     return True
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="step", choices=[s[0] for s in SHAPES])
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per captured launch")
@@ -114,7 +119,7 @@ def main():
                          "cl_bwd")
     ap.add_argument("--contrastive-batch", type=int, default=16384)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_triton: no CUDA GPU here (nothing measured)", file=sys.stderr)
         return 0

@@ -124,3 +124,56 @@ def test_training_step_benchmark_smoke(tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r["backend"] for r in rows) == sorted(backends)
     assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in rows), rows
+
+
+def test_triton_sweep_and_profile_tools_smoke(monkeypatch, tmp_path):
+    """benchmarks/sweep_triton.py re-launches an op's captured Triton launches over a grid of configs; here in the
+    interpreter with a stand-in timer: every op's launch is captured, configs run and rank, and a fault (which on a
+    GPU poisons the context) stops the sweep. profile_kernels.py and the sweep exit cleanly without a GPU."""
+    import random
+
+    import dre_kernels
+
+    if "triton" not in dre_kernels.available_backends("cpu"):
+        pytest.skip("needs triton in its interpreter")
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import torch
+    import triton.testing
+
+    from benchmarks import profile_kernels, sweep_triton
+    from benchmarks.bench_cuda import _residual_inputs
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+    from dre_kernels.triton_kernels import residual_encode as tre
+
+    assert profile_kernels.main([]) == 0 and sweep_triton.main([]) == 0  # no GPU: they say so and measure nothing
+    calls = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        calls.append(1)
+        if fault_at and len(calls) == fault_at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return float(100 - len(calls))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    (x, xo, c, s, bank, bi, bo), _ = _residual_inputs(2, 3, 20, 5, 12, torch.device("cpu"))
+    a = torch.randn(40, 9, requires_grad=True)
+    b = torch.randn(40, 9, requires_grad=True)
+    fault_at, rows = 0, []
+    re_launches = sweep_triton.capture(tre, lambda: tre.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False))
+    assert [L[0].fn.__name__ for L in re_launches] == ["_re_fwd_kernel"] * 2  # fresh rows, then bank rows
+    cl_launches = sweep_triton.capture(
+        tcl, lambda: dre_kernels.contrastive_loss(a, b, 2.0, backend="triton").backward())
+    assert [L[0].fn.__name__ for L in cl_launches] == ["_cl_fwd_kernel", "_cl_bwd_kernel", "_cl_bwd_kernel"]
+    assert sweep_triton.sweep("re", re_launches[-1:], 1.0, rows, random.Random(0))
+    assert sweep_triton.sweep("cl", cl_launches[1:2], 1.0, rows, random.Random(0))
+    for op in ("re", "cl"):
+        ran = [r for r in rows if r["op"] == op]
+        assert len(ran) >= 3 and all(r["error"] == "" for r in ran), ran[:3]
+        assert [r["ms"] for r in ran] == sorted(r["ms"] for r in ran) and sum(r["own_config"] for r in ran) == 1
+    calls.clear()
+    fault_at, rows = 2, []
+    assert not sweep_triton.sweep("re", re_launches[-1:], 5.0, rows, random.Random(0))
+    assert len(rows) == 2 and rows[-1]["error"] == "RuntimeError"
