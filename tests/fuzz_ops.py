@@ -11,8 +11,9 @@ mismatch counts as a failure only when the kernel's error is also well above tha
 kernel's own dtypes (--slack times it): float32 cannot resolve some cases (near-ties of a hard argmin, say), and
 there every backend is off alike. One-wide rows are not normalised (u = +-1 whatever the input: the exact
 gradient is 0 and any float32 result is roundoff over ||a||). On a GPU, hard assignment of 16-bit rows runs on
-tensor cores with the codewords split into two 16-bit parts, which resolves distances to ~2^-16 of their size: a
-report of a few rows at a near-tie taking the neighbouring codeword (small D, large K) is that, not a bug.
+tensor cores with the codewords split into two 16-bit parts, which resolves distances to ~2^-16 of ||x|| ||c||: a
+hard case with a row whose two nearest codewords are within NEAR_TIE of that (small D, large K) may take either,
+so such a case is reported as TIE and not counted (an H100 run counted 11 of 10,551 native cases before, all such).
 `cuda-emu` runs the CUDA kernels (csrc/cuda/*.cu) in the CPU emulation of tests/cuda_emu as the `cupy` backend
 on CPU tensors (its host code, autograd glue and kernels, through the public ops), the tensor-core kernels in a
 random half of the cases: their logic, not their speed or GPU-only hazards.
@@ -72,6 +73,25 @@ def _errors(run, backend, ref_inputs, kernel_inputs, seed):
     return errs + [_max_err(a, b) if a is not None and b is not None else 0.0 for a, b in zip(grads, rgrads)]
 
 
+# a hard case's row is at a near-tie when its two nearest codewords' distances differ by less than this times
+# ||x|| max ||c||: twice the bound on that difference's error on tensor cores (each distance within ~2^-15, the
+# codewords split into two bf16 parts of 8 bits each; x exact)
+NEAR_TIE = 2.0 ** -13
+
+
+def has_near_tie(rows, codewords) -> bool:
+    """Whether any row's two smallest squared distances to the codewords (float64) are within NEAR_TIE."""
+    import torch
+
+    if rows.shape[0] == 0 or codewords.shape[0] < 2:
+        return False
+    r, c = rows.detach().double().cpu(), codewords.detach().double().cpu()
+    d = (c * c).sum(1)[None, :] - 2.0 * r @ c.T  # ||x||^2 is common to a row: the argmin's key
+    two = torch.topk(d, 2, dim=1, largest=False).values
+    margin = NEAR_TIE * r.norm(dim=1) * c.norm(dim=1).max()
+    return bool((two[:, 1] - two[:, 0] <= margin).any())
+
+
 def residual_case(rng, device):
     import torch
 
@@ -102,6 +122,9 @@ def residual_case(rng, device):
 
     desc = dict(op="residual_encode", K=K, D=D, lens=lens, blens=blens if use_bank else None, x=str(x_dtype),
                 bank=str(bank_dtype), assignment=assignment)
+    if hard:
+        rows = torch.cat([x.double()] + ([bank.cpu().double()[bank_index.cpu()]] if use_bank else []))
+        desc["near_tie"] = has_near_tie(rows, c)
     return desc, run, (x, c, s)
 
 
@@ -180,7 +203,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     makers = {"residual_encode": residual_case, "contrastive_loss": contrastive_case}
     rng = random.Random(args.seed)
-    t0, n, failures = time.time(), 0, 0
+    t0, n, failures, ties = time.time(), 0, 0, 0
     while time.time() - t0 < args.seconds:
         desc, run, inputs = makers[rng.choice(args.ops)](rng, device)
         seed = rng.randrange(1 << 30)
@@ -195,15 +218,16 @@ def main(argv=None) -> int:
                                seed)
                 bad = [i for i, (e, b) in enumerate(zip(errs, base)) if e > args.tol and e > args.slack * b]
                 if bad:
-                    failures += 1
-                    print(f"FAIL {desc}: errors {[f'{e:.2e}' for e in errs]}, torch {[f'{e:.2e}' for e in base]}",
-                          flush=True)
+                    tie = desc.get("near_tie", False)
+                    ties, failures = ties + tie, failures + (not tie)
+                    print(f"{'TIE' if tie else 'FAIL'} {desc}: errors {[f'{e:.2e}' for e in errs]}, "
+                          f"torch {[f'{e:.2e}' for e in base]}", flush=True)
         except Exception as e:  # noqa: BLE001 - a crash or a wrong error is a failure too
             failures += 1
             print(f"FAIL {desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
         n += 1
     print(f"fuzz_ops {label} on {args.device}: {n} cases, "
-          f"{failures} failures in {time.time() - t0:.0f} s")
+          f"{failures} failures in {time.time() - t0:.0f} s ({ties} hard cases off at a near-tie, not counted)")
     return min(failures, 100)
 
 

@@ -32,3 +32,18 @@ def test_short_fuzz_of_the_emulated_cuda_kernels_finds_nothing():
                           "--seed", "1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "fuzz_ops cuda-emu on cpu:" in out.stdout and " 0 failures" in out.stdout, out.stdout + out.stderr
+
+
+def test_near_tie_is_the_gap_of_the_two_nearest_codewords():
+    """fuzz_ops does not count a hard case whose rows sit at a near-tie (tensor-core distances may take either
+    codeword there); the test of a near-tie must not swallow ordinary rows."""
+    import torch
+
+    c = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    at_middle = torch.tensor([[0.5, 0.3]])  # equidistant from the first two
+    off_middle = torch.tensor([[0.5 + 1e-3, 0.3]])  # 2e-3 apart in squared distance, far above 2^-12 * ||x|| ||c||
+    assert fuzz_ops.has_near_tie(at_middle, c)
+    assert fuzz_ops.has_near_tie(torch.tensor([[0.5 + 1e-6, 0.3]]), c)
+    assert not fuzz_ops.has_near_tie(off_middle, c)
+    assert fuzz_ops.has_near_tie(torch.cat([off_middle, at_middle]), c)  # any row
+    assert not fuzz_ops.has_near_tie(at_middle, c[:1]) and not fuzz_ops.has_near_tie(at_middle[:0], c)
