@@ -55,6 +55,12 @@ def _residual_inputs(B, fresh, bank_rows, K, D, device, seed=0):
     return (x, x_off, c, s, bank, bank_index, b_off), rows_bytes
 
 
+def shape_inputs(name, device):
+    """_residual_inputs of the SHAPES case called `name` (the GPU tools share bench_cuda's shapes)."""
+    _, B, fresh, bank_rows, K, D = next(s for s in SHAPES if s[0] == name)
+    return _residual_inputs(B, fresh, bank_rows, K, D, device)
+
+
 def _residual_fn(provider, inputs, mode, hard):
     import dre_kernels
 

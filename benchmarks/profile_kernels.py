@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench_cuda import SHAPES, _contrastive_fn, _residual_fn, _residual_inputs  # noqa: E402
+from benchmarks.bench_cuda import SHAPES, _contrastive_fn, _residual_fn, shape_inputs  # noqa: E402
 
 
 def profile(name, fn, reps):
@@ -55,8 +55,7 @@ def main(argv=None):
         print("profile_kernels: no CUDA GPU here (nothing measured)", file=sys.stderr)
         return 0
     dev = torch.device("cuda")
-    _, B, fresh, bank_rows, K, D = next(s for s in SHAPES if s[0] == args.shape)
-    inputs, _ = _residual_inputs(B, fresh, bank_rows, K, D, dev)
+    inputs, _ = shape_inputs(args.shape, dev)
     for p in args.providers:
         for hard in (False, True):
             for mode in ("fwd", "fwd+bwd"):

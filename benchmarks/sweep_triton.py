@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench_cuda import SHAPES, _residual_inputs  # noqa: E402
+from benchmarks.bench_cuda import SHAPES, _contrastive_fn, shape_inputs  # noqa: E402
 
 
 def capture(module, call):
@@ -123,14 +123,12 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("sweep_triton: no CUDA GPU here (nothing measured)", file=sys.stderr)
         return 0
-    import dre_kernels
     from dre_kernels.triton_kernels import contrastive_loss as tcl
     from dre_kernels.triton_kernels import residual_encode as tre
 
     dev = torch.device("cuda")
-    _, B, fresh, bank_rows, K, D = next(s for s in SHAPES if s[0] == args.shape)
-    (x, xo, c, s, bank, bi, bo), _ = _residual_inputs(B, fresh, bank_rows, K, D, dev)
-    G = torch.randn(B, K, D, device=dev)
+    (x, xo, c, s, bank, bi, bo), _ = shape_inputs(args.shape, dev)
+    G = torch.randn(xo.numel() - 1, c.shape[0], c.shape[1], device=dev)
     rows, rng = [], random.Random(0)
     for op in args.ops:
         if op.startswith("re_"):
@@ -144,14 +142,7 @@ def main(argv=None):
             call()  # autotune first, so the captured launches show the autotuner's choice
             launches = capture(tre, call)[-1:]  # the bank rows' launch: the fresh rows are 1.5% of the rows
         else:
-            n = args.contrastive_batch
-            a = torch.randn(n, 512, device=dev).to(torch.bfloat16).requires_grad_()
-            b = torch.randn(n, 512, device=dev).to(torch.bfloat16).requires_grad_()
-
-            def call():
-                loss = dre_kernels.contrastive_loss(a, b, 14.3, normalize=True, backend="triton")
-                if op == "cl_bwd":
-                    loss.backward()
+            call = _contrastive_fn("triton", args.contrastive_batch, 512, "fwd" if op == "cl_fwd" else "fwd+bwd", dev)
             call()
             launches = [L for L in capture(tcl, call) if op == "cl_fwd" or L[0].fn.__name__ == "_cl_bwd_kernel"][:1]
         alive = sweep(f"{op} {args.shape}", launches, args.budget, rows, rng)
