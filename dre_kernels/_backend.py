@@ -66,6 +66,12 @@ def _native_status() -> tuple[bool, bool, str]:
     return has_cpu, has_cuda, ""
 
 
+@functools.lru_cache(maxsize=None)
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (asked once: find_spec walks sys.path, tens of microseconds per call)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def _unavailable_reason(name: str, device_type: str) -> str | None:
     """None if `name` works for tensors on `device_type`, else why not."""
     if name in ("reference", "torch"):
@@ -82,7 +88,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
             return None if torch.cuda.is_available() else "no CUDA GPU is available"
         return f"no native kernels for device type {device_type!r}"
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _installed("triton"):
             return "the triton package is not installed (pip install triton)"
         if ("triton", "residual_encode_fwd") not in _KERNELS:
             return "the Triton kernels are not part of this build of dre_kernels yet"
@@ -94,7 +100,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "cupy":
         if device_type != "cuda":
             return "CuPy kernels run on CUDA tensors only"
-        if importlib.util.find_spec("cupy") is None:
+        if not _installed("cupy"):
             return "the cupy package is not installed (pip install 'dre-kernels[cupy]')"
         if ("cupy", "residual_encode_fwd") not in _KERNELS:
             return "the CuPy backend is not part of this build of dre_kernels yet"

@@ -57,12 +57,22 @@ def _check_fwd_bwd(args, hard, chunk_rows=None, dtype=torch.float32):
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_long_slide_split_across_programs(device, hard):
     args = _inputs(device, [150, 0, 9], [3, 130, 0], K=6, D=24)
-    # 16-row chunks: the 150-row and 130-row slides span ~10 programs each, added atomically
-    slide_of_slot = tre.chunk_map(args[1], 159, 16)[1]
-    assert int((slide_of_slot == 0).sum()) == 10 and int((slide_of_slot < 3).sum()) == 11
+    # 16-row chunks: the 150-row and 130-row slides span ~10 programs each, added atomically; the chunk of rows
+    # 144..159 holds the end of slide 0 and all of slide 2 (slide 1 is empty), the bank's first chunk slides 0 and 1
     E_split, _ = _check_fwd_bwd(args, hard, chunk_rows=16)
     E_whole, _ = _check_fwd_bwd(args, hard, chunk_rows=4096)
     assert_close(E_split, E_whole)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_many_slides_per_chunk(device, hard):
+    """Chunks that span many slides, empty ones among them, at the start, the end and in a row: each program walks
+    its slide segments (a binary search for the first) and adds each into its own slide."""
+    lens = [0, 1, 0, 0, 2, 1, 0, 3, 5, 0, 1, 1, 1, 0]
+    blens = [2, 0, 0, 1, 1, 0, 4, 0, 0, 2, 1, 3, 0, 1]
+    args = _inputs(device, lens, blens, K=5, D=12)
+    for chunk in (1, 3, 4, 7):
+        _check_fwd_bwd(args, hard, chunk_rows=chunk)
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -298,3 +308,44 @@ def test_backward_configs_that_abort_old_compilers_are_never_tried(monkeypatch):
         old = [tcl._config_tuple(c) for c in tcl._keep_mode_block_p(configs, {"MODE": mode})]
         assert old and not set(old) & tcl._BWD_ABORTS_BEFORE_TRITON_3_3
         assert set(old) == set(kept[mode]) - tcl._BWD_ABORTS_BEFORE_TRITON_3_3
+
+
+def test_autotune_off_takes_each_launchs_first_pruned_config(monkeypatch):
+    """DRE_KERNELS_TRITON_AUTOTUNE=0 on GPU: every residual_encode launch runs the plain kernel with the first config
+    of its table that the autotuner's pruning keeps (hard: BLOCK_D = HARD_BLOCK_D), grid sized by that config. The
+    GPU path is taken on CPU with the interpreter flag off and the kernels replaced by recorders."""
+    from dre_kernels.triton_kernels import _common
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.arg_names, self.name = kernel.arg_names, kernel.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.name, grid, meta))
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setenv(_common.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(tre, "_re_fwd_kernel", Recorder(tre._re_fwd_kernel))
+    monkeypatch.setattr(tre, "_re_bwd_kernel", Recorder(tre._re_bwd_kernel))
+    x, xo, c, s, bank, bi, bo = _inputs("cpu", [5, 3], [40, 24], K=64, D=384, x_dtype=torch.bfloat16)
+    G = torch.zeros(2, 64, 384)
+    for hard in (False, True):
+        launches.clear()
+        tre.residual_encode_fwd(x, xo, c, None if hard else s, bank, bi, bo, hard, chunk_rows=16)
+        tre.residual_encode_bwd(G, x, xo, c, None if hard else s, bank, bi, bo, hard, True, True, True,
+                                chunk_rows=16)
+        assert [name for name, _, _ in launches] == ["_re_fwd_kernel"] * 2 + ["_re_bwd_kernel"] + (
+            ["_re_fwd_kernel"] if hard else ["_re_bwd_kernel"])
+        for name, grid, meta in launches:
+            table = tre._FWD_CONFIGS if name == "_re_fwd_kernel" else tre._BWD_CONFIGS
+            first = next(c for c in table["small_k"] if not hard or c[1] == tre.HARD_BLOCK_D)
+            assert (meta["BLOCK_M"], meta["BLOCK_D"], meta["BLOCK_DO"], meta["num_warps"], meta["num_stages"]) == first
+        rows = [8, 64, 8, 64]  # fresh fwd, bank fwd, fresh bwd, bank bwd (hard: the mass pass)
+        col_tiles = [384 // launches[i][2]["BLOCK_DO"] for i in range(4)]
+        if hard:
+            col_tiles[3] = 1  # the bank rows' argmin-only pass has no column tiles
+        assert [g[0] for _, g, _ in launches] == [-(-n // 16) * t for n, t in zip(rows, col_tiles)]
+    monkeypatch.delenv(_common.AUTOTUNE_ENV)
+    assert _common.autotuning()

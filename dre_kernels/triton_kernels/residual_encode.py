@@ -5,19 +5,27 @@
     E_bk = sum_{i in S_b} a_ik x_i - mass_bk c_k        mass_bk = sum_{i in S_b} a_ik
 
 Work decomposition. Each source of rows (the fresh rows x, then the bank rows gathered through bank_index) is cut
-into chunks of at most CHUNK rows that never cross a slide boundary; chunk slots are laid out slide after slide,
-computed on the device from the CSR offsets (no host synchronisation: the grid size depends on shapes only,
-cdiv(N, CHUNK) + B slots, the unused ones exit at once). A program owns one chunk and one tile of BLOCK_DO output
-columns; it walks the chunk in blocks of BLOCK_M rows: the full-width distances (a loop over D in BLOCK_D steps,
-K padded to a power of two and masked), the softmax or argmin in registers, and a^T x for its column tile, kept in
-a K x BLOCK_DO register accumulator. Gathered rows, the assignment matrix and the residuals never reach memory.
-Programs of the same chunk sit next to each other in the launch order, so the rows they all read come from L2.
+into chunks of CHUNK consecutive rows; a chunk may span several slides. A program owns one chunk and one tile of
+BLOCK_DO output columns. It finds the slide of its first row by a binary search of the CSR offsets, then walks its
+rows slide segment by slide segment, in blocks of BLOCK_M rows: the full-width distances (a loop over D in BLOCK_D
+steps, K padded to a power of two and masked), the softmax or argmin in registers, and a^T x for its column tile,
+kept in a K x BLOCK_DO register accumulator that is added into E at the end of each segment. Gathered rows, the
+assignment matrix and the residuals never reach memory. The grid is cdiv(rows, CHUNK) x column tiles: it depends
+on shapes only (no host synchronisation) and the host computes no chunk map (no small torch ops per launch: at the
+DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the same chunk sit next to each other in the
+launch order, so the rows they all read come from L2.
+
+Codewords are prepared once per call by one small kernel (_prep_codewords_kernel): ||c_k||^2 and c^T laid out
+(D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores (float32 for
+float32 rows): the distance loop loads its operand as is, where it used to load float32 codewords transposed and
+split them for every row block and D slice.
 
 Long slides: split-and-atomics. A 50k-row slide becomes 50k/CHUNK programs whose partial E (and mass) are added
-into one float32 (B, K, D) buffer with tl.atomic_add (one K x BLOCK_DO add per program, not per row, so contention
-is negligible). Chosen over split-and-reduce because a partials buffer would cost (N/CHUNK + B) * K * D floats
-(tens of MB at the DRE-SLCL step shape, several times E itself), needs a second kernel, and the grid stays
-sync-free; the price is that float32 sums are not bitwise deterministic across runs when a slide spans programs.
+into one float32 (B, K, D) buffer with tl.atomic_add (one K x BLOCK_DO add per program and slide segment, not per
+row, so contention is negligible). Chosen over split-and-reduce because a partials buffer would cost
+(N/CHUNK + B) * K * D floats (tens of MB at the DRE-SLCL step shape, several times E itself), needs a second
+kernel, and the grid stays sync-free; the price is that float32 sums are not bitwise deterministic across runs when
+a slide spans programs.
 
 Backward (recomputation, flash-attention style; nothing of the forward is saved). With G = dL/dE,
 g_ik = <G_bk, x_i> - <G_bk, c_k>, h_ik = a_ik (g_ik - sum_j a_ij g_ij) (soft only; computed with g_ik - g_im for
@@ -39,20 +47,68 @@ import triton
 import triton.language as tl
 
 from dre_kernels import _checks
-from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,
-                                     finish_codeword_grads, next_pow2, prep_codewords, row_sources)
+from dre_kernels._gpu_host import default_chunk_rows, next_pow2, row_sources
 from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, launch,
                                                launch_arg, mm_ff, mm_fr, mm_rf)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
+def _prep_codewords_kernel(c_ptr, ct_ptr, csq_ptr, K, D,
+                           SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """csq (K_PAD,) = ||c_k||^2 in float32 and ct = c^T (D, K_PAD), zero past K; SPLIT: ct holds (2, D, K_PAD),
+    the hi and lo parts of the float32 value in ct's 16-bit dtype."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        c = tl.load(c_ptr + k[:, None] * D + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        c = c.to(tl.float32)
+        sq += tl.sum(c * c, axis=1)
+        dst = ct_ptr + d[None, :] * K_PAD + k[:, None]
+        smask = (k[:, None] < K_PAD) & dmask[None, :]
+        if SPLIT:
+            hi = c.to(ct_ptr.dtype.element_ty)
+            tl.store(dst, hi, mask=smask)
+            tl.store(dst + D * K_PAD, (c - hi.to(tl.float32)).to(ct_ptr.dtype.element_ty), mask=smask)
+        else:
+            tl.store(dst, c.to(ct_ptr.dtype.element_ty), mask=smask)
+    tl.store(csq_ptr + k, sq, mask=k < K_PAD)
+
+
+@triton.jit
+def _finish_codeword_grads_kernel(g_ptr, mass_ptr, hx_ptr, hsum_ptr, c_ptr, scale_ptr, gc_ptr, B, K, D,
+                                  SOFT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad c_k = -sum_b mass_bk G_bk (+ 2 s_k (hx_k - hsum_k c_k) when SOFT), written in grad c's dtype: the
+    host math after the backward's passes in one launch."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    kmask = k < K
+    m2 = kmask[:, None] & (d < D)[None, :]
+    kd = k[:, None] * D + d[None, :]
+    out = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    gb_ptr = g_ptr
+    for b in range(0, B):
+        mass = tl.load(mass_ptr + b * K + k, mask=kmask, other=0.0)
+        out -= mass[:, None] * tl.load(gb_ptr + kd, mask=m2, other=0.0)
+        gb_ptr += K * D  # a pointer step, not b * K * D: that product overflows int32 past 2^31 elements
+    if SOFT:
+        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        hsum = tl.load(hsum_ptr + k, mask=kmask, other=0.0)
+        c = tl.load(c_ptr + kd, mask=m2, other=0.0).to(tl.float32)
+        out += (2.0 * s)[:, None] * (tl.load(hx_ptr + kd, mask=m2, other=0.0) - hsum[:, None] * c)
+    tl.store(gc_ptr + kd, out.to(gc_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, g_ptr, D,
                WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2 (HARD: d - ||x||^2, the argmin's key), and x G_b^T when
-    WITH_G (g_ptr at G_b). ||x||^2 is the same for every codeword of a row: adding it before the argmin would round
-    away the low bits that set near codewords apart."""
+    WITH_G (g_ptr at G_b). ct_ptr: the prepared c^T (hi, lo for MODE 1). ||x||^2 is the same for every codeword of
+    a row: adding it before the argmin would round away the low bits that set near codewords apart."""
     dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -64,11 +120,15 @@ def _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, g_ptr, D,
         if not HARD:
             xf = xt.to(tl.float32)
             xsq += tl.sum(xf * xf, axis=1)
-        cmask = kmask[None, :] & dmask[:, None]
-        ct = tl.load(c_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)  # (BLOCK_D, K_PAD) = c^T
-        dot = mm_rf(xt, ct, dot, MODE)
+        ct = ct_ptr + d[:, None] * K_PAD + k[None, :]
+        ct_hi = tl.load(ct, mask=dmask[:, None], other=0.0)  # (BLOCK_D, K_PAD)
+        if MODE == 1:
+            dot = tl.dot(xt, ct_hi, dot)
+            dot = tl.dot(xt, tl.load(ct + D * K_PAD, mask=dmask[:, None], other=0.0), dot)
+        else:
+            dot = tl.dot(xt.to(tl.float32), ct_hi, dot, input_precision="tf32x3")
         if WITH_G:
-            gt = tl.load(g_ptr + k[None, :] * D + d[:, None], mask=cmask, other=0.0)
+            gt = tl.load(g_ptr + k[None, :] * D + d[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0)
             dotg = mm_rf(xt, gt, dotg, MODE)
     if HARD:
         dist = csq[None, :] - 2.0 * dot
@@ -96,11 +156,24 @@ def _assign(dist, k, kmask, rmask, s, HARD: tl.constexpr):
 
 
 @triton.jit
-def _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK):
-    j = pid_c - tl.load(cstart_ptr + b)
-    lo = tl.load(off_ptr + b) + j * CHUNK
-    hi = tl.minimum(tl.load(off_ptr + b + 1), lo + CHUNK)
-    return lo, hi
+def _slide_of(off_ptr, r, B):
+    """The slide holding row r (< offsets[B]): the largest b < B with offsets[b] <= r, by binary search. Empty
+    slides share their offset with the next one and are skipped."""
+    lo = r * 0
+    hi = lo + B
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        below = tl.load(off_ptr + mid).to(tl.int64) <= r
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _segment_end(off_ptr, b, lo, hi):
+    """End of the segment of slide b that starts at row lo: offsets[b + 1], within the chunk; at least lo + 1, so
+    that offsets that broke the checked contract (monotone, ending at the row count) cannot stall a program."""
+    return tl.maximum(tl.minimum(tl.load(off_ptr + b + 1).to(tl.int64), hi), lo + 1)
 
 
 @triton.jit
@@ -113,9 +186,8 @@ def _row_offsets(r, rmask, idx_ptr, s_r, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
-                   c_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
-                   B, K, D, CHUNK,
+def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
+                   N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
                    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -126,25 +198,28 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
     else:
         pid_c = pid
         pid_d = pid * 0
-    b = tl.load(slide_ptr + pid_c)
-    if b < B:
-        lo, hi = _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK)
-        k = tl.arange(0, K_PAD)
-        kmask = k < K
-        csq = tl.load(csq_ptr + k, mask=kmask, other=0.0)
-        if HARD:
-            s = csq
-        else:
-            s = tl.load(scale_ptr + k, mask=kmask, other=0.0)
-        do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-        domask = do < D
+    lo = pid_c * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    k = tl.arange(0, K_PAD)
+    kmask = k < K
+    csq = tl.load(csq_ptr + k)
+    if HARD:
+        s = csq
+    else:
+        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    domask = do < D
+    emask = kmask[:, None] & domask[None, :]
+    while lo < hi:  # one slide segment of the chunk per iteration
+        b = _slide_of(off_ptr, lo, B)
+        end = _segment_end(off_ptr, b, lo, hi)
         acc = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
-        for r0 in range(lo, hi, BLOCK_M):
+        for r0 in range(lo, end, BLOCK_M):
             r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < hi
+            rmask = r < end
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, _ = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, c_ptr, D,
+            dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, c_ptr, D,
                                  False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, _ = _assign(dist, k, kmask, rmask, s, HARD)
             mass += tl.sum(a, axis=0)
@@ -153,19 +228,18 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
                              mask=rmask[:, None] & domask[None, :], other=0.0)
                 acc = mm_fr(tl.trans(a), xo, acc, MODE, HARD)
         if WITH_E:
-            emask = kmask[:, None] & domask[None, :]
-            ct = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)
-            acc = acc - mass[:, None] * ct
+            c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
+            acc = acc - mass[:, None] * c_tile
             tl.atomic_add(acc_ptr + b * K * D + k[:, None] * D + do[None, :], acc, mask=emask, sem="relaxed")
         if pid_d == 0:
             tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
+        lo = end
 
 
 @triton.jit
-def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
-                   c_ptr, csq_ptr, scale_ptr, g_ptr, gc_ptr,
+def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, g_ptr, gc_ptr,
                    hx_ptr, hsum_ptr, gs_ptr, mass_ptr, gx_ptr, s_gr,
-                   B, K, D, CHUNK,
+                   N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr,
                    MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DO: tl.constexpr):
@@ -173,33 +247,37 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
     n_dt = tl.cdiv(D, BLOCK_DO)
     pid_c = pid // n_dt
     pid_d = pid % n_dt
-    b = tl.load(slide_ptr + pid_c)
-    if b < B:
-        lo, hi = _chunk_bounds(pid_c, off_ptr, cstart_ptr, b, CHUNK)
-        k = tl.arange(0, K_PAD)
-        kmask = k < K
-        csq = tl.load(csq_ptr + k, mask=kmask, other=0.0)
+    lo = pid_c * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    k = tl.arange(0, K_PAD)
+    kmask = k < K
+    csq = tl.load(csq_ptr + k)
+    if HARD:
+        s = csq
+    else:
+        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    domask = do < D
+    emask = kmask[:, None] & domask[None, :]
+    c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
+    hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+    hsum = tl.zeros((K_PAD,), dtype=tl.float32)
+    gs = tl.zeros((K_PAD,), dtype=tl.float32)
+    while lo < hi:  # one slide segment of the chunk per iteration
+        b = _slide_of(off_ptr, lo, B)
+        end = _segment_end(off_ptr, b, lo, hi)
         if HARD:
-            s = csq
             gc = csq
         else:
-            s = tl.load(scale_ptr + k, mask=kmask, other=0.0)
             gc = tl.load(gc_ptr + b * K + k, mask=kmask, other=0.0)
-        do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-        domask = do < D
-        emask = kmask[:, None] & domask[None, :]
         gb_ptr = g_ptr + b * K * D
         g_tile = tl.load(gb_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)   # G_b[:, tile]
-        c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)
-        hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
-        hsum = tl.zeros((K_PAD,), dtype=tl.float32)
-        gs = tl.zeros((K_PAD,), dtype=tl.float32)
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
-        for r0 in range(lo, hi, BLOCK_M):
+        for r0 in range(lo, end, BLOCK_M):
             r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < hi
+            rmask = r < end
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, dotg = _distances(rows_ptr, row, rmask, s_c, c_ptr, csq, k, kmask, gb_ptr, D,
+            dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, gb_ptr, D,
                                     not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, amin = _assign(dist, k, kmask, rmask, s, HARD)
             omask = rmask[:, None] & domask[None, :]
@@ -231,13 +309,16 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
                     tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
                              gx.to(gx_ptr.dtype.element_ty), mask=omask)
         if NEED_C:
-            if not HARD:
-                tl.atomic_add(hx_ptr + k[:, None] * D + do[None, :], hx, mask=emask, sem="relaxed")
             if pid_d == 0:
                 tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
-                if not HARD:
-                    tl.atomic_add(hsum_ptr + k, hsum, mask=kmask, sem="relaxed")
-                    tl.atomic_add(gs_ptr + k, gs, mask=kmask, sem="relaxed")
+        lo = end
+    # h x, sum h and grad scale sum over every slide: one add per program
+    if NEED_C:
+        if not HARD:
+            tl.atomic_add(hx_ptr + k[:, None] * D + do[None, :], hx, mask=emask, sem="relaxed")
+            if pid_d == 0:
+                tl.atomic_add(hsum_ptr + k, hsum, mask=kmask, sem="relaxed")
+                tl.atomic_add(gs_ptr + k, gs, mask=kmask, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
@@ -246,9 +327,13 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, slide_ptr, cstart_ptr,
 # survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
 # accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
 # 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
+# The forward's last three: the fastest of a sweep of the bank-row launch on the H100 (sweep_triton.csv: 0.45 and
+# 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one spills 120-136 B of stack on
+# sm_90 and is kept for that measurement; the autotuner times it against the rest.
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 8, 2), (64, 32, 128, 8, 2), (32, 32, 64, 8, 2), (32, 32, 128, 8, 2),
-                (16, 64, 128, 8, 2), (16, 32, 64, 8, 2)],
+                (16, 64, 128, 8, 2), (16, 32, 64, 8, 2), (64, 128, 128, 8, 1), (64, 64, 128, 8, 1),
+                (64, 32, 128, 4, 1)],
     "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2), (32, 32, 32, 8, 2)],
 }
 _BWD_CONFIGS = {
@@ -319,20 +404,51 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
     return default_chunk_rows(n_rows, device)
 
 
-def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, with_e, chunk_rows):
+class _Codewords:
+    """The codewords as the kernels read them: `c` (K, D) contiguous in their dtype, `scale` (or ||c||^2 in its
+    slot for hard assignment) and, per dot mode of a row source, the prepared (c^T parts, ||c||^2), made once per
+    call by _prep_codewords_kernel."""
+
+    def __init__(self, codewords, scale, hard):
+        self.c = codewords.detach().contiguous()
+        self.K, self.D = self.c.shape
+        self.k_pad = max(16, next_pow2(self.K))
+        self.scale = None if (hard or scale is None) else scale.detach().contiguous()
+        self._prepared = {}
+
+    def prepared(self, rows_dtype, mode):
+        key = (rows_dtype, mode) if mode == 1 else mode
+        if key not in self._prepared:
+            split = mode == 1
+            ct = torch.empty((2 if split else 1, self.D, self.k_pad), device=self.c.device,
+                             dtype=rows_dtype if split else torch.float32)
+            csq = torch.empty(self.k_pad, dtype=torch.float32, device=self.c.device)
+            block_k = 16
+            _prep_codewords_kernel[(self.k_pad // block_k,)](
+                self.c, ct, csq, self.K, self.D, split, self.k_pad, block_k, min(128, max(16, next_pow2(self.D))),
+                num_warps=4)
+            self._prepared[key] = (ct, csq)
+        return self._prepared[key]
+
+
+def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk_rows):
     B = offsets.numel() - 1
     if B == 0 or n_rows == 0:
         return
-    K, D = c32.shape
+    D = cw.D
+    mode = dot_mode(rows.dtype)
+    ct, csq = cw.prepared(rows.dtype, mode)
     chunk = _chunk_rows(n_rows, rows.device, chunk_rows)
-    off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+    chunks = triton.cdiv(n_rows, chunk)
     gather = index is not None
-    idx = index if gather else off
-    args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, acc, mass,
-            B, K, D, chunk, hard, gather, with_e, dot_mode(rows.dtype), max(16, next_pow2(K)))
+    offsets = offsets.contiguous()
+    idx = index if gather else offsets
+    scale = csq if cw.scale is None else cw.scale
+    args = (rows, rows.stride(0), rows.stride(1), idx, offsets, cw.c, ct, csq, scale, acc, mass,
+            n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     def grid(meta):
-        return (slots * triton.cdiv(D, meta["BLOCK_DO"]) if with_e else slots,)
+        return (chunks * triton.cdiv(D, meta["BLOCK_DO"]) if with_e else chunks,)
 
     launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D))
 
@@ -340,8 +456,15 @@ def _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard, wi
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
     """(E (B, K, D) in promote_types(x, codewords), mass (B, K) float32); see the module docstring."""
     _checks.runtime_checks_residual_encode(x, x_offsets, bank, bank_index, bank_offsets)
-    return encode_forward(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
-                          lambda *source: _launch_fwd(*source, hard, True, chunk_rows))
+    B = x_offsets.shape[0] - 1
+    K, D = codewords.shape
+    cw = _Codewords(codewords, scale, hard)
+    acc = torch.zeros((B, K, D), dtype=torch.float32, device=x.device)
+    mass = torch.zeros((B, K), dtype=torch.float32, device=x.device)
+    for rows, index, offsets, n_rows in row_sources(x.detach(), x_offsets, bank, bank_index, bank_offsets):
+        _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, True, chunk_rows)
+    out_dtype = torch.promote_types(x.dtype, codewords.dtype)
+    return (acc if out_dtype == torch.float32 else acc.to(out_dtype)), mass
 
 
 def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard,
@@ -354,10 +477,16 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     dev = x.device
     need_s = bool(need_grad_scale) and not hard
     need_c = bool(need_grad_codewords) or need_s
-    c32, csq, s32 = prep_codewords(codewords, scale, hard)
+    cw = _Codewords(codewords, scale, hard)
     G = grad_E.detach().float().contiguous()
-    gx, hx, hsum, gs, mass_acc = backward_buffers(x, B, K, D, bool(need_grad_x))
-    gc = csq if hard else torch.einsum("bkd,kd->bk", G, c32).contiguous()
+    gx = (torch.empty if need_grad_x else torch.zeros)((x.shape[0], D), dtype=x.dtype, device=dev)
+    # float32 accumulators, one allocation: grad scale (K) first (returned as it is: at storage offset 0, as the
+    # fake kernel's output is), hx (K, D) = sum h x, hsum (K), mass (B, K)
+    sums = torch.zeros(K * (D + 2) + B * K, dtype=torch.float32, device=dev)
+    gs, hx, hsum, mass_acc = sums.split([K, K * D, K, B * K])
+    hx, mass_acc = hx.view(K, D), mass_acc.view(B, K)
+    # gc_bk = <G_bk, c_k>, the part of dL/dd that does not depend on the row
+    gc = None if hard else torch.einsum("bkd,kd->bk", G, cw.c.float()).contiguous()
     use_given_mass = hard and mass is not None
     xd = x.detach()
     for src, (rows, index, offsets, n_rows) in enumerate(row_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
@@ -368,26 +497,37 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         if hard and not fresh:
             # Bank rows count only through mass: an argmin-only pass (no E, no column tiles).
-            _launch_fwd(rows, index, offsets, n_rows, c32, csq, s32, hx, mass_acc, True, False, chunk_rows)
+            _launch_fwd(rows, index, offsets, n_rows, cw, hx, mass_acc, True, False, chunk_rows)
             continue
-        chunk = _chunk_rows(n_rows, dev, chunk_rows)
-        off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+        mode = dot_mode_backward(rows.dtype, hard)
+        ct, csq = cw.prepared(rows.dtype, mode)
+        chunks = triton.cdiv(n_rows, _chunk_rows(n_rows, dev, chunk_rows))
         gather = index is not None
-        idx = index if gather else off
-        k_pad = max(16, next_pow2(K))
+        offsets = offsets.contiguous()
+        idx = index if gather else offsets
+        k_pad = cw.k_pad
         # A soft pass writing grad x and accumulating the codeword sums at once holds G_b, C, h x (K x BLOCK_DO
         # each) and the dots feeding grad x: at K_PAD >= 128 no tiling fits a block's shared memory (sm_80: 163 KB,
         # sm_90: 227 KB), so large codebooks take two passes over these rows, one per output (the distances are
         # recomputed; only the fresh rows write grad x, and they are the few).
         split = write_gx and acc_c and not hard and k_pad >= LARGE_K_PAD
         for pass_gx, pass_c in ((True, False), (False, True)) if split else ((write_gx, acc_c),):
-            args = (rows, rows.stride(0), rows.stride(1), idx, off, slide, cstart, c32, csq, s32, G, gc,
-                    hx, hsum, gs, mass_acc, gx, gx.stride(0), B, K, D, chunk,
-                    hard, gather, pass_gx, pass_c, dot_mode_backward(rows.dtype, hard), k_pad)
-            launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (slots * triton.cdiv(D, meta["BLOCK_DO"]),), args,
+            args = (rows, rows.stride(0), rows.stride(1), idx, offsets, cw.c, ct, csq,
+                    csq if cw.scale is None else cw.scale, G, csq if gc is None else gc,
+                    hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
+                    _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
+            launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (chunks * triton.cdiv(D, meta["BLOCK_DO"]),), args,
                    _interp_meta(D))
     if use_given_mass:
-        mass_acc = mass.float()
-    grad_c, grad_s = finish_codeword_grads(G, mass_acc, hx, hsum, gs, c32, s32, codewords, scale, hard, need_c,
-                                           need_s)
+        mass_acc = mass.float().contiguous()
+    if need_c:
+        grad_c = torch.empty((K, D), dtype=codewords.dtype, device=dev)
+        block_d = min(128, max(16, next_pow2(D)))
+        _finish_codeword_grads_kernel[(triton.cdiv(K, 16), triton.cdiv(D, block_d))](
+            G, mass_acc, hx, hsum, cw.c, hsum if cw.scale is None else cw.scale, grad_c, B, K, D, not hard, 16,
+            block_d, num_warps=4)
+    else:
+        grad_c = torch.zeros((K, D), dtype=codewords.dtype, device=dev)
+    s_dtype = scale.dtype if scale is not None else codewords.dtype
+    grad_s = gs.to(s_dtype) if need_s else torch.zeros(K, dtype=s_dtype, device=dev)
     return gx, grad_c, grad_s
