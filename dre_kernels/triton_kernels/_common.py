@@ -62,12 +62,35 @@ class LazyAutotune:
         return self._tuned
 
 
+# DRE_KERNELS_TRITON_AUTOTUNE=0: on GPU each launch takes the first config of its table that the pruning keeps,
+# without timing any (a new shape costs one compile instead of one per config: for fuzzing many shapes, or where a
+# first call must be quick). Read at each launch.
+AUTOTUNE_ENV = "DRE_KERNELS_TRITON_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "off", "no")
+
+
+def default_config(tuned: LazyAutotune, kernel, args, options):
+    """The config a launch takes without autotuning: the first of its table that the autotuner's pruning keeps."""
+    configs = tuned.configs
+    prune = tuned.kwargs.get("prune_configs_by", {}).get("early_config_prune")
+    if prune is not None:
+        configs = prune(configs, dict(zip(kernel.arg_names, args)), **options)
+    return configs[0]
+
+
 def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options):
-    """Run the autotuned kernel on GPU, the plain one with a fixed config under the interpreter; options: compile
-    options of the launch (enable_fp_fusion)."""
+    """Run the autotuned kernel on GPU (its default config when autotuning is off), the plain one with a fixed
+    config under the interpreter; options: compile options of the launch (enable_fp_fusion)."""
     if INTERPRET:
         g = grid(interp_meta) if callable(grid) else grid
         kernel[g](*args, **interp_meta, **options)
+    elif not autotuning():
+        config = default_config(tuned, kernel, args, options)
+        meta = config.all_kwargs()
+        kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
     else:
         tuned.get()[grid](*args, **options)
 
