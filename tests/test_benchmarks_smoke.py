@@ -177,3 +177,24 @@ def test_triton_sweep_and_profile_tools_smoke(monkeypatch, tmp_path):
     fault_at, rows = 2, []
     assert not sweep_triton.sweep("re", re_launches[-1:], 5.0, rows, random.Random(0))
     assert len(rows) == 2 and rows[-1]["error"] == "RuntimeError"
+
+
+def test_host_overhead_benchmark(tmp_path):
+    """host_overhead.py stubs every Triton launch and counts them: each op's forward launches its kernels (the
+    residual_encode forward: the codeword prep, then fresh and bank rows), the backward more, and the CSV says so."""
+    import dre_kernels
+
+    if "triton" not in dre_kernels.available_backends("cpu"):
+        pytest.skip("triton backend not available here")
+    out = tmp_path / "host.csv"
+    res = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--out", str(out), "--reps", "1",
+                          "--calls", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, KINETO_LOG_LEVEL="5"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["op"], r["mode"], r["pass"]): r for r in csv.DictReader(open(out))}
+    assert len(rows) == 6
+    for (op, mode, pas), r in rows.items():
+        assert float(r["host_us"]) > 0 and int(r["aten_ops"]) > 0, r
+        if pas == "fwd+bwd":
+            assert int(r["triton_launches"]) > int(rows[(op, mode, "fwd")]["triton_launches"]), r
+    assert int(rows[("residual_encode", "soft", "fwd")]["triton_launches"]) == 3
