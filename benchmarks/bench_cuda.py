@@ -24,7 +24,6 @@ memory against torch. Without a CUDA GPU (and without --smoke) the script says s
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -32,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import device_bandwidth_gbs, device_slug, environment, is_oom, peak_mb, time_ms  # noqa: E402
+from benchmarks.common import (device_bandwidth_gbs, device_slug, environment, is_oom, peak_mb, time_ms,  # noqa: E402
+                               write_csv)
 
 PROVIDERS = ("torch", "torch.compile", "triton", "native", "cupy", "native_simt", "cupy_simt")
 # (name, B, fresh rows per slide, bank rows per slide, K, D)
@@ -205,13 +205,7 @@ def main(argv=None, *, default_name="cuda", default_providers=PROVIDERS):
                 torch.cuda.empty_cache()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"{default_name}_{device_slug(device)}.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)  # atomically: a run cut off leaves no half-written CSV
+    write_csv(out, rows)
     print(f"wrote {out}")
     return 0
 

@@ -24,6 +24,7 @@ on CPU a STREAM-like copy (`b.copy_(a)` of 2 x 128 MB float32, counted as read +
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import math
 import os
@@ -219,6 +220,17 @@ def git_commit() -> str:
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """rows to `path` atomically (a temporary file, then a rename): a run cut off leaves no half-written CSV."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def load_average() -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import os
 import sys
 import time
@@ -140,13 +139,7 @@ def main(argv=None) -> int:
         print(f"{op:17s} {mode:5s} {pas:8s} {host_us:8.1f} us  {ops:3d} aten ops  {launches} launches", flush=True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"host_overhead_{common.slug(common.cpu_model())}.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)
+    common.write_csv(out, rows)
     print("wrote", out)
     return 0
 

@@ -186,6 +186,25 @@ def _row_offsets(r, rmask, idx_ptr, s_r, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
+                   HARD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """A program's rows [lo, hi) (chunk pid_c), codewords k (mask, ||c||^2, scale s: ||c||^2 for hard) and output
+    columns do (tile pid_d; mask, and the K x BLOCK_DO tile mask)."""
+    lo = pid_c * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    k = tl.arange(0, K_PAD)
+    kmask = k < K
+    csq = tl.load(csq_ptr + k)
+    if HARD:
+        s = csq
+    else:
+        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    domask = do < D
+    return lo, hi, k, kmask, csq, s, do, domask, kmask[:, None] & domask[None, :]
+
+
+@triton.jit
 def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
@@ -198,18 +217,8 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     else:
         pid_c = pid
         pid_d = pid * 0
-    lo = pid_c * CHUNK
-    hi = tl.minimum(lo + CHUNK, N)
-    k = tl.arange(0, K_PAD)
-    kmask = k < K
-    csq = tl.load(csq_ptr + k)
-    if HARD:
-        s = csq
-    else:
-        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    emask = kmask[:, None] & domask[None, :]
+    lo, hi, k, kmask, csq, s, do, domask, emask = _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
+                                                                HARD, K_PAD, BLOCK_DO)
     while lo < hi:  # one slide segment of the chunk per iteration
         b = _slide_of(off_ptr, lo, B)
         end = _segment_end(off_ptr, b, lo, hi)
@@ -247,18 +256,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     n_dt = tl.cdiv(D, BLOCK_DO)
     pid_c = pid // n_dt
     pid_d = pid % n_dt
-    lo = pid_c * CHUNK
-    hi = tl.minimum(lo + CHUNK, N)
-    k = tl.arange(0, K_PAD)
-    kmask = k < K
-    csq = tl.load(csq_ptr + k)
-    if HARD:
-        s = csq
-    else:
-        s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    emask = kmask[:, None] & domask[None, :]
+    lo, hi, k, kmask, csq, s, do, domask, emask = _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
+                                                                HARD, K_PAD, BLOCK_DO)
     c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
     hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
     hsum = tl.zeros((K_PAD,), dtype=tl.float32)
