@@ -349,3 +349,20 @@ def test_autotune_off_takes_each_launchs_first_pruned_config(monkeypatch):
         assert [g[0] for _, g, _ in launches] == [-(-n // 16) * t for n, t in zip(rows, col_tiles)]
     monkeypatch.delenv(_common.AUTOTUNE_ENV)
     assert _common.autotuning()
+
+
+def test_contrastive_backward_configs_by_width():
+    """The backward's autotune candidates: the mode's BLOCK_P only, and no output tile wider than P needs; at
+    P=512 with 16-bit rows, tiles as wide as P (each logit tile computed once per side) from triton 3.3 on."""
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    def pruned(P, mode):
+        return tcl._keep_mode_block_p(tcl._bwd_tuned.configs, {"P": P, "MODE": mode})
+
+    for P, mode in [(33, 0), (33, 1), (512, 0), (512, 1), (4096, 1)]:
+        kept = pruned(P, mode)
+        assert kept and all(c.kwargs["BLOCK_P"] == tcl.BLOCK_P_BY_MODE[mode] for c in kept)
+        assert all(c.kwargs["BLOCK_PO"] <= max(128, 1 << (P - 1).bit_length()) for c in kept)
+    widths = {c.kwargs["BLOCK_PO"] for c in pruned(512, 1)}
+    assert (512 in widths) == (tcl.TRITON_VERSION >= (3, 3))
+    assert max(c.kwargs["BLOCK_PO"] for c in pruned(33, 1)) == 128

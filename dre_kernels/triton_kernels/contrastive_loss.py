@@ -257,6 +257,13 @@ _FWD_CONFIGS = [(64, 64, 16, 8, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2),
 # BLOCK_I >= 32 throughout: the grad-scale partials buffer holds cdiv(B, 32) row blocks
 _BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64, 4, 2),
                 (64, 32, 32, 128, 8, 2), (64, 64, 32, 64, 8, 2), (32, 32, 32, 64, 4, 2)]
+# Wide output tiles: a program recomputes its logit tiles once per BLOCK_PO slice of P, so BLOCK_PO = P (512, 16-bit
+# rows) computes each logit once per side where BLOCK_PO = 64 computed it 8 times (the H100's backward took 64 ms at
+# B=16384 where the forward took a fraction of that). Spill-free on sm_90 and sm_80 at P=512 (triton 3.9: 16-bit
+# 180-253 registers; float32 at 256 wide, 240-255; float32 at 512 spills 0.3-1.3 KB). Not surveyed with
+# triton < 3.3, whose compiler aborts on some backward configs (below): there they are left out.
+if TRITON_VERSION >= (3, 3):
+    _BWD_CONFIGS += [(32, 32, 32, 512, 8, 2), (32, 64, 32, 512, 8, 2), (32, 32, 16, 256, 8, 2)]
 
 
 # Backward configs whose compile aborts the process in triton < 3.3 (an assertion in LinearLayout::reshapeOuts, 16-bit
@@ -271,10 +278,13 @@ def _config_tuple(c):
 
 
 def _keep_mode_block_p(configs, named_args, **kwargs):
-    """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE), less those that abort the compiler."""
+    """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE), less those that abort the compiler and
+    those whose output tile is wider than P needs (BLOCK_PO > max(128, P rounded up to a power of two))."""
     bp = BLOCK_P_BY_MODE[launch_arg(named_args, kwargs, "MODE")]
+    widest = max(128, next_pow2(launch_arg(named_args, kwargs, "P", 128)))
     aborts = _BWD_ABORTS_BEFORE_TRITON_3_3 if TRITON_VERSION < (3, 3) else set()
-    return [c for c in configs if c.kwargs["BLOCK_P"] == bp and _config_tuple(c) not in aborts]
+    return [c for c in configs if c.kwargs["BLOCK_P"] == bp and _config_tuple(c) not in aborts
+            and c.kwargs.get("BLOCK_PO", 0) <= widest]
 
 
 _PRUNE = {"early_config_prune": _keep_mode_block_p}
