@@ -365,4 +365,6 @@ def test_contrastive_backward_configs_by_width():
         assert all(c.kwargs["BLOCK_PO"] <= max(128, 1 << (P - 1).bit_length()) for c in kept)
     widths = {c.kwargs["BLOCK_PO"] for c in pruned(512, 1)}
     assert (512 in widths) == (tcl.TRITON_VERSION >= (3, 3))
-    assert max(c.kwargs["BLOCK_PO"] for c in pruned(33, 1)) == 128
+    # the wide tiles are in the table (triton >= 3.3) and dropped at P = 33
+    assert any(c.kwargs["BLOCK_PO"] > 128 for c in tcl._bwd_tuned.configs) == (tcl.TRITON_VERSION >= (3, 3))
+    assert max(c.kwargs["BLOCK_PO"] for c in pruned(33, 1)) <= 128
