@@ -368,3 +368,9 @@ def test_contrastive_backward_configs_by_width():
     # the wide tiles are in the table (triton >= 3.3) and dropped at P = 33
     assert any(c.kwargs["BLOCK_PO"] > 128 for c in tcl._bwd_tuned.configs) == (tcl.TRITON_VERSION >= (3, 3))
     assert max(c.kwargs["BLOCK_PO"] for c in pruned(33, 1)) <= 128
+    # float16 rows multiply W in float32 (its parts would flush W ~ g p_ij to zero): no tile wider than 256, and
+    # one 256 wide from triton 3.3 on
+    fp16 = tcl._keep_mode_block_p(tcl._bwd_tuned.configs, {"P": 512, "MODE": 1,
+                                                           "y_ptr": torch.empty(1, dtype=torch.float16)})
+    fp16_widths = {c.kwargs["BLOCK_PO"] for c in fp16}
+    assert fp16_widths and max(fp16_widths) <= 256 and (256 in fp16_widths) == (tcl.TRITON_VERSION >= (3, 3))

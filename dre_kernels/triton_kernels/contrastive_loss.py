@@ -233,6 +233,10 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
                      other=0.0)
         if MODE == 2:
             acc = tl.dot(w * invy[None, :], yt.to(tl.float64), acc, out_dtype=tl.float64)
+        elif MODE == 1 and yt.dtype == tl.float16:
+            # W scales with the upstream gradient (g_i = 1/B under a mean: W ~ p_ij / B, 1e-10 at B = 65536) and
+            # float16's parts end at 6e-8, so split into them it would flush to zero: tf32x3 (float32's range)
+            acc = tl.dot(w * invy[None, :], yt.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = mm_fr(w * invy[None, :], yt, acc, MODE, False)
         if not X_IS_B:  # grad s once, in the a-side call
@@ -262,8 +266,11 @@ _BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64
 # B=16384 where the forward took a fraction of that). Spill-free on sm_90 and sm_80 at P=512 (triton 3.9: 16-bit
 # 180-253 registers; float32 at 256 wide, 240-255; float32 at 512 spills 0.3-1.3 KB). Not surveyed with
 # triton < 3.3, whose compiler aborts on some backward configs (below): there they are left out.
+# float16 rows multiply W in float32 (tf32x3, see _cl_bwd_kernel), which spills at 512 wide as float32 does: they take
+# the 256-wide 16-bit config (_keep_mode_block_p drops the 512-wide ones for them).
 if TRITON_VERSION >= (3, 3):
-    _BWD_CONFIGS += [(32, 32, 32, 512, 8, 2), (32, 64, 32, 512, 8, 2), (32, 32, 16, 256, 8, 2)]
+    _BWD_CONFIGS += [(32, 32, 32, 512, 8, 2), (32, 64, 32, 512, 8, 2), (32, 32, 16, 256, 8, 2),
+                     (32, 32, 32, 256, 8, 2)]
 
 
 # Backward configs whose compile aborts the process in triton < 3.3 (an assertion in LinearLayout::reshapeOuts, 16-bit
@@ -279,9 +286,12 @@ def _config_tuple(c):
 
 def _keep_mode_block_p(configs, named_args, **kwargs):
     """The configs whose BLOCK_P is the launch's mode's (BLOCK_P_BY_MODE), less those that abort the compiler and
-    those whose output tile is wider than P needs (BLOCK_PO > max(128, P rounded up to a power of two))."""
+    those whose output tile is wider than P needs (BLOCK_PO > max(128, P rounded up to a power of two)) or, for
+    float16 rows, wider than 256."""
     bp = BLOCK_P_BY_MODE[launch_arg(named_args, kwargs, "MODE")]
     widest = max(128, next_pow2(launch_arg(named_args, kwargs, "P", 128)))
+    if getattr(launch_arg(named_args, kwargs, "y_ptr"), "dtype", None) == torch.float16:
+        widest = min(widest, 256)
     aborts = _BWD_ABORTS_BEFORE_TRITON_3_3 if TRITON_VERSION < (3, 3) else set()
     return [c for c in configs if c.kwargs["BLOCK_P"] == bp and _config_tuple(c) not in aborts
             and c.kwargs.get("BLOCK_PO", 0) <= widest]
