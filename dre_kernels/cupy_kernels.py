@@ -37,6 +37,7 @@ KERNEL_FILES = {
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_col_fix": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
+    "dre_cl_bwd_tc": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
     "dre_bank_update": "bank.cu",
 }
@@ -301,6 +302,14 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
 
 # ---------------------------------------------------------------------------------------------- contrastive
 CL_BLOCK = 64
+CL_PO_TC = 128  # the output tile's width in P of dre_cl_bwd_tc
+
+
+def _cl_tensor_cores(a, b) -> I32:
+    """1 where the logits go to the tensor cores (csrc/cuda/contrastive_loss.cu): both sides bfloat16 on a device
+    that has them. float16 stays on the SIMT kernels (the backward's W, split into float16 parts, would flush)."""
+    both_bf16 = a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+    return I32(1 if both_bf16 and _get_runtime().tensor_cores(a.device) else 0)
 
 
 def _labels(labels, B):
@@ -347,14 +356,15 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
     cpos = torch.zeros(B, dtype=torch.float32, device=dev)
     lab, lab64, has = _labels(labels, B)
+    tc = _cl_tensor_cores(a, b)
     _launch("dre_cl_fwd", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rdiag),
-            ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P))
+            ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P), tc)
     clse = (ref.double() + torch.log(csum)).float()
     _launch("dre_cl_col_fix", -(-B // CL_BLOCK), 0, dev,  # exact LSE of the columns whose sum underflowed, if any
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
-            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P))
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P), tc)
     return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev))
 
 
@@ -375,13 +385,17 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     er = torch.expm1(-row_loss.detach().float()).contiguous()
     ec = torch.expm1(-col_loss.detach().float()).contiguous()
     if B:
-        grid = nrb * -(-P // CL_BLOCK)
+        tc = _cl_tensor_cores(a, b)
+        grid = nrb * -(-P // (CL_PO_TC if tc else CL_BLOCK))
         for x, y, invx, invy, lx, ly, ex, ey, out, with_gs in ((a, b, inva, invb, rl, cl, er, ec, gu, 1),
                                                                (b, a, invb, inva, cl, rl, ec, er, gv, 0)):
-            _launch("dre_cl_bwd", grid, 0, dev,
-                    ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
+            args = (ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
                     I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(ex),
                     ptr(ey), ptr(g), ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
+            if tc:
+                _launch("dre_cl_bwd_tc", grid, 0, dev, *args, I32(1 - with_gs))  # x_is_b: the second call
+            else:
+                _launch("dre_cl_bwd", grid, 0, dev, *args)
     grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
     grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
     return grad_a, grad_b, gs.sum().reshape(())

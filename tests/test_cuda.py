@@ -69,7 +69,7 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    assert len(declared) == 9  # re_fwd, re_bwd_soft, their tensor-core variants, cl_fwd, cl_col_fix, cl_bwd, bank x2
+    assert len(declared) == 10  # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, cl_fwd, cl_col_fix, bank x2
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -91,7 +91,8 @@ def test_glue_calls_every_launcher():
     glue = "".join(open(p).read() for p in glob.glob(os.path.join(CUDA_SRC, "*.cpp")))
     assert "TORCH_LIBRARY_IMPL(dre, CUDA" in glue
     for name in _declared_launchers():
-        assert f"dre_cuda_launch::{name}(" in glue, f"the host glue never calls {name}"
+        # called, or passed to a helper that calls it (the contrastive backward's two launchers share one)
+        assert re.search(rf"dre_cuda_launch::{name}\s*[(,)]", glue), f"the host glue never calls {name}"
     for op in _library.SCHEMAS:
         assert f'm.impl("{op}"' in glue, f"the host glue does not register {op}"
 
@@ -595,6 +596,75 @@ def test_emu_contrastive_saturated_loss_has_exactly_zero_gradient(emu, normalize
     assert torch.equal(loss, torch.zeros_like(loss))
     ga, gb, gs = cupy_kernels.contrastive_loss_bwd(torch.rand(70, generator=g), a, b, s, None, normalize, *saved)
     assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb)) and gs == 0
+
+
+def _cl_launches(emu, n0):
+    return [name for name, _, _ in emu.launches[n0:] if name.startswith("dre_cl_")]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_emu_tc_contrastive_bf16(emu_tc, normalize):
+    """Both sides bfloat16: the logits (forward, column fix, backward) and the backward's W y on mma.sync. B=130:
+    a partial row and column tile; P=200: partial P slices and two output tiles of dre_cl_bwd_tc."""
+    labels = torch.arange(130).remainder(9)
+    for B, P, lab in ((130, 200, None), (130, 70, labels), (1, 3, None), (64, 16, None)):
+        n0 = len(emu_tc.launches)
+        _check_cl(B, P, lab, normalize, dtype=torch.bfloat16, scale=10.0)
+        names = _cl_launches(emu_tc, n0)
+        assert names.count("dre_cl_bwd_tc") == 2 and "dre_cl_bwd" not in names, names
+        grids = [g for name, g, _ in emu_tc.launches[n0:] if name == "dre_cl_bwd_tc"]
+        assert grids == [-(-B // 64) * -(-P // 128)] * 2
+
+
+def test_emu_tc_contrastive_only_for_bf16_pairs(emu_tc):
+    """float16 (the backward's W would flush in float16 parts) and mixed dtypes stay on the SIMT kernels."""
+    from dre_kernels import cupy_kernels as ck
+
+    for da, db in ((torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        a, b = torch.randn(70, 20).to(da), torch.randn(70, 20).to(db)
+        assert ck._cl_tensor_cores(a, b) == 0
+    _check_cl(70, 20, None, True, dtype=torch.float16)
+    n0 = len(emu_tc.launches)
+    _check_cl(70, 20, None, True, dtype=torch.float16)
+    assert "dre_cl_bwd" in _cl_launches(emu_tc, n0) and "dre_cl_bwd_tc" not in _cl_launches(emu_tc, n0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_emu_tc_contrastive_saturated_loss_has_exactly_zero_gradient(emu_tc, normalize):
+    """As the SIMT test: every launch computes a logit's dot with a's rows as the MMA's A operand (the grad b call
+    reads its tile transposed), so the backward recomputes the forward's logits to the bit."""
+    g = torch.Generator().manual_seed(13)
+    a = (3.0 * torch.randn(70, 33, generator=g)).bfloat16()
+    b = (a.float() + 0.1 * torch.randn(70, 33, generator=g)).bfloat16()
+    s = torch.tensor(30.0 if not normalize else 3000.0)
+    n0 = len(emu_tc.launches)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, None, normalize)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    ga, gb, gs = cupy_kernels.contrastive_loss_bwd(torch.rand(70, generator=g), a, b, s, None, normalize, *saved)
+    assert "dre_cl_bwd_tc" in _cl_launches(emu_tc, n0)
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb)) and gs == 0
+
+
+def test_emu_tc_contrastive_matches_simt_closely(emu):
+    """The mma.sync logits against the SIMT float32 ones on the same bfloat16 inputs: products exact in both, only
+    the order of the float32 sums differs; the backward's W in two bfloat16 parts keeps ~16 bits."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(100, 96, generator=g).bfloat16(), torch.randn(100, 96, generator=g).bfloat16()
+    s, gl = torch.tensor(7.0), torch.rand(100, generator=g)
+    out = {}
+    for tc in (False, True):
+        emu.use_tensor_cores = tc
+        try:
+            loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, None, True)
+            out[tc] = (loss,) + cupy_kernels.contrastive_loss_bwd(gl, a, b, s, None, True, *saved)
+        finally:
+            emu.use_tensor_cores = False
+    # loss and grad scale are float32; grad a and b come back in bfloat16, where a float32 difference far below
+    # their precision can still round to the neighbouring value: at most one bfloat16 step apart
+    for x0, x1, name in zip(out[False], out[True], ("loss", "grad a", "grad b", "grad scale")):
+        tol = 2e-5 if x0.dtype == torch.float32 else 2.0 ** -7
+        torch.testing.assert_close(x1.float(), x0.float(), rtol=tol, atol=tol * float(x0.float().abs().max()),
+                                   msg=name)
 
 
 @pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])

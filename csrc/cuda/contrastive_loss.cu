@@ -22,12 +22,24 @@
 // Block (I, p) owns CL_BI rows and a CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared
 // memory and multiplies by the matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
-// Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64);
-// dynamic shared memory 0 (static arrays only).
+// Tensor cores (tc = 1; sm_80+, both sides bfloat16): every logit tile is computed with mma.sync.m16n8k16 on the
+// rows as stored (exact products, float32 accumulation over CL_PT_TC-wide slices of P), in the forward, the column fix
+// and both backward calls alike, a's rows always the MMA's A operand (the y side's call computes the transposed tile
+// and reads it back transposed), so that the backward's logits are the forward's to the bit. The backward
+// (dre_cl_bwd_tc) also multiplies W by y on the tensor cores: W (float32) split into bfloat16 hi + lo parts (two MMAs,
+// ~16 mantissa bits, float32's range), over CL_PO_TC-wide tiles of P (the logit tiles are recomputed P / 128 times
+// where the SIMT backward recomputes them P / 64 times). float16 rows stay on the SIMT kernels: W scales with the
+// upstream gradient (~p_ij / B under a mean) and float16 parts end at 6e-8, where it would flush to zero.
+//
+// Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64)
+// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)); dynamic shared memory 0 (static arrays only).
 #include "dre_common.cuh"
 
 namespace dre_cuda {
-enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16 };
+enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16, CL_PT_TC = 32, CL_PO_TC = 128 };
+// the P-slice staging of a logit tile, in floats: 64 x 17 float32 values (SIMT) or 64 x (CL_PT_TC + 8) 16-bit values
+constexpr int CL_STAGE = CL_BI * (CL_PT_TC + 8) / 2 > CL_BI * (CL_PT + 1) ? CL_BI * (CL_PT_TC + 8) / 2
+                                                                         : CL_BI * (CL_PT + 1);
 // a column sum at the bound below this has lost its largest terms to underflow (float64 normals end at 2.2e-308)
 constexpr double CL_TINY = 1e-280;
 
@@ -63,17 +75,59 @@ DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const v
   }
 }
 
-// L[r][c] = l_{i0 + r, j0 + c} = s inva_i <a_i, b_j> invb_j for the 64 x 64 tile (-inf outside B x B); ends with a
-// barrier, so L is ready for any thread
+// The tensor-core tile: dot[n][e] += <x_{i0 + r}, y_{j0 + c}> over all of P for this warp's 16 x 32 piece of the
+// 64 x 64 tile (rows 16 (warp % 4).., columns 32 (warp / 4)..; (r, c) of each value: cl_tc_rc), x and y 16-bit of
+// dtype dt, staged raw through xs, ys (64 x (CL_PT_TC + 8) 16-bit each). Ends with a barrier.
+DRE_DEVICE void cl_tc_rc(int warp, int lane, int n, int e, int& r, int& c) {
+  r = 16 * (warp & 3) + (lane >> 2) + 8 * (e >> 1);
+  c = 32 * (warp >> 2) + 8 * n + 2 * (lane & 3) + (e & 1);
+}
+
+DRE_DEVICE void cl_tile_dot_tc(const void* x, i64 s_xr, i64 s_xc, const void* y, i64 s_yr, i64 s_yc, int dt, i64 i0,
+                               i64 j0, i64 B, int P, unsigned short* xs, unsigned short* ys, float dot[4][4]) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int ld = CL_PT_TC + 8;
+  const unsigned short* xr = (const unsigned short*)x;
+  const unsigned short* yr = (const unsigned short*)y;
+  for (int n = 0; n < 4; ++n)
+    for (int e = 0; e < 4; ++e) dot[n][e] = 0.f;
+  for (int p0 = 0; p0 < P; p0 += CL_PT_TC) {
+    for (int e = tid; e < CL_BI * CL_PT_TC; e += NTHREADS) {
+      const int r = e / CL_PT_TC, p = e % CL_PT_TC;
+      const bool pin = p0 + p < P;
+      xs[r * ld + p] = (pin && i0 + r < B) ? xr[(i0 + r) * s_xr + (i64)(p0 + p) * s_xc] : (unsigned short)0;
+      ys[r * ld + p] = (pin && j0 + r < B) ? yr[(j0 + r) * s_yr + (i64)(p0 + p) * s_yc] : (unsigned short)0;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < CL_PT_TC; kk += 16) {
+      const unsigned short* xa = xs + (16 * (warp & 3) + g) * ld + kk + 2 * t;
+      const unsigned a[4] = {lds_pair(xa), lds_pair(xa + 8 * ld), lds_pair(xa + 8), lds_pair(xa + 8 * ld + 8)};
+      for (int n = 0; n < 4; ++n) {
+        const unsigned short* yb = ys + (32 * (warp >> 2) + 8 * n + g) * ld + kk + 2 * t;
+        const unsigned b[2] = {lds_pair(yb), lds_pair(yb + 8)};
+        mma_16816(dot[n], a, b, dt);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// L[r][c] = l_{i0 + r, j0 + c} = s inva_i <a_i, b_j> invb_j for the 64 x 64 tile (-inf outside B x B), on the tensor
+// cores when tc (both a and b of the 16-bit dtype a_dt); ends with a barrier, so L is ready for any thread
 DRE_DEVICE void cl_logits_tile(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
                                i64 s_bc, const float* inva, const float* invb, float s, i64 i0, i64 j0, i64 B, int P,
-                               float* xs, float* ys, float* L) {
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+                               int tc, float* xs, float* ys, float* L) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
   float dot[4][4];
-  cl_tile_dot(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, i0, j0, B, P, xs, ys, dot);
+  if (tc) {
+    cl_tile_dot_tc(a, s_ar, s_ac, bm, s_br, s_bc, a_dt, i0, j0, B, P, (unsigned short*)xs, (unsigned short*)ys, dot);
+  } else {
+    cl_tile_dot(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, i0, j0, B, P, xs, ys, dot);
+  }
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) {
-      const int r = ty + 16 * u, c = tx + 16 * v;
+      int r = ty + 16 * u, c = tx + 16 * v;
+      if (tc) cl_tc_rc(warp, lane, u, v, r, c);
       const i64 i = i0 + r, j = j0 + c;
       L[r * (CL_BJ + 1) + c] = (i < B && j < B) ? cl_logit(s, cl_uv(dot[u][v], inva[i], invb[j])) : -f_inf();
     }
@@ -83,17 +137,50 @@ DRE_DEVICE void cl_logits_tile(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
 DRE_DEVICE bool cl_positive(const void* labels, int lab64, int has_labels, i64 i, i64 j) {
   return has_labels ? load_index(labels, i, lab64) == load_index(labels, j, lab64) : i == j;
 }
+
+// The backward's weight of logit (i, j) from its dot <x_i, y_j>, times invy_j (0 outside B x B): W_ij as in the file
+// comment; gsl += W_ij <u_i, v_j>.
+DRE_DEVICE float cl_bwd_weight(float dot, i64 i, i64 j, i64 B, const float* invx, const float* invy,
+                               const void* labels, int lab64, int has_labels, float s, const float* lx,
+                               const float* ly, const float* ex, const float* ey, const float* g, const float* npos,
+                               float& gsl) {
+  if (i >= B || j >= B) return 0.f;
+  const float uv = cl_uv(dot, invx[i], invy[j]);
+  const float l = cl_logit(s, uv);
+  float w;
+  if (i == j && npos[i] == 1.f) {
+    w = 0.5f * g[i] * (ex[i] + ey[i]);
+  } else {
+    const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
+    w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
+  }
+  gsl += w * uv;
+  return w * invy[j];
+}
+
+// grad s partial of a row block: the block's sum of gsl, written to gs_out[pid_i] by thread 0
+DRE_DEVICE void cl_block_sum(float gsl, float* red, float* gs_out, i64 pid_i) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  gsl = warp_sum(gsl);
+  if (lane == 0) red[warp] = gsl;
+  __syncthreads();
+  if (tid == 0) {
+    float t = 0.f;
+    for (int w = 0; w < NTHREADS / 32; ++w) t += red[w];
+    gs_out[pid_i] = t;
+  }
+}
 }  // namespace dre_cuda
 
 using namespace dre_cuda;
 
 // rlse (the off-diagonal row log-sum-exps), rdiag (l_ii), rpos (B) float32 written; csum (B) float64 (off-diagonal)
 // and cpos (B) float32 accumulated (zeroed by the host).
-DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br, i64 s_bc,
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br, i64 s_bc,
                            const float* inva, const float* invb, const void* labels, int lab64, int has_labels,
                            const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos, double* csum,
-                           float* cpos, i64 B, int P) {
-  __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
+                           float* cpos, i64 B, int P, int tc) {
+  __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI], dg[CL_BI];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -105,7 +192,7 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
     pos_i[r] = 0.f;
   }
   for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
-    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
+    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, tc, xs, ys, L);
     // the diagonal out of the log-sum-exps (-inf in L), kept in dg for the positives
     if (i0 == j0) {  // CL_BI == CL_BJ: the diagonal of a row block lies in one tile
       for (int r = tid; r < CL_BI; r += NTHREADS) {
@@ -174,10 +261,10 @@ DRE_GLOBAL void dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const vo
 // lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal
 // log-sum-exp recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks
 // every row tile with an online max/sum per column and overwrites clse_j of those columns.
-DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
                                i64 s_bc, const float* inva, const float* invb, const float* scale, const double* csum,
-                               float* clse, i64 B, int P) {
-  __shared__ float xs[CL_BI * (CL_PT + 1)], ys[CL_BJ * (CL_PT + 1)];
+                               float* clse, i64 B, int P, int tc) {
+  __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_j[CL_BJ], l_j[CL_BJ];
   __shared__ int any_need;
@@ -194,7 +281,7 @@ DRE_GLOBAL void dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, cons
   if (!any_need) return;  // uniform across the block
   const float s = scale[0];
   for (i64 i0 = 0; i0 < B; i0 += CL_BI) {
-    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, xs, ys, L);
+    cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, tc, xs, ys, L);
     if (i0 == j0) {  // the diagonal out, as in dre_cl_fwd
       for (int r = tid; r < CL_BI; r += NTHREADS) L[r * (CL_BJ + 1) + r] = -f_inf();
       __syncthreads();
@@ -233,7 +320,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
   __shared__ float red[NTHREADS / 32];
   float* xs = tiles;
   float* ys = tiles + CL_BI * (CL_PT + 1);
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int npt = (P + CL_BI - 1) / CL_BI;
   const i64 pid_i = (i64)blockIdx.x / npt;
   const int pid_p = (int)((i64)blockIdx.x % npt);
@@ -253,21 +340,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
         const int r = ty + 16 * u, c = tx + 16 * v;
-        const i64 i = i0 + r, j = j0 + c;
-        float w = 0.f;
-        if (i < B && j < B) {
-          const float uv = cl_uv(dot[u][v], invx[i], invy[j]);
-          const float l = cl_logit(s, uv);
-          if (i == j && npos[i] == 1.f) {
-            w = 0.5f * g[i] * (ex[i] + ey[i]);
-          } else {
-            const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
-            w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
-          }
-          gsl += w * uv;
-          w *= invy[j];
-        }
-        W[r * (CL_BJ + 1) + c] = w;
+        W[r * (CL_BJ + 1) + c] = cl_bwd_weight(dot[u][v], i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels,
+                                               s, lx, ly, ex, ey, g, npos, gsl);
       }
     // y tile (CL_BJ rows x CL_BI columns of P), into the dot slices' space (cl_tile_dot ended with a barrier)
     for (int e = tid; e < CL_BJ * CL_BI; e += NTHREADS) {
@@ -291,16 +365,101 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
       const int p = p0 + tx + 16 * v;
       if (i < B && p < P) gu[i * P + p] = s * acc[u][v];
     }
-  if (with_gs && pid_p == 0) {
-    gsl = warp_sum(gsl);
-    if (lane == 0) red[warp] = gsl;
-    __syncthreads();
-    if (tid == 0) {
-      float t = 0.f;
-      for (int w = 0; w < NTHREADS / 32; ++w) t += red[w];
-      gs_out[pid_i] = t;
+  if (with_gs && pid_p == 0) cl_block_sum(gsl, red, gs_out, pid_i);
+}
+
+// dre_cl_bwd on the tensor cores (both sides bfloat16, sm_80+): the same outputs. Block (I, p) owns CL_BI rows and a
+// CL_PO_TC-wide tile of P; per column block it recomputes the logit tile with cl_tile_dot_tc (x_is_b: the y side's
+// call, which puts a's rows on the left as every other launch does, and reads the tile transposed), turns it into
+// W (float32, shared), stages y's tile and adds W y on the tensor cores, W split into hi + lo bfloat16 parts. Warp w
+// accumulates rows 16 (w % 4).. and columns 64 (w / 4).. of the output tile (8 MMA tiles of 16 x 8).
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
+                                                i64 s_yr, i64 s_yc, const float* invx, const float* invy,
+                                                const void* labels, int lab64, int has_labels, const float* scale,
+                                                const float* lx, const float* ly, const float* ex, const float* ey,
+                                                const float* g, const float* npos, float* gu, float* gs_out, i64 B,
+                                                int P, int with_gs, int x_is_b) {
+  constexpr int LDY = CL_PO_TC + 8, LDS = CL_PT_TC + 8, XS = CL_BI * LDS;
+  // the two P-slice tiles of the logits, then y's (CL_BJ x CL_PO_TC) tile, 16-bit (declared as floats: 4-byte pairs)
+  constexpr int STAGE = 2 * XS > CL_BJ * LDY ? 2 * XS : CL_BJ * LDY;
+  __shared__ float stage_f[STAGE / 2];
+  unsigned short* stage = (unsigned short*)stage_f;
+  __shared__ float W[CL_BI * (CL_BJ + 1)];
+  __shared__ float red[NTHREADS / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+  const int npt = (P + CL_PO_TC - 1) / CL_PO_TC;
+  const i64 pid_i = (i64)blockIdx.x / npt;
+  const int pid_p = (int)((i64)blockIdx.x % npt);
+  const i64 i0 = pid_i * CL_BI;
+  const int p0 = pid_p * CL_PO_TC;
+  const float s = scale[0];
+  const unsigned short* yr = (const unsigned short*)y;
+  const int mrow = 16 * (warp & 3), ncol = 64 * (warp >> 2);
+  float acc[8][4];
+  for (int n = 0; n < 8; ++n)
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  float gsl = 0.f;
+  for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
+    float dot[4][4];
+    if (x_is_b) {
+      cl_tile_dot_tc(y, s_yr, s_yc, x, s_xr, s_xc, x_dt, j0, i0, B, P, stage, stage + XS, dot);
+    } else {
+      cl_tile_dot_tc(x, s_xr, s_xc, y, s_yr, s_yc, x_dt, i0, j0, B, P, stage, stage + XS, dot);
     }
+    // the dots into W (the fragments' registers free again before the weights: with both live, ptxas spilled)
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int r, c;
+        cl_tc_rc(warp, lane, n, e, r, c);
+        // x_is_b: the tile was <a_{j0 + r}, b_{i0 + c}>, this block's row c and column r
+        W[x_is_b ? c * (CL_BJ + 1) + r : r * (CL_BJ + 1) + c] = dot[n][e];
+      }
+    __syncthreads();
+    for (int e = tid; e < CL_BI * CL_BJ; e += NTHREADS) {
+      const int r = e / CL_BJ, c = e % CL_BJ;
+      float* w = W + r * (CL_BJ + 1) + c;
+      *w = cl_bwd_weight(*w, i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels, s, lx, ly, ex, ey, g, npos,
+                         gsl);
+    }
+    // y's tile (rows j0.., columns p0.. of P) into the staging space (cl_tile_dot_tc ended with a barrier)
+    for (int e = tid; e < CL_BJ * CL_PO_TC; e += NTHREADS) {
+      const int c = e / CL_PO_TC, p = e % CL_PO_TC;
+      stage[c * LDY + p] = (j0 + c < B && p0 + p < P) ? yr[(j0 + c) * s_yr + (i64)(p0 + p) * s_yc]
+                                                       : (unsigned short)0;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int kk = 0; kk < CL_BJ; kk += 16) {
+      // A = W[mrow.., kk..] (row-major), split into hi + lo
+      unsigned a_hi[4], a_lo[4];
+      for (int q = 0; q < 4; ++q) {
+        const int r = mrow + gq + 8 * (q & 1), k = kk + 2 * tq + 8 * (q >> 1);
+        unsigned short h0, l0, h1, l1;
+        split_16(W[r * (CL_BJ + 1) + k], y_dt, h0, l0);
+        split_16(W[r * (CL_BJ + 1) + k + 1], y_dt, h1, l1);
+        a_hi[q] = pack_16(h0, h1);
+        a_lo[q] = pack_16(l0, l1);
+      }
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        // B[k][col] = y_{j0 + k, p0 + col}: pairs along k, two 16-bit loads each
+        const unsigned short* yb = stage + (kk + 2 * tq) * LDY + ncol + 8 * n + gq;
+        const unsigned b[2] = {pack_16(yb[0], yb[LDY]), pack_16(yb[8 * LDY], yb[9 * LDY])};
+        mma_16816(acc[n], a_hi, b, y_dt);
+        mma_16816(acc[n], a_lo, b, y_dt);
+      }
+    }
+    __syncthreads();
   }
+  for (int n = 0; n < 8; ++n)
+    for (int e = 0; e < 4; ++e) {
+      const i64 i = i0 + mrow + gq + 8 * (e >> 1);
+      const int p = p0 + ncol + 8 * n + 2 * tq + (e & 1);
+      if (i < B && p < P) gu[i * P + p] = s * acc[n][e];
+    }
+  if (with_gs && pid_p == 0) cl_block_sum(gsl, red, gs_out, pid_i);
 }
 
 #if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
@@ -310,19 +469,19 @@ namespace dre_cuda_launch {
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
                    int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
-                   double* csum, float* cpos, i64 B, int P) {
+                   double* csum, float* cpos, i64 B, int P, int tc) {
   if (grid > 0)
     dre_cl_fwd<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, labels, lab64,
-                                              has_labels, scale, ref, rlse, rdiag, rpos, csum, cpos, B, P);
+                                              has_labels, scale, ref, rlse, rdiag, rpos, csum, cpos, B, P, tc);
   return cudaGetLastError();
 }
 
 cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                        int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                       const double* csum, float* clse, i64 B, int P) {
+                       const double* csum, float* clse, i64 B, int P, int tc) {
   if (grid > 0)
     dre_cl_col_fix<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, csum,
-                                                  clse, B, P);
+                                                  clse, B, P, tc);
   return cudaGetLastError();
 }
 
@@ -334,6 +493,18 @@ cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, 
   if (grid > 0)
     dre_cl_bwd<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
                                               has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P, with_gs);
+  return cudaGetLastError();
+}
+
+cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
+                      int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
+                      int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
+                      const float* ex, const float* ey, const float* g, const float* npos, float* gu, float* gs_out,
+                      i64 B, int P, int with_gs, int x_is_b) {
+  if (grid > 0)
+    dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
+                                                 has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P,
+                                                 with_gs, x_is_b);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch

@@ -37,17 +37,24 @@ cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const v
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
                    int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
-                   double* csum, float* cpos, i64 B, int P);
+                   double* csum, float* cpos, i64 B, int P, int tc);
 
 cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                        int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                       const double* csum, float* clse, i64 B, int P);
+                       const double* csum, float* clse, i64 B, int P, int tc);
 
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                    int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
                    int has_labels, const float* scale, const float* lx, const float* ly, const float* ex,
                    const float* ey, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
                    int with_gs);
+
+// the tensor-core backward (sm_80+, both sides bfloat16); x_is_b: the call for grad b (x = b, y = a)
+cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
+                      int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
+                      int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
+                      const float* ex, const float* ey, const float* g, const float* npos, float* gu, float* gs_out,
+                      i64 B, int P, int with_gs, int x_is_b);
 
 cudaError_t bank_gather(unsigned grid, cudaStream_t stream, const void* bank, int dt, i64 s0, i64 s1, const void* idx,
                         int idx64, void* out, i64 n, i64 D);

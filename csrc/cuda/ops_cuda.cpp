@@ -33,6 +33,7 @@ namespace {
 using i64 = long long;
 constexpr double kEps = 1e-12;
 constexpr int kClBlock = 64;
+constexpr int kClPoTc = 128;  // CL_PO_TC of contrastive_loss.cu: dre_cl_bwd_tc's output tile width in P
 constexpr i64 kMaxGrid = 65535LL * 16;
 
 // int64 tensor data as the launchers' long long (int64_t is long on LP64 Linux: same size, distinct type)
@@ -342,6 +343,12 @@ Labels labels_of(const c10::optional<at::Tensor>& labels, int64_t B, const at::D
   return l;
 }
 
+// the logits on the tensor cores (contrastive_loss.cu): both sides bfloat16 (float16 stays on the SIMT kernels: the
+// backward's W, split into float16 parts, would flush small gradients), with use_tensor_cores's device rule
+int cl_tensor_cores(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kBFloat16 && use_tensor_cores(b, true) ? 1 : 0;
+}
+
 void cl_checks(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale) {
   TORCH_CHECK_VALUE(a.dim() == 2 && a.sizes() == b.sizes(), "dre: a and b must have the same shape (B, P); got ",
                     a.sizes(), " and ", b.sizes());
@@ -371,6 +378,7 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
   at::Tensor rdiag = at::empty({B}, f32), rpos = at::empty({B}, f32), cpos = at::zeros({B}, f32);
   at::Tensor csum = at::zeros({B}, a.options().dtype(at::kDouble));
   const Labels lab = labels_of(labels, B, a.device());
+  const int tc = cl_tensor_cores(a, b);
   launched(dre_cuda_launch::cl_fwd(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                    at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                    a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
@@ -378,14 +386,15 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
                                    lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
                                    ref.data_ptr<float>(), rlse.data_ptr<float>(), rdiag.data_ptr<float>(),
                                    rpos.data_ptr<float>(),
-                                   csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P)),
+                                   csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_fwd");
   const at::Tensor clse = (ref.to(at::kDouble) + at::log(csum)).to(at::kFloat);
   launched(dre_cuda_launch::cl_col_fix(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                        at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                        a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
                                        inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
-                                       csum.data_ptr<double>(), clse.data_ptr<float>(), B, static_cast<int>(P)),
+                                       csum.data_ptr<double>(), clse.data_ptr<float>(), B, static_cast<int>(P),
+                                       tc),
            "dre_cl_col_fix");
   return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, f32));
 }
@@ -427,7 +436,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
   const at::Tensor er = at::expm1(-row_loss.detach().to(at::kFloat)).contiguous(),
                    ec = at::expm1(-col_loss.detach().to(at::kFloat)).contiguous();
   if (B > 0) {
-    const int64_t grid = nrb * ((P + kClBlock - 1) / kClBlock);
+    const int tc = cl_tensor_cores(a, b);
+    const int64_t po = tc ? kClPoTc : kClBlock;  // the output tile's width in P
+    const int64_t grid = nrb * ((P + po - 1) / po);
     TORCH_CHECK(grid < (1LL << 31), "dre: contrastive_loss grid too large (", grid, " blocks)");
     struct Side {
       const at::Tensor *x, *y, *invx, *invy, *lx, *ly, *ex, *ey;
@@ -437,16 +448,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
     const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &er, &ec, &gu, 1},
                            {&b, &a, &invb, &inva, &cl, &rl, &ec, &er, &gv, 0}};
     for (const Side& sd : sides) {
-      launched(dre_cuda_launch::cl_bwd(static_cast<unsigned>(grid), at::cuda::getCurrentCUDAStream(),
-                                       sd.x->data_ptr(), dt(*sd.x, "a"), sd.x->stride(0), sd.x->stride(1),
-                                       sd.y->data_ptr(), dt(*sd.y, "b"), sd.y->stride(0), sd.y->stride(1),
-                                       sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
-                                       lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
-                                       sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.ex->data_ptr<float>(),
-                                       sd.ey->data_ptr<float>(), g.data_ptr<float>(),
-                                       npos.data_ptr<float>(), sd.out->data_ptr<float>(), gs.data_ptr<float>(), B,
-                                       static_cast<int>(P), sd.with_gs),
-               "dre_cl_bwd");
+      // x_is_b (the second call): the tensor-core kernel keeps a's rows on the left of every logit's dot
+      const auto bwd = [&](auto launcher, auto... extra) {
+        return launcher(static_cast<unsigned>(grid), at::cuda::getCurrentCUDAStream(), sd.x->data_ptr(),
+                        dt(*sd.x, "a"), sd.x->stride(0), sd.x->stride(1), sd.y->data_ptr(), dt(*sd.y, "b"),
+                        sd.y->stride(0), sd.y->stride(1), sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
+                        lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
+                        sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.ex->data_ptr<float>(),
+                        sd.ey->data_ptr<float>(), g.data_ptr<float>(), npos.data_ptr<float>(),
+                        sd.out->data_ptr<float>(), gs.data_ptr<float>(), B, static_cast<int>(P), sd.with_gs,
+                        extra...);
+      };
+      if (tc) {
+        launched(bwd(dre_cuda_launch::cl_bwd_tc, 1 - sd.with_gs), "dre_cl_bwd_tc");
+      } else {
+        launched(bwd(dre_cuda_launch::cl_bwd), "dre_cl_bwd");
+      }
     }
   }
   const at::Tensor grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.scalar_type());
