@@ -60,7 +60,8 @@ class StubbedLaunches:
 
 
 def cases(B=16, fresh=4, bank_rows=16, K=4, D=8, P=8):
-    """(op, mode, pass, fn): residual_encode soft and hard, contrastive_loss, each forward and forward+backward."""
+    """(op, mode, pass, fn): residual_encode soft and hard, contrastive_loss without and with normalize, each
+    forward and forward+backward."""
     import dre_kernels
 
     g = torch.Generator().manual_seed(0)
@@ -84,8 +85,11 @@ def cases(B=16, fresh=4, bank_rows=16, K=4, D=8, P=8):
         fwd = encode(mode)
         out += [("residual_encode", mode, "fwd", fwd), ("residual_encode", mode, "fwd+bwd",
                                                         lambda f=fwd: f().sum().backward())]
-    loss = lambda: dre_kernels.contrastive_loss(a, b, 10.0, backend="triton")  # noqa: E731
-    out += [("contrastive_loss", "", "fwd", loss), ("contrastive_loss", "", "fwd+bwd", lambda: loss().backward())]
+    for normalize in (False, True):
+        loss = lambda n=normalize: dre_kernels.contrastive_loss(a, b, 10.0, normalize=n, backend="triton")  # noqa: E731
+        mode = "normalize" if normalize else ""
+        out += [("contrastive_loss", mode, "fwd", loss),
+                ("contrastive_loss", mode, "fwd+bwd", lambda f=loss: f().backward())]
     return out
 
 

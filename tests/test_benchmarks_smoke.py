@@ -192,9 +192,14 @@ def test_host_overhead_benchmark(tmp_path):
                          env=dict(os.environ, KINETO_LOG_LEVEL="5"))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {(r["op"], r["mode"], r["pass"]): r for r in csv.DictReader(open(out))}
-    assert len(rows) == 6
+    assert len(rows) == 8
     for (op, mode, pas), r in rows.items():
         assert float(r["host_us"]) > 0 and int(r["aten_ops"]) > 0, r
         if pas == "fwd+bwd":
             assert int(r["triton_launches"]) > int(rows[(op, mode, "fwd")]["triton_launches"]), r
     assert int(rows[("residual_encode", "soft", "fwd")]["triton_launches"]) == 3
+    # contrastive_loss: the row norms, the pass, the column fix; backward: the norms, both sides, and with
+    # normalize the normalisation's backward for each side
+    assert int(rows[("contrastive_loss", "", "fwd")]["triton_launches"]) == 3
+    assert int(rows[("contrastive_loss", "", "fwd+bwd")]["triton_launches"]) == 6
+    assert int(rows[("contrastive_loss", "normalize", "fwd+bwd")]["triton_launches"]) == 8

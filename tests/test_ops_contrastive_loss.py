@@ -63,6 +63,30 @@ def test_gradients_match_reference(backend_device, shape, dtype, labels, normali
         assert_close(x, y, scale=10.0 if name == "s" else 1.0, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_at_or_below_the_normalize_epsilon(backend_device, dtype):
+    """normalize divides by max(||a_i||, 1e-12): a zero row, one far below the epsilon and one just above it (all of
+    whose gradient is then gu / eps, or the full projection) give the reference's loss and gradients."""
+    backend, device = backend_device
+    a, b, _ = make(9, 6, dtype=torch.float32, requires_grad=False)
+    a[2] = 0.0
+    b[5] = 0.0
+    a[4] *= 1e-20 / a[4].norm()
+    b[7] *= 3e-12 / b[7].norm()
+    a = a.to(dtype).to(device).requires_grad_()
+    b = b.to(dtype).to(device).requires_grad_()
+    s = torch.tensor(2.0, device=device, requires_grad=True)
+    w = torch.rand(9, generator=torch.Generator().manual_seed(5)).to(device)
+    got = contrastive_loss(a, b, s, normalize=True, reduction="none", backend=backend)
+    want = contrastive_loss(a, b, s, normalize=True, reduction="none", backend="reference")
+    assert_close(got, want, dtype=torch.float32, scale=10.0)
+    g_got = torch.autograd.grad((got * w).sum(), [a, b, s])
+    g_want = torch.autograd.grad((want * w).sum(), [a, b, s])
+    for name, x, y in zip("abs", g_got, g_want):
+        assert torch.isfinite(x).all(), name
+        assert_close(x, y, scale=10.0, msg=f"grad {name}")  # relative to the largest (~1e12 = gu / eps)
+
+
 def test_equals_open_clip_clip_loss(backend_device):
     backend, device = backend_device
     a, b, _ = make(19, 12, device=device, requires_grad=False)

@@ -190,14 +190,14 @@ def test_interpreter_launches_pass_only_the_kernels_own_arguments(device, monkey
         E.sum().backward()
     a = torch.randn(6, 5, generator=g, requires_grad=True)
     b = torch.randn(6, 5, generator=g, requires_grad=True)
-    dre_kernels.contrastive_loss(a, b, 2.0, backend="triton").backward()
+    dre_kernels.contrastive_loss(a, b, 2.0, normalize=True, backend="triton").backward()
     bank = torch.randn(9, 7, generator=g)
     idx = torch.tensor([1, 8])
     dre_kernels.bank_gather(bank, idx, backend="triton")
     dre_kernels.bank_update_(bank, idx, torch.randn(2, 7, generator=g), momentum=0.5, backend="triton")
     assert not stray, stray
     assert {"_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel",
-            "_gather_kernel", "_update_kernel"} <= launched, launched
+            "_cl_norms_kernel", "_cl_normalize_bwd_kernel", "_gather_kernel", "_update_kernel"} <= launched, launched
 
 
 def test_first_call_autotuning_keeps_what_earlier_launches_added(device, monkeypatch):

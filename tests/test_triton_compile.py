@@ -57,7 +57,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         assert rc == 0 and summary, f"sm_{arch}:\n{out[-6000:]}"
         # every kernel was reached (a launch path that raised before compiling would show as a host error)
         for kernel in ("_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel",
-                       "_gather_kernel", "_update_kernel"):
+                       "_cl_norms_kernel", "_cl_normalize_bwd_kernel", "_gather_kernel", "_update_kernel"):
             assert kernel in out, f"sm_{arch}: {kernel} was never compiled\n{out[-3000:]}"
         # the contrastive launches share one BLOCK_P per dot mode: a saturated loss's zero gradient needs the
         # backward's logits to be the forward's to the bit, and a tf32x3 dot rounds by where the P slices end

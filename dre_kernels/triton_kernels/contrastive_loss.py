@@ -27,8 +27,11 @@ symmetric under swapping (a, R) with (b, C), so one kernel computes grad u with 
 with the roles swapped computes grad v: two calls that each recompute the tiles (instead of B x P float32 atomics
 per tile). Every launch computes a logit alike, a on the left of the dot and the same BLOCK_P (BLOCK_P_BY_MODE),
 so that the backward's logits are the forward's to the bit.
-Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator. The normalisation's
-backward, grad a = (grad u - u <u, grad u>) / ||a||, is O(B*P) elementwise work in PyTorch.
+Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator.
+Around them, two row kernels keep the host to a few allocations: _cl_norms_kernel computes the norms, their
+inverses and the column bound's max_i ||u_i|| once per call (the forward, the column fix and the backward read the
+same bits), and _cl_normalize_bwd_kernel takes grad u to grad a = (grad u - u <u, grad u>) / ||a|| in a's dtype,
+in place where a is in the loss dtype (no B x P temporary besides grad u).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dre_kernels._gpu_host import inv_norms, normalize_backward_, num_positives
-from dre_kernels.contrastive_loss import contrastive_loss_finish
+from dre_kernels._gpu_host import num_positives
+from dre_kernels.contrastive_loss import NORMALIZE_EPS, contrastive_loss_finish
 from dre_kernels._library import loss_dtype
 from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg,
                                                mm_fr, next_pow2)
@@ -107,17 +110,98 @@ def _positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS: tl.constexpr):
     return pos
 
 
+# _cl_norms_kernel's buffer, (4 B + 1) in the loss dtype: the rows' inverse norms 1 / max(||a_i||, eps) (1 without
+# normalize), then b's, the norms of a and of b, and max_i ||u_i|| = max_i ||a_i|| inv_a_i (for the column bound)
+_INV_A, _INV_B, _NORM_A, _NORM_B, _U_MAX = (tl.constexpr(k) for k in range(5))
+NORMS_ROWS = 4
+
+
+def _row_meta(P):
+    """The row kernels' tiles: 32 rows x up to 128 columns over 8 warps (16 values a thread: no spills on sm_90)."""
+    return {"BLOCK_I": 32, "BLOCK_P": min(128, max(16, next_pow2(P))), "num_warps": 8}
+
+
 @triton.jit
-def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab_ptr, scale_ptr, ref_ptr,
+def _cl_norms_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, B, P, EPS: tl.constexpr,
+                     NORMALIZE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
+    """||a_i||, ||b_i|| (accumulated in the buffer's dtype), their inverses clamped at eps, and max_i ||u_i|| by an
+    atomic max into a zeroed slot: what the forward, the column fix and the backward read, the same bits in each."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = i < B
+    ACC = norms_ptr.dtype.element_ty
+    sa = tl.zeros((BLOCK_I,), dtype=ACC)
+    sb = tl.zeros((BLOCK_I,), dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        m = imask[:, None] & (p < P)[None, :]
+        at = tl.load(a_ptr + i[:, None] * s_ar + p[None, :] * s_ac, mask=m, other=0.0).to(ACC)
+        bt = tl.load(b_ptr + i[:, None] * s_br + p[None, :] * s_bc, mask=m, other=0.0).to(ACC)
+        sa += tl.sum(at * at, axis=1)
+        sb += tl.sum(bt * bt, axis=1)
+    na = tl.sqrt(sa)
+    nb = tl.sqrt(sb)
+    if NORMALIZE:
+        inva = 1.0 / tl.maximum(na, EPS)
+        invb = 1.0 / tl.maximum(nb, EPS)
+    else:
+        inva = tl.full((BLOCK_I,), 1.0, dtype=ACC)
+        invb = inva
+    tl.store(norms_ptr + _INV_A * B + i, inva, mask=imask)
+    tl.store(norms_ptr + _INV_B * B + i, invb, mask=imask)
+    tl.store(norms_ptr + _NORM_A * B + i, na, mask=imask)
+    tl.store(norms_ptr + _NORM_B * B + i, nb, mask=imask)
+    tl.atomic_max(norms_ptr + _U_MAX * B, tl.max(tl.where(imask, na * inva, 0.0), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _bound_scale(norms_ptr, s, B):
+    """|s| max_i ||u_i||: the column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) over ||v_j||."""
+    return tl.abs(s) * tl.load(norms_ptr + _U_MAX * B)
+
+
+@triton.jit
+def _column_bound(norms_ptr, bound_scale, invb, j, jmask, B):
+    return bound_scale * (tl.load(norms_ptr + _NORM_B * B + j, mask=jmask, other=0.0) * invb)
+
+
+@triton.jit
+def _cl_normalize_bwd_kernel(gu_ptr, t_ptr, s_tr, s_tc, norms_ptr, out_ptr, B, P, SIDE: tl.constexpr,
+                             EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
+    """grad t from grad u through u = t / max(||t||, eps), in t's dtype (out_ptr may be gu_ptr: each row is read
+    whole before it is written): (gu - u <u, gu>) / ||t|| above eps, gu / eps at or below it. SIDE: 0 a, 1 b."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = i < B
+    inv = tl.load(norms_ptr + (_INV_A + SIDE) * B + i, mask=imask, other=0.0)
+    norm = tl.load(norms_ptr + (_NORM_A + SIDE) * B + i, mask=imask, other=0.0)
+    dots = tl.zeros((BLOCK_I,), dtype=inv.dtype)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        m = imask[:, None] & (p < P)[None, :]
+        u = tl.load(t_ptr + i[:, None] * s_tr + p[None, :] * s_tc, mask=m, other=0.0).to(inv.dtype) * inv[:, None]
+        dots += tl.sum(u * tl.load(gu_ptr + i[:, None] * P + p[None, :], mask=m, other=0.0), axis=1)
+    dots = tl.where(norm <= EPS, 0.0, dots)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        m = imask[:, None] & (p < P)[None, :]
+        u = tl.load(t_ptr + i[:, None] * s_tr + p[None, :] * s_tc, mask=m, other=0.0).to(inv.dtype) * inv[:, None]
+        gu = tl.load(gu_ptr + i[:, None] * P + p[None, :], mask=m, other=0.0)
+        tl.store(out_ptr + i[:, None] * P + p[None, :], ((gu - u * dots[:, None]) * inv[:, None]).to(
+            out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, lab_ptr, scale_ptr,
                    rlse_ptr, rdiag_ptr, rpos_ptr, csum_ptr, cpos_ptr, B, P,
                    HAS_LABELS: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """norms_ptr: _cl_norms_kernel's buffer (inverse norms, norms, max_i ||u_i||)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < B
-    s = tl.load(scale_ptr)
-    inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
-    li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
     ACC = tl.float64 if MODE == 2 else tl.float32
+    s = tl.load(scale_ptr).to(ACC)
+    bound = _bound_scale(norms_ptr, s, B)
+    inva = tl.load(norms_ptr + _INV_A * B + i, mask=imask, other=0.0)
+    li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
     m_i = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_I,), dtype=ACC)
     pos_i = tl.zeros((BLOCK_I,), dtype=ACC)
@@ -125,7 +209,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
     for j0 in range(0, B, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = j < B
-        invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
+        invb = tl.load(norms_ptr + _INV_B * B + j, mask=jmask, other=0.0)
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         d_i += tl.sum(tl.where(valid & (i[:, None] == j[None, :]), logits, 0.0), axis=1)
@@ -143,7 +227,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, lab
         cm = tl.max(lt, axis=0)
         cm = tl.where(cm == float("-inf"), 0.0, cm)  # a column with no logit here (past B, or only its diagonal)
         cs = tl.sum(tl.exp(lt - cm[None, :]), axis=0)
-        ref = tl.load(ref_ptr + j, mask=jmask, other=0.0)
+        ref = _column_bound(norms_ptr, bound, invb, j, jmask, B)
         contrib = cs.to(tl.float64) * tl.exp((cm - ref).to(tl.float64))
         tl.atomic_add(csum_ptr + j, contrib, mask=jmask, sem="relaxed")
     tl.store(rlse_ptr + i, m_i + tl.log(tl.where(imask, l_i, 1.0)), mask=imask)
@@ -156,24 +240,28 @@ COLUMN_SUM_TINY = 1e-280
 
 
 @triton.jit
-def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr, scale_ptr, csum_ptr, clse_ptr, B, P,
+def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_ptr, csum_ptr, clse_ptr, B, P,
                        TINY: tl.constexpr, MODE: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Exact off-diagonal column log-sum-exps, with an online max over every row, for the columns of this block whose
-    float64 sum at the bound underflowed; a block with none returns without reading a row."""
+    """The off-diagonal column log-sum-exps: ref_j + log(csum_j) from the pass, and exactly, with an online max over
+    every row, for the columns of this block whose float64 sum at the bound underflowed; a block with none of those
+    reads no row."""
     j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = j < B
-    need = jmask & (tl.load(csum_ptr + j, mask=jmask, other=1.0) < TINY)
+    csum = tl.load(csum_ptr + j, mask=jmask, other=1.0)
+    need = jmask & (csum < TINY)
     rows = tl.where(tl.sum(need.to(tl.int32), axis=0) > 0, B, 0)
-    s = tl.load(scale_ptr)
-    invb = tl.load(invb_ptr + j, mask=jmask, other=0.0)
     ACC = tl.float64 if MODE == 2 else tl.float32
+    s = tl.load(scale_ptr).to(ACC)
+    invb = tl.load(norms_ptr + _INV_B * B + j, mask=jmask, other=0.0)
+    ref = _column_bound(norms_ptr, _bound_scale(norms_ptr, s, B), invb, j, jmask, B)
+    tl.store(clse_ptr + j, (ref.to(tl.float64) + tl.log(tl.where(need, 1.0, csum))).to(ACC), mask=jmask & (need.to(tl.int32) == 0))
     m_j = tl.full((BLOCK_J,), float("-inf"), dtype=ACC)
     l_j = tl.zeros((BLOCK_J,), dtype=ACC)
     for i0 in range(0, rows, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         imask = i < B
-        inva = tl.load(inva_ptr + i, mask=imask, other=0.0)
+        inva = tl.load(norms_ptr + _INV_A * B + i, mask=imask, other=0.0)
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         lt = tl.where(valid & (i[:, None] != j[None, :]), logits, float("-inf"))
@@ -182,7 +270,7 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, inva_ptr, invb_ptr,
 
 
 @triton.jit
-def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab_ptr, scale_ptr,
+def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, scale_ptr,
                    lx_ptr, ly_ptr, ex_ptr, ey_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
                    HAS_LABELS: tl.constexpr, X_IS_B: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PO: tl.constexpr):
@@ -192,7 +280,11 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
     pid_p = pid % n_pt
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < B
-    s = tl.load(scale_ptr)
+    ACC = tl.float64 if MODE == 2 else tl.float32
+    s = tl.load(scale_ptr).to(ACC)
+    # the inverse norms of x's side, then y's: a's at _INV_A, b's at _INV_B
+    invx_ptr = norms_ptr + (_INV_A + X_IS_B) * B
+    invy_ptr = norms_ptr + (_INV_B - X_IS_B) * B
     invx = tl.load(invx_ptr + i, mask=imask, other=0.0)
     lx = tl.load(lx_ptr + i, mask=imask, other=0.0)
     ex = tl.load(ex_ptr + i, mask=imask, other=0.0)
@@ -201,7 +293,6 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, invx_ptr, invy_ptr, lab
     li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
     po = (pid_p * BLOCK_PO + tl.arange(0, BLOCK_PO)).to(tl.int64)
     pomask = po < P
-    ACC = tl.float64 if MODE == 2 else tl.float32
     acc = tl.zeros((BLOCK_I, BLOCK_PO), dtype=ACC)
     gs = tl.zeros((BLOCK_I,), dtype=ACC)
     for j0 in range(0, B, BLOCK_J):
@@ -332,16 +423,20 @@ def _mode(a, b) -> int:
     return 1
 
 
+def _norms(a, b, normalize, acc):
+    """_cl_norms_kernel's buffer (see _INV_A), one launch."""
+    B, P = a.shape
+    norms = torch.zeros(NORMS_ROWS * B + 1, dtype=acc, device=a.device)
+    meta = _row_meta(P)
+    _cl_norms_kernel[(triton.cdiv(B, meta["BLOCK_I"]),)](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, B, P, NORMALIZE_EPS, normalize, **meta)
+    return norms
+
+
 def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     B, P = a.shape
     dev = a.device
-    a, b = a.detach(), b.detach()
     acc = loss_dtype(a, b)
-    s = logit_scale.detach().to(acc).reshape(1).contiguous()
-    inva, na = inv_norms(a, normalize, acc)
-    invb, nb = inv_norms(b, normalize, acc)
-    # column bound ref_j = |s| max_i ||u_i|| ||v_j||
-    ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous() if B else nb
     rlse = torch.empty(B, dtype=acc, device=dev)  # the off-diagonal row log-sum-exps, then row_lse
     rdiag = torch.empty(B, dtype=acc, device=dev)
     rpos = torch.empty(B, dtype=acc, device=dev)
@@ -349,34 +444,45 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     cpos = torch.zeros(B, dtype=acc, device=dev)
     if B == 0:
         return (rlse,) + tuple(rlse.clone() for _ in range(4))
+    norms = _norms(a, b, normalize, acc)
     has_labels = labels is not None
-    lab = labels.contiguous() if has_labels else inva
+    lab = labels.contiguous() if has_labels else norms
     mode = _mode(a, b)
-    args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, lab, s, ref,
+    args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, lab, logit_scale,
             rlse, rdiag, rpos, csum, cpos, B, P, has_labels, mode)
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
            enable_fp_fusion=False)
-    clse = (ref.double() + torch.log(csum)).to(acc)
+    clse = torch.empty(B, dtype=acc, device=dev)
     meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": BLOCK_P_BY_MODE[mode],
                                               "num_warps": 8}
     _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
-        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), inva, invb, s, csum, clse, B, P, COLUMN_SUM_TINY,
-        mode, **meta, enable_fp_fusion=False)
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, logit_scale, csum, clse, B, P,
+        COLUMN_SUM_TINY, mode, **meta, enable_fp_fusion=False)
     return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev, acc))
+
+
+def _normalize_backward(gu, t, norms, side, normalize):
+    """grad t (t's dtype) from grad u: _cl_normalize_bwd_kernel, in place over gu where t is in gu's dtype."""
+    B, P = t.shape
+    if not normalize:
+        return gu.to(t.dtype)
+    out = gu if t.dtype == gu.dtype else torch.empty((B, P), dtype=t.dtype, device=t.device)
+    if B:
+        meta = _row_meta(P)
+        _cl_normalize_bwd_kernel[(triton.cdiv(B, meta["BLOCK_I"]),)](
+            gu, t, t.stride(0), t.stride(1), norms, out, B, P, side, NORMALIZE_EPS, **meta)
+    return out
 
 
 def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss):
     B, P = a.shape
     dev = a.device
-    a, b = a.detach(), b.detach()
     acc = loss_dtype(a, b)
-    s = logit_scale.detach().to(acc).reshape(1).contiguous()
-    inva, na = inv_norms(a, normalize, acc)
-    invb, nb = inv_norms(b, normalize, acc)
-    g = grad_loss.detach().to(acc).contiguous()
+    norms = _norms(a, b, normalize, acc) if B else torch.zeros(1, dtype=acc, device=dev)
+    g = grad_loss.to(acc).contiguous()
     npos = num_positives(labels, B, dev, acc)
     has_labels = labels is not None
-    lab = labels.contiguous() if has_labels else inva
+    lab = labels.contiguous() if has_labels else norms
     gu = torch.empty((B, P), dtype=acc, device=dev)
     gv = torch.empty((B, P), dtype=acc, device=dev)
     meta = _interp_meta(P, backward=True)
@@ -386,13 +492,13 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     er, ec = torch.expm1(-row_loss.to(acc)).contiguous(), torch.expm1(-col_loss.to(acc)).contiguous()
     mode = _mode(a, b)
     if B:
-        for x, y, invx, invy, lx, ly, ex, ey, out, x_is_b in ((a, b, inva, invb, rl, cl, er, ec, gu, False),
-                                                              (b, a, invb, inva, cl, rl, ec, er, gv, True)):
-            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), invx, invy, lab, s, lx, ly, ex, ey, g,
-                    npos, out, gs, B, P, has_labels, x_is_b, mode)
+        for x, y, lx, ly, ex, ey, out, x_is_b in ((a, b, rl, cl, er, ec, gu, False),
+                                                  (b, a, cl, rl, ec, er, gv, True)):
+            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norms, lab, logit_scale, lx, ly, ex,
+                    ey, g, npos, out, gs, B, P, has_labels, x_is_b, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
                    enable_fp_fusion=False)
-    grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
-    grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
+    grad_a = _normalize_backward(gu, a, norms, 0, normalize)
+    grad_b = _normalize_backward(gv, b, norms, 1, normalize)
     return grad_a, grad_b, gs.sum().reshape(())
