@@ -75,6 +75,76 @@ def test_many_slides_per_chunk(device, hard):
         _check_fwd_bwd(args, hard, chunk_rows=chunk)
 
 
+@pytest.fixture
+def float16_dots(device, monkeypatch):
+    """On CPU, float16 rows through the GPU's 16-bit dot mode (MODE 1): the hi/lo splits of the float32 operand and
+    exact 16-bit products, which the interpreter otherwise replaces by float32 dots (_common.dot_mode)."""
+    if device != "cpu":
+        pytest.skip("on GPU every 16-bit launch takes MODE 1 anyway")
+    from dre_kernels.triton_kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET_FLOAT16_DOTS", True)
+    assert _common.dot_mode(torch.float16) == 1 and _common.dot_mode(torch.bfloat16) == 0
+
+
+def _max_rel_err(got, want):
+    return float((got.detach().double() - want.detach().double()).abs().max() / want.detach().double().abs().max())
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_float16_rows_in_the_16bit_dot_mode(device, float16_dots, hard):
+    """residual_encode with float16 fresh rows and bank in MODE 1: a long slide split across programs, K and D
+    not powers of two, several column tiles (D=150) and D slices, against the float32 reference on the same
+    float16 rows. The splits keep ~22 bits of the float32 operand and the 16-bit products are exact, so E and the
+    codeword and scale gradients must be float32-accurate (here ~1e-7; dropping the assignments' lo part: 3e-5)."""
+    x, xo, c, s, bank, bi, bo = _inputs(device, [70, 0, 9], [3, 60, 1], K=7, D=150, x_dtype=torch.float16,
+                                        bank_dtype=torch.float16)
+    s = None if hard else s / 100  # soft: assignments spread over K (at the usual scales they are one-hot)
+    E, mass = tre.residual_encode_fwd(x, xo, c, s, bank, bi, bo, hard, chunk_rows=16)
+    xr, cr = x.float().requires_grad_(), c.clone().requires_grad_()
+    sr = None if hard else s.clone().requires_grad_()
+    Er, mr = residual_encode_reference(xr, xo, cr, sr, bank, bi, bo, hard)
+    assert _max_rel_err(E, Er) < 1e-6 and _max_rel_err(mass, mr) < 1e-6
+    G = torch.randn(Er.shape, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad((Er * G).sum(), [xr, cr] + ([] if hard else [sr]))
+    gx, gc, gs = tre.residual_encode_bwd(G, x, xo, c, s, bank, bi, bo, hard, True, True, True, chunk_rows=16)
+    assert_close(gx.float(), want[0], torch.float16, msg="grad x")
+    assert _max_rel_err(gc, want[1]) < 1e-5, "grad codewords"
+    if not hard:
+        assert _max_rel_err(gs, want[2]) < 1e-5, "grad scale"
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_float16_contrastive_in_the_16bit_dot_mode(device, float16_dots, normalize):
+    """contrastive_loss with float16 a and b in MODE 1 (exact 16-bit products over BLOCK_P_BY_MODE[1] slices, W
+    multiplied in float32), labels, partial tiles, against the float64 reference; and a saturated loss, whose
+    exact gradient 0 needs the backward's logits to be the forward's to the bit in this mode too."""
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    g = torch.Generator().manual_seed(7)
+    a, b = (torch.randn(45, 70, generator=g).half() for _ in range(2))
+    labels = torch.randint(0, 12, (45,), generator=g)
+    s = torch.tensor(3.0)
+    w = torch.rand(45, generator=g)
+    assert tcl._mode(a, b) == 1
+    loss, *saved = tcl.contrastive_loss_fwd(a, b, s, labels, normalize)
+    a64, b64, s64 = (t.double().requires_grad_() for t in (a, b, s))
+    want = contrastive_loss_reference(a64, b64, s64, labels, normalize)
+    assert_close(loss, want, torch.float32, scale=10.0)
+    got = tcl.contrastive_loss_bwd(w, a, b, s, labels, normalize, *saved)
+    for name, x, y in zip("abs", got, torch.autograd.grad((want * w.double()).sum(), [a64, b64, s64])):
+        assert_close(x, y, torch.float16 if name != "s" else torch.float32, scale=10.0, msg=f"grad {name}")
+    # saturated (test_ops_contrastive_loss.test_saturated_loss_has_exactly_zero_gradient's case): every logit 200
+    # or more below its row's and column's own, so the loss and its gradient are exactly 0
+    a = (3.0 * torch.randn(70, 33, generator=g)).half()
+    b = (a.float() + 0.1 * torch.randn(70, 33, generator=g)).half()
+    s = torch.tensor(3000.0 if normalize else 30.0)
+    loss, *saved = tcl.contrastive_loss_fwd(a, b, s, None, normalize)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for x in tcl.contrastive_loss_bwd(w[:1].expand(70), a, b, s, None, normalize, *saved)[:2]:
+        assert torch.equal(x, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_k_and_d_not_powers_of_two_mixed_dtypes(device, hard):
     args = _inputs(device, [7, 20], [11, 0], K=5, D=37, x_dtype=torch.float16, bank_dtype=torch.bfloat16)

@@ -27,9 +27,15 @@ TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2
 F64_DOT = TRITON_VERSION >= (3, 3)
 
 
+# The interpreter multiplies with numpy, which has no bfloat16 (its bfloat16 tl.dot is wrong), so it takes float32
+# dots for every dtype. Its float16 tl.dot is exact (float32 accumulation), so tests can set this to run float16
+# rows through the GPU's 16-bit mode (MODE 1: the hi/lo splits, exact 16-bit products) on CPU.
+INTERPRET_FLOAT16_DOTS = False
+
+
 def dot_mode(dtype: torch.dtype) -> int:
     """0: float32 dots (tf32x3 on GPU); 1: 16-bit rows, fp32 operand split into hi + lo."""
-    if INTERPRET or dtype == torch.float32:
+    if dtype == torch.float32 or (INTERPRET and not (INTERPRET_FLOAT16_DOTS and dtype == torch.float16)):
         return 0
     return 1
 

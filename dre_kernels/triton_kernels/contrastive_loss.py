@@ -43,8 +43,8 @@ import triton.language as tl
 from dre_kernels._gpu_host import num_positives
 from dre_kernels.contrastive_loss import NORMALIZE_EPS, contrastive_loss_finish
 from dre_kernels._library import loss_dtype
-from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, launch, launch_arg,
-                                               mm_fr, next_pow2)
+from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, dot_mode, launch,
+                                               launch_arg, mm_fr, next_pow2)
 
 
 @triton.jit
@@ -418,9 +418,7 @@ def _mode(a, b) -> int:
             raise TypeError(f"the triton backend's contrastive kernels take float64 (raw ops) from triton 3.3 on, "
                             f"whose tl.dot takes float64; this is triton {triton.__version__}")
         return 2
-    if INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32:
-        return 0
-    return 1
+    return dot_mode(a.dtype) if a.dtype == b.dtype else 0
 
 
 def _norms(a, b, normalize, acc):
