@@ -114,15 +114,3 @@ def num_positives(labels, B: int, device, dtype=torch.float32):
     srt = torch.sort(lab).values
     n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)
     return n.to(dtype)
-
-
-def normalize_backward_(gu, t, inv, norm, normalize: bool):
-    """grad t from grad u, u = t / max(||t||, eps), in place on gu: (gu - u <u, gu>) / ||t|| above eps, gu / eps
-    below (inv is 1 / max(||t||, eps)). One B x P temporary (u) besides gu: at B = 65536, P = 512 each is 134 MB."""
-    if not normalize:
-        return gu
-    u = t.to(gu.dtype) * inv[:, None]
-    dots = torch.einsum("ij,ij->i", u, gu)
-    dots.masked_fill_(norm <= NORMALIZE_EPS, 0.0)
-    gu.addcmul_(u, dots[:, None], value=-1.0)
-    return gu.mul_(inv[:, None])

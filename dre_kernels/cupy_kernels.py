@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from dre_kernels import _checks
-from dre_kernels.contrastive_loss import contrastive_loss_finish
+from dre_kernels.contrastive_loss import NORMALIZE_EPS, contrastive_loss_finish
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
-                                     finish_codeword_grads, inv_norms, next_pow2, normalize_backward_, num_positives,
+                                     finish_codeword_grads, inv_norms, next_pow2, num_positives,
                                      prep_codewords, row_sources)
 
 NTHREADS = 256
@@ -38,6 +38,7 @@ KERNEL_FILES = {
     "dre_cl_col_fix": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_cl_bwd_tc": "contrastive_loss.cu",
+    "dre_cl_normalize_bwd": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
     "dre_bank_update": "bank.cu",
 }
@@ -396,9 +397,23 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
                 _launch("dre_cl_bwd_tc", grid, 0, dev, *args, I32(1 - with_gs))  # x_is_b: the second call
             else:
                 _launch("dre_cl_bwd", grid, 0, dev, *args)
-    grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.dtype)
-    grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.dtype)
+    grad_a = _normalize_backward(gu, a, inva, na, normalize)
+    grad_b = _normalize_backward(gv, b, invb, nb, normalize)
     return grad_a, grad_b, gs.sum().reshape(())
+
+
+def _normalize_backward(gu, t, inv, norm, normalize):
+    """grad t (t's dtype) from grad u through u = t / max(||t||, eps): dre_cl_normalize_bwd, a warp per row, in
+    place over gu for float32 t."""
+    if not normalize:
+        return gu.to(t.dtype)
+    B, P = t.shape
+    out = gu if t.dtype == torch.float32 else torch.empty((B, P), dtype=t.dtype, device=t.device)
+    if B and P:
+        _launch("dre_cl_normalize_bwd", min(-(-B // 8), _MAX_GRID), 0, t.device, ptr(gu), ptr(t), _dt(t, "a"),
+                I64(t.stride(0)), I64(t.stride(1)), ptr(inv), ptr(norm), ptr(out), _dt(out, "a"), I64(B), I32(P),
+                F32(NORMALIZE_EPS))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- bank

@@ -69,7 +69,8 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    assert len(declared) == 10  # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, cl_fwd, cl_col_fix, bank x2
+    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, cl_fwd, cl_col_fix, cl_normalize_bwd, bank x2
+    assert len(declared) == 11
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -539,6 +540,35 @@ def _check_cl(B, P, labels, normalize, dtype=torch.float32, scale=3.0):
     assert_close(ga, ra, t, msg="grad a")
     assert_close(gb, rb, t, msg="grad b")
     assert_close(gs, rs, t, scale=4, msg="grad scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_emu_contrastive_normalize_backward_kernel(emu, dtype):
+    """dre_cl_normalize_bwd (a warp per row) takes grad u to grad a in a's dtype, in place over grad u for float32:
+    rows at and below the epsilon (a zero row: gu / eps ~ 1e12, beyond float16, so there a row of norm 1e-3),
+    P over and under a warp's width, a strided."""
+    for B, P in [(13, 70), (9, 5)]:
+        g = torch.Generator().manual_seed(P)
+        a = torch.randn(P, B, generator=g).t()  # strided: (B, P) with unit stride along B
+        b = torch.randn(B, P, generator=g)
+        tiny = 1e-3 if dtype == torch.float16 else 1e-20
+        a[2] = 0.0 if dtype != torch.float16 else a[2] * tiny
+        b[4] *= tiny / b[4].norm()
+        a, b = a.to(dtype), b.to(dtype)
+        s = torch.tensor(2.0)
+        loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, None, True)
+        w = torch.rand(B, generator=g)
+        n0 = len(emu.launches)
+        ga, gb, gs = cupy_kernels.contrastive_loss_bwd(w, a, b, s, None, True, *saved)
+        assert [name for name, _, _ in emu.launches[n0:]].count("dre_cl_normalize_bwd") == 2
+        a64, b64, s64 = (t.double().requires_grad_() for t in (a, b, s))
+        ref = contrastive_loss_reference(a64, b64, s64, None, True)
+        ra, rb, _ = torch.autograd.grad(ref, (a64, b64, s64), w.double())
+        assert ga.dtype == b.dtype == gb.dtype == dtype and ga.is_contiguous()
+        # each row against its own size: the tiny rows' gradients are 1e3 .. 1e12 times the others'
+        for name, x, y in (("a", ga, ra), ("b", gb, rb)):
+            err = ((x.double() - y).norm(dim=1) / y.norm(dim=1)).max()
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (name, float(err))
 
 
 @pytest.mark.parametrize("normalize", [False, True])

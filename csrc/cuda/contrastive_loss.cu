@@ -32,7 +32,8 @@
 // upstream gradient (~p_ij / B under a mean) and float16 parts end at 6e-8, where it would flush to zero.
 //
 // Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64)
-// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)); dynamic shared memory 0 (static arrays only).
+// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)), the normalisation's backward min(ceil(B / 8), 65535 * 16)
+// (a warp per row, grid-stride); dynamic shared memory 0 (static arrays only).
 #include "dre_common.cuh"
 
 namespace dre_cuda {
@@ -462,6 +463,27 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
   if (with_gs && pid_p == 0) cl_block_sum(gsl, red, gs_out, pid_i);
 }
 
+// The normalisation's backward: grad t from grad u through u = t inv, inv = 1 / max(||t||, eps):
+//   grad t = (gu - u <u, gu>) inv   where ||t|| > eps,   gu inv   at or below it (F.normalize's clamped norm)
+// in t's dtype. One warp per row (the row's dot is warp-uniform); out may be gu itself (float32 t): each element is
+// read by the lane that writes it, after the whole row's dot.
+DRE_GLOBAL void dre_cl_normalize_bwd(const float* gu, const void* t, int t_dt, i64 s_tr, i64 s_tc, const float* inv,
+                                     const float* norm, void* out, int out_dt, i64 B, int P, float eps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (i64 i = (i64)blockIdx.x * (NTHREADS / 32) + warp; i < B; i += (i64)gridDim.x * (NTHREADS / 32)) {
+    const float iv = inv[i];
+    float dot = 0.f;
+    if (norm[i] > eps) {
+      for (int p = lane; p < P; p += 32) dot += load_f(t, i * s_tr + (i64)p * s_tc, t_dt) * iv * gu[i * P + p];
+      dot = warp_sum(dot);
+    }
+    for (int p = lane; p < P; p += 32) {
+      const float u = load_f(t, i * s_tr + (i64)p * s_tc, t_dt) * iv;
+      store_f(out, i * P + p, (gu[i * P + p] - u * dot) * iv, out_dt);
+    }
+  }
+}
+
 #if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
 #include "launchers.h"
 
@@ -505,6 +527,14 @@ cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_d
     dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
                                                  has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P,
                                                  with_gs, x_is_b);
+  return cudaGetLastError();
+}
+
+cudaError_t cl_normalize_bwd(unsigned grid, cudaStream_t stream, const float* gu, const void* t, int t_dt, i64 s_tr,
+                             i64 s_tc, const float* inv, const float* norm, void* out, int out_dt, i64 B, int P,
+                             float eps) {
+  if (grid > 0)
+    dre_cl_normalize_bwd<<<grid, NTHREADS, 0, stream>>>(gu, t, t_dt, s_tr, s_tc, inv, norm, out, out_dt, B, P, eps);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch

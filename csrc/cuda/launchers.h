@@ -56,6 +56,11 @@ cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_d
                       const float* ex, const float* ey, const float* g, const float* npos, float* gu, float* gs_out,
                       i64 B, int P, int with_gs, int x_is_b);
 
+// grad a (in out_dt; out may be gu) from grad u through u = a / max(||a||, eps): a warp per row
+cudaError_t cl_normalize_bwd(unsigned grid, cudaStream_t stream, const float* gu, const void* t, int t_dt, i64 s_tr,
+                             i64 s_tc, const float* inv, const float* norm, void* out, int out_dt, i64 B, int P,
+                             float eps);
+
 cudaError_t bank_gather(unsigned grid, cudaStream_t stream, const void* bank, int dt, i64 s0, i64 s1, const void* idx,
                         int idx64, void* out, i64 n, i64 D);
 

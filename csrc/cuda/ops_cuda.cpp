@@ -399,16 +399,25 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
   return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, f32));
 }
 
-// grad t from grad u, u = t / max(||t||, eps), in place on gu: (gu - u <u, gu>) / ||t|| above eps, gu / eps below
-// (inv = 1 / max(||t||, eps)). One B x P temporary (u) besides gu (dre_kernels._gpu_host.normalize_backward_).
-at::Tensor normalize_backward_(at::Tensor& gu, const at::Tensor& t, const at::Tensor& inv, const at::Tensor& norm,
-                               bool normalize) {
-  if (!normalize) return gu;
-  const at::Tensor u = t.to(at::kFloat) * inv.unsqueeze(1);
-  at::Tensor dots = at::einsum("ij,ij->i", {u, gu});
-  dots.masked_fill_(norm <= kEps, 0.0);
-  gu.addcmul_(u, dots.unsqueeze(1), -1.0);
-  return gu.mul_(inv.unsqueeze(1));
+// grad t (t's dtype) from grad u through u = t / max(||t||, eps): dre_cl_normalize_bwd, in place over gu for float32
+// t (no B x P temporary)
+at::Tensor normalize_backward(at::Tensor& gu, const at::Tensor& t, const at::Tensor& inv, const at::Tensor& norm,
+                              bool normalize) {
+  if (!normalize) return gu.to(t.scalar_type());
+  const int64_t B = t.size(0), P = t.size(1);
+  at::Tensor out = t.scalar_type() == at::kFloat
+                       ? gu
+                       : at::empty({B, P}, t.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B > 0 && P > 0) {
+    const int64_t rows_per_block = 8;  // a warp per row
+    launched(dre_cuda_launch::cl_normalize_bwd(
+                 static_cast<unsigned>(std::min<int64_t>((B + rows_per_block - 1) / rows_per_block, kMaxGrid)),
+                 at::cuda::getCurrentCUDAStream(), gu.data_ptr<float>(), t.data_ptr(), dt(t, "a"), t.stride(0),
+                 t.stride(1), inv.data_ptr<float>(), norm.data_ptr<float>(), out.data_ptr(), dt(out, "a"), B,
+                 static_cast<int>(P), static_cast<float>(kEps)),
+             "dre_cl_normalize_bwd");
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
@@ -466,8 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
       }
     }
   }
-  const at::Tensor grad_a = normalize_backward_(gu, a, inva, na, normalize).to(a.scalar_type());
-  const at::Tensor grad_b = normalize_backward_(gv, b, invb, nb, normalize).to(b.scalar_type());
+  const at::Tensor grad_a = normalize_backward(gu, a, inva, na, normalize);
+  const at::Tensor grad_b = normalize_backward(gv, b, invb, nb, normalize);
   return {grad_a, grad_b, gs.sum()};
 }
 
