@@ -410,9 +410,10 @@ def _normalize_backward(gu, t, inv, norm, normalize):
     B, P = t.shape
     out = gu if t.dtype == torch.float32 else torch.empty((B, P), dtype=t.dtype, device=t.device)
     if B and P:
-        _launch("dre_cl_normalize_bwd", min(-(-B // 8), _MAX_GRID), 0, t.device, ptr(gu), ptr(t), _dt(t, "a"),
-                I64(t.stride(0)), I64(t.stride(1)), ptr(inv), ptr(norm), ptr(out), _dt(out, "a"), I64(B), I32(P),
-                F32(NORMALIZE_EPS))
+        rows_per_block = NTHREADS // 32  # a warp per row
+        _launch("dre_cl_normalize_bwd", min(-(-B // rows_per_block), _MAX_GRID), 0, t.device, ptr(gu), ptr(t),
+                _dt(t, "a"), I64(t.stride(0)), I64(t.stride(1)), ptr(inv), ptr(norm), ptr(out), _dt(out, "a"), I64(B),
+                I32(P), F32(NORMALIZE_EPS))
     return out
 
 

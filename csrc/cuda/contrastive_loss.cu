@@ -177,10 +177,11 @@ using namespace dre_cuda;
 
 // rlse (the off-diagonal row log-sum-exps), rdiag (l_ii), rpos (B) float32 written; csum (B) float64 (off-diagonal)
 // and cpos (B) float32 accumulated (zeroed by the host).
-DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br, i64 s_bc,
-                           const float* inva, const float* invb, const void* labels, int lab64, int has_labels,
-                           const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos, double* csum,
-                           float* cpos, i64 B, int P, int tc) {
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt,
+                                             i64 s_br, i64 s_bc, const float* inva, const float* invb,
+                                             const void* labels, int lab64, int has_labels, const float* scale,
+                                             const float* ref, float* rlse, float* rdiag, float* rpos, double* csum,
+                                             float* cpos, i64 B, int P, int tc) {
   __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI], dg[CL_BI];
@@ -262,9 +263,10 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, 
 // lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal
 // log-sum-exp recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks
 // every row tile with an online max/sum per column and overwrites clse_j of those columns.
-DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
-                               i64 s_bc, const float* inva, const float* invb, const float* scale, const double* csum,
-                               float* clse, i64 B, int P, int tc) {
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm,
+                                                 int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb,
+                                                 const float* scale, const double* csum, float* clse, i64 B, int P,
+                                                 int tc) {
   __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_j[CL_BJ], l_j[CL_BJ];

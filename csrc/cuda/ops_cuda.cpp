@@ -409,7 +409,7 @@ at::Tensor normalize_backward(at::Tensor& gu, const at::Tensor& t, const at::Ten
                        ? gu
                        : at::empty({B, P}, t.options().memory_format(at::MemoryFormat::Contiguous));
   if (B > 0 && P > 0) {
-    const int64_t rows_per_block = 8;  // a warp per row
+    const int64_t rows_per_block = 256 / 32;  // a warp per row of a 256-thread block
     launched(dre_cuda_launch::cl_normalize_bwd(
                  static_cast<unsigned>(std::min<int64_t>((B + rows_per_block - 1) / rows_per_block, kMaxGrid)),
                  at::cuda::getCurrentCUDAStream(), gu.data_ptr<float>(), t.data_ptr(), dt(t, "a"), t.stride(0),

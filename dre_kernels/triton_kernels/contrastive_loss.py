@@ -255,7 +255,8 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_pt
     s = tl.load(scale_ptr).to(ACC)
     invb = tl.load(norms_ptr + _INV_B * B + j, mask=jmask, other=0.0)
     ref = _column_bound(norms_ptr, _bound_scale(norms_ptr, s, B), invb, j, jmask, B)
-    tl.store(clse_ptr + j, (ref.to(tl.float64) + tl.log(tl.where(need, 1.0, csum))).to(ACC), mask=jmask & (need.to(tl.int32) == 0))
+    tl.store(clse_ptr + j, (ref.to(tl.float64) + tl.log(tl.where(need, 1.0, csum))).to(ACC),
+             mask=jmask & (need.to(tl.int32) == 0))
     m_j = tl.full((BLOCK_J,), float("-inf"), dtype=ACC)
     l_j = tl.zeros((BLOCK_J,), dtype=ACC)
     for i0 in range(0, rows, BLOCK_I):
