@@ -4,9 +4,11 @@ eager `torch` and torch.compile of the `torch` backend (CUDA only).
     python benchmarks/bench_cuda.py [--quick] [--providers torch triton ...] [--out results/cuda_<device>.csv]
     python benchmarks/bench_cuda.py --smoke --out /tmp/x.csv   # tiny shapes on the CPU: exercises this script
 
-Providers: torch, torch.compile, triton, native, cupy, and native_simt / cupy_simt (the same backends with
-DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores);
-by default every one available. benchmarks/bench_triton.py is this script with torch, torch.compile and triton.
+Providers: torch, torch.compile, triton, native, cupy, native_simt / cupy_simt (the same backends with
+DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores),
+and native_tiled / cupy_tiled (DRE_KERNELS_CUDA_FULL_WIDTH=0: the residual_encode forward on the column-tiled
+mma.sync kernel instead of the full-width one); by default every one available. benchmarks/bench_triton.py is
+this script with torch, torch.compile and triton.
 Cases:
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):
     step  : the DRE-SLCL step shape, B=16 slides, 128 fresh rows (bf16) + 8192 bank rows (bf16 bank) each, K=64, D=384
@@ -34,7 +36,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.common import (device_bandwidth_gbs, device_slug, environment, is_oom, peak_mb, time_ms,  # noqa: E402
                                write_csv)
 
-PROVIDERS = ("torch", "torch.compile", "triton", "native", "cupy", "native_simt", "cupy_simt")
+PROVIDERS = ("torch", "torch.compile", "triton", "native", "cupy", "native_simt", "cupy_simt", "native_tiled",
+             "cupy_tiled")
+# provider suffix -> the environment switch of the csrc/cuda kernels it sets for its calls
+VARIANTS = {"_simt": ("DRE_KERNELS_CUDA_TENSOR_CORES", "0"), "_tiled": ("DRE_KERNELS_CUDA_FULL_WIDTH", "0")}
+
+
+def _base_and_switch(provider):
+    """(backend, (env var, value) or None) of a provider."""
+    if provider in ("torch", "torch.compile"):
+        return "torch", None
+    for suffix, switch in VARIANTS.items():
+        if provider.endswith(suffix):
+            return provider.removesuffix(suffix), switch
+    return provider, None
 # (name, B, fresh rows per slide, bank rows per slide, K, D)
 SHAPES = [("step", 16, 128, 8192, 64, 384), ("50k", 16, 128, 50000, 64, 384)]
 SMOKE_SHAPES = [("smoke", 2, 4, 40, 8, 16)]
@@ -65,7 +80,7 @@ def _residual_fn(provider, inputs, mode, hard):
     import dre_kernels
 
     x, x_off, c, s, bank, bi, bo = inputs
-    backend = "torch" if provider in ("torch", "torch.compile") else provider.removesuffix("_simt")
+    backend, switch = _base_and_switch(provider)
     assignment = "hard" if hard else "soft"
 
     def run(x, c, s):
@@ -84,17 +99,17 @@ def _residual_fn(provider, inputs, mode, hard):
             E = run(xg, cg, sg)
             torch.autograd.backward(E, G.to(E.dtype))
             xg.grad = cg.grad = sg.grad = None
-    if not provider.endswith("_simt"):
+    if switch is None:
         return call
 
-    def call_simt():  # the csrc/cuda SIMT kernels: the switch is read at every launch, forward and backward
-        os.environ["DRE_KERNELS_CUDA_TENSOR_CORES"] = "0"
+    def call_switched():  # the csrc/cuda switches are read at every launch, forward and backward
+        os.environ[switch[0]] = switch[1]
         try:
             return call()
         finally:
-            os.environ.pop("DRE_KERNELS_CUDA_TENSOR_CORES", None)
+            os.environ.pop(switch[0], None)
 
-    return call_simt
+    return call_switched
 
 
 def _contrastive_fn(provider, B, P, mode, device):
@@ -132,14 +147,14 @@ def _measure(fn, device):
 
 
 def available_providers(device, wanted=PROVIDERS):
-    """The providers of `wanted` that can run on `device` (the *_simt ones on CUDA only)."""
+    """The providers of `wanted` that can run on `device` (the *_simt and *_tiled ones on CUDA only)."""
     import dre_kernels
 
     avail = dre_kernels.available_backends(device)
     ok = []
     for p in wanted:
-        base = "torch" if p == "torch.compile" else p.removesuffix("_simt")
-        if base in avail and (not p.endswith("_simt") or (device.type == "cuda" and base in ("native", "cupy"))):
+        base, switch = _base_and_switch(p)
+        if base in avail and (switch is None or (device.type == "cuda" and base in ("native", "cupy"))):
             ok.append(p)
     return ok
 
@@ -195,7 +210,7 @@ def main(argv=None, *, default_name="cuda", default_providers=PROVIDERS):
     B, P = (64, 16) if args.smoke else (16384, 512) if args.quick else (65536, 512)
     for mode in ("fwd", "fwd+bwd"):
         base = None
-        for provider in [p for p in providers if p == "torch" or p in kernels and not p.endswith("_simt")]:
+        for provider in [p for p in providers if p == "torch" or p in kernels and _base_and_switch(p)[1] is None]:
             res = _measure(_contrastive_fn(provider, B, P, mode, device), device)
             base = (res[1], res[3]) if provider == "torch" else base
             record("contrastive_loss", f"B={B} P={P} bf16 normalize", mode, provider, res, base, float("nan"))

@@ -34,6 +34,7 @@ KERNEL_FILES = {
     "dre_re_bwd_soft": "residual_encode.cu",
     "dre_re_fwd_tc": "residual_encode.cu",
     "dre_re_bwd_tc": "residual_encode.cu",
+    "dre_re_fwd_tc_full": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_col_fix": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
@@ -102,6 +103,14 @@ class CupyRuntime:
             return False
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def smem_optin(device) -> int:
+        """The most dynamic shared memory a block may opt in to on this device (bytes)."""
+        import cupy
+
+        return int(cupy.cuda.Device(device.index).attributes["MaxSharedMemoryPerBlockOptin"])
+
     def launch(self, name, grid, smem, device, args):
         if grid == 0:
             return
@@ -111,6 +120,8 @@ class CupyRuntime:
         packed = tuple(conv[type(a)](a) for a in args)
         with cupy.cuda.Device(device.index):
             fn = self._module(KERNEL_FILES[name]).get_function(name)
+            if smem > SMEM_LIMIT:  # past 48 KB a kernel opts in (the launch rule checked the device's limit)
+                fn.max_dynamic_shared_size_bytes = int(smem)
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
             with stream:
                 fn((int(grid),), (NTHREADS,), packed, shared_mem=int(smem))
@@ -187,6 +198,40 @@ def re_tc_config(K: int, D: int, backward: bool):
     return None
 
 
+def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int) -> int:
+    """Shared memory (bytes) of the full-width forward dre_re_fwd_tc_full (launch_rules.h re_full_smem_bytes)."""
+    k8, k16, ldd = -(-K // 8) * 8, -(-K // 16) * 16, -(-D // 16) * 16 + 8
+    return 2 * (2 * k8 * ldd + nbuf * R * ldd + 2 * k16 * (R + 8)) + 4 * (R * (K + 1) + 2 * R + K)
+
+
+def re_tc_full_config(K: int, D: int, smem_optin: int):
+    """(R rows per step, row buffers, shared memory bytes) of the full-width forward, or None where its K x D
+    accumulator or its shared memory does not fit: csrc/cuda/launch_rules.h (re_tc_full_config)."""
+    k8, k16, npw = -(-K // 8), -(-K // 16), -(-(-(-D // 16) * 2) // 8)
+    if k16 * npw > 24 or k8 > 32:
+        return None
+    r_max = 16 * min(4, 32 // k8)
+    for nbuf in (2, 1):
+        for R in range(r_max, 15, -16):
+            smem = re_full_smem_bytes(K, D, R, nbuf)
+            if smem <= smem_optin:
+                return R, nbuf, smem
+    return None
+
+
+FULL_WIDTH_ENV = "DRE_KERNELS_CUDA_FULL_WIDTH"
+
+
+def full_width_enabled() -> bool:
+    """The full-width forward kernel is on unless DRE_KERNELS_CUDA_FULL_WIDTH=0 (to time it against the tiled one)."""
+    return os.environ.get(FULL_WIDTH_ENV, "1").strip() not in ("0", "false", "off", "no")
+
+
+def _vec_rows(rows, D: int) -> bool:
+    """Rows the full-width kernel may copy 16 bytes at a time: contiguous 16-bit rows, 16-byte aligned."""
+    return (rows.stride(1) == 1 and D % 8 == 0 and rows.stride(0) % 8 == 0 and rows.data_ptr() % 16 == 0)
+
+
 def _simt_config(K: int, D: int, backward: bool):
     R, DO, smem = re_config(K, D, backward)
     return R, DO, None, smem
@@ -232,12 +277,22 @@ def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard,
     K, D = c32.shape
     chunk = default_chunk_rows(n_rows, rows.device)
     off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+    gather = index is not None
+    full = (re_tc_full_config(K, D, _get_runtime().smem_optin(rows.device))
+            if with_e and G is None and full_width_enabled() and _use_tensor_cores(rows) else None)
+    if full:
+        R, nbuf, smem = full
+        _launch("dre_re_fwd_tc_full", slots, smem, rows.device,
+                ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
+                ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
+                ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
+                I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(R), I32(nbuf), I32(int(_vec_rows(rows, D))))
+        return
     tc = re_tc_config(K, D, backward=False) if _use_tensor_cores(rows) else None
     R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=False)
     if not with_e:
         DO = 1 if tc is None else 8
     grid = slots * (-(-D // DO) if with_e else 1)
-    gather = index is not None
     _launch("dre_re_fwd_tc" if tc else "dre_re_fwd", grid, smem, rows.device,
             ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
             ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),

@@ -69,8 +69,9 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, cl_fwd, cl_col_fix, cl_normalize_bwd, bank x2
-    assert len(declared) == 11
+    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, re_fwd_tc_full, cl_fwd, cl_col_fix,
+    # cl_normalize_bwd, bank x2
+    assert len(declared) == 12
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -173,6 +174,13 @@ int main() {{
         const ReConfig s = re_simt_config(K, D, bw), t = re_tc_config(K, D, bw);
         std::printf("re %d %d %d %d %d %u %d %d %d %u\\n", K, D, bw, s.R, s.DO, s.smem, t.R, t.DO, t.DT, t.smem);
       }}
+  const long long optins[] = {{49152, 101376, 166912, 232448}};
+  for (int K = 1; K <= 256; ++K)
+    for (int D : Ds)
+      for (long long o : optins) {{
+        const ReFullConfig f = re_tc_full_config(K, D, o);
+        std::printf("full %d %d %lld %d %d %u\\n", K, D, o, f.R, f.nbuf, f.smem);
+      }}
   for (long long n : rows)
     for (int m : sms) std::printf("chunk %lld %d %lld\\n", n, m, (long long)chunk_rows(n, m));
 }}
@@ -182,7 +190,7 @@ int main() {{
                           "-o", str(exe)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    n_re = 0
+    n_re = n_full = 0
     for line in lines:
         kind, *v = line.split()
         v = [int(t) for t in v]
@@ -192,11 +200,15 @@ int main() {{
             tc = cupy_kernels.re_tc_config(K, D, bool(bw))
             assert tc == ((tR, tDO, tDT, tsmem) if tDT else None), (K, D, bw)
             n_re += 1
+        elif kind == "full":
+            K, D, optin, R, nbuf, smem = v
+            assert cupy_kernels.re_tc_full_config(K, D, optin) == ((R, nbuf, smem) if R else None), (K, D, optin)
+            n_full += 1
         else:
             n, m, chunk = v
             monkeypatch.setattr(_gpu_host, "num_sms", lambda device, m=m: m)
             assert _gpu_host.default_chunk_rows(n, torch.device("cuda")) == chunk, (n, m)
-    assert n_re == 256 * len(Ds) * 2
+    assert n_re == 256 * len(Ds) * 2 and n_full == 256 * len(Ds) * 4
 
 
 def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
@@ -254,7 +266,9 @@ def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
 def test_built_cuda_kernels_keep_to_registers():
     """ptxas's verdict on the kernels in the built extension, per arch: no local memory (spills or a stack frame
     for an array it could not keep in registers: each costs memory traffic in an inner loop) and at most 128
-    registers a thread, so that two 256-thread blocks fit an SM. Read from the cubins with cuobjdump."""
+    registers a thread, so that two 256-thread blocks fit an SM; the full-width forward, one block per SM by design
+    (its shared memory: codewords and whole rows), at most 255 with its K x D accumulator (96 floats a thread).
+    Read from the cubins with cuobjdump."""
     if _library.native_error is not None:
         pytest.skip(f"extension not built: {_library.native_error}")
     if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
@@ -274,9 +288,9 @@ def test_built_cuda_kernels_keep_to_registers():
     for name, per_arch in found.items():
         assert len(per_arch) == len(archs), (name, per_arch, archs)
         for res in per_arch:
-            if res["STACK"] or res["LOCAL"] or res["REG"] > 128:
+            if res["STACK"] or res["LOCAL"] or res["REG"] > (255 if name == "dre_re_fwd_tc_full" else 128):
                 bad.append(f"{name}: {res}")
-    assert not bad, "kernels using local memory or > 128 registers:\n" + "\n".join(bad)
+    assert not bad, "kernels using local memory or too many registers:\n" + "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------------------------- CPU emulation
@@ -428,16 +442,19 @@ def test_emu_residual_encode_bad_index_raises(emu):
 
 
 # ---------------------------------------------------------------------------------------------- tensor cores
-@pytest.fixture
-def emu_tc(emu):
-    """The emulation with the mma.sync kernels (dre_re_fwd_tc / dre_re_bwd_tc) chosen for 16-bit row sources."""
+@pytest.fixture(params=["full", "tiled"])
+def emu_tc(emu, request, monkeypatch):
+    """The emulation with the mma.sync kernels chosen for 16-bit row sources: the forward on the full-width kernel
+    (dre_re_fwd_tc_full) where it fits, or (tiled) on the column-tiled one (dre_re_fwd_tc); dre_re_bwd_tc."""
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1" if request.param == "full" else "0")
     emu.use_tensor_cores = True
+    emu.fwd_tc = "dre_re_fwd_tc_full" if request.param == "full" else "dre_re_fwd_tc"
     yield emu
     emu.use_tensor_cores = False
 
 
 def _tc_launches(emu, n0):
-    return [name for name, _, _ in emu.launches[n0:] if name.endswith("_tc")]
+    return [name for name, _, _ in emu.launches[n0:] if "_tc" in name]
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -446,7 +463,7 @@ def test_emu_tc_residual_encode_ragged_with_bank(emu_tc, hard):
     n0 = len(emu_tc.launches)
     _check_re(_re_inputs([3, 0, 70, 1, 5], [10, 4, 0, 1, 31], K=5, D=41), hard)
     names = _tc_launches(emu_tc, n0)
-    assert "dre_re_fwd_tc" in names and (hard or "dre_re_bwd_tc" in names)
+    assert emu_tc.fwd_tc in names and (hard or "dre_re_bwd_tc" in names)
 
 
 @pytest.mark.parametrize("x_dtype,bank_dtype,c_dtype", [
@@ -478,6 +495,7 @@ def test_emu_tc_residual_encode_tiles_and_large_k(emu_tc):
     _check_re(_re_inputs([5], [12], K=256, D=17, x_dtype=torch.float16), hard=False, dtype=torch.float16)
     names = [n for n, _, _ in emu_tc.launches[n0:]]
     assert "dre_re_bwd_tc" in names and "dre_re_bwd_soft" in names and "dre_re_fwd" not in names
+    assert emu_tc.fwd_tc in names
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -488,6 +506,7 @@ def test_emu_tc_residual_encode_long_slide_duplicates(emu_tc, hard):
     _check_re(tuple(args), hard)
 
 
+@pytest.mark.parametrize("emu_tc", ["tiled"], indirect=True)  # the backward: no forward kernel runs
 def test_emu_tc_float16_small_gradients(emu_tc):
     # dL/dE of 1e-7: float16 parts of G would be subnormal or zero, so float16 rows' backward stays on float32 SIMT
     # (bf16 rows keep the tensor cores: bfloat16 has float32's range); grads are relative to their own size
@@ -505,21 +524,84 @@ def test_emu_tc_float16_small_gradients(emu_tc):
             torch.testing.assert_close(got.double() / mag, want / mag, rtol=0, atol=2e-2, msg=f"{dtype} {name}")
 
 
-def test_emu_tc_matches_simt_closely(emu):
+@pytest.mark.parametrize("full", ["1", "0"], ids=["full", "tiled"])
+def test_emu_tc_matches_simt_closely(emu, full, monkeypatch):
     # the split-operand MMAs keep ~16 mantissa bits of C and a: E (float32: float32 fresh rows, bf16 bank on the
     # tensor cores) agrees with the SIMT float32 kernels to ~1e-5 of its size
     x, xo, c, s, bank, bi, bo = _re_inputs([20], [300], K=16, D=64)
     E0, m0 = cupy_kernels.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False)
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, full)
     emu.use_tensor_cores = True
     try:
         n0 = len(emu.launches)
         E1, m1 = cupy_kernels.residual_encode_fwd(x, xo, c, s, bank, bi, bo, False)
-        assert _tc_launches(emu, n0)
+        assert _tc_launches(emu, n0) == ["dre_re_fwd_tc_full" if full == "1" else "dre_re_fwd_tc"]
     finally:
         emu.use_tensor_cores = False
     torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-4)
     assert E1.dtype == torch.float32
     torch.testing.assert_close(E1, E0, rtol=1e-5, atol=1e-5 * float(E0.abs().max()))
+
+
+def test_full_width_launch_rule():
+    # DRE-SLCL's K=64, D=384: 24 accumulator tiles per warp; H100 (227 KB opt-in) R=48 double-buffered, A100 (163 KB)
+    # R=16; a 48 KB device takes one buffer; K=64 with D=448 (28 tiles) and K=256 with D=128 do not fit in registers
+    from dre_kernels.cupy_kernels import re_full_smem_bytes, re_tc_full_config
+    assert re_tc_full_config(64, 384, 232448) == (48, 2, 203072)
+    assert re_full_smem_bytes(64, 384, 64, 2) > 232448 and re_full_smem_bytes(64, 384, 64, 1) <= 232448
+    assert re_tc_full_config(64, 384, 166912) == (16, 2, 136128)
+    assert re_tc_full_config(8, 64, 48 * 1024)[:2] == (64, 2)
+    assert re_tc_full_config(64, 384, 48 * 1024) is None
+    assert re_tc_full_config(64, 448, 232448) is None and re_tc_full_config(256, 128, 232448) is None
+    assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(256, 64, 232448)[0] == 16
+
+
+def _full_launches(emu, n0):
+    return [(g, smem) for name, g, smem in emu.launches[n0:] if name == "dre_re_fwd_tc_full"]
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24)])
+def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, hard, K, D):
+    # contiguous, aligned bf16 rows with D % 8 = 0: 16-byte cp.async copies (D = 40, 24: zero columns up to D16);
+    # a 700-row bank slide (many row steps: the next step's rows load while this one computes) with repeated
+    # indices, empty and one-row slides, fresh rows on the kernel too
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
+    emu.use_tensor_cores = True
+    try:
+        args = _re_inputs([33, 0, 1, 8], [700, 3, 0, 17], K=K, D=D, T=60, x_dtype=torch.bfloat16, seed=K + D)
+        assert cupy_kernels._vec_rows(args[0], D) and cupy_kernels._vec_rows(args[4], D)
+        n0 = len(emu.launches)
+        _check_re(args, hard, dtype=torch.bfloat16, grads=False)
+        assert len(_full_launches(emu, n0)) == 2  # fresh rows, bank rows
+    finally:
+        emu.use_tensor_cores = False
+
+
+@pytest.mark.parametrize("case", ["one_buffer", "small_r", "misaligned", "float16"])
+def test_emu_full_width_fallbacks(emu, monkeypatch, case):
+    # one row buffer (a device with less shared memory), R = 16, rows whose base is not 16-byte aligned (element
+    # copies), float16 rows
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
+    K, D = 24, 48
+    dtype = torch.float16 if case == "float16" else torch.bfloat16
+    x, xo, c, s, bank, bi, bo = _re_inputs([130, 2], [90, 200], K=K, D=D, T=30, x_dtype=dtype, bank_dtype=dtype)
+    optin = {"one_buffer": cupy_kernels.re_full_smem_bytes(K, D, 16, 1),
+             "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2)}.get(case, 232448)
+    if case == "misaligned":
+        flat = torch.empty(bank.numel() + 4, dtype=dtype)
+        flat[4:] = bank.reshape(-1)
+        bank = flat[4:].view(bank.shape)
+        assert bank.data_ptr() % 16 != 0 and not cupy_kernels._vec_rows(bank, D)
+    want = cupy_kernels.re_tc_full_config(K, D, optin)
+    assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2)}.get(case, (64, 2))
+    emu.use_tensor_cores, emu.optin = True, optin
+    try:
+        n0 = len(emu.launches)
+        _check_re((x, xo, c, s, bank, bi, bo), False, dtype=dtype, grads=False)
+        assert [smem for _, smem in _full_launches(emu, n0)] == [want[2]] * 2
+    finally:
+        emu.use_tensor_cores, emu.optin = False, 232448
 
 
 def _check_cl(B, P, labels, normalize, dtype=torch.float32, scale=3.0):
@@ -829,6 +911,38 @@ def test_gpu_tensor_core_kernels_match_simt(gpu_backend, monkeypatch, rows_dtype
         for name, a, b in zip(["E", "mass", "grad x", "grad c", "grad s"], out["1", hard], out["0", hard]):
             mag = max(1.0, float(b.abs().max()))
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * mag, msg=f"{name} (hard={hard})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,D,aligned", [(64, 384, True), (64, 384, False), (5, 40, True), (24, 33, True),
+                                         (256, 64, True)])
+def test_gpu_full_width_forward_matches_tiled(gpu_backend, monkeypatch, rows_dtype, K, D, aligned):
+    """The full-width forward (16-byte cp.async copies of aligned rows, element copies otherwise, double-buffered
+    row steps, ldmatrix) against the column-tiled mma.sync kernel (DRE_KERNELS_CUDA_FULL_WIDTH=0): both split the
+    float32 operand into hi + lo, so soft E agrees to float32 rounding of the sums."""
+    if gpu_backend not in ("native", "cupy"):
+        pytest.skip("the switch selects between csrc/cuda kernels only")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync bf16/fp16 needs compute capability 8.0")
+    x, xo, c, s, bank, bi, bo = [t.cuda() for t in _re_inputs([300, 1, 0, 77], [5000, 5, 9, 0], K=K, D=D,
+                                                              x_dtype=rows_dtype, bank_dtype=rows_dtype, T=1500)]
+    if not aligned:  # a bank whose base is 8 bytes past a 16-byte boundary
+        flat = torch.empty(bank.numel() + 4, dtype=rows_dtype, device="cuda")
+        flat[4:] = bank.reshape(-1)
+        bank = flat[4:].view(bank.shape)
+    out = {}
+    for full in ("1", "0"):
+        monkeypatch.setenv("DRE_KERNELS_CUDA_FULL_WIDTH", full)
+        for hard in (False, True):
+            out[full, hard] = dre_kernels.residual_encode(x.float(), xo, c, None if hard else s, bank=bank,
+                                                          bank_index=bi, bank_offsets=bo, return_mass=True,
+                                                          assignment="hard" if hard else "soft", backend=gpu_backend)
+    for hard in (False, True):
+        for name, a, b in zip(["E", "mass"], out["1", hard], out["0", hard]):
+            tol = 2e-2 if hard else 1e-4  # hard: a near-tie may take the other codeword under another sum order
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
+                                       msg=f"{name} (hard={hard})")
 
 
 @pytest.mark.cuda

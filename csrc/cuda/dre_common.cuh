@@ -10,7 +10,7 @@
 #ifndef DRE_CUDA_EMULATE
 #define DRE_DEVICE __device__ __forceinline__
 #define DRE_GLOBAL extern "C" __global__
-#define DRE_DYN_SMEM(name) extern __shared__ float name[]
+#define DRE_DYN_SMEM(name) extern __shared__ __align__(16) float name[]
 // at least `min_blocks` blocks of NTHREADS per SM: caps registers at 65536 / (NTHREADS * min_blocks)
 #define DRE_MIN_BLOCKS(min_blocks) __launch_bounds__(NTHREADS, min_blocks)
 #else
@@ -143,6 +143,49 @@ DRE_DEVICE void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
   __trap();  // the host launches the tensor-core kernels only on compute capability >= 8.0
+#endif
+}
+
+
+// ---- asynchronous copies and matrix loads (sm_80 and newer; the emulation in tests/cuda_emu/emu.h)
+// 16 bytes global -> shared without a register round trip (cp.async.cg, L2 only); !valid: the 16 bytes are zeroed
+// (src-size 0, nothing read). Both addresses 16-byte aligned.
+DRE_DEVICE void cp_async_16(void* dst_shared, const void* src, bool valid) {
+#if defined(DRE_CUDA_EMULATE)
+  dre_emu::cp_async_16(dst_shared, src, valid);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned dst;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(dst_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  __trap();
+#endif
+}
+// close the copies issued so far into a group; wait until at most N groups are pending (this thread's copies)
+DRE_DEVICE void cp_async_commit() {
+#if !defined(DRE_CUDA_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+DRE_DEVICE void cp_async_wait() {
+#if !defined(DRE_CUDA_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// The B fragment of mma.m16n8k16 (16 x 8, column-major in the fragment) from a row-major 16-bit shared tile whose
+// rows are the k dimension: lane l (< 16) gives the address of row l (8 consecutive elements, 16-byte aligned), and
+// ldmatrix .trans hands lane (g, t) the pairs (row 2t, 2t+1; column g) of rows 0..7 and of rows 8..15 = b[0], b[1].
+DRE_DEVICE void ldmatrix_x2_trans(unsigned* b, const unsigned short* row_ptr) {
+#if defined(DRE_CUDA_EMULATE)
+  dre_emu::ldmatrix_x2_trans(b, row_ptr);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned a;
+  asm volatile("{ .reg .u64 p; cvta.to.shared.u64 p, %1; cvt.u32.u64 %0, p; }" : "=r"(a) : "l"(row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(a));
+#else
+  __trap();
 #endif
 }
 

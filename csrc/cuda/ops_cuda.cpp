@@ -94,6 +94,24 @@ bool use_tensor_cores(const at::Tensor& rows, bool backward = false) {
   return (v == nullptr || std::string(v) != "0") && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+// the full-width forward (dre_re_fwd_tc_full) where its rule fits; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns it off (to
+// time it against the column-tiled kernel; the cupy backend reads the same switch)
+dre_cuda_rules::ReFullConfig full_width_config(const at::Tensor& rows, int K, int D) {
+  const char* v = std::getenv("DRE_KERNELS_CUDA_FULL_WIDTH");
+  if (v != nullptr) {
+    const std::string s(v);
+    if (s == "0" || s == "false" || s == "off" || s == "no") return {};
+  }
+  if (!use_tensor_cores(rows)) return {};
+  return dre_cuda_rules::re_tc_full_config(K, D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
+// rows the full-width kernel may copy 16 bytes at a time: contiguous 16-bit rows, 16-byte aligned
+bool vec_rows(const at::Tensor& rows, int D) {
+  return rows.stride(1) == 1 && D % 8 == 0 && rows.stride(0) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 == 0;
+}
+
 struct ChunkMap {
   at::Tensor off, slide, cstart;
   int64_t slots = 0, chunk = 0;
@@ -195,16 +213,28 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   if (B == 0 || s.n_rows == 0) return;
   const int K = static_cast<int>(p.c32.size(0)), D = static_cast<int>(p.c32.size(1));
   const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+  const bool gather = s.index.has_value();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
+  const void* idx = gather ? s.index->data_ptr() : nullptr;
+  const dre_cuda_rules::ReFullConfig full = with_e && G == nullptr ? full_width_config(s.rows, K, D)
+                                                                    : dre_cuda_rules::ReFullConfig();
+  if (full.R) {
+    TORCH_CHECK(m.slots < (1LL << 31), "dre: residual_encode grid too large (", m.slots, " blocks)");
+    launched(dre_cuda_launch::re_fwd_tc_full(static_cast<unsigned>(m.slots), full.smem, stream, s.rows.data_ptr(),
+                                             rows_dt, s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0,
+                                             lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
+                                             p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, B, K, D,
+                                             m.chunk, hard ? 1 : 0, full.R, full.nbuf, vec_rows(s.rows, D) ? 1 : 0),
+             "dre_re_fwd_tc_full");
+    return;
+  }
   const ReConfig tc = use_tensor_cores(s.rows) ? re_tc_config(K, D, false) : ReConfig();
   ReConfig cfg = tc.DT ? tc : re_simt_config(K, D, false);
   if (!with_e) cfg.DO = tc.DT ? 8 : 1;
   const int64_t grid = m.slots * (with_e ? (D + cfg.DO - 1) / cfg.DO : 1);
   TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
-  const bool gather = s.index.has_value();
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
   const int gx_dt = gx ? dt(*gx, "grad_x") : 0;
-  const void* idx = gather ? s.index->data_ptr() : nullptr;
   const float* Gp = G ? G->data_ptr<float>() : nullptr;
   void* gxp = gx ? gx->data_ptr() : nullptr;
   // the tensor-core kernel takes the SIMT kernel's arguments and its distance step DT

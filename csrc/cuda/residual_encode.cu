@@ -20,6 +20,11 @@
 // The kernel adds hx = sum_i h_ik x_i, hsum, gs = -sum_i h_ik d_ik and mass atomically; the host finishes grad c.
 // Hard backward: grad x_i = G_{b,k(i)} (dre_re_fwd with G given writes it), grad c from the forward's mass.
 //
+// Full width (dre_re_fwd_tc_full, the forward of bf16/fp16 rows on sm_80+ where its rule fits, e.g. K = 64 up to
+// D = 384; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns it off): one block per chunk holds the whole K x D accumulator in
+// registers, so each row is read and its distances computed once instead of once per column tile; whole rows are
+// staged in shared memory by cp.async while the previous step computes. See the comment above the kernel.
+//
 // Tensor cores (dre_re_fwd_tc, dre_re_bwd_tc): a source of bf16/fp16 rows on compute capability >= 8.0 runs the same
 // algorithm with the products X C^T, X G^T, A^T X and H^T X on mma.sync.m16n8k16 (16-bit inputs as stored, the float32
 // operand split into hi + lo 16-bit parts: two MMAs, ~16 mantissa bits, float32 accumulation), as the Triton kernels
@@ -724,6 +729,235 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
                          hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
 }
 
+// ---- the full-width forward on the tensor cores (dre_re_fwd_tc_full): one block per chunk and all D columns.
+// The kernels above give each block a column tile of DO <= 128 columns (their K x DO accumulator is 32 floats per
+// thread) and stage DT = 16..32 columns at a time: every column tile recomputes the full-width distances, codewords
+// are split again for every step, and each DT step is a synchronous load between two barriers (3.1 ms at the
+// DRE-SLCL step shape on the H100, 30x the time to read the rows). Here, where the whole K x D accumulator fits in
+// registers (ceil(K/16) ceil(D/64) <= RE_FULL_TILES 16 x 8 tiles per warp, 96 floats per thread: K = 64 up to
+// D = 384), a block
+//   - splits the codewords into hi + lo once, into shared memory (c_hi, c_lo: K8 x LDD);
+//   - stages R whole rows at a time (xs: R x LDD, 16-byte cp.async straight into shared memory where rows are
+//     contiguous and 16-byte aligned), the next step's rows loading while this step computes (nbuf = 2);
+//   - computes the distances once per row (X C^T, mma.sync), the softmax or argmin (re_assign_fwd), splits the
+//     assignments into A^T hi + lo (at_hi, at_lo: K16 x LDR), and adds A^T X for all D columns into registers;
+//   - adds E_b and mass once per chunk (atomics, as the other kernels).
+// Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16, at
+// most 4 distance tiles per warp), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the
+// device's opt-in limit; none (the kernels above run) where nothing fits or the accumulator would not.
+enum { RE_FULL_TILES = 24 };
+
+struct ReFullSmem {
+  unsigned short *c_hi, *c_lo, *xs, *at_hi, *at_lo;
+  float *A, *xsq, *msum;
+  int* kmin;
+  int LDD, LDR;
+};
+
+// shared layout, every part 16-byte aligned (bytes: launch_rules.h re_full_smem_bytes):
+// c_hi, c_lo (K8 x LDD) | xs[nbuf] (R x LDD) | at_hi, at_lo (K16 x LDR) (16-bit) | A (R x (K+1)) | xsq (R) |
+// kmin (R) | msum (K); LDD = D16 + 8, LDR = R + 8 (row strides of 4 (mod 8) words: fragment loads conflict-free)
+DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf) {
+  ReFullSmem m;
+  const int K8 = (K + 7) & ~7, K16 = (K + 15) & ~15;
+  m.LDD = ((D + 15) & ~15) + 8;
+  m.LDR = R + 8;
+  m.c_hi = (unsigned short*)smem;
+  m.c_lo = m.c_hi + K8 * m.LDD;
+  m.xs = m.c_lo + K8 * m.LDD;
+  m.at_hi = m.xs + nbuf * R * m.LDD;
+  m.at_lo = m.at_hi + K16 * m.LDR;
+  m.A = (float*)(m.at_lo + K16 * m.LDR);
+  m.xsq = m.A + R * (K + 1);
+  m.kmin = (int*)(m.xsq + R);
+  m.msum = (float*)(m.kmin + R);
+  return m;
+}
+
+// xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched). vec: 16-
+// byte copies (the host checked s_c = 1, D % 8 = 0, s_r % 8 = 0 and a 16-byte aligned base), asynchronous.
+DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const void* rows, i64 s_r, i64 s_c, const void* idx,
+                                   int idx64, int gather, i64 r0, int nr, int R, int D, int vec, int tid) {
+  const unsigned short* src = (const unsigned short*)rows;
+  if (vec) {
+    const int per = D / 8;
+    for (int e = tid; e < R * per; e += NTHREADS) {
+      const int r = e / per, c = e % per;
+      const i64 row = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) : 0;
+      cp_async_16(xs + r * LDD + 8 * c, src + row * s_r + 8 * c, r < nr);
+    }
+  } else {
+    for (int e = tid; e < R * D; e += NTHREADS) {
+      const int r = e / D, d = e % D;
+      const i64 row = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) : 0;
+      xs[r * LDD + d] = r < nr ? src[row * s_r + (i64)d * s_c] : 0;
+    }
+  }
+  cp_async_commit();
+}
+
+DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                                     int idx64, int gather, const i64* off, const i64* slide,
+                                                     const i64* cstart, const float* C, const float* csq,
+                                                     const float* scale, float* acc_out, float* mass_out, i64 B, int K,
+                                                     int D, i64 chunk, int hard, int R, int nbuf, int vec) {
+  DRE_DYN_SMEM(smem);
+  i64 b, lo, hi;
+  int pid_d;
+  if (!re_block_rows(1, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, dt = rows_dt;
+  const int K8 = (K + 7) & ~7, K16 = (K + 15) & ~15, D16 = (D + 15) & ~15;
+  const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf);
+  const int LDD = m.LDD, LDR = m.LDR;
+
+  // the first step's rows load while the codewords are split; columns D..D16 of every buffer stay zero
+  for (int e = tid; e < nbuf * R * (D16 - D); e += NTHREADS)
+    m.xs[(e / (D16 - D)) * LDD + D + e % (D16 - D)] = 0;
+  re_full_stage_rows(m.xs, LDD, rows, s_r, s_c, idx, idx64, gather, lo, (int)lmin((i64)R, hi - lo), R, D, vec, tid);
+  for (int e = tid; e < K8 * D16; e += NTHREADS) {
+    const int k = e / D16, d = e % D16;
+    split_16(k < K && d < D ? C[(i64)k * D + d] : 0.f, dt, m.c_hi[k * LDD + d], m.c_lo[k * LDD + d]);
+  }
+  for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
+
+  const int nnt = K8 / 8, dtiles = (R / 16) * nnt;        // distance tiles (R/16 x K8/8), 4 per warp at most
+  const int ntn = D16 / 8, mt = K16 / 16, npw = (ntn + 7) / 8;  // aggregation: warp w owns column tiles w npw..
+  float acc[4 * RE_FULL_TILES];
+#pragma unroll
+  for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
+
+  const i64 steps = (hi - lo + R - 1) / R;
+  for (i64 s = 0; s < steps; ++s) {
+    const i64 r0 = lo + s * R;
+    const int nr = (int)lmin((i64)R, hi - r0);
+    unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * LDD;
+    if (nbuf == 1 && s > 0)  // one buffer: this step's rows load now (the last step's barrier freed it)
+      re_full_stage_rows(xs, LDD, rows, s_r, s_c, idx, idx64, gather, r0, nr, R, D, vec, tid);
+    if (nbuf == 2 && s + 1 < steps) {
+      const i64 r1 = r0 + R;
+      re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * LDD, LDD, rows, s_r, s_c, idx, idx64, gather, r1,
+                         (int)lmin((i64)R, hi - r1), R, D, vec, tid);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k> (hi + lo: two MMAs per k-step)
+    if (!hard) {
+      for (int r = warp; r < R; r += NTHREADS / 32) {
+        float sq = 0.f;
+        for (int d = 2 * lane; d < D16; d += 64) {
+          const unsigned p = lds_pair(xs + r * LDD + d);
+          const float v0 = from_16((unsigned short)(p & 0xffffu), dt), v1 = from_16((unsigned short)(p >> 16), dt);
+          sq += v0 * v0 + v1 * v1;
+        }
+        sq = warp_sum(sq);
+        if (lane == 0) m.xsq[r] = sq;
+      }
+    }
+    float dot[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) dot[j] = 0.f;
+    for (int kk = 0; kk < D16; kk += 16) {
+      int cur = -1;
+      unsigned a[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int q = warp * 4 + j;
+        if (q < dtiles) {
+          const int mi = q / nnt, ni = q % nnt;
+          if (mi != cur) {
+            cur = mi;
+            const unsigned short* xa = xs + (16 * mi + g) * LDD + kk + 2 * t;
+            a[0] = lds_pair(xa);
+            a[1] = lds_pair(xa + 8 * LDD);
+            a[2] = lds_pair(xa + 8);
+            a[3] = lds_pair(xa + 8 * LDD + 8);
+          }
+          const int pb = (8 * ni + g) * LDD + kk + 2 * t;
+          unsigned bf[2] = {lds_pair(m.c_hi + pb), lds_pair(m.c_hi + pb + 8)};
+          mma_16816(dot + 4 * j, a, bf, dt);
+          bf[0] = lds_pair(m.c_lo + pb);
+          bf[1] = lds_pair(m.c_lo + pb + 8);
+          mma_16816(dot + 4 * j, a, bf, dt);
+        }
+      }
+    }
+    __syncthreads();  // xsq
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = warp * 4 + j;
+      if (q >= dtiles) continue;
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
+        if (k >= K) continue;
+        float v;
+        if (hard) {
+          v = csq[k] - 2.f * dot[4 * j + e];  // argmin needs no ||x||^2 and no clamp
+        } else {
+          v = m.xsq[r] - 2.f * dot[4 * j + e] + csq[k];
+          v = v < 0.f ? 0.f : v;  // NaN stays NaN
+        }
+        m.A[r * (K + 1) + k] = v;
+      }
+    }
+    __syncthreads();
+    // (2) assignments, their column sums, and A^T split into hi + lo (zero past nr and K)
+    re_assign_fwd(m.A, m.kmin, m.msum, nr, R, K, hard, scale, tid);
+    for (int e = tid; e < K16 * R; e += NTHREADS) {
+      const int k = e / R, r = e % R;
+      split_16(k < K ? m.A[r * (K + 1) + k] : 0.f, dt, m.at_hi[k * LDR + r], m.at_lo[k * LDR + r]);
+    }
+    __syncthreads();
+    // (3) acc += A^T X over all columns (hard: A is 0/1, exact in 16 bits: one MMA)
+    for (int kr = 0; kr < nr; kr += 16) {
+      int cur = -1;
+      unsigned ah[4], al[4];
+#pragma unroll
+      for (int j = 0; j < RE_FULL_TILES; ++j) {
+        const int mi = j / npw, ni = warp * npw + j % npw;
+        if (mi < mt && ni < ntn) {
+          if (mi != cur) {
+            cur = mi;
+            const int pa = (16 * mi + g) * LDR + kr + 2 * t;
+            ah[0] = lds_pair(m.at_hi + pa);
+            ah[1] = lds_pair(m.at_hi + pa + 8 * LDR);
+            ah[2] = lds_pair(m.at_hi + pa + 8);
+            ah[3] = lds_pair(m.at_hi + pa + 8 * LDR + 8);
+            if (!hard) {
+              al[0] = lds_pair(m.at_lo + pa);
+              al[1] = lds_pair(m.at_lo + pa + 8 * LDR);
+              al[2] = lds_pair(m.at_lo + pa + 8);
+              al[3] = lds_pair(m.at_lo + pa + 8 * LDR + 8);
+            }
+          }
+          unsigned bx[2];
+          ldmatrix_x2_trans(bx, xs + (kr + (lane & 15)) * LDD + 8 * ni);
+          mma_16816(acc + 4 * j, ah, bx, dt);
+          if (!hard) mma_16816(acc + 4 * j, al, bx, dt);
+        }
+      }
+    }
+    __syncthreads();  // xs, A and at are rewritten by the next step
+  }
+  // E_b += acc - mass c (this chunk's part), mass_b += msum
+#pragma unroll
+  for (int j = 0; j < RE_FULL_TILES; ++j) {
+    const int mi = j / npw, ni = warp * npw + j % npw;
+    if (mi >= mt || ni >= ntn) continue;
+    for (int e = 0; e < 4; ++e) {
+      const int k = 16 * mi + g + 8 * (e >> 1), d = 8 * ni + 2 * t + (e & 1);
+      if (k < K && d < D) {
+        const i64 o = (i64)k * D + d;
+        atomicAdd(acc_out + b * K * D + o, acc[4 * j + e] - m.msum[k] * C[o]);
+      }
+    }
+  }
+  if (mass_out != 0)
+    for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, m.msum[k]);
+}
+
 #if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
 #include "launchers.h"
 
@@ -773,6 +1007,20 @@ cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const v
     dre_re_bwd_tc<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart,
                                                     C, csq, scale, G, gc, hx_out, hsum_out, gsum_out, mass_out, gx,
                                                     gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
+  return cudaGetLastError();
+}
+
+cudaError_t re_fwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                           const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
+                           float* mass_out, i64 B, int K, int D, i64 chunk, int hard, int R, int nbuf, int vec) {
+  if (grid == 0) return cudaSuccess;
+  // past 48 KB, dynamic shared memory needs the kernel's opt-in (the host checked the device's limit)
+  cudaError_t e = cudaFuncSetAttribute(dre_re_fwd_tc_full, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  dre_re_fwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide,
+                                                       cstart, C, csq, scale, acc_out, mass_out, B, K, D, chunk, hard,
+                                                       R, nbuf, vec);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch

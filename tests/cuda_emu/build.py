@@ -86,8 +86,13 @@ class EmuRuntime:
         self.launches = []
         self.use_tensor_cores = False  # tests switch the mma.sync kernels on (emulated per the PTX fragment layout)
 
+        self.optin = 232448  # the H100's dynamic shared memory opt-in limit per block (A100: 166912)
+
     def tensor_cores(self, device) -> bool:
         return self.use_tensor_cores
+
+    def smem_optin(self, device) -> int:
+        return self.optin
 
     def launch(self, name, grid, smem, device, args):
         assert device.type == "cpu", device

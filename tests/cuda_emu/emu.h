@@ -83,6 +83,30 @@ inline void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt) {
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+// cp.async of 16 bytes: a plain copy (zeros for !valid); the GPU faults on misaligned addresses, so does this
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if ((((unsigned long long)dst) | (valid ? ((unsigned long long)src) : 0ull)) & 15ull) __builtin_trap();
+  if (valid)
+    std::memcpy(dst, src, 16);
+  else
+    std::memset(dst, 0, 16);
+}
+
+// ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16: lanes 0..15 post their row addresses (row i of matrix i / 8);
+// lane (g = l / 4, t = l % 4) receives (M_i[2t][g], M_i[2t + 1][g]) of each matrix i, the lower row in the low half.
+inline const unsigned short* ldm_rows[kThreads / 32][32];
+inline void ldmatrix_x2_trans(unsigned* b, const unsigned short* row_ptr) {
+  const int w = tidx.x / 32, l = tidx.x % 32, g = l / 4, t = l % 4;
+  if (((unsigned long long)row_ptr) & 15ull) __builtin_trap();
+  ldm_rows[w][l] = row_ptr;
+  warp_barrier[w]->arrive_and_wait();
+  for (int i = 0; i < 2; ++i) {
+    const unsigned lo = ldm_rows[w][8 * i + 2 * t][g], hi = ldm_rows[w][8 * i + 2 * t + 1][g];
+    b[i] = lo | (hi << 16);
+  }
+  warp_barrier[w]->arrive_and_wait();
+}
+
 inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void()>& body) {
   if (grid == 0) return;
   smem_buf.assign(smem_bytes / sizeof(float) + 64, std::nanf(""));  // NaN-poisoned: reading unset smem shows
@@ -105,6 +129,10 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
   }
   for (auto& th : pool) th.join();
   for (int w = 0; w < kThreads / 32; ++w) delete warp_barrier[w];
+  // the 64 floats past the launch's shared memory are a guard: a kernel that wrote there overran its smem size
+  const float poison = std::nanf("");
+  for (size_t i = smem_bytes / sizeof(float); i < smem_buf.size(); ++i)
+    if (std::memcmp(&smem_buf[i], &poison, sizeof(float)) != 0) __builtin_trap();
 }
 }  // namespace dre_emu
 
