@@ -578,6 +578,13 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
         emu.use_tensor_cores = False
 
 
+def _off_16_bytes(t):
+    """A copy of the 16-bit 2-D tensor t whose storage starts 8 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 4, dtype=t.dtype, device=t.device)
+    flat[4:] = t.reshape(-1)
+    return flat[4:].view(t.shape)
+
+
 @pytest.mark.parametrize("case", ["one_buffer", "small_r", "misaligned", "float16"])
 def test_emu_full_width_fallbacks(emu, monkeypatch, case):
     # one row buffer (a device with less shared memory), R = 16, rows whose base is not 16-byte aligned (element
@@ -589,9 +596,7 @@ def test_emu_full_width_fallbacks(emu, monkeypatch, case):
     optin = {"one_buffer": cupy_kernels.re_full_smem_bytes(K, D, 16, 1),
              "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2)}.get(case, 232448)
     if case == "misaligned":
-        flat = torch.empty(bank.numel() + 4, dtype=dtype)
-        flat[4:] = bank.reshape(-1)
-        bank = flat[4:].view(bank.shape)
+        bank = _off_16_bytes(bank)
         assert bank.data_ptr() % 16 != 0 and not cupy_kernels._vec_rows(bank, D)
     want = cupy_kernels.re_tc_full_config(K, D, optin)
     assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2)}.get(case, (64, 2))
@@ -884,15 +889,20 @@ def test_gpu_mixed_dtypes(gpu_backend):
                  bank_dtype=torch.float16)
 
 
+def _skip_unless_csrc_tensor_cores(gpu_backend):
+    """The tests of the csrc/cuda kernel switches: native or cupy, on compute capability 8.0 or newer."""
+    if gpu_backend not in ("native", "cupy"):
+        pytest.skip("the switch selects between csrc/cuda kernels only")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync bf16/fp16 needs compute capability 8.0")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K,D", [(64, 384), (7, 33), (128, 200), (256, 96)])
 def test_gpu_tensor_core_kernels_match_simt(gpu_backend, monkeypatch, rows_dtype, K, D):
     """16-bit rows take the mma.sync kernels on sm_80+; DRE_KERNELS_CUDA_TENSOR_CORES=0 forces the SIMT ones."""
-    if gpu_backend not in ("native", "cupy"):
-        pytest.skip("the switch selects between csrc/cuda kernels only")
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("mma.sync bf16/fp16 needs compute capability 8.0")
+    _skip_unless_csrc_tensor_cores(gpu_backend)
     x, xo, c, s, bank, bi, bo = [t.cuda() for t in _re_inputs([300, 1, 0, 77], [2000, 5, 9, 0], K=K, D=D,
                                                               x_dtype=rows_dtype, bank_dtype=rows_dtype, T=1500)]
     out = {}
@@ -921,16 +931,11 @@ def test_gpu_full_width_forward_matches_tiled(gpu_backend, monkeypatch, rows_dty
     """The full-width forward (16-byte cp.async copies of aligned rows, element copies otherwise, double-buffered
     row steps, ldmatrix) against the column-tiled mma.sync kernel (DRE_KERNELS_CUDA_FULL_WIDTH=0): both split the
     float32 operand into hi + lo, so soft E agrees to float32 rounding of the sums."""
-    if gpu_backend not in ("native", "cupy"):
-        pytest.skip("the switch selects between csrc/cuda kernels only")
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("mma.sync bf16/fp16 needs compute capability 8.0")
+    _skip_unless_csrc_tensor_cores(gpu_backend)
     x, xo, c, s, bank, bi, bo = [t.cuda() for t in _re_inputs([300, 1, 0, 77], [5000, 5, 9, 0], K=K, D=D,
                                                               x_dtype=rows_dtype, bank_dtype=rows_dtype, T=1500)]
     if not aligned:  # a bank whose base is 8 bytes past a 16-byte boundary
-        flat = torch.empty(bank.numel() + 4, dtype=rows_dtype, device="cuda")
-        flat[4:] = bank.reshape(-1)
-        bank = flat[4:].view(bank.shape)
+        bank = _off_16_bytes(bank)
     out = {}
     for full in ("1", "0"):
         monkeypatch.setenv("DRE_KERNELS_CUDA_FULL_WIDTH", full)

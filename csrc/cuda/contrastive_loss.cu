@@ -102,7 +102,8 @@ DRE_DEVICE void cl_tile_dot_tc(const void* x, i64 s_xr, i64 s_xc, const void* y,
     __syncthreads();
     for (int kk = 0; kk < CL_PT_TC; kk += 16) {
       const unsigned short* xa = xs + (16 * (warp & 3) + g) * ld + kk + 2 * t;
-      const unsigned a[4] = {lds_pair(xa), lds_pair(xa + 8 * ld), lds_pair(xa + 8), lds_pair(xa + 8 * ld + 8)};
+      unsigned a[4];
+      lds_frag_a(a, xa, ld);
       for (int n = 0; n < 4; ++n) {
         const unsigned short* yb = ys + (32 * (warp >> 2) + 8 * n + g) * ld + kk + 2 * t;
         const unsigned b[2] = {lds_pair(yb), lds_pair(yb + 8)};

@@ -123,6 +123,15 @@ DRE_DEVICE unsigned lds_pair(const unsigned short* p) {
 #endif
 }
 
+// The A fragment of mma.m16n8k16 (below) from a row-major 16-bit shared tile: p at element (g, 2t) of the 16 x 16
+// block, ld the tile's row stride
+DRE_DEVICE void lds_frag_a(unsigned (&a)[4], const unsigned short* p, int ld) {
+  a[0] = lds_pair(p);
+  a[1] = lds_pair(p + 8 * ld);
+  a[2] = lds_pair(p + 8);
+  a[3] = lds_pair(p + 8 * ld + 8);
+}
+
 // d (16x8 float32 tile) += A (16x16, row-major) B (16x8, column-major): mma.sync.aligned.m16n8k16, one warp.
 // Fragments (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4, low half = lower column:
 //   a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
@@ -148,15 +157,24 @@ DRE_DEVICE void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt
 
 
 // ---- asynchronous copies and matrix loads (sm_80 and newer; the emulation in tests/cuda_emu/emu.h)
+#if !defined(DRE_CUDA_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// the 32-bit shared-window address of a generic pointer into shared memory
+DRE_DEVICE unsigned smem_u32(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+  return a;
+}
+#endif
+
 // 16 bytes global -> shared without a register round trip (cp.async.cg, L2 only); !valid: the 16 bytes are zeroed
 // (src-size 0, nothing read). Both addresses 16-byte aligned.
 DRE_DEVICE void cp_async_16(void* dst_shared, const void* src, bool valid) {
 #if defined(DRE_CUDA_EMULATE)
   dre_emu::cp_async_16(dst_shared, src, valid);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned dst;
-  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(dst_shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst_shared)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
 #else
   __trap();
 #endif
@@ -181,9 +199,9 @@ DRE_DEVICE void ldmatrix_x2_trans(unsigned* b, const unsigned short* row_ptr) {
 #if defined(DRE_CUDA_EMULATE)
   dre_emu::ldmatrix_x2_trans(b, row_ptr);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned a;
-  asm volatile("{ .reg .u64 p; cvta.to.shared.u64 p, %1; cvt.u32.u64 %0, p; }" : "=r"(a) : "l"(row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(a));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+               : "=r"(b[0]), "=r"(b[1])
+               : "r"(smem_u32(row_ptr)));
 #else
   __trap();
 #endif

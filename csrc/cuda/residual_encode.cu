@@ -85,11 +85,24 @@ DRE_DEVICE bool re_block_rows(int ndt, const i64* off, const i64* slide, const i
   return lo < hi;
 }
 
+// The distance the assignment step reads: ||x||^2 - 2 <x, c_k> + ||c_k||^2 clamped at 0 (NaN stays NaN); hard:
+// ||c_k||^2 - 2 <x, c_k> (the argmin needs no ||x||^2 and no clamp)
+DRE_DEVICE float re_distance(bool hard, float xsq, float dot, float csq) {
+  if (hard) return csq - 2.f * dot;
+  const float v = xsq - 2.f * dot + csq;
+  return v < 0.f ? 0.f : v;
+}
+
+// Row r (< nr) of this step: its position in the source (through the index when gathering)
+DRE_DEVICE i64 re_source_row(i64 r0, int r, const void* idx, int idx64, int gather) {
+  return gather ? load_index(idx, r0 + r, idx64) : r0 + r;
+}
+
 // Element offsets (row * s_r) of this step's rows into roff; xsq zeroed. Rows past nr point at row 0 (never read).
 DRE_DEVICE void re_row_offsets(i64* roff, float* xsq, i64 r0, int nr, int R, const void* idx, int idx64, int gather,
                                i64 s_r, int tid) {
   for (int r = tid; r < R; r += NTHREADS) {
-    roff[r] = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) * s_r : 0;
+    roff[r] = r < nr ? re_source_row(r0, r, idx, idx64, gather) * s_r : 0;
     xsq[r] = 0.f;
   }
 }
@@ -246,7 +259,8 @@ DRE_DEVICE void re_tc_dot_tile(float* acc, const unsigned short* xs, const unsig
   const int ld = DT + 8, g = lane >> 2, t = lane & 3;
   for (int kk = 0; kk < DT; kk += 16) {
     const unsigned short* xa = xs + (16 * mi + g) * ld + kk + 2 * t;
-    const unsigned a[4] = {lds_pair(xa), lds_pair(xa + 8 * ld), lds_pair(xa + 8), lds_pair(xa + 8 * ld + 8)};
+    unsigned a[4];
+    lds_frag_a(a, xa, ld);
     const int pb = (8 * ni + g) * ld + kk + 2 * t;
     unsigned b[2] = {lds_pair(p_hi + pb), lds_pair(p_hi + pb + 8)};
     mma_16816(acc, a, b, dt);
@@ -570,16 +584,8 @@ DRE_DEVICE void re_fwd_body(const void* rows, int rows_dt, i64 s_r, i64 s_c, con
       tl.template dots<false>(dot, dot);
       __syncthreads();
     }
-    tl.template for_each_pair<NP>([&](int j, int r, int k) {
-      float v;
-      if (hard) {
-        v = csq[k] - 2.f * dot[j];  // argmin needs no ||x||^2 and no clamp
-      } else {
-        v = xsq[r] - 2.f * dot[j] + csq[k];
-        v = v < 0.f ? 0.f : v;  // NaN stays NaN
-      }
-      A[r * (K + 1) + k] = v;
-    });
+    tl.template for_each_pair<NP>(
+        [&](int j, int r, int k) { A[r * (K + 1) + k] = re_distance(hard, xsq[r], dot[j], csq[k]); });
     __syncthreads();
     // (2) assignments and their column sums
     re_assign_fwd(A, kmin, msum, nr, R, K, hard, scale, tid);
@@ -647,8 +653,7 @@ DRE_DEVICE void re_bwd_body(const void* rows, int rows_dt, i64 s_r, i64 s_c, con
       __syncthreads();
     }
     tl.template for_each_pair<NP>([&](int j, int r, int k) {
-      const float v = xsq[r] - 2.f * dot[j] + csq[k];
-      A[r * (K + 1) + k] = v < 0.f ? 0.f : v;
+      A[r * (K + 1) + k] = re_distance(false, xsq[r], dot[j], csq[k]);
       H[r * (K + 1) + k] = dotg[j] - gc[b * K + k];  // g_rk
     });
     __syncthreads();
@@ -783,13 +788,13 @@ DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const void* rows
     const int per = D / 8;
     for (int e = tid; e < R * per; e += NTHREADS) {
       const int r = e / per, c = e % per;
-      const i64 row = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) : 0;
+      const i64 row = r < nr ? re_source_row(r0, r, idx, idx64, gather) : 0;
       cp_async_16(xs + r * LDD + 8 * c, src + row * s_r + 8 * c, r < nr);
     }
   } else {
     for (int e = tid; e < R * D; e += NTHREADS) {
       const int r = e / D, d = e % D;
-      const i64 row = r < nr ? (gather ? load_index(idx, r0 + r, idx64) : r0 + r) : 0;
+      const i64 row = r < nr ? re_source_row(r0, r, idx, idx64, gather) : 0;
       xs[r * LDD + d] = r < nr ? src[row * s_r + (i64)d * s_c] : 0;
     }
   }
@@ -869,11 +874,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
           const int mi = q / nnt, ni = q % nnt;
           if (mi != cur) {
             cur = mi;
-            const unsigned short* xa = xs + (16 * mi + g) * LDD + kk + 2 * t;
-            a[0] = lds_pair(xa);
-            a[1] = lds_pair(xa + 8 * LDD);
-            a[2] = lds_pair(xa + 8);
-            a[3] = lds_pair(xa + 8 * LDD + 8);
+            lds_frag_a(a, xs + (16 * mi + g) * LDD + kk + 2 * t, LDD);
           }
           const int pb = (8 * ni + g) * LDD + kk + 2 * t;
           unsigned bf[2] = {lds_pair(m.c_hi + pb), lds_pair(m.c_hi + pb + 8)};
@@ -891,15 +892,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
       if (q >= dtiles) continue;
       for (int e = 0; e < 4; ++e) {
         const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
-        if (k >= K) continue;
-        float v;
-        if (hard) {
-          v = csq[k] - 2.f * dot[4 * j + e];  // argmin needs no ||x||^2 and no clamp
-        } else {
-          v = m.xsq[r] - 2.f * dot[4 * j + e] + csq[k];
-          v = v < 0.f ? 0.f : v;  // NaN stays NaN
-        }
-        m.A[r * (K + 1) + k] = v;
+        if (k < K) m.A[r * (K + 1) + k] = re_distance(hard, m.xsq[r], dot[4 * j + e], csq[k]);
       }
     }
     __syncthreads();
@@ -921,16 +914,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
           if (mi != cur) {
             cur = mi;
             const int pa = (16 * mi + g) * LDR + kr + 2 * t;
-            ah[0] = lds_pair(m.at_hi + pa);
-            ah[1] = lds_pair(m.at_hi + pa + 8 * LDR);
-            ah[2] = lds_pair(m.at_hi + pa + 8);
-            ah[3] = lds_pair(m.at_hi + pa + 8 * LDR + 8);
-            if (!hard) {
-              al[0] = lds_pair(m.at_lo + pa);
-              al[1] = lds_pair(m.at_lo + pa + 8 * LDR);
-              al[2] = lds_pair(m.at_lo + pa + 8);
-              al[3] = lds_pair(m.at_lo + pa + 8 * LDR + 8);
-            }
+            lds_frag_a(ah, m.at_hi + pa, LDR);
+            if (!hard) lds_frag_a(al, m.at_lo + pa, LDR);
           }
           unsigned bx[2];
           ldmatrix_x2_trans(bx, xs + (kr + (lane & 15)) * LDD + 8 * ni);
