@@ -160,6 +160,50 @@ def test_d_4096_tiles_over_d(device):
     _check_fwd_bwd(_inputs(device, [5, 3], [4, 2], K=3, D=4096, bank_dtype=torch.float32), hard=False)
 
 
+@pytest.mark.parametrize("n_dt", [1, 2, 3, 4])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_forward_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
+    """The forward with N_DT column tiles per program (the distances once for all of them): D=70 in 16-wide tiles
+    is 5 tiles, so N_DT = 2, 3, 4 leave idle tiles (past D) in the last program, which must add nothing; 8-row
+    chunks split the slides across programs."""
+    real_launch = tre.launch
+
+    def launch_with(kernel, tuned, grid, args, interp_meta, **options):
+        if kernel is not tre._re_fwd_kernel:
+            return real_launch(kernel, tuned, grid, args, interp_meta, **options)
+        meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt)
+        kernel[grid(meta)](*args, **meta, **options)
+
+    monkeypatch.setattr(tre, "launch", launch_with)
+    args = _inputs(device, [13, 0, 6], [9, 20, 1], K=5, D=70)
+    _check_fwd_bwd(args, hard, chunk_rows=8)
+
+
+def test_wide_forward_configs_pruned_by_columns_and_device(monkeypatch):
+    """N_DT > 1 configs are tried where no column tile of theirs is idle (D=384: 64 x 3 and 128 x 3; D=33 none), for
+    16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch."""
+    prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
+    configs = tre._fwd_tuned.configs
+    rows = torch.zeros(1, 1)
+
+    def wide(D, with_e=True, hard=False, k_pad=64, mode=1):
+        kept = prune(configs, {"rows_ptr": rows, "D": D, "WITH_E": with_e, "HARD": hard, "K_PAD": k_pad,
+                               "MODE": mode})
+        assert kept
+        return {(c.kwargs["BLOCK_DO"], c.kwargs["N_DT"]) for c in kept if c.kwargs["N_DT"] > 1}
+
+    assert wide(384) == {(64, 3), (128, 3)}
+    assert wide(384, hard=True) == {(64, 3), (128, 3)}
+    assert wide(192) == {(64, 3)}
+    assert wide(33) == set() and wide(384, with_e=False) == set() and wide(384, k_pad=128) == set()
+    assert wide(384, mode=0) == set()
+    for c in configs:
+        if c.kwargs["N_DT"] > 1:
+            assert tre._idle_tiles(c, 384) == 0 and tre._idle_tiles(c, 100) > 0
+    monkeypatch.setattr(tre, "_wide_ok", lambda rows: False)  # an sm_80 device
+    assert wide(384) == set()
+
+
 def test_int32_offsets_and_index(device):
     a32 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int32)
     a64 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int64)
@@ -438,9 +482,10 @@ def test_autotune_off_takes_each_launchs_first_pruned_config(monkeypatch):
         for name, grid, meta in launches:
             table = tre._FWD_CONFIGS if name == "_re_fwd_kernel" else tre._BWD_CONFIGS
             first = next(c for c in table["small_k"] if not hard or c[1] == tre.HARD_BLOCK_D)
-            assert (meta["BLOCK_M"], meta["BLOCK_D"], meta["BLOCK_DO"], meta["num_warps"], meta["num_stages"]) == first
+            blocks = [meta[n] for n in ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT") if n in meta]
+            assert (*blocks, meta["num_warps"], meta["num_stages"]) == first
         rows = [8, 64, 8, 64]  # fresh fwd, bank fwd, fresh bwd, bank bwd (hard: the mass pass)
-        col_tiles = [384 // launches[i][2]["BLOCK_DO"] for i in range(4)]
+        col_tiles = [-(-384 // (launches[i][2]["BLOCK_DO"] * launches[i][2].get("N_DT", 1))) for i in range(4)]
         if hard:
             col_tiles[3] = 1  # the bank rows' argmin-only pass has no column tiles
         assert [g[0] for _, g, _ in launches] == [-(-n // 16) * t for n, t in zip(rows, col_tiles)]

@@ -205,24 +205,61 @@ def _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
 
 
 @triton.jit
+def _col_tile(t, D, BLOCK_DO: tl.constexpr):
+    """Output columns of column tile t and their mask."""
+    do = t * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    return do, do < D
+
+
+@triton.jit
+def _add_col_tile(acc, a, rows_ptr, row, rmask, s_c, t, D, MODE: tl.constexpr, HARD: tl.constexpr,
+                  BLOCK_DO: tl.constexpr):
+    """acc (K_PAD, BLOCK_DO) + a^T x[:, tile t]."""
+    do, domask = _col_tile(t, D, BLOCK_DO)
+    xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=rmask[:, None] & domask[None, :],
+                 other=0.0)
+    return mm_fr(tl.trans(a), xo, acc, MODE, HARD)
+
+
+@triton.jit
+def _flush_col_tile(acc, mass, c_ptr, acc_ptr, b, k, kmask, t, K, D, BLOCK_DO: tl.constexpr):
+    """E_b[:, tile t] += acc - mass c[:, tile t] (atomically: other programs hold other rows of slide b)."""
+    do, domask = _col_tile(t, D, BLOCK_DO)
+    emask = kmask[:, None] & domask[None, :]
+    c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
+    tl.atomic_add(acc_ptr + b * K * D + k[:, None] * D + do[None, :], acc - mass[:, None] * c_tile, mask=emask,
+                  sem="relaxed")
+
+
+@triton.jit
 def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
-                   K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                   K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   N_DT: tl.constexpr):
+    """N_DT column tiles (1..4) per program: their accumulators side by side in registers (Triton blocks are powers
+    of two, so D=384 is three 128-wide tiles, not one 384-wide one), the distances computed once for all of them."""
+    tl.static_assert(N_DT >= 1 and N_DT <= 4)
     pid = tl.program_id(0).to(tl.int64)
     if WITH_E:
-        n_dt = tl.cdiv(D, BLOCK_DO)
-        pid_c = pid // n_dt
-        pid_d = pid % n_dt
+        n_groups = tl.cdiv(tl.cdiv(D, BLOCK_DO), N_DT)
+        pid_c = pid // n_groups
+        t0 = (pid % n_groups) * N_DT
     else:
         pid_c = pid
-        pid_d = pid * 0
-    lo, hi, k, kmask, csq, s, do, domask, emask = _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
-                                                                HARD, K_PAD, BLOCK_DO)
+        t0 = pid * 0
+    # (the tile columns it returns are _col_tile's, per tile here; named apart from the loop's `_`, as Triton
+    # types a loop-carried name once)
+    lo, hi, k, kmask, csq, s, _do, _domask, _emask = _program_tiles(pid_c, t0, N, K, D, CHUNK, csq_ptr, scale_ptr,
+                                                                    HARD, K_PAD, BLOCK_DO)
     while lo < hi:  # one slide segment of the chunk per iteration
         b = _slide_of(off_ptr, lo, B)
         end = _segment_end(off_ptr, b, lo, hi)
-        acc = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        # unused accumulators (N_DT < 4) are dead code to the compiler
+        acc0 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        acc1 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        acc2 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+        acc3 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
         for r0 in range(lo, end, BLOCK_M):
             r = r0 + tl.arange(0, BLOCK_M)
@@ -233,14 +270,22 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
             a, _ = _assign(dist, k, kmask, rmask, s, HARD)
             mass += tl.sum(a, axis=0)
             if WITH_E:
-                xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c,
-                             mask=rmask[:, None] & domask[None, :], other=0.0)
-                acc = mm_fr(tl.trans(a), xo, acc, MODE, HARD)
+                acc0 = _add_col_tile(acc0, a, rows_ptr, row, rmask, s_c, t0, D, MODE, HARD, BLOCK_DO)
+                if N_DT > 1:
+                    acc1 = _add_col_tile(acc1, a, rows_ptr, row, rmask, s_c, t0 + 1, D, MODE, HARD, BLOCK_DO)
+                if N_DT > 2:
+                    acc2 = _add_col_tile(acc2, a, rows_ptr, row, rmask, s_c, t0 + 2, D, MODE, HARD, BLOCK_DO)
+                if N_DT > 3:
+                    acc3 = _add_col_tile(acc3, a, rows_ptr, row, rmask, s_c, t0 + 3, D, MODE, HARD, BLOCK_DO)
         if WITH_E:
-            c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
-            acc = acc - mass[:, None] * c_tile
-            tl.atomic_add(acc_ptr + b * K * D + k[:, None] * D + do[None, :], acc, mask=emask, sem="relaxed")
-        if pid_d == 0:
+            _flush_col_tile(acc0, mass, c_ptr, acc_ptr, b, k, kmask, t0, K, D, BLOCK_DO)
+            if N_DT > 1:
+                _flush_col_tile(acc1, mass, c_ptr, acc_ptr, b, k, kmask, t0 + 1, K, D, BLOCK_DO)
+            if N_DT > 2:
+                _flush_col_tile(acc2, mass, c_ptr, acc_ptr, b, k, kmask, t0 + 2, K, D, BLOCK_DO)
+            if N_DT > 3:
+                _flush_col_tile(acc3, mass, c_ptr, acc_ptr, b, k, kmask, t0 + 3, K, D, BLOCK_DO)
+        if t0 == 0:
             tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
         lo = end
 
@@ -326,14 +371,23 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
 # accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
 # 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
-# The forward's last three: the fastest of a sweep of the bank-row launch on the H100 (sweep_triton.csv: 0.45 and
-# 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one spills 120-136 B of stack on
-# sm_90 and is kept for that measurement; the autotuner times it against the rest.
+# The forward's entries carry N_DT after BLOCK_DO: column tiles per program.
+# The forward's (..., 1, 8, 1) and (64, 32, 128, 1, 4, 1): the fastest of a sweep of the bank-row launch on the
+# H100 (sweep_triton.csv: 0.45 and 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one
+# spills 120-136 B of stack on sm_90 and is kept for that measurement; the autotuner times it against the rest.
+# The forward's N_DT = 3 entries (16-bit rows on sm_90 only, see _pruner) compute a row block's distances once
+# for 3 column tiles instead of once per tile: at D=384, two programs per chunk (64-wide tiles) or one (128-wide)
+# instead of three or six. ptxas sm_90 (triton 3.9, K=64, D=384, bf16 and float16 rows): 110-242 registers and no
+# spills for the 64-wide ones; the 128-wide one (all 384 columns in one program) spills 72 B (soft) and 8 B
+# (hard). Where they spill more, they are not tried: on sm_80 (mma.sync accumulators; 24..1208 B) and for float32
+# rows (three TF32 products per dot; 112..840 B). Not yet timed on a GPU.
 _FWD_CONFIGS = {
-    "small_k": [(64, 32, 64, 8, 2), (64, 32, 128, 8, 2), (32, 32, 64, 8, 2), (32, 32, 128, 8, 2),
-                (16, 64, 128, 8, 2), (16, 32, 64, 8, 2), (64, 128, 128, 8, 1), (64, 64, 128, 8, 1),
-                (64, 32, 128, 4, 1)],
-    "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2), (32, 32, 32, 8, 2)],
+    "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
+                (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
+                (64, 32, 128, 1, 4, 1),
+                (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 2), (32, 32, 64, 3, 16, 1), (64, 64, 64, 3, 8, 1),
+                (32, 32, 128, 3, 8, 1)],
+    "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (32, 32, 32, 1, 8, 2)],
 }
 _BWD_CONFIGS = {
     "small_k": [(16, 32, 32, 8, 2), (16, 32, 64, 8, 2), (32, 32, 32, 8, 2), (32, 32, 64, 8, 2),
@@ -344,11 +398,31 @@ _BWD_CONFIGS = {
     "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2), (16, 16, 16, 8, 2)],
 }
 LARGE_K_PAD = 128
+# Configs with N_DT > 1 hold N_DT accumulators: in registers without spills only where tl.dot accumulates in
+# wgmma's layout (sm_90); an sm_80 launch does not time them.
+_WIDE_MIN_CAPABILITY = (9, 0)
 
 
 def _as_configs(table):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=st)
-            for bm, bd, bdo, w, st in table]
+    """Configs of (BLOCK_M, BLOCK_D, BLOCK_DO, num_warps, num_stages), or (BLOCK_M, BLOCK_D, BLOCK_DO, N_DT,
+    num_warps, num_stages) for the forward."""
+    out = []
+    for entry in table:
+        *blocks, w, st = entry
+        names = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")[:len(blocks)]
+        out.append(triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=st))
+    return out
+
+
+def _config_tuple(c):
+    """A config as its table entry."""
+    blocks = [c.kwargs[n] for n in ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT") if n in c.kwargs]
+    return (*blocks, c.num_warps, c.num_stages)
+
+
+def _columns(c):
+    """Output columns one program of config c covers."""
+    return c.kwargs["BLOCK_DO"] * c.kwargs.get("N_DT", 1)
 
 
 # Hard assignment: the backward recomputes each fresh row's argmin, which must be the forward's (its gradient goes
@@ -359,18 +433,38 @@ HARD_BLOCK_D = 32
 
 
 def _pruner(table):
-    """Keep the configs of the launch's codebook size whose column tile is not wider than D needs (hard: and whose
-    BLOCK_D is HARD_BLOCK_D)."""
+    """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
+    column tile idle (N_DT tiles per program; N_DT > 1 only for 16-bit rows on sm_90, and not for the forward's
+    argmin-only launch, which has no column tiles) (hard: and whose BLOCK_D is HARD_BLOCK_D)."""
     def prune(configs, named_args, **kwargs):
         k_pad = launch_arg(named_args, kwargs, "K_PAD", 64)
         d = launch_arg(named_args, kwargs, "D", 4096)
         hard = launch_arg(named_args, kwargs, "HARD", False)
+        with_e = launch_arg(named_args, kwargs, "WITH_E", True)
         allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_DO"], c.num_warps,
-                                       c.num_stages) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
-        narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d))]
-        return narrow or [min(keep, key=lambda c: c.kwargs["BLOCK_DO"])]
+        keep = [c for c in configs
+                if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
+        rows = launch_arg(named_args, kwargs, "rows_ptr")
+        wide_ok = with_e and launch_arg(named_args, kwargs, "MODE", 1) == 1 and _wide_ok(rows)
+        narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0
+                  and (wide_ok or c.kwargs.get("N_DT", 1) == 1)]
+        return narrow or [min(keep, key=_columns)]
     return prune
+
+
+def _idle_tiles(c, d):
+    """Column tiles wholly past D in a launch of config c (N_DT tiles per program)."""
+    tiles = triton.cdiv(d, c.kwargs["BLOCK_DO"])
+    n_dt = c.kwargs.get("N_DT", 1)
+    return triton.cdiv(tiles, n_dt) * n_dt - tiles
+
+
+def _wide_ok(rows) -> bool:
+    """Whether N_DT > 1 configs may run for rows (a CUDA tensor: by the device's capability; a CPU tensor reaches the
+    pruner only in tests/triton_aot.py, which compiles for every target)."""
+    if not isinstance(rows, torch.Tensor) or not rows.is_cuda:
+        return True
+    return torch.cuda.get_device_capability(rows.device) >= _WIDE_MIN_CAPABILITY
 
 
 def _autotuned(kernel, table, key, accumulated):
@@ -388,10 +482,14 @@ _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_
                         ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])
 
 
-def _interp_meta(D):
-    # Under the interpreter every block op is a numpy call: few, large blocks are fastest.
+def _interp_meta(D, forward=False):
+    # Under the interpreter every block op is a numpy call: few, large blocks are fastest; the forward holds all
+    # its column tiles in one program where D > 256 (up to 4: the code path of the GPU's wide configs).
     bd = min(256, max(16, next_pow2(D)))
-    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd}
+    meta = {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd}
+    if forward:
+        meta["N_DT"] = min(4, triton.cdiv(D, bd))
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -447,9 +545,9 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     def grid(meta):
-        return (chunks * triton.cdiv(D, meta["BLOCK_DO"]) if with_e else chunks,)
+        return (chunks * triton.cdiv(triton.cdiv(D, meta["BLOCK_DO"]), meta["N_DT"]) if with_e else chunks,)
 
-    launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D))
+    launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D, forward=True))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
