@@ -162,24 +162,34 @@ def test_d_4096_tiles_over_d(device):
 
 @pytest.mark.parametrize("n_dt", [1, 2, 3, 4])
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_forward_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
-    """The forward with N_DT column tiles per program (the distances once for all of them): D=70 in 16-wide tiles
-    is 5 tiles, so N_DT = 2, 3, 4 leave idle tiles (past D) in the last program, which must add nothing; 8-row
-    chunks split the slides across programs."""
+def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
+    """N_DT column tiles per program (the distances once for all of them) in the forward and in the backward's
+    passes that only sum (soft, no grad x: here the bank rows'): D=70 in 16-wide tiles is 5 tiles, so N_DT = 2, 3, 4
+    leave idle tiles (past D) in the last program, which must add nothing; 8-row chunks split the slides across
+    programs."""
     real_launch = tre.launch
+    wide_launches = []
 
     def launch_with(kernel, tuned, grid, args, interp_meta, **options):
-        if kernel is not tre._re_fwd_kernel:
+        named = dict(zip(kernel.arg_names, args))
+        if kernel is tre._re_fwd_kernel:
+            wide = named["WITH_E"]
+        elif kernel is tre._re_bwd_kernel:
+            wide = not named["WRITE_GX"] and not named["HARD"]
+        else:
             return real_launch(kernel, tuned, grid, args, interp_meta, **options)
-        meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt)
-        kernel[grid(meta)](*args, **meta, **options)
+        meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1)
+        wide_launches.append((kernel.__name__, wide))
+        kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
 
     monkeypatch.setattr(tre, "launch", launch_with)
     args = _inputs(device, [13, 0, 6], [9, 20, 1], K=5, D=70)
     _check_fwd_bwd(args, hard, chunk_rows=8)
+    assert ("_re_bwd_kernel", True) in wide_launches or hard
+    assert ("_re_fwd_kernel", True) in wide_launches
 
 
-def test_wide_forward_configs_pruned_by_columns_and_device(monkeypatch):
+def test_wide_configs_pruned_by_columns_and_device(monkeypatch):
     """N_DT > 1 configs are tried where no column tile of theirs is idle (D=384: 64 x 3 and 128 x 3; D=33 none), for
     16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch."""
     prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
@@ -200,8 +210,19 @@ def test_wide_forward_configs_pruned_by_columns_and_device(monkeypatch):
     for c in configs:
         if c.kwargs["N_DT"] > 1:
             assert tre._idle_tiles(c, 384) == 0 and tre._idle_tiles(c, 100) > 0
+    # the backward: only its soft passes that only sum (no grad x)
+    bprune = tre._bwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
+
+    def bwide(write_gx, hard=False, mode=1):
+        kept = bprune(tre._bwd_tuned.configs, {"rows_ptr": rows, "D": 384, "WRITE_GX": write_gx, "HARD": hard,
+                                               "K_PAD": 64, "MODE": mode, "NEED_C": True})
+        assert kept
+        return {(c.kwargs["BLOCK_DO"], c.kwargs["N_DT"]) for c in kept if c.kwargs["N_DT"] > 1}
+
+    assert bwide(False) == {(64, 3)}
+    assert bwide(True) == set() and bwide(False, hard=True) == set() and bwide(False, mode=0) == set()
     monkeypatch.setattr(tre, "_wide_ok", lambda rows: False)  # an sm_80 device
-    assert wide(384) == set()
+    assert wide(384) == set() and bwide(False) == set()
 
 
 def test_int32_offsets_and_index(device):

@@ -5,13 +5,15 @@
     E_bk = sum_{i in S_b} a_ik x_i - mass_bk c_k        mass_bk = sum_{i in S_b} a_ik
 
 Work decomposition. Each source of rows (the fresh rows x, then the bank rows gathered through bank_index) is cut
-into chunks of CHUNK consecutive rows; a chunk may span several slides. A program owns one chunk and one tile of
-BLOCK_DO output columns. It finds the slide of its first row by a binary search of the CSR offsets, then walks its
-rows slide segment by slide segment, in blocks of BLOCK_M rows: the full-width distances (a loop over D in BLOCK_D
-steps, K padded to a power of two and masked), the softmax or argmin in registers, and a^T x for its column tile,
-kept in a K x BLOCK_DO register accumulator that is added into E at the end of each segment. Gathered rows, the
-assignment matrix and the residuals never reach memory. The grid is cdiv(rows, CHUNK) x column tiles: it depends
-on shapes only (no host synchronisation) and the host computes no chunk map (no small torch ops per launch: at the
+into chunks of CHUNK consecutive rows; a chunk may span several slides. A program owns one chunk and N_DT (1..4)
+tiles of BLOCK_DO output columns. It finds the slide of its first row by a binary search of the CSR offsets, then
+walks its rows slide segment by slide segment, in blocks of BLOCK_M rows: the full-width distances (a loop over D in
+BLOCK_D steps, K padded to a power of two and masked), the softmax or argmin in registers, and a^T x for each of
+its column tiles, kept in K x BLOCK_DO register accumulators that are added into E at the end of each segment.
+Every program of a chunk recomputes the distances, so fewer, wider programs (N_DT > 1: D=384 as 3 x 128 in one
+program) save that work where the accumulators still fit the registers (16-bit rows on sm_90; see the config
+tables). Gathered rows, the assignment matrix and the residuals never reach memory. The grid is cdiv(rows, CHUNK)
+x groups of N_DT column tiles: it depends on shapes only (no host synchronisation) and the host computes no chunk map (no small torch ops per launch: at the
 DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the same chunk sit next to each other in the
 launch order, so the rows they all read come from L2.
 
@@ -34,7 +36,8 @@ g_ik, m = argmax_j a_ij, which cancels nothing where a_im is near 1):
     grad c_k = -sum_b mass_bk G_bk + 2 s_k (sum_i h_ik x_i - c_k sum_i h_ik)
     grad s_k = -sum_i h_ik d_ik
 The same programs recompute d and a, add sum_i h_ik x_i (K x BLOCK_DO), sum_i h_ik, sum_i h_ik d_ik and mass
-atomically, and write grad x rows directly (each row belongs to one program per column tile). For hard assignment
+atomically, and write grad x rows directly (each row belongs to one program per column tile). Passes that only sum
+(the bank rows', soft) may hold N_DT column tiles of sum_i h_ik x_i per program, as the forward does. For hard assignment
 h = 0: grad x_i = G_{b, k(i)} (a gather), grad c_k = -sum_b mass_bk G_bk, so bank rows enter only through mass:
 given the forward's mass (`mass=`) there is no pass over bank rows at all; without it (the dre op schema does not
 carry it) one argmin-only pass over the bank rows counts them, with no E accumulation.
@@ -212,23 +215,29 @@ def _col_tile(t, D, BLOCK_DO: tl.constexpr):
 
 
 @triton.jit
-def _add_col_tile(acc, a, rows_ptr, row, rmask, s_c, t, D, MODE: tl.constexpr, HARD: tl.constexpr,
+def _add_col_tile(acc, p, rows_ptr, row, rmask, s_c, t, D, MODE: tl.constexpr, EXACT_P: tl.constexpr,
                   BLOCK_DO: tl.constexpr):
-    """acc (K_PAD, BLOCK_DO) + a^T x[:, tile t]."""
+    """acc (K_PAD, BLOCK_DO) + p^T x[:, tile t] (p: assignments, or h in the backward)."""
     do, domask = _col_tile(t, D, BLOCK_DO)
     xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=rmask[:, None] & domask[None, :],
                  other=0.0)
-    return mm_fr(tl.trans(a), xo, acc, MODE, HARD)
+    return mm_fr(tl.trans(p), xo, acc, MODE, EXACT_P)
+
+
+@triton.jit
+def _atomic_add_col_tile(ptr, val, k, kmask, t, D, BLOCK_DO: tl.constexpr):
+    """ptr (K, D)[:, tile t] += val, atomically (other programs add other rows' sums)."""
+    do, domask = _col_tile(t, D, BLOCK_DO)
+    tl.atomic_add(ptr + k[:, None] * D + do[None, :], val, mask=kmask[:, None] & domask[None, :], sem="relaxed")
 
 
 @triton.jit
 def _flush_col_tile(acc, mass, c_ptr, acc_ptr, b, k, kmask, t, K, D, BLOCK_DO: tl.constexpr):
-    """E_b[:, tile t] += acc - mass c[:, tile t] (atomically: other programs hold other rows of slide b)."""
+    """E_b[:, tile t] += acc - mass c[:, tile t]."""
     do, domask = _col_tile(t, D, BLOCK_DO)
-    emask = kmask[:, None] & domask[None, :]
-    c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
-    tl.atomic_add(acc_ptr + b * K * D + k[:, None] * D + do[None, :], acc - mass[:, None] * c_tile, mask=emask,
-                  sem="relaxed")
+    c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=kmask[:, None] & domask[None, :],
+                     other=0.0).to(tl.float32)
+    _atomic_add_col_tile(acc_ptr + b * K * D, acc - mass[:, None] * c_tile, k, kmask, t, D, BLOCK_DO)
 
 
 @triton.jit
@@ -296,15 +305,21 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr,
                    MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DO: tl.constexpr):
+                   BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
+    """N_DT > 1 (a pass that only sums, no grad x): column tiles pid_d..pid_d + N_DT - 1, the distances and x G_b^T
+    once for all of them, as in the forward."""
+    tl.static_assert(N_DT == 1 or (not WRITE_GX and not HARD and N_DT <= 4))
     pid = tl.program_id(0).to(tl.int64)
-    n_dt = tl.cdiv(D, BLOCK_DO)
-    pid_c = pid // n_dt
-    pid_d = pid % n_dt
+    n_groups = tl.cdiv(tl.cdiv(D, BLOCK_DO), N_DT)
+    pid_c = pid // n_groups
+    pid_d = (pid % n_groups) * N_DT
     lo, hi, k, kmask, csq, s, do, domask, emask = _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
                                                                 HARD, K_PAD, BLOCK_DO)
     c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
     hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+    hx1 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+    hx2 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
+    hx3 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
     hsum = tl.zeros((K_PAD,), dtype=tl.float32)
     gs = tl.zeros((K_PAD,), dtype=tl.float32)
     while lo < hi:  # one slide segment of the chunk per iteration
@@ -345,6 +360,12 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
                     hsum += tl.sum(h, axis=0)
                     gs -= tl.sum(h * tl.where(rmask[:, None] & kmask[None, :], dist, 0.0), axis=0)
                     hx = mm_fr(tl.trans(h), xo, hx, MODE, False)
+                    if N_DT > 1:
+                        hx1 = _add_col_tile(hx1, h, rows_ptr, row, rmask, s_c, pid_d + 1, D, MODE, False, BLOCK_DO)
+                    if N_DT > 2:
+                        hx2 = _add_col_tile(hx2, h, rows_ptr, row, rmask, s_c, pid_d + 2, D, MODE, False, BLOCK_DO)
+                    if N_DT > 3:
+                        hx3 = _add_col_tile(hx3, h, rows_ptr, row, rmask, s_c, pid_d + 3, D, MODE, False, BLOCK_DO)
                 if WRITE_GX:
                     hs = h * s[None, :]
                     gx = mm_ff(a, g_tile, tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32))
@@ -360,18 +381,24 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     if NEED_C:
         if not HARD:
             tl.atomic_add(hx_ptr + k[:, None] * D + do[None, :], hx, mask=emask, sem="relaxed")
+            if N_DT > 1:
+                _atomic_add_col_tile(hx_ptr, hx1, k, kmask, pid_d + 1, D, BLOCK_DO)
+            if N_DT > 2:
+                _atomic_add_col_tile(hx_ptr, hx2, k, kmask, pid_d + 2, D, BLOCK_DO)
+            if N_DT > 3:
+                _atomic_add_col_tile(hx_ptr, hx3, k, kmask, pid_d + 3, D, BLOCK_DO)
             if pid_d == 0:
                 tl.atomic_add(hsum_ptr + k, hsum, mask=kmask, sem="relaxed")
                 tl.atomic_add(gs_ptr + k, gs, mask=kmask, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
-# Config sets by kernel and codebook size, (BLOCK_M, BLOCK_D, BLOCK_DO, num_warps, num_stages): configs that ptxas
+# Config sets by kernel and codebook size, (BLOCK_M, BLOCK_D, BLOCK_DO, N_DT, num_warps, num_stages), N_DT the
+# column tiles of one program (see _re_fwd_kernel): configs that ptxas
 # compiles without register spills and within a block's shared memory on sm_90 and sm_80 (tests/triton_aot.py, a
 # survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
 # accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
 # 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
-# The forward's entries carry N_DT after BLOCK_DO: column tiles per program.
 # The forward's (..., 1, 8, 1) and (64, 32, 128, 1, 4, 1): the fastest of a sweep of the bank-row launch on the
 # H100 (sweep_triton.csv: 0.45 and 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one
 # spills 120-136 B of stack on sm_90 and is kept for that measurement; the autotuner times it against the rest.
@@ -390,39 +417,37 @@ _FWD_CONFIGS = {
     "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (32, 32, 32, 1, 8, 2)],
 }
 _BWD_CONFIGS = {
-    "small_k": [(16, 32, 32, 8, 2), (16, 32, 64, 8, 2), (32, 32, 32, 8, 2), (32, 32, 64, 8, 2),
-                (16, 32, 128, 8, 2)],
+    "small_k": [(16, 32, 32, 1, 8, 2), (16, 32, 64, 1, 8, 2), (32, 32, 32, 1, 8, 2), (32, 32, 64, 1, 8, 2),
+                (16, 32, 128, 1, 8, 2),
+                # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 205-254 registers, no spills
+                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B)
+                (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1)],
     # (16, 16, 16): at K_PAD = 256 the codeword-sum pass keeps to registers with it (sm_80; sm_90 32 B for float32
     # rows) where the others spill 250-500 B. The soft grad-x pass spills >= 0.7 KB in every config there: its
     # K x BLOCK_DO tiles of G_b and the codewords next to BLOCK_M x K assignments are the design's limit.
-    "large_k": [(16, 32, 16, 8, 2), (16, 32, 32, 8, 2), (32, 32, 16, 8, 2), (16, 16, 16, 8, 2)],
+    "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (16, 16, 16, 1, 8, 2)],
 }
 LARGE_K_PAD = 128
 # Configs with N_DT > 1 hold N_DT accumulators: in registers without spills only where tl.dot accumulates in
-# wgmma's layout (sm_90); an sm_80 launch does not time them.
+# wgmma's layout (sm_90) and the rows are 16-bit (MODE 1); other launches do not time them.
 _WIDE_MIN_CAPABILITY = (9, 0)
 
 
+_BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")
+
+
 def _as_configs(table):
-    """Configs of (BLOCK_M, BLOCK_D, BLOCK_DO, num_warps, num_stages), or (BLOCK_M, BLOCK_D, BLOCK_DO, N_DT,
-    num_warps, num_stages) for the forward."""
-    out = []
-    for entry in table:
-        *blocks, w, st = entry
-        names = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")[:len(blocks)]
-        out.append(triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=st))
-    return out
+    return [triton.Config(dict(zip(_BLOCKS, blocks)), num_warps=w, num_stages=st) for *blocks, w, st in table]
 
 
 def _config_tuple(c):
     """A config as its table entry."""
-    blocks = [c.kwargs[n] for n in ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT") if n in c.kwargs]
-    return (*blocks, c.num_warps, c.num_stages)
+    return (*(c.kwargs[n] for n in _BLOCKS), c.num_warps, c.num_stages)
 
 
 def _columns(c):
     """Output columns one program of config c covers."""
-    return c.kwargs["BLOCK_DO"] * c.kwargs.get("N_DT", 1)
+    return c.kwargs["BLOCK_DO"] * c.kwargs["N_DT"]
 
 
 # Hard assignment: the backward recomputes each fresh row's argmin, which must be the forward's (its gradient goes
@@ -432,7 +457,7 @@ def _columns(c):
 HARD_BLOCK_D = 32
 
 
-def _pruner(table):
+def _pruner(table, wide_launch):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program; N_DT > 1 only for 16-bit rows on sm_90, and not for the forward's
     argmin-only launch, which has no column tiles) (hard: and whose BLOCK_D is HARD_BLOCK_D)."""
@@ -440,14 +465,14 @@ def _pruner(table):
         k_pad = launch_arg(named_args, kwargs, "K_PAD", 64)
         d = launch_arg(named_args, kwargs, "D", 4096)
         hard = launch_arg(named_args, kwargs, "HARD", False)
-        with_e = launch_arg(named_args, kwargs, "WITH_E", True)
         allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
         rows = launch_arg(named_args, kwargs, "rows_ptr")
-        wide_ok = with_e and launch_arg(named_args, kwargs, "MODE", 1) == 1 and _wide_ok(rows)
+        wide_ok = (wide_launch(lambda name, default=None: launch_arg(named_args, kwargs, name, default))
+                   and launch_arg(named_args, kwargs, "MODE", 1) == 1 and _wide_ok(rows))
         narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0
-                  and (wide_ok or c.kwargs.get("N_DT", 1) == 1)]
+                  and (wide_ok or c.kwargs["N_DT"] == 1)]
         return narrow or [min(keep, key=_columns)]
     return prune
 
@@ -455,7 +480,7 @@ def _pruner(table):
 def _idle_tiles(c, d):
     """Column tiles wholly past D in a launch of config c (N_DT tiles per program)."""
     tiles = triton.cdiv(d, c.kwargs["BLOCK_DO"])
-    n_dt = c.kwargs.get("N_DT", 1)
+    n_dt = c.kwargs["N_DT"]
     return triton.cdiv(tiles, n_dt) * n_dt - tiles
 
 
@@ -467,29 +492,35 @@ def _wide_ok(rows) -> bool:
     return torch.cuda.get_device_capability(rows.device) >= _WIDE_MIN_CAPABILITY
 
 
-def _autotuned(kernel, table, key, accumulated):
+def _autotuned(kernel, table, key, accumulated, wide_launch):
     # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
     # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
     # fresh rows on GPU); restore_value puts back what the benchmark runs added.
     configs = _as_configs(table["small_k"] + table["large_k"])
-    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table)},
+    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table, wide_launch)},
                         restore_value=accumulated)
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
-_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"])
+# which launches may hold several column tiles (N_DT > 1): the forward's with E (not the argmin-only one), the
+# backward's soft passes that only sum (no grad x)
+_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
+                        lambda arg: arg("WITH_E", True))
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
-                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"])
+                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"],
+                        lambda arg: not arg("WRITE_GX", True) and not arg("HARD", False))
 
 
-def _interp_meta(D, forward=False):
-    # Under the interpreter every block op is a numpy call: few, large blocks are fastest; the forward holds all
-    # its column tiles in one program where D > 256 (up to 4: the code path of the GPU's wide configs).
+def _interp_meta(D, wide=False):
+    # Under the interpreter every block op is a numpy call: few, large blocks are fastest; a launch that may hold
+    # several column tiles (wide) holds up to 4 of them where D > 256 (the code path of the GPU's wide configs).
     bd = min(256, max(16, next_pow2(D)))
-    meta = {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd}
-    if forward:
-        meta["N_DT"] = min(4, triton.cdiv(D, bd))
-    return meta
+    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1}
+
+
+def _column_grid(chunks, D):
+    """Grid of a launch over chunks x groups of N_DT column tiles."""
+    return lambda meta: (chunks * triton.cdiv(triton.cdiv(D, meta["BLOCK_DO"]), meta["N_DT"]),)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -544,10 +575,8 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
     args = (rows, rows.stride(0), rows.stride(1), idx, offsets, cw.c, ct, csq, scale, acc, mass,
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
-    def grid(meta):
-        return (chunks * triton.cdiv(triton.cdiv(D, meta["BLOCK_DO"]), meta["N_DT"]) if with_e else chunks,)
-
-    launch(_re_fwd_kernel, _fwd_tuned, grid, args, _interp_meta(D, forward=True))
+    launch(_re_fwd_kernel, _fwd_tuned, _column_grid(chunks, D) if with_e else (chunks,), args,
+           _interp_meta(D, wide=True))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
@@ -613,8 +642,8 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                     csq if cw.scale is None else cw.scale, G, csq if gc is None else gc,
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
                     _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
-            launch(_re_bwd_kernel, _bwd_tuned, lambda meta: (chunks * triton.cdiv(D, meta["BLOCK_DO"]),), args,
-                   _interp_meta(D))
+            launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
+                   _interp_meta(D, wide=not (pass_gx or hard)))
     if use_given_mass:
         mass_acc = mass.float().contiguous()
     if need_c:
