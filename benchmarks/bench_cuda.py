@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import (device_bandwidth_gbs, device_slug, environment, is_oom, peak_mb, time_ms,  # noqa: E402
-                               write_csv)
+                               write_autotune_csv, write_csv)
 
 PROVIDERS = ("torch", "torch.compile", "triton", "native", "cupy", "native_simt", "cupy_simt", "native_tiled",
              "cupy_tiled")
@@ -222,6 +222,10 @@ def main(argv=None, *, default_name="cuda", default_providers=PROVIDERS):
                                    f"{default_name}_{device_slug(device)}.csv")
     write_csv(out, rows)
     print(f"wrote {out}")
+    # which Triton configs won each tuning, and by how much (the N_DT > 1 ones among them)
+    tuned = write_autotune_csv(os.path.splitext(out)[0] + "_autotune.csv")
+    if tuned:
+        print(f"wrote {tuned}")
     return 0
 
 

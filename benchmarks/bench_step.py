@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import math
 import os
 import statistics
@@ -262,15 +263,17 @@ def main(argv=None):
             "D", "P", "tile", "encoder", "amp", "bank_dtype", "step_ms", "step_min_ms", "peak_extra_mb",
             "peak_total_mb", "segmented_ms", "dre_ms", "dre_share", "speedup_vs_torch", "status"]
     segment_names = list(dict.fromkeys(k for r in results.values() for k in r.get("segments", {})))
-    with open(os.path.join(out_dir, "step.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols + [f"{n} ms" for n in segment_names])
-        for b, r in results.items():
-            vals = dict(env, backend=b, slides=a.slides, fresh=a.fresh, bank_rows=a.bank_rows, K=a.K, D=a.D, P=a.P,
-                        tile=a.tile, encoder=a.encoder, amp=a.amp, bank_dtype=a.bank_dtype, **r)
-            vals["speedup_vs_torch"] = torch_ms / r["step_ms"] if r.get("status") == "ok" else math.nan
-            w.writerow([_fmt(vals.get(c, "")) for c in cols] + [_fmt(r.get("segments", {}).get(n, "")) for n in
-                                                                 segment_names])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols + [f"{n} ms" for n in segment_names])
+    for b, r in results.items():
+        vals = dict(env, backend=b, slides=a.slides, fresh=a.fresh, bank_rows=a.bank_rows, K=a.K, D=a.D, P=a.P,
+                    tile=a.tile, encoder=a.encoder, amp=a.amp, bank_dtype=a.bank_dtype, **r)
+        vals["speedup_vs_torch"] = torch_ms / r["step_ms"] if r.get("status") == "ok" else math.nan
+        w.writerow([_fmt(vals.get(c, "")) for c in cols] + [_fmt(r.get("segments", {}).get(n, "")) for n in
+                                                             segment_names])
+    common.write_text(os.path.join(out_dir, "step.csv"), buf.getvalue())
+    common.write_autotune_csv(os.path.join(out_dir, "step_autotune.csv"))
     load_after = common.load_average()
     lines = [f"# DRE-SLCL training step: {env['device']}", "",
              f"- {shape}", f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit "
@@ -296,8 +299,7 @@ def main(argv=None):
             if r.get("segments"):
                 lines.append(f"| {b} | " + " | ".join(_fmt(r["segments"].get(n, math.nan), 3) for n in segment_names)
                              + " |")
-    with open(os.path.join(out_dir, "step.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    common.write_text(os.path.join(out_dir, "step.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

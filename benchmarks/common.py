@@ -222,6 +222,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_text(path: str, text: str) -> None:
+    """text to `path` atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     """rows to `path` atomically (a temporary file, then a rename): a run cut off leaves no half-written CSV."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -231,6 +240,34 @@ def write_csv(path: str, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def autotune_rows() -> list[dict]:
+    """The Triton autotuner's timings of every config it tried in this process (dre_kernels' AUTOTUNE_LOG), one row
+    per config, fastest first within each tuning, the chosen one marked."""
+    try:
+        from dre_kernels.triton_kernels._common import AUTOTUNE_LOG
+    except ImportError:  # no triton
+        return []
+    rows = []
+    for n, tuning in enumerate(AUTOTUNE_LOG):
+        key = " ".join(f"{k}={v}" for k, v in tuning["key"].items())
+        ranked = sorted(tuning["timings"].items(), key=lambda kv: kv[1])
+        for rank, (config, ms) in enumerate(ranked):
+            rows.append(dict(tuning=n, kernel=tuning["kernel"], key=key, rank=rank, ms=ms,
+                             chosen=config is tuning["best"], **config.kwargs, num_warps=config.num_warps,
+                             num_stages=config.num_stages))
+    return rows
+
+
+def write_autotune_csv(path: str) -> str | None:
+    """autotune_rows() to `path` (nothing where no tuning ran); the path written, or None."""
+    rows = autotune_rows()
+    if not rows:
+        return None
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    write_csv(path, [{k: r.get(k, "") for k in fields} for r in rows])
+    return path
 
 
 def load_average() -> float:

@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_session.sh fuzz     # build + tests/fuzz_ops.py for native, triton, cupy (FUZZ_SECONDS each)
 #   bash benchmarks/gpu_session.sh bench    # build + bench_cuda.py (torch, torch.compile, triton, native, cupy,
 #                                           #   native_simt, cupy_simt, native_tiled, cupy_tiled) + the training
-#                                           #   step; CSVs to $OUT
+#                                           #   step; CSVs to $OUT, with cuda_autotune.csv and
+#                                           #   step/step_autotune.csv: every Triton config the autotuner timed
 #   bash benchmarks/gpu_session.sh bench-cuda | bench-step   # one part of bench, where one call cannot hold both
 #                                           #   (BENCH_ARGS="--quick" or "--providers torch native" for less)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench

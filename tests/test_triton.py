@@ -537,3 +537,49 @@ def test_contrastive_backward_configs_by_width():
                                                            "y_ptr": torch.empty(1, dtype=torch.float16)})
     fp16_widths = {c.kwargs["BLOCK_PO"] for c in fp16}
     assert fp16_widths and max(fp16_widths) <= 256 and (256 in fp16_widths) == (tcl.TRITON_VERSION >= (3, 3))
+
+
+def test_autotune_log_records_each_tuning(monkeypatch, tmp_path):
+    """On GPU, launch() logs each autotuning (a launch whose key is new and that had configs to time): the kernel,
+    the key's arguments and dtype, every config's median and the chosen one; the benchmarks write it as a CSV.
+    Taken on CPU with the interpreter flag off and a stand-in autotuner."""
+    import csv
+    from types import SimpleNamespace
+
+    import triton
+
+    from benchmarks.common import write_autotune_csv
+    from dre_kernels.triton_kernels import _common
+
+    slow, fast = triton.Config({"BLOCK": 16}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=8)
+
+    class StandIn:  # what launch() reads of triton's Autotuner: keys, configs_timings (replaced at each tuning)
+        keys = ["D"]
+        configs_timings = None
+        seen = set()
+
+        def __getitem__(self, grid):
+            def run(x, D):
+                if D not in self.seen:
+                    self.seen.add(D)
+                    self.configs_timings = {slow: [0.5, 0.4, 0.6], fast: [0.25, 0.2, 0.3]}
+            return run
+
+    tuner = StandIn()
+    kernel = SimpleNamespace(arg_names=["x", "D"], __name__="_some_kernel")
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "AUTOTUNE_LOG", [])
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    for D in (384, 384, 33):
+        _common.launch(kernel, SimpleNamespace(get=lambda: tuner), (1,), (x, D), {})
+    log = _common.AUTOTUNE_LOG
+    assert [t["key"] for t in log] == [{"D": 384, "dtype": "bfloat16"}, {"D": 33, "dtype": "bfloat16"}]
+    assert all(t["best"] is fast and t["timings"][slow] == 0.5 for t in log)
+    path = write_autotune_csv(str(tmp_path / "tune.csv"))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["tuning"], r["rank"], r["BLOCK"], r["num_warps"], r["chosen"]) for r in rows] == [
+        ("0", "0", "32", "8", "True"), ("0", "1", "16", "4", "False"),
+        ("1", "0", "32", "8", "True"), ("1", "1", "16", "4", "False")]
+    monkeypatch.setattr(_common, "AUTOTUNE_LOG", [])
+    assert write_autotune_csv(str(tmp_path / "none.csv")) is None

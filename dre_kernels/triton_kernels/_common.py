@@ -87,6 +87,22 @@ def default_config(tuned: LazyAutotune, kernel, args, options):
     return configs[0]
 
 
+# Each autotuning that launch() ran, in order: dict(kernel, key (the tuning key's arguments and the first tensor's
+# dtype), timings {config: median ms}, best config). The benchmarks write it out: which configs win on a GPU, at
+# no device time of its own. Bounded, as a process that meets many shapes tunes once per shape.
+AUTOTUNE_LOG: list[dict] = []
+AUTOTUNE_LOG_MAX = 1000
+
+
+def _log_tuning(kernel, tuner, args, timings):
+    named = dict(zip(kernel.arg_names, args))
+    key = {k: named.get(k) for k in getattr(tuner, "keys", ())}
+    key["dtype"] = next((str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)), None)
+    ms = {c: (float(t[0]) if isinstance(t, (list, tuple)) else float(t)) for c, t in timings.items()}
+    if len(AUTOTUNE_LOG) < AUTOTUNE_LOG_MAX:
+        AUTOTUNE_LOG.append(dict(kernel=kernel.__name__, key=key, timings=ms, best=min(ms, key=ms.get)))
+
+
 def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options):
     """Run the autotuned kernel on GPU (its default config when autotuning is off), the plain one with a fixed
     config under the interpreter; options: compile options of the launch (enable_fp_fusion)."""
@@ -98,7 +114,12 @@ def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options
         meta = config.all_kwargs()
         kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
     else:
-        tuned.get()[grid](*args, **options)
+        tuner = tuned.get()
+        before = getattr(tuner, "configs_timings", None)
+        tuner[grid](*args, **options)
+        timings = getattr(tuner, "configs_timings", None)
+        if timings is not None and timings is not before:  # this launch tuned (a new key, more than one config)
+            _log_tuning(kernel, tuner, args, timings)
 
 
 @triton.jit
