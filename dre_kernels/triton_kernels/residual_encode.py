@@ -225,6 +225,20 @@ def _add_col_tile(acc, p, rows_ptr, row, rmask, s_c, t, D, MODE: tl.constexpr, E
 
 
 @triton.jit
+def _add_more_col_tiles(acc1, acc2, acc3, p, rows_ptr, row, rmask, s_c, t0, D, MODE: tl.constexpr,
+                        EXACT_P: tl.constexpr, BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
+    """_add_col_tile for a program's tiles after its first, t0 + 1 .. t0 + N_DT - 1 (accumulators past N_DT are
+    returned as they are: dead code)."""
+    if N_DT > 1:
+        acc1 = _add_col_tile(acc1, p, rows_ptr, row, rmask, s_c, t0 + 1, D, MODE, EXACT_P, BLOCK_DO)
+    if N_DT > 2:
+        acc2 = _add_col_tile(acc2, p, rows_ptr, row, rmask, s_c, t0 + 2, D, MODE, EXACT_P, BLOCK_DO)
+    if N_DT > 3:
+        acc3 = _add_col_tile(acc3, p, rows_ptr, row, rmask, s_c, t0 + 3, D, MODE, EXACT_P, BLOCK_DO)
+    return acc1, acc2, acc3
+
+
+@triton.jit
 def _atomic_add_col_tile(ptr, val, k, kmask, t, D, BLOCK_DO: tl.constexpr):
     """ptr (K, D)[:, tile t] += val, atomically (other programs add other rows' sums)."""
     do, domask = _col_tile(t, D, BLOCK_DO)
@@ -280,12 +294,8 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
             mass += tl.sum(a, axis=0)
             if WITH_E:
                 acc0 = _add_col_tile(acc0, a, rows_ptr, row, rmask, s_c, t0, D, MODE, HARD, BLOCK_DO)
-                if N_DT > 1:
-                    acc1 = _add_col_tile(acc1, a, rows_ptr, row, rmask, s_c, t0 + 1, D, MODE, HARD, BLOCK_DO)
-                if N_DT > 2:
-                    acc2 = _add_col_tile(acc2, a, rows_ptr, row, rmask, s_c, t0 + 2, D, MODE, HARD, BLOCK_DO)
-                if N_DT > 3:
-                    acc3 = _add_col_tile(acc3, a, rows_ptr, row, rmask, s_c, t0 + 3, D, MODE, HARD, BLOCK_DO)
+                acc1, acc2, acc3 = _add_more_col_tiles(acc1, acc2, acc3, a, rows_ptr, row, rmask, s_c, t0, D,
+                                                       MODE, HARD, BLOCK_DO, N_DT)
         if WITH_E:
             _flush_col_tile(acc0, mass, c_ptr, acc_ptr, b, k, kmask, t0, K, D, BLOCK_DO)
             if N_DT > 1:
@@ -360,12 +370,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
                     hsum += tl.sum(h, axis=0)
                     gs -= tl.sum(h * tl.where(rmask[:, None] & kmask[None, :], dist, 0.0), axis=0)
                     hx = mm_fr(tl.trans(h), xo, hx, MODE, False)
-                    if N_DT > 1:
-                        hx1 = _add_col_tile(hx1, h, rows_ptr, row, rmask, s_c, pid_d + 1, D, MODE, False, BLOCK_DO)
-                    if N_DT > 2:
-                        hx2 = _add_col_tile(hx2, h, rows_ptr, row, rmask, s_c, pid_d + 2, D, MODE, False, BLOCK_DO)
-                    if N_DT > 3:
-                        hx3 = _add_col_tile(hx3, h, rows_ptr, row, rmask, s_c, pid_d + 3, D, MODE, False, BLOCK_DO)
+                    hx1, hx2, hx3 = _add_more_col_tiles(hx1, hx2, hx3, h, rows_ptr, row, rmask, s_c, pid_d, D,
+                                                        MODE, False, BLOCK_DO, N_DT)
                 if WRITE_GX:
                     hs = h * s[None, :]
                     gx = mm_ff(a, g_tile, tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32))
