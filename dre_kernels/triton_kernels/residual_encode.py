@@ -413,7 +413,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # instead of three or six. ptxas sm_90 (triton 3.9, K=64, D=384, bf16 and float16 rows): 110-242 registers and no
 # spills for the 64-wide ones; the 128-wide one (all 384 columns in one program) spills 72 B (soft) and 8 B
 # (hard). Where they spill more, they are not tried: on sm_80 (mma.sync accumulators; 24..1208 B) and for float32
-# rows (three TF32 products per dot; 112..840 B). Not yet timed on a GPU.
+# rows (three TF32 products per dot; 112..840 B). Triton 3.6 (the GPU image) spills 32-64 B in three of the five
+# (soft). Not yet timed on a GPU.
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
                 (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
@@ -426,7 +427,7 @@ _BWD_CONFIGS = {
     "small_k": [(16, 32, 32, 1, 8, 2), (16, 32, 64, 1, 8, 2), (32, 32, 32, 1, 8, 2), (32, 32, 64, 1, 8, 2),
                 (16, 32, 128, 1, 8, 2),
                 # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 205-254 registers, no spills
-                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B)
+                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B); triton 3.6: the BLOCK_M=64 one 168 B
                 (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1)],
     # (16, 16, 16): at K_PAD = 256 the codeword-sum pass keeps to registers with it (sm_80; sm_90 32 B for float32
     # rows) where the others spill 250-500 B. The soft grad-x pass spills >= 0.7 KB in every config there: its
