@@ -81,3 +81,29 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
             seen.add((kernel, rows))
         assert {(k, rows) for k in ("_re_fwd_kernel", "_re_bwd_kernel")
                 for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"
+
+
+def test_wide_residual_encode_configs_compile_for_sm90():
+    """The N_DT > 1 configs (several column tiles per program; 16-bit rows on sm_90) that --first-config never
+    reaches: every one compiles, for the forward (soft and hard, fresh and gathered rows) and for the backward's
+    pass that only sums. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
+    reason = _compiler_available()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--wide", "-v", "--arch", "90"],
+                          capture_output=True, text=True, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "compiled " in out, out[-6000:]
+    from dre_kernels.triton_kernels import residual_encode as tre
+
+    seen = {groups for _, groups in _launches(
+        out, r"(_re_\w+_kernel) sm_90 .*'HARD': (\w+), 'GATHER': (\w+), .*'BLOCK_DO': (\d+), 'N_DT': (\d+), ")}
+    wide_fwd = {(c[2], c[3]) for c in tre._FWD_CONFIGS["small_k"] if c[3] > 1}
+    wide_bwd = {(c[2], c[3]) for c in tre._BWD_CONFIGS["small_k"] if c[3] > 1}
+    for hard in ("False", "True"):
+        for gather in ("False", "True"):
+            assert {(int(do), int(n)) for k, h, g, do, n in seen
+                    if k == "_re_fwd_kernel" and h == hard and g == gather} == wide_fwd, out[-3000:]
+    assert {(int(do), int(n)) for k, h, g, do, n in seen if k == "_re_bwd_kernel"} == wide_bwd, out[-3000:]

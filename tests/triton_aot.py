@@ -2,6 +2,8 @@
 
     python tests/triton_aot.py                      # every launch of the cases below, every autotune config
     python tests/triton_aot.py --first-config       # per launch, configs up to the first that fits (CI test)
+    python tests/triton_aot.py --wide               # residual_encode's N_DT > 1 configs only (CI test), which
+                                                    # --first-config never reaches
 
 Under TRITON_INTERPRET=1 the kernels run as numpy, which accepts code the compiler would reject (a dot of the
 wrong shape or dtype, an unsupported cast, too much shared memory) and never takes the 16-bit tensor-core path
@@ -158,11 +160,12 @@ def _pack_args_triton32(fn, backend, binder, args, kwargs):
 class Compiler:
     """Catches JITFunction / Autotuner launches and compiles them for each target instead of running them."""
 
-    def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False):
+    def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False, wide: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.targets = [GPUTarget("cuda", a, 32) for a in archs]
         self.first_config = first_config
+        self.wide = wide
         self.verbose = verbose
         self.isolate = isolate
         self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
@@ -230,6 +233,11 @@ class Compiler:
         def autotune_run(tuner, *args, grid=None, warmup=False, **kwargs):
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs)
+            if compiler.wide:
+                configs = [c for c in configs if c.kwargs.get("N_DT", 1) > 1]
+                if not configs:
+                    tuner.nargs = None
+                    return
             fitting = {t.arch: False for t in compiler.targets}
             spill_free = {t.arch: False for t in compiler.targets}
             for config in configs:
@@ -259,8 +267,9 @@ class Compiler:
         Autotuner.__init__ = tuner_init
 
 
-def cases(first_config: bool):
-    """Host-side calls that reach every kernel with each mode: (name, thunk)."""
+def cases(first_config: bool, wide: bool = False):
+    """Host-side calls that reach every kernel with each mode: (name, thunk); `wide`: the residual_encode calls
+    whose launches may take N_DT > 1 configs (16-bit rows, K=64, D=384)."""
     import torch
 
     from dre_kernels.triton_kernels import bank, contrastive_loss, residual_encode
@@ -276,6 +285,8 @@ def cases(first_config: bool):
     row_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.float16)]
     shapes = [(64, 384), (7, 33), (200, 16)] + ([] if first_config else [(1, 1)])
+    if wide:
+        row_dtypes, shapes = [(torch.bfloat16, torch.bfloat16)], [(64, 384)]
     for (xd, bd), (K, D), hard in [(d, s, h) for d in row_dtypes for s in shapes for h in (False, True)]:
         if first_config and K > 64 and xd != bd:
             continue  # large codebooks (the slow compiles) once per dot mode
@@ -295,6 +306,8 @@ def cases(first_config: bool):
             out.append((name + " bwd (no mass)", lambda x=x, b=bank_rows, i=index, c=cw, s=scale, G=grad_E:
                         residual_encode.residual_encode_bwd(G, x, offsets, c, s, b, i, bank_offsets, True,
                                                             True, True, True, mass=None)))
+    if wide:
+        return out
     cl_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                  (torch.bfloat16, torch.float32)]
     if contrastive_loss.F64_DOT:  # before triton 3.3 the raw ops refuse float64 (no float64 tl.dot)
@@ -330,6 +343,8 @@ def main(argv=None) -> int:
                         help="per autotuned launch, compile configs only up to the first that fits every target")
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each compiled kernel")
+    parser.add_argument("--wide", action="store_true",
+                        help="only residual_encode's configs with N_DT > 1 (column tiles per program), for 16-bit rows")
     parser.add_argument("--isolate", action="store_true",
                         help="compile each kernel in a forked process, so that a compiler abort is reported as that "
                              "launch's failure (on by default for triton < 3.3, whose compiler aborts on some configs; "
@@ -340,11 +355,11 @@ def main(argv=None) -> int:
     from dre_kernels.triton_kernels._common import TRITON_VERSION
 
     compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose,
-                        args.isolate or TRITON_VERSION < (3, 3))
+                        args.isolate or TRITON_VERSION < (3, 3), args.wide)
     compiler.install()
     t0 = time.time()
     host_errors = []
-    for name, thunk in cases(args.first_config):
+    for name, thunk in cases(args.first_config, args.wide):
         try:
             thunk()
         except Exception as exc:  # noqa: BLE001
