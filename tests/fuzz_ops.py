@@ -190,10 +190,24 @@ def main(argv=None) -> int:
                     help="triton on GPU: autotune each new shape (default: each launch's first config, one compile "
                          "per shape; an H100 run autotuning every shape got through 6 cases in 54 s)")
     args = ap.parse_args(argv)
+    # set for this run only: a test calls main() in its own process, whose later tests must not inherit them (the
+    # autotune switch once did, and turned the autotuner off for every triton test after it)
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "DRE_KERNELS_TRITON_AUTOTUNE")}
     if args.device == "cpu" and args.backend == "triton":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.backend == "triton" and not args.autotune:
         os.environ.setdefault("DRE_KERNELS_TRITON_AUTOTUNE", "0")
+    try:
+        return _fuzz(args, ap)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fuzz(args, ap) -> int:
     import torch
 
     import dre_kernels

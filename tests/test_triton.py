@@ -568,6 +568,7 @@ def test_autotune_log_records_each_tuning(monkeypatch, tmp_path):
     tuner = StandIn()
     kernel = SimpleNamespace(arg_names=["x", "D"], __name__="_some_kernel")
     monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setenv(_common.AUTOTUNE_ENV, "1")
     monkeypatch.setattr(_common, "AUTOTUNE_LOG", [])
     x = torch.zeros(2, dtype=torch.bfloat16)
     for D in (384, 384, 33):

@@ -351,6 +351,9 @@ def main(argv=None) -> int:
                              "~1.5x slower)")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
+    # launches must go through the autotuner, which this script replaces by compiling its configs (with autotuning
+    # off each launch would compile its first config only, and --wide nothing wide)
+    os.environ["DRE_KERNELS_TRITON_AUTOTUNE"] = "1"
     sys.path.insert(0, os.path.dirname(HERE))
     from dre_kernels.triton_kernels._common import TRITON_VERSION
 
