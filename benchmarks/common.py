@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import io
 import math
 import os
 import platform
@@ -232,14 +233,12 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    """rows to `path` atomically (a temporary file, then a rename): a run cut off leaves no half-written CSV."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """rows to `path` atomically (write_text): a run cut off leaves no half-written CSV."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def autotune_rows() -> list[dict]:

@@ -173,9 +173,9 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
     def launch_with(kernel, tuned, grid, args, interp_meta, **options):
         named = dict(zip(kernel.arg_names, args))
         if kernel is tre._re_fwd_kernel:
-            wide = named["WITH_E"]
+            wide = tre._fwd_may_go_wide(named.get)
         elif kernel is tre._re_bwd_kernel:
-            wide = not named["WRITE_GX"] and not named["HARD"]
+            wide = tre._bwd_may_go_wide(named.get)
         else:
             return real_launch(kernel, tuned, grid, args, interp_meta, **options)
         meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1)

@@ -13,8 +13,8 @@ its column tiles, kept in K x BLOCK_DO register accumulators that are added into
 Every program of a chunk recomputes the distances, so fewer, wider programs (N_DT > 1: D=384 as 3 x 128 in one
 program) save that work where the accumulators still fit the registers (16-bit rows on sm_90; see the config
 tables). Gathered rows, the assignment matrix and the residuals never reach memory. The grid is cdiv(rows, CHUNK)
-x groups of N_DT column tiles: it depends on shapes only (no host synchronisation) and the host computes no chunk map (no small torch ops per launch: at the
-DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the same chunk sit next to each other in the
+x groups of N_DT column tiles: it depends on shapes only (no host synchronisation) and the host computes no chunk
+map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the same chunk sit next to each other in the
 launch order, so the rows they all read come from L2.
 
 Codewords are prepared once per call by one small kernel (_prep_codewords_kernel): ||c_k||^2 and c^T laid out
@@ -37,10 +37,10 @@ g_ik, m = argmax_j a_ij, which cancels nothing where a_im is near 1):
     grad s_k = -sum_i h_ik d_ik
 The same programs recompute d and a, add sum_i h_ik x_i (K x BLOCK_DO), sum_i h_ik, sum_i h_ik d_ik and mass
 atomically, and write grad x rows directly (each row belongs to one program per column tile). Passes that only sum
-(the bank rows', soft) may hold N_DT column tiles of sum_i h_ik x_i per program, as the forward does. For hard assignment
-h = 0: grad x_i = G_{b, k(i)} (a gather), grad c_k = -sum_b mass_bk G_bk, so bank rows enter only through mass:
-given the forward's mass (`mass=`) there is no pass over bank rows at all; without it (the dre op schema does not
-carry it) one argmin-only pass over the bank rows counts them, with no E accumulation.
+(the bank rows', soft) may hold N_DT column tiles of sum_i h_ik x_i per program, as the forward does. For hard
+assignment h = 0: grad x_i = G_{b, k(i)} (a gather), grad c_k = -sum_b mass_bk G_bk, so bank rows enter only
+through mass: given the forward's mass (`mass=`) there is no pass over bank rows at all; without it (the dre op
+schema does not carry it) one argmin-only pass over the bank rows counts them, with no E accumulation.
 """
 
 from __future__ import annotations
@@ -189,10 +189,15 @@ def _row_offsets(r, rmask, idx_ptr, s_r, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
-                   HARD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """A program's rows [lo, hi) (chunk pid_c), codewords k (mask, ||c||^2, scale s: ||c||^2 for hard) and output
-    columns do (tile pid_d; mask, and the K x BLOCK_DO tile mask)."""
+def _col_tile(t, D, BLOCK_DO: tl.constexpr):
+    """Output columns of column tile t and their mask."""
+    do = t * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    return do, do < D
+
+
+@triton.jit
+def _program_rows(pid_c, N, K, CHUNK, csq_ptr, scale_ptr, HARD: tl.constexpr, K_PAD: tl.constexpr):
+    """A program's rows [lo, hi) (chunk pid_c) and codewords k (mask, ||c||^2, scale s: ||c||^2 for hard)."""
     lo = pid_c * CHUNK
     hi = tl.minimum(lo + CHUNK, N)
     k = tl.arange(0, K_PAD)
@@ -202,16 +207,7 @@ def _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
         s = csq
     else:
         s = tl.load(scale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    return lo, hi, k, kmask, csq, s, do, domask, kmask[:, None] & domask[None, :]
-
-
-@triton.jit
-def _col_tile(t, D, BLOCK_DO: tl.constexpr):
-    """Output columns of column tile t and their mask."""
-    do = t * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    return do, do < D
+    return lo, hi, k, kmask, csq, s
 
 
 @triton.jit
@@ -271,10 +267,7 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     else:
         pid_c = pid
         t0 = pid * 0
-    # (the tile columns it returns are _col_tile's, per tile here; named apart from the loop's `_`, as Triton
-    # types a loop-carried name once)
-    lo, hi, k, kmask, csq, s, _do, _domask, _emask = _program_tiles(pid_c, t0, N, K, D, CHUNK, csq_ptr, scale_ptr,
-                                                                    HARD, K_PAD, BLOCK_DO)
+    lo, hi, k, kmask, csq, s = _program_rows(pid_c, N, K, CHUNK, csq_ptr, scale_ptr, HARD, K_PAD)
     while lo < hi:  # one slide segment of the chunk per iteration
         b = _slide_of(off_ptr, lo, B)
         end = _segment_end(off_ptr, b, lo, hi)
@@ -325,8 +318,9 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     n_groups = tl.cdiv(tl.cdiv(D, BLOCK_DO), N_DT)
     pid_c = pid // n_groups
     pid_d = (pid % n_groups) * N_DT
-    lo, hi, k, kmask, csq, s, do, domask, emask = _program_tiles(pid_c, pid_d, N, K, D, CHUNK, csq_ptr, scale_ptr,
-                                                                HARD, K_PAD, BLOCK_DO)
+    lo, hi, k, kmask, csq, s = _program_rows(pid_c, N, K, CHUNK, csq_ptr, scale_ptr, HARD, K_PAD)
+    do, domask = _col_tile(pid_d, D, BLOCK_DO)  # the first of its tiles, the only one where grad x is written
+    emask = kmask[:, None] & domask[None, :]
     c_tile = tl.load(c_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0).to(tl.float32)
     hx = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
     hx1 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
@@ -388,6 +382,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     # h x, sum h and grad scale sum over every slide: one add per program
     if NEED_C:
         if not HARD:
+            # the first tile with the columns held since the start (_atomic_add_col_tile here, recomputing them,
+            # cost ptxas 72 B of spills at BLOCK_M=64)
             tl.atomic_add(hx_ptr + k[:, None] * D + do[None, :], hx, mask=emask, sem="relaxed")
             if N_DT > 1:
                 _atomic_add_col_tile(hx_ptr, hx1, k, kmask, pid_d + 1, D, BLOCK_DO)
@@ -511,18 +507,29 @@ def _autotuned(kernel, table, key, accumulated, wide_launch):
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
-# which launches may hold several column tiles (N_DT > 1): the forward's with E (not the argmin-only one), the
-# backward's soft passes that only sum (no grad x)
-_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
-                        lambda arg: arg("WITH_E", True))
+
+
+# Which launches may hold several column tiles (N_DT > 1), from the launch's arguments (arg(name, default)): the
+# forward's with E (not the argmin-only one), the backward's soft passes that only sum (no grad x). The pruner and
+# the interpreter's fixed config both ask these.
+def _fwd_may_go_wide(arg):
+    return bool(arg("WITH_E", True))
+
+
+def _bwd_may_go_wide(arg):
+    return not arg("WRITE_GX", True) and not arg("HARD", False)
+
+
+_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"], _fwd_may_go_wide)
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
-                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"],
-                        lambda arg: not arg("WRITE_GX", True) and not arg("HARD", False))
+                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_may_go_wide)
 
 
-def _interp_meta(D, wide=False):
+def _interp_meta(kernel, may_go_wide, args, D):
     # Under the interpreter every block op is a numpy call: few, large blocks are fastest; a launch that may hold
-    # several column tiles (wide) holds up to 4 of them where D > 256 (the code path of the GPU's wide configs).
+    # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs).
+    named = dict(zip(kernel.arg_names, args))
+    wide = may_go_wide(lambda name, default=None: named.get(name, default))
     bd = min(256, max(16, next_pow2(D)))
     return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1}
 
@@ -585,7 +592,7 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     launch(_re_fwd_kernel, _fwd_tuned, _column_grid(chunks, D) if with_e else (chunks,), args,
-           _interp_meta(D, wide=True))
+           _interp_meta(_re_fwd_kernel, _fwd_may_go_wide, args, D))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
@@ -652,7 +659,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
                     _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
-                   _interp_meta(D, wide=not (pass_gx or hard)))
+                   _interp_meta(_re_bwd_kernel, _bwd_may_go_wide, args, D))
     if use_given_mass:
         mass_acc = mass.float().contiguous()
     if need_c:
