@@ -55,9 +55,9 @@ def grid_of(kernel_name, base):
     BLOCK_P is set by the dot mode)."""
     if kernel_name.startswith("_re_"):
         axes = dict(BLOCK_M=[16, 32, 64, 128], BLOCK_D=[32, 64, 128], BLOCK_DO=[32, 64, 128, 256],
-                    num_warps=[4, 8, 16], num_stages=[1, 2, 3])
-        if kernel_name == "_re_fwd_kernel":
-            axes["N_DT"] = [1, 2, 3, 4]  # column tiles per program
+                    num_warps=[4, 8, 16], num_stages=[1, 2, 3, 4])
+        # column tiles per program (the backward's grad-x passes refuse N_DT > 1 at compile time: listed as errors)
+        axes["N_DT"] = [1, 2, 3, 4]
     else:
         axes = dict(BLOCK_I=[32, 64, 128], BLOCK_J=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2, 3])
         if kernel_name == "_cl_bwd_kernel":

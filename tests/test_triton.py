@@ -173,9 +173,9 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
     def launch_with(kernel, tuned, grid, args, interp_meta, **options):
         named = dict(zip(kernel.arg_names, args))
         if kernel is tre._re_fwd_kernel:
-            wide = tre._fwd_may_go_wide(named.get)
+            wide = tre._fwd_takes_sm90_configs(named.get)
         elif kernel is tre._re_bwd_kernel:
-            wide = tre._bwd_may_go_wide(named.get)
+            wide = tre._bwd_takes_sm90_configs(named.get)
         else:
             return real_launch(kernel, tuned, grid, args, interp_meta, **options)
         meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1)
@@ -189,18 +189,28 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
     assert ("_re_fwd_kernel", True) in wide_launches
 
 
-def test_wide_configs_pruned_by_columns_and_device(monkeypatch):
+def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     """N_DT > 1 configs are tried where no column tile of theirs is idle (D=384: 64 x 3 and 128 x 3; D=33 none), for
-    16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch."""
+    16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch; configs with
+    deep pipelines (num_stages > DEEP_STAGES) for 16-bit rows on sm_90 only."""
     prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
     configs = tre._fwd_tuned.configs
     rows = torch.zeros(1, 1)
 
-    def wide(D, with_e=True, hard=False, k_pad=64, mode=1):
+    def kept_configs(D, with_e=True, hard=False, k_pad=64, mode=1):
         kept = prune(configs, {"rows_ptr": rows, "D": D, "WITH_E": with_e, "HARD": hard, "K_PAD": k_pad,
                                "MODE": mode})
         assert kept
-        return {(c.kwargs["BLOCK_DO"], c.kwargs["N_DT"]) for c in kept if c.kwargs["N_DT"] > 1}
+        return kept
+
+    def wide(*args, **kwargs):
+        return {(c.kwargs["BLOCK_DO"], c.kwargs["N_DT"]) for c in kept_configs(*args, **kwargs) if c.kwargs["N_DT"] > 1}
+
+    def deep(*args, **kwargs):
+        return {c.kwargs["BLOCK_D"] for c in kept_configs(*args, **kwargs) if c.num_stages > tre.DEEP_STAGES}
+
+    assert deep(384) == {32, 64} and deep(384, hard=True) == {tre.HARD_BLOCK_D}
+    assert deep(384, with_e=False) == set() and deep(384, mode=0) == set()
 
     assert wide(384) == {(64, 3), (128, 3)}
     assert wide(384, hard=True) == {(64, 3), (128, 3)}
@@ -219,10 +229,17 @@ def test_wide_configs_pruned_by_columns_and_device(monkeypatch):
         assert kept
         return {(c.kwargs["BLOCK_DO"], c.kwargs["N_DT"]) for c in kept if c.kwargs["N_DT"] > 1}
 
+    def bdeep(write_gx, mode=1):
+        kept = bprune(tre._bwd_tuned.configs, {"rows_ptr": rows, "D": 384, "WRITE_GX": write_gx, "HARD": False,
+                                               "K_PAD": 64, "MODE": mode, "NEED_C": True})
+        return [c for c in kept if c.num_stages > tre.DEEP_STAGES]
+
     assert bwide(False) == {(64, 3)}
     assert bwide(True) == set() and bwide(False, hard=True) == set() and bwide(False, mode=0) == set()
-    monkeypatch.setattr(tre, "_wide_ok", lambda rows: False)  # an sm_80 device
+    assert bdeep(False) and not bdeep(True) and not bdeep(False, mode=0)
+    monkeypatch.setattr(tre, "_on_sm90", lambda rows: False)  # an sm_80 device
     assert wide(384) == set() and bwide(False) == set()
+    assert deep(384) == set() and deep(384, hard=True) == set() and not bdeep(False)
 
 
 def test_int32_offsets_and_index(device):

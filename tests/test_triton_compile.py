@@ -83,27 +83,36 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                 for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"
 
 
-def test_wide_residual_encode_configs_compile_for_sm90():
-    """The N_DT > 1 configs (several column tiles per program; 16-bit rows on sm_90) that --first-config never
-    reaches: every one compiles, for the forward (soft and hard, fresh and gathered rows) and for the backward's
-    pass that only sums. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
+def test_sm90_only_residual_encode_configs_compile_for_sm90():
+    """The configs for 16-bit rows on sm_90 only, that --first-config never reaches: N_DT > 1 (several column tiles
+    per program) and deep pipelines (num_stages > DEEP_STAGES). Every one compiles, for the forward (soft and hard,
+    fresh and gathered rows) and for the backward's soft pass that only sums. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
     reason = _compiler_available()
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--wide", "-v", "--arch", "90"],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--sm90-only", "-v", "--arch", "90"],
                           capture_output=True, text=True, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "compiled " in out, out[-6000:]
     from dre_kernels.triton_kernels import residual_encode as tre
 
     seen = {groups for _, groups in _launches(
-        out, r"(_re_\w+_kernel) sm_90 .*'HARD': (\w+), 'GATHER': (\w+), .*'BLOCK_DO': (\d+), 'N_DT': (\d+), ")}
-    wide_fwd = {(c[2], c[3]) for c in tre._FWD_CONFIGS["small_k"] if c[3] > 1}
-    wide_bwd = {(c[2], c[3]) for c in tre._BWD_CONFIGS["small_k"] if c[3] > 1}
-    for hard in ("False", "True"):
+        out, r"(_re_\w+_kernel) sm_90 .*'HARD': (\w+), 'GATHER': (\w+), .*'BLOCK_M': (\d+), 'BLOCK_D': (\d+), "
+             r"'BLOCK_DO': (\d+), 'N_DT': (\d+), 'num_warps': (\d+), 'num_stages': (\d+)")}
+
+    def sm90_only(table, hard=False):
+        return {tre._config_tuple(c) for c in tre._as_configs(table["small_k"])
+                if tre.sm90_only(c) and (not hard or c.kwargs["BLOCK_D"] == tre.HARD_BLOCK_D)}
+
+    def compiled(kernel, hard, gather=None):
+        return {tuple(int(v) for v in rest) for k, h, g, *rest in seen
+                if k == kernel and h == hard and (gather is None or g == gather)}
+
+    for hard in (False, True):
         for gather in ("False", "True"):
-            assert {(int(do), int(n)) for k, h, g, do, n in seen
-                    if k == "_re_fwd_kernel" and h == hard and g == gather} == wide_fwd, out[-3000:]
-    assert {(int(do), int(n)) for k, h, g, do, n in seen if k == "_re_bwd_kernel"} == wide_bwd, out[-3000:]
+            assert compiled("_re_fwd_kernel", str(hard), gather) == sm90_only(tre._FWD_CONFIGS, hard), out[-3000:]
+    assert compiled("_re_bwd_kernel", "False") == sm90_only(tre._BWD_CONFIGS), out[-3000:]
+    # only the backward's soft passes that only sum take them
+    assert not compiled("_re_bwd_kernel", "True"), out[-3000:]

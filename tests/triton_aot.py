@@ -2,8 +2,8 @@
 
     python tests/triton_aot.py                      # every launch of the cases below, every autotune config
     python tests/triton_aot.py --first-config       # per launch, configs up to the first that fits (CI test)
-    python tests/triton_aot.py --wide               # residual_encode's N_DT > 1 configs only (CI test), which
-                                                    # --first-config never reaches
+    python tests/triton_aot.py --sm90-only          # residual_encode's sm_90-only configs (N_DT > 1, deep
+                                                    # pipelines; CI test), which --first-config never reaches
 
 Under TRITON_INTERPRET=1 the kernels run as numpy, which accepts code the compiler would reject (a dot of the
 wrong shape or dtype, an unsupported cast, too much shared memory) and never takes the 16-bit tensor-core path
@@ -160,12 +160,13 @@ def _pack_args_triton32(fn, backend, binder, args, kwargs):
 class Compiler:
     """Catches JITFunction / Autotuner launches and compiles them for each target instead of running them."""
 
-    def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False, wide: bool = False):
+    def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False,
+                 sm90_only: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.targets = [GPUTarget("cuda", a, 32) for a in archs]
         self.first_config = first_config
-        self.wide = wide
+        self.sm90_only = sm90_only
         self.verbose = verbose
         self.isolate = isolate
         self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
@@ -233,8 +234,10 @@ class Compiler:
         def autotune_run(tuner, *args, grid=None, warmup=False, **kwargs):
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs)
-            if compiler.wide:
-                configs = [c for c in configs if c.kwargs.get("N_DT", 1) > 1]
+            if compiler.sm90_only:
+                from dre_kernels.triton_kernels.residual_encode import sm90_only
+
+                configs = [c for c in configs if "N_DT" in c.kwargs and sm90_only(c)]
                 if not configs:
                     tuner.nargs = None
                     return
@@ -267,9 +270,9 @@ class Compiler:
         Autotuner.__init__ = tuner_init
 
 
-def cases(first_config: bool, wide: bool = False):
-    """Host-side calls that reach every kernel with each mode: (name, thunk); `wide`: the residual_encode calls
-    whose launches may take N_DT > 1 configs (16-bit rows, K=64, D=384)."""
+def cases(first_config: bool, sm90_only: bool = False):
+    """Host-side calls that reach every kernel with each mode: (name, thunk); `sm90_only`: the residual_encode
+    calls whose launches may take its sm_90-only configs (16-bit rows, K=64, D=384)."""
     import torch
 
     from dre_kernels.triton_kernels import bank, contrastive_loss, residual_encode
@@ -285,7 +288,7 @@ def cases(first_config: bool, wide: bool = False):
     row_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.float16)]
     shapes = [(64, 384), (7, 33), (200, 16)] + ([] if first_config else [(1, 1)])
-    if wide:
+    if sm90_only:
         row_dtypes, shapes = [(torch.bfloat16, torch.bfloat16)], [(64, 384)]
     for (xd, bd), (K, D), hard in [(d, s, h) for d in row_dtypes for s in shapes for h in (False, True)]:
         if first_config and K > 64 and xd != bd:
@@ -306,7 +309,7 @@ def cases(first_config: bool, wide: bool = False):
             out.append((name + " bwd (no mass)", lambda x=x, b=bank_rows, i=index, c=cw, s=scale, G=grad_E:
                         residual_encode.residual_encode_bwd(G, x, offsets, c, s, b, i, bank_offsets, True,
                                                             True, True, True, mass=None)))
-    if wide:
+    if sm90_only:
         return out
     cl_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                  (torch.bfloat16, torch.float32)]
@@ -343,8 +346,9 @@ def main(argv=None) -> int:
                         help="per autotuned launch, compile configs only up to the first that fits every target")
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each compiled kernel")
-    parser.add_argument("--wide", action="store_true",
-                        help="only residual_encode's configs with N_DT > 1 (column tiles per program), for 16-bit rows")
+    parser.add_argument("--sm90-only", action="store_true",
+                        help="only residual_encode's configs for 16-bit rows on sm_90 (N_DT > 1 column tiles per "
+                             "program, or num_stages > DEEP_STAGES)")
     parser.add_argument("--isolate", action="store_true",
                         help="compile each kernel in a forked process, so that a compiler abort is reported as that "
                              "launch's failure (on by default for triton < 3.3, whose compiler aborts on some configs; "
@@ -352,17 +356,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     # launches must go through the autotuner, which this script replaces by compiling its configs (with autotuning
-    # off each launch would compile its first config only, and --wide nothing wide)
+    # off each launch would compile its first config only, and --sm90-only nothing)
     os.environ["DRE_KERNELS_TRITON_AUTOTUNE"] = "1"
     sys.path.insert(0, os.path.dirname(HERE))
     from dre_kernels.triton_kernels._common import TRITON_VERSION
 
     compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose,
-                        args.isolate or TRITON_VERSION < (3, 3), args.wide)
+                        args.isolate or TRITON_VERSION < (3, 3), args.sm90_only)
     compiler.install()
     t0 = time.time()
     host_errors = []
-    for name, thunk in cases(args.first_config, args.wide):
+    for name, thunk in cases(args.first_config, args.sm90_only):
         try:
             thunk()
         except Exception as exc:  # noqa: BLE001

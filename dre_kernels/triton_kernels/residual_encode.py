@@ -413,12 +413,20 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # (hard). Where they spill more, they are not tried: on sm_80 (mma.sync accumulators; 24..1208 B) and for float32
 # rows (three TF32 products per dot; 112..840 B). Triton 3.6 (the GPU image) spills 32-64 B in three of the five
 # (soft). Not yet timed on a GPU.
+# The deep pipelines (num_stages 3 and 4; 16-bit rows on sm_90 only): the H100 profile has one program per SM (8
+# warps at ~250 registers) waiting on each BLOCK_D slice of rows and codewords in turn, since num_stages <= 2
+# keeps at most one slice in flight; these keep 2-3 in flight (12-24 KB of rows and codewords each), and the
+# 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9): 207-254 registers, no spills, 20-94 KB of shared
+# memory; triton 3.6 spills 8-40 B in four of the five. Not yet timed on a GPU.
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
                 (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
                 (64, 32, 128, 1, 4, 1),
                 (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 2), (32, 32, 64, 3, 16, 1), (64, 64, 64, 3, 8, 1),
-                (32, 32, 128, 3, 8, 1)],
+                (32, 32, 128, 3, 8, 1),
+                # deep pipelines (sm_80 would spill 56-368 B in them)
+                (64, 32, 128, 1, 8, 4), (64, 64, 128, 1, 8, 4), (64, 32, 64, 1, 4, 4), (32, 32, 64, 1, 4, 3),
+                (64, 32, 64, 3, 8, 4)],
     "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (32, 32, 32, 1, 8, 2)],
 }
 _BWD_CONFIGS = {
@@ -426,16 +434,22 @@ _BWD_CONFIGS = {
                 (16, 32, 128, 1, 8, 2),
                 # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 205-254 registers, no spills
                 # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B); triton 3.6: the BLOCK_M=64 one 168 B
-                (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1)],
+                (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1),
+                # deep pipelines (sm_90, 16-bit rows, the passes that only sum): 208-252 registers, no spills;
+                # triton 3.6 8-48 B in two of the four
+                (32, 32, 64, 1, 8, 4), (64, 32, 64, 1, 8, 3), (16, 32, 64, 3, 8, 4), (32, 32, 64, 3, 8, 3)],
     # (16, 16, 16): at K_PAD = 256 the codeword-sum pass keeps to registers with it (sm_80; sm_90 32 B for float32
     # rows) where the others spill 250-500 B. The soft grad-x pass spills >= 0.7 KB in every config there: its
     # K x BLOCK_DO tiles of G_b and the codewords next to BLOCK_M x K assignments are the design's limit.
     "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (16, 16, 16, 1, 8, 2)],
 }
 LARGE_K_PAD = 128
-# Configs with N_DT > 1 hold N_DT accumulators: in registers without spills only where tl.dot accumulates in
-# wgmma's layout (sm_90) and the rows are 16-bit (MODE 1); other launches do not time them.
-_WIDE_MIN_CAPABILITY = (9, 0)
+# Configs with N_DT > 1 hold N_DT accumulators, and configs with num_stages > DEEP_STAGES keep that many slices of
+# rows and codewords in flight (the H100 profile: the row loop waits on each slice's load, one program per SM):
+# both in registers without spills only where tl.dot accumulates in wgmma's layout (sm_90) and the rows are 16-bit
+# (MODE 1); other launches do not time them.
+_SM90_MIN_CAPABILITY = (9, 0)
+DEEP_STAGES = 2
 
 
 _BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")
@@ -462,10 +476,10 @@ def _columns(c):
 HARD_BLOCK_D = 32
 
 
-def _pruner(table, wide_launch):
+def _pruner(table, sm90_launch):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
-    column tile idle (N_DT tiles per program; N_DT > 1 only for 16-bit rows on sm_90, and not for the forward's
-    argmin-only launch, which has no column tiles) (hard: and whose BLOCK_D is HARD_BLOCK_D)."""
+    column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
+    (sm90_only) only for 16-bit rows on sm_90 in the launches sm90_launch names."""
     def prune(configs, named_args, **kwargs):
         k_pad = launch_arg(named_args, kwargs, "K_PAD", 64)
         d = launch_arg(named_args, kwargs, "D", 4096)
@@ -474,12 +488,17 @@ def _pruner(table, wide_launch):
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
         rows = launch_arg(named_args, kwargs, "rows_ptr")
-        wide_ok = (wide_launch(lambda name, default=None: launch_arg(named_args, kwargs, name, default))
-                   and launch_arg(named_args, kwargs, "MODE", 1) == 1 and _wide_ok(rows))
+        sm90_ok = (launch_arg(named_args, kwargs, "MODE", 1) == 1 and _on_sm90(rows)
+                   and sm90_launch(lambda name, default=None: launch_arg(named_args, kwargs, name, default)))
         narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0
-                  and (wide_ok or c.kwargs["N_DT"] == 1)]
+                  and (sm90_ok or not sm90_only(c))]
         return narrow or [min(keep, key=_columns)]
     return prune
+
+
+def sm90_only(c) -> bool:
+    """Whether config c is for 16-bit rows on sm_90 only: N_DT > 1 or a deep pipeline (num_stages > DEEP_STAGES)."""
+    return c.kwargs["N_DT"] > 1 or c.num_stages > DEEP_STAGES
 
 
 def _idle_tiles(c, d):
@@ -489,47 +508,49 @@ def _idle_tiles(c, d):
     return triton.cdiv(tiles, n_dt) * n_dt - tiles
 
 
-def _wide_ok(rows) -> bool:
-    """Whether N_DT > 1 configs may run for rows (a CUDA tensor: by the device's capability; a CPU tensor reaches the
-    pruner only in tests/triton_aot.py, which compiles for every target)."""
+def _on_sm90(rows) -> bool:
+    """Whether the sm_90-only configs may run for rows (a CUDA tensor: by the device's capability; a CPU tensor
+    reaches the pruner only in tests/triton_aot.py, which compiles for every target)."""
     if not isinstance(rows, torch.Tensor) or not rows.is_cuda:
         return True
-    return torch.cuda.get_device_capability(rows.device) >= _WIDE_MIN_CAPABILITY
+    return torch.cuda.get_device_capability(rows.device) >= _SM90_MIN_CAPABILITY
 
 
-def _autotuned(kernel, table, key, accumulated, wide_launch):
+def _autotuned(kernel, table, key, accumulated, sm90_launch):
     # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
     # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
     # fresh rows on GPU); restore_value puts back what the benchmark runs added.
     configs = _as_configs(table["small_k"] + table["large_k"])
-    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table, wide_launch)},
+    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table, sm90_launch)},
                         restore_value=accumulated)
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
 
 
-# Which launches may hold several column tiles (N_DT > 1), from the launch's arguments (arg(name, default)): the
-# forward's with E (not the argmin-only one), the backward's soft passes that only sum (no grad x). The pruner and
-# the interpreter's fixed config both ask these.
-def _fwd_may_go_wide(arg):
+# Which launches may take the sm_90-only configs (several column tiles, deep pipelines), from the launch's arguments
+# (arg(name, default)): the forward's with E (not the argmin-only one, which has no column tiles), the backward's
+# soft passes that only sum (the grad-x passes spill 32-320 B in the deep ones). The pruner and the interpreter's
+# fixed config (N_DT > 1 where D needs it) both ask these.
+def _fwd_takes_sm90_configs(arg):
     return bool(arg("WITH_E", True))
 
 
-def _bwd_may_go_wide(arg):
+def _bwd_takes_sm90_configs(arg):
     return not arg("WRITE_GX", True) and not arg("HARD", False)
 
 
-_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"], _fwd_may_go_wide)
+_fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
+                        _fwd_takes_sm90_configs)
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
-                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_may_go_wide)
+                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_takes_sm90_configs)
 
 
-def _interp_meta(kernel, may_go_wide, args, D):
+def _interp_meta(kernel, takes_sm90_configs, args, D):
     # Under the interpreter every block op is a numpy call: few, large blocks are fastest; a launch that may hold
     # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs).
     named = dict(zip(kernel.arg_names, args))
-    wide = may_go_wide(lambda name, default=None: named.get(name, default))
+    wide = takes_sm90_configs(lambda name, default=None: named.get(name, default))
     bd = min(256, max(16, next_pow2(D)))
     return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1}
 
@@ -592,7 +613,7 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     launch(_re_fwd_kernel, _fwd_tuned, _column_grid(chunks, D) if with_e else (chunks,), args,
-           _interp_meta(_re_fwd_kernel, _fwd_may_go_wide, args, D))
+           _interp_meta(_re_fwd_kernel, _fwd_takes_sm90_configs, args, D))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
@@ -659,7 +680,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
                     _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
-                   _interp_meta(_re_bwd_kernel, _bwd_may_go_wide, args, D))
+                   _interp_meta(_re_bwd_kernel, _bwd_takes_sm90_configs, args, D))
     if use_given_mass:
         mass_acc = mass.float().contiguous()
     if need_c:
