@@ -416,8 +416,9 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # The deep pipelines (num_stages 3 and 4; 16-bit rows on sm_90 only): the H100 profile has one program per SM (8
 # warps at ~250 registers) waiting on each BLOCK_D slice of rows and codewords in turn, since num_stages <= 2
 # keeps at most one slice in flight; these keep 2-3 in flight (12-24 KB of rows and codewords each), and the
-# 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9): 207-254 registers, no spills, 20-94 KB of shared
-# memory; triton 3.6 spills 8-40 B in four of the five. Not yet timed on a GPU.
+# 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9, bf16 and float16 rows): 190-254 registers, no
+# spills, 20-94 KB of shared memory; triton 3.6 spills 16-40 B in two of the five (soft) and 8-24 B in one (hard).
+# Not yet timed on a GPU.
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
                 (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
