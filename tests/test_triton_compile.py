@@ -86,7 +86,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 def test_sm90_only_residual_encode_configs_compile_for_sm90():
     """The configs for 16-bit rows on sm_90 only, that --first-config never reaches: N_DT > 1 (several column tiles
     per program) and deep pipelines (num_stages > DEEP_STAGES). Every one compiles, for the forward (soft and hard,
-    fresh and gathered rows) and for the backward's soft pass that only sums. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
+    fresh and gathered rows) and for the backward's soft pass that only sums. (The interpreter took a loop-carried
+    name of two types that the compiler refuses.)"""
     reason = _compiler_available()
     if reason:
         pytest.skip(reason)

@@ -14,8 +14,8 @@ Every program of a chunk recomputes the distances, so fewer, wider programs (N_D
 program) save that work where the accumulators still fit the registers (16-bit rows on sm_90; see the config
 tables). Gathered rows, the assignment matrix and the residuals never reach memory. The grid is cdiv(rows, CHUNK)
 x groups of N_DT column tiles: it depends on shapes only (no host synchronisation) and the host computes no chunk
-map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the same chunk sit next to each other in the
-launch order, so the rows they all read come from L2.
+map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the
+same chunk sit next to each other in the launch order, so the rows they all read come from L2.
 
 Codewords are prepared once per call by one small kernel (_prep_codewords_kernel): ||c_k||^2 and c^T laid out
 (D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores (float32 for
@@ -445,10 +445,8 @@ _BWD_CONFIGS = {
     "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (16, 16, 16, 1, 8, 2)],
 }
 LARGE_K_PAD = 128
-# Configs with N_DT > 1 hold N_DT accumulators, and configs with num_stages > DEEP_STAGES keep that many slices of
-# rows and codewords in flight (the H100 profile: the row loop waits on each slice's load, one program per SM):
-# both in registers without spills only where tl.dot accumulates in wgmma's layout (sm_90) and the rows are 16-bit
-# (MODE 1); other launches do not time them.
+# Configs with N_DT > 1 or num_stages > DEEP_STAGES (see the tables' comment) keep to registers only where tl.dot
+# accumulates in wgmma's layout (sm_90) and the rows are 16-bit (MODE 1); other launches do not time them.
 _SM90_MIN_CAPABILITY = (9, 0)
 DEEP_STAGES = 2
 
@@ -491,9 +489,10 @@ def _pruner(table, sm90_launch):
         rows = launch_arg(named_args, kwargs, "rows_ptr")
         sm90_ok = (launch_arg(named_args, kwargs, "MODE", 1) == 1 and _on_sm90(rows)
                    and sm90_launch(lambda name, default=None: launch_arg(named_args, kwargs, name, default)))
-        narrow = [c for c in keep if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0
-                  and (sm90_ok or not sm90_only(c))]
-        return narrow or [min(keep, key=_columns)]
+        # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
+        eligible = [c for c in keep if sm90_ok or not sm90_only(c)]
+        narrow = [c for c in eligible if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0]
+        return narrow or [min(eligible, key=_columns)]
     return prune
 
 
