@@ -475,24 +475,32 @@ def _columns(c):
 HARD_BLOCK_D = 32
 
 
-def _pruner(table, sm90_launch):
+def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
-    (sm90_only) only for 16-bit rows on sm_90 in the launches sm90_launch names."""
+    (sm90_only) only for 16-bit rows on sm_90 in the launches sm90_launch names; one config of each (BLOCK_M,
+    BLOCK_D, warps, stages) where the launch has no column tiles (has_column_tiles), as those differ in nothing
+    it runs."""
     def prune(configs, named_args, **kwargs):
-        k_pad = launch_arg(named_args, kwargs, "K_PAD", 64)
-        d = launch_arg(named_args, kwargs, "D", 4096)
-        hard = launch_arg(named_args, kwargs, "HARD", False)
-        allowed = set(table["large_k" if k_pad >= LARGE_K_PAD else "small_k"])
+        def arg(name, default=None):
+            return launch_arg(named_args, kwargs, name, default)
+
+        d, hard = arg("D", 4096), arg("HARD", False)
+        allowed = set(table["large_k" if arg("K_PAD", 64) >= LARGE_K_PAD else "small_k"])
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
-        rows = launch_arg(named_args, kwargs, "rows_ptr")
-        sm90_ok = (launch_arg(named_args, kwargs, "MODE", 1) == 1 and _on_sm90(rows)
-                   and sm90_launch(lambda name, default=None: launch_arg(named_args, kwargs, name, default)))
+        sm90_ok = arg("MODE", 1) == 1 and _on_sm90(arg("rows_ptr")) and sm90_launch(arg)
         # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
         eligible = [c for c in keep if sm90_ok or not sm90_only(c)]
         narrow = [c for c in eligible if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0]
-        return narrow or [min(eligible, key=_columns)]
+        kept = narrow or [min(eligible, key=_columns)]
+        if not has_column_tiles(arg):  # else the autotuner compiles and times each of the same launch
+            first_of = {}
+            for c in kept:
+                block_m, block_d, _, _, warps, stages = _config_tuple(c)
+                first_of.setdefault((block_m, block_d, warps, stages), c)
+            kept = list(first_of.values())
+        return kept
     return prune
 
 
@@ -516,13 +524,13 @@ def _on_sm90(rows) -> bool:
     return torch.cuda.get_device_capability(rows.device) >= _SM90_MIN_CAPABILITY
 
 
-def _autotuned(kernel, table, key, accumulated, sm90_launch):
+def _autotuned(kernel, table, key, accumulated, sm90_launch, has_column_tiles=lambda arg: True):
     # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
     # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
     # fresh rows on GPU); restore_value puts back what the benchmark runs added.
     configs = _as_configs(table["small_k"] + table["large_k"])
-    return LazyAutotune(kernel, configs, key=key, prune_configs_by={"early_config_prune": _pruner(table, sm90_launch)},
-                        restore_value=accumulated)
+    return LazyAutotune(kernel, configs, key=key, restore_value=accumulated,
+                        prune_configs_by={"early_config_prune": _pruner(table, sm90_launch, has_column_tiles)})
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
@@ -532,8 +540,12 @@ _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
 # (arg(name, default)): the forward's with E (not the argmin-only one, which has no column tiles), the backward's
 # soft passes that only sum (the grad-x passes spill 32-320 B in the deep ones). The pruner and the interpreter's
 # fixed config (N_DT > 1 where D needs it) both ask these.
-def _fwd_takes_sm90_configs(arg):
+def _fwd_has_column_tiles(arg):
     return bool(arg("WITH_E", True))
+
+
+def _fwd_takes_sm90_configs(arg):
+    return _fwd_has_column_tiles(arg)
 
 
 def _bwd_takes_sm90_configs(arg):
@@ -541,7 +553,7 @@ def _bwd_takes_sm90_configs(arg):
 
 
 _fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
-                        _fwd_takes_sm90_configs)
+                        _fwd_takes_sm90_configs, has_column_tiles=_fwd_has_column_tiles)
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
                         ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_takes_sm90_configs)
 
