@@ -242,6 +242,28 @@ def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     assert deep(384) == set() and deep(384, hard=True) == set() and not bdeep(False)
 
 
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_argmin_only_launch_tunes_no_column_tile_variants(hard):
+    """The argmin-only forward (no E: the hard backward's bank rows) runs one program per chunk whatever BLOCK_DO and
+    N_DT are, so its pruning keeps one config per (BLOCK_M, BLOCK_D, warps, stages): each other would be compiled
+    and timed for nothing. The launch with E keeps its column-tile variants."""
+    prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
+
+    def kept(with_e):
+        return [tre._config_tuple(c) for c in prune(tre._fwd_tuned.configs, {
+            "rows_ptr": torch.zeros(1, 1), "D": 384, "WITH_E": with_e, "HARD": hard, "K_PAD": 64, "MODE": 1})]
+
+    def launch_shape(t):
+        return t[:2] + t[4:]
+
+    argmin_only, with_e = kept(False), kept(True)
+    assert len({launch_shape(t) for t in argmin_only}) == len(argmin_only)
+    assert {launch_shape(t) for t in argmin_only} == {launch_shape(t) for t in with_e if not tre.sm90_only(
+        tre._as_configs([t])[0])}
+    assert len({launch_shape(t) for t in with_e}) < len(with_e)
+    assert argmin_only[0] == with_e[0]  # the default config (autotuning off, see _common.default_config) unchanged
+
+
 def test_int32_offsets_and_index(device):
     a32 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int32)
     a64 = _inputs(device, [5, 0, 12], [4, 9, 1], K=4, D=19, index_dtype=torch.int64)
