@@ -56,7 +56,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         summary = [line for line in out.splitlines() if line.startswith("compiled ")]
         assert rc == 0 and summary, f"sm_{arch}:\n{out[-6000:]}"
         # every kernel was reached (a launch path that raised before compiling would show as a host error)
-        for kernel in ("_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel",
+        for kernel in ("_re_fwd_kernel", "_re_bwd_kernel", "_cl_fwd_kernel", "_cl_finish_kernel", "_cl_bwd_kernel",
                        "_cl_norms_kernel", "_cl_normalize_bwd_kernel", "_gather_kernel", "_update_kernel"):
             assert kernel in out, f"sm_{arch}: {kernel} was never compiled\n{out[-3000:]}"
         # the contrastive launches share one BLOCK_P per dot mode: a saturated loss's zero gradient needs the
@@ -68,7 +68,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                 out, r"(_cl_\w+_kernel) sm_\d+ .*'MODE': (\d), .*'BLOCK_P': (\d+)"):
             assert int(block_p) == BLOCK_P_BY_MODE[int(mode)], f"sm_{arch}: {line}"
             seen.add((kernel, int(mode)))
-        assert {(k, mode) for k in ("_cl_fwd_kernel", "_cl_col_fix_kernel", "_cl_bwd_kernel")
+        assert {(k, mode) for k in ("_cl_fwd_kernel", "_cl_finish_kernel", "_cl_bwd_kernel")
                 for mode in (0, 1)} <= seen, f"sm_{arch}: contrastive launches compiled: {sorted(seen)}"
         # hard residual_encode: the backward's argmin must be the forward's, so both take the rows' dot mode
         # (float32 rows: 0, 16-bit: 1) and one BLOCK_D

@@ -11,14 +11,15 @@ ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is a column bound kno
 ref_j + log(acc_j). The rescale is float64 so that columns whose logits sit up to ~640 below their bound still
 count exactly (with normalize and |s| <= 300 no column can fall that far); only B floats per direction reach
 memory, never a B x B tensor or per-tile partials. Without normalize, inputs with large norms can put a whole column
-further below its bound, where its float64 sum underflows: a second kernel (_cl_col_fix_kernel) recomputes the
+further below its bound, where its float64 sum underflows: a second kernel (_cl_finish_kernel) recomputes the
 log-sum-exp of exactly those columns with an online max over every row, and its programs whose columns are all
-fine return without reading a row (the usual case: a launch and B float64 reads). Positives (labels_i == labels_j,
+fine read no row (the usual case: a launch and a few reads per index). Positives (labels_i == labels_j,
 or i == j without labels) are summed per row in registers and per column with a float32 atomic add in the same pass;
 |P_i| comes from a sort of the labels.
-Both log-sum-exps leave the diagonal out, and the pass keeps each row's diagonal logit l_ii: the host forms
-R_i = logaddexp(O_i, l_ii) and, for a row whose only positive is its diagonal, r_i = log(1 + exp(O_i - l_ii))
-(contrastive_loss_finish), which keeps its relative precision as r_i -> 0 where R_i - l_ii keeps ulp(R_i).
+Both log-sum-exps leave the diagonal out, and the pass keeps each row's diagonal logit l_ii: _cl_finish_kernel
+forms R_i = logaddexp(O_i, l_ii) and, for a row whose only positive is its diagonal, r_i = log(1 + exp(O_i - l_ii))
+(contrastive_loss_finish's arithmetic, in one launch instead of ~12 torch ops), which keeps its relative precision as
+r_i -> 0 where R_i - l_ii keeps ulp(R_i).
 
 Backward, with W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j):
 grad u_i = s sum_j W_ij v_j, grad v_j = s sum_i W_ij u_i, grad s = sum_ij W_ij <u_i, v_j>; on the diagonal of a
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from dre_kernels._gpu_host import num_positives
-from dre_kernels.contrastive_loss import NORMALIZE_EPS, contrastive_loss_finish
+from dre_kernels.contrastive_loss import NORMALIZE_EPS
 from dre_kernels._library import loss_dtype
 from dre_kernels.triton_kernels._common import (F64_DOT, INTERPRET, TRITON_VERSION, LazyAutotune, dot_mode, launch,
                                                launch_arg, mm_fr, next_pow2)
@@ -240,12 +241,32 @@ COLUMN_SUM_TINY = 1e-280
 
 
 @triton.jit
-def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_ptr, csum_ptr, clse_ptr, B, P,
-                       TINY: tl.constexpr, MODE: tl.constexpr,
-                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The off-diagonal column log-sum-exps: ref_j + log(csum_j) from the pass, and exactly, with an online max over
-    every row, for the columns of this block whose float64 sum at the bound underflowed; a block with none of those
-    reads no row."""
+def _log1p_small(x):
+    """log(1 + x) for x in [0, 1] (or NaN) to a few ulp, also where 1 + x rounds to 1 (Goldberg: log(u) x / (u - 1),
+    u = 1 + x rounded); in plain tl ops, as libdevice's log1p is not in every triton's interpreter."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    """log(exp x + exp y) as torch.logaddexp computes it: x + log 2 where x == y (infinities included), NaN in, NaN
+    out."""
+    hi = tl.where(x > y, x, y)
+    lo = tl.where(x > y, y, x)
+    return tl.where(lo == hi, hi + 0.6931471805599453, hi + _log1p_small(tl.exp(lo - hi)))
+
+
+@triton.jit
+def _cl_finish_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_ptr, csum_ptr,
+                      rlse_ptr, rdiag_ptr, rpos_ptr, cpos_ptr, npos_ptr, clse_ptr, B, P,
+                      TINY: tl.constexpr, HAS_LABELS: tl.constexpr, MODE: tl.constexpr,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """After _cl_fwd_kernel, for a block of indices j: the off-diagonal column log-sum-exp O'_j (ref_j + log(csum_j)
+    from the pass, or exactly, with an online max over every row, where the float64 sum at the bound underflowed; a
+    block with no such column reads no row), then contrastive_loss_finish's arithmetic for row j and column j, in
+    place: rlse (O_j) becomes row_lse, rpos (the positive sum) r, cpos c, rdiag (l_jj) the loss (r + c) / 2, and
+    clse col_lse."""
     j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = j < B
     csum = tl.load(csum_ptr + j, mask=jmask, other=1.0)
@@ -255,8 +276,7 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_pt
     s = tl.load(scale_ptr).to(ACC)
     invb = tl.load(norms_ptr + _INV_B * B + j, mask=jmask, other=0.0)
     ref = _column_bound(norms_ptr, _bound_scale(norms_ptr, s, B), invb, j, jmask, B)
-    tl.store(clse_ptr + j, (ref.to(tl.float64) + tl.log(tl.where(need, 1.0, csum))).to(ACC),
-             mask=jmask & (need.to(tl.int32) == 0))
+    off_col = (ref.to(tl.float64) + tl.log(tl.where(need, 1.0, csum))).to(ACC)
     m_j = tl.full((BLOCK_J,), float("-inf"), dtype=ACC)
     l_j = tl.zeros((BLOCK_J,), dtype=ACC)
     for i0 in range(0, rows, BLOCK_I):
@@ -267,7 +287,24 @@ def _cl_col_fix_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_pt
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         lt = tl.where(valid & (i[:, None] != j[None, :]), logits, float("-inf"))
         m_j, l_j = _online_lse(m_j, l_j, lt, 0)
-    tl.store(clse_ptr + j, m_j + tl.log(tl.where(need, l_j, 1.0)), mask=need)
+    off_col = tl.where(need, m_j + tl.log(tl.where(need, l_j, 1.0)), off_col)
+    # contrastive_loss_finish (its docstring has the why of r's first form)
+    off_row = tl.load(rlse_ptr + j, mask=jmask, other=0.0)
+    diag = tl.load(rdiag_ptr + j, mask=jmask, other=0.0)
+    n_pos = tl.load(npos_ptr + j, mask=jmask, other=1.0) if HAS_LABELS else tl.full((BLOCK_J,), 1.0, ACC)
+    row_lse = _logaddexp(off_row, diag)
+    col_lse = _logaddexp(off_col, diag)
+    single = n_pos == 1.0
+    zero = tl.zeros((BLOCK_J,), dtype=ACC)
+    pos_row = tl.load(rpos_ptr + j, mask=jmask, other=0.0)
+    pos_col = tl.load(cpos_ptr + j, mask=jmask, other=0.0)
+    r = tl.where(single, _logaddexp(off_row - diag, zero), row_lse - pos_row / n_pos)
+    c = tl.where(single, _logaddexp(off_col - diag, zero), col_lse - pos_col / n_pos)
+    tl.store(rlse_ptr + j, row_lse, mask=jmask)
+    tl.store(clse_ptr + j, col_lse, mask=jmask)
+    tl.store(rpos_ptr + j, r, mask=jmask)
+    tl.store(cpos_ptr + j, c, mask=jmask)
+    tl.store(rdiag_ptr + j, (r + c) * 0.5, mask=jmask)
 
 
 @triton.jit
@@ -436,13 +473,13 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     B, P = a.shape
     dev = a.device
     acc = loss_dtype(a, b)
-    rlse = torch.empty(B, dtype=acc, device=dev)  # the off-diagonal row log-sum-exps, then row_lse
-    rdiag = torch.empty(B, dtype=acc, device=dev)
-    rpos = torch.empty(B, dtype=acc, device=dev)
+    # the forward's per-row sums, which _cl_finish_kernel turns into the outputs in place (see there)
+    rlse, rdiag, rpos = (torch.empty(B, dtype=acc, device=dev) for _ in range(3))
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
     cpos = torch.zeros(B, dtype=acc, device=dev)
+    clse = torch.empty(B, dtype=acc, device=dev)
     if B == 0:
-        return (rlse,) + tuple(rlse.clone() for _ in range(4))
+        return rdiag, rlse, clse, rpos, cpos
     norms = _norms(a, b, normalize, acc)
     has_labels = labels is not None
     lab = labels.contiguous() if has_labels else norms
@@ -451,13 +488,14 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
             rlse, rdiag, rpos, csum, cpos, B, P, has_labels, mode)
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
            enable_fp_fusion=False)
-    clse = torch.empty(B, dtype=acc, device=dev)
+    npos = num_positives(labels, B, dev, acc) if has_labels else norms
     meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": BLOCK_P_BY_MODE[mode],
                                               "num_warps": 8}
-    _cl_col_fix_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
-        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, logit_scale, csum, clse, B, P,
-        COLUMN_SUM_TINY, mode, **meta, enable_fp_fusion=False)
-    return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev, acc))
+    _cl_finish_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, logit_scale, csum,
+        rlse, rdiag, rpos, cpos, npos, clse, B, P, COLUMN_SUM_TINY, has_labels, mode, **meta, enable_fp_fusion=False)
+    # (loss, row_lse, col_lse, r, c)
+    return rdiag, rlse, clse, rpos, cpos
 
 
 def _normalize_backward(gu, t, norms, side, normalize):
