@@ -30,7 +30,7 @@ per tile). Every launch computes a logit alike, a on the left of the dot and the
 so that the backward's logits are the forward's to the bit.
 Each program owns a row block and a BLOCK_PO-wide tile of P for its register accumulator.
 Around them, two row kernels keep the host to a few allocations: _cl_norms_kernel computes the norms, their
-inverses and the column bound's max_i ||u_i|| once per call (the forward, the column fix and the backward read the
+inverses and the column bound's max_i ||u_i|| once per call (the forward, the finish kernel and the backward read the
 same bits), and _cl_normalize_bwd_kernel takes grad u to grad a = (grad u - u <u, grad u>) / ||a|| in a's dtype,
 in place where a is in the loss dtype (no B x P temporary besides grad u).
 """
@@ -76,7 +76,7 @@ def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
 @triton.jit
 def _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                  MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(l_ij = s <a_i, b_j> inva_i invb_j, the mask i, j < B) for a tile: the forward and the column fix compute every
+    """(l_ij = s <a_i, b_j> inva_i invb_j, the mask i, j < B) for a tile: the forward and the finish kernel compute every
     logit alike, and the backward too (_logit)."""
     dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
     return _logit(s, dot, inva, invb)[0], imask[:, None] & jmask[None, :]
@@ -126,7 +126,7 @@ def _row_meta(P):
 def _cl_norms_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, B, P, EPS: tl.constexpr,
                      NORMALIZE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
     """||a_i||, ||b_i|| (accumulated in the buffer's dtype), their inverses clamped at eps, and max_i ||u_i|| by an
-    atomic max into a zeroed slot: what the forward, the column fix and the backward read, the same bits in each."""
+    atomic max into a zeroed slot: what the forward, the finish kernel and the backward read, the same bits in each."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < B
     ACC = norms_ptr.dtype.element_ty
@@ -258,6 +258,14 @@ def _logaddexp(x, y):
 
 
 @triton.jit
+def _expm1(x):
+    """exp(x) - 1 to a few ulp, also where exp(x) rounds near 1 (Kahan: (u - 1) x / log(u), u = exp(x) rounded); in
+    plain tl ops, as _log1p_small."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
 def _cl_finish_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_ptr, csum_ptr,
                       rlse_ptr, rdiag_ptr, rpos_ptr, cpos_ptr, npos_ptr, clse_ptr, B, P,
                       TINY: tl.constexpr, HAS_LABELS: tl.constexpr, MODE: tl.constexpr,
@@ -309,7 +317,7 @@ def _cl_finish_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, scale_ptr
 
 @triton.jit
 def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, scale_ptr,
-                   lx_ptr, ly_ptr, ex_ptr, ey_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
+                   lx_ptr, ly_ptr, rx_ptr, ry_ptr, g_ptr, npos_ptr, gu_ptr, gs_ptr, B, P,
                    HAS_LABELS: tl.constexpr, X_IS_B: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PO: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -325,9 +333,10 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
     invy_ptr = norms_ptr + (_INV_B - X_IS_B) * B
     invx = tl.load(invx_ptr + i, mask=imask, other=0.0)
     lx = tl.load(lx_ptr + i, mask=imask, other=0.0)
-    ex = tl.load(ex_ptr + i, mask=imask, other=0.0)
+    # p_ii - 1 = expm1(-r_i) on the diagonal of a row whose only positive it is (no cancellation)
+    ex = _expm1(-tl.load(rx_ptr + i, mask=imask, other=0.0))
     hg_i = 0.5 * tl.load(g_ptr + i, mask=imask, other=0.0)
-    n_i = tl.load(npos_ptr + i, mask=imask, other=1.0)
+    n_i = tl.load(npos_ptr + i, mask=imask, other=1.0) if HAS_LABELS else tl.full((BLOCK_I,), 1.0, ACC)
     li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
     po = (pid_p * BLOCK_PO + tl.arange(0, BLOCK_PO)).to(tl.int64)
     pomask = po < P
@@ -347,13 +356,12 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
                             BLOCK_P)
         invy = tl.load(invy_ptr + j, mask=jmask, other=0.0)
         ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
-        ey = tl.load(ey_ptr + j, mask=jmask, other=0.0)
+        ey = _expm1(-tl.load(ry_ptr + j, mask=jmask, other=0.0))
         hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
-        n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0)
+        n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0) if HAS_LABELS else tl.full((BLOCK_J,), 1.0, ACC)
         logits, uv = _logit(s, dot, invx, invy)
         valid = imask[:, None] & jmask[None, :]
         posf = tl.where(_positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS), 1.0, 0.0)
-        # on the diagonal of a row whose only positive it is, p_ii - 1 = expm1(-r_i), given (no cancellation)
         own = (i[:, None] == j[None, :]) & (n_i[:, None] == 1.0)
         w = (hg_i[:, None] * tl.where(own, ex[:, None], tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
              + hg_j[None, :] * tl.where(own, ey[None, :], tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
@@ -377,7 +385,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
 
 
 # ---------------------------------------------------------------------------------------------- autotuning
-# The forward, the column fix and both backward calls must compute each logit to the same bits (a saturated loss has
+# The forward, the finish kernel and both backward calls must compute each logit to the same bits (a saturated loss has
 # its exact gradient 0 only where exp(l_ij - R_i) is exactly 1 at the max), so they share one BLOCK_P per dot mode:
 # a tf32x3 tl.dot is three MMA chains per BLOCK_P slice of P (a_lo b_hi, a_hi b_lo, a_hi b_hi), and where the slices
 # end changes the rounding. (16-bit MMAs chain through the accumulator whatever the slice; pinned too, one rule.)
@@ -517,22 +525,21 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     acc = loss_dtype(a, b)
     norms = _norms(a, b, normalize, acc) if B else torch.zeros(1, dtype=acc, device=dev)
     g = grad_loss.to(acc).contiguous()
-    npos = num_positives(labels, B, dev, acc)
     has_labels = labels is not None
     lab = labels.contiguous() if has_labels else norms
+    npos = num_positives(labels, B, dev, acc) if has_labels else norms
     gu = torch.empty((B, P), dtype=acc, device=dev)
     gv = torch.empty((B, P), dtype=acc, device=dev)
     meta = _interp_meta(P, backward=True)
     # one float per row block, summed here: deterministic, and sized for the smallest BLOCK_I of any config
     gs = torch.zeros(triton.cdiv(B, 32) if B else 1, dtype=acc, device=dev)
-    rl, cl = row_lse.to(acc).contiguous(), col_lse.to(acc).contiguous()
-    er, ec = torch.expm1(-row_loss.to(acc)).contiguous(), torch.expm1(-col_loss.to(acc)).contiguous()
+    rl, cl, rr, cr = (t.to(acc).contiguous() for t in (row_lse, col_lse, row_loss, col_loss))
     mode = _mode(a, b)
     if B:
-        for x, y, lx, ly, ex, ey, out, x_is_b in ((a, b, rl, cl, er, ec, gu, False),
-                                                  (b, a, cl, rl, ec, er, gv, True)):
-            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norms, lab, logit_scale, lx, ly, ex,
-                    ey, g, npos, out, gs, B, P, has_labels, x_is_b, mode)
+        for x, y, lx, ly, rx, ry, out, x_is_b in ((a, b, rl, cl, rr, cr, gu, False),
+                                                  (b, a, cl, rl, cr, rr, gv, True)):
+            args = (x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norms, lab, logit_scale, lx, ly, rx,
+                    ry, g, npos, out, gs, B, P, has_labels, x_is_b, mode)
             launch(_cl_bwd_kernel, _bwd_tuned,
                    lambda m: (triton.cdiv(B, m["BLOCK_I"]) * triton.cdiv(P, m["BLOCK_PO"]),), args, meta,
                    enable_fp_fusion=False)
