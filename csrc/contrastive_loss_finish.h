@@ -1,5 +1,6 @@
-// contrastive_loss_fwd's last step, shared by the CPU kernel and the CUDA host glue (its Python twin,
-// dre_kernels.contrastive_loss.contrastive_loss_finish, serves the triton and cupy backends): from the off-diagonal
+// contrastive_loss_fwd's last step on CPU, and the forward's output type (the CUDA kernels do this arithmetic in
+// dre_cl_finish, the Triton ones in _cl_finish_kernel; the Python twin is
+// dre_kernels.contrastive_loss.contrastive_loss_finish): from the off-diagonal
 // log-sum-exps O (rows), O' (columns), the diagonal logits d, the positive sums and |P_i|,
 //   row_lse = logaddexp(O, d),  r = log(1 + exp(O - d)) where |P_i| = 1, else row_lse - pos_row / |P_i|  (c alike),
 // returning (loss = (r + c) / 2, row_lse, col_lse, r, c), in the inputs' dtype.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dre_kernels import _checks
-from dre_kernels.contrastive_loss import NORMALIZE_EPS, contrastive_loss_finish
+from dre_kernels.contrastive_loss import NORMALIZE_EPS
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
                                      finish_codeword_grads, inv_norms, next_pow2, num_positives,
                                      prep_codewords, row_sources)
@@ -36,7 +36,7 @@ KERNEL_FILES = {
     "dre_re_bwd_tc": "residual_encode.cu",
     "dre_re_fwd_tc_full": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
-    "dre_cl_col_fix": "contrastive_loss.cu",
+    "dre_cl_finish": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_cl_bwd_tc": "contrastive_loss.cu",
     "dre_cl_normalize_bwd": "contrastive_loss.cu",
@@ -402,26 +402,26 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     a, b, s, inva, na, invb, nb = _cl_inputs(a, b, logit_scale, normalize)
     B, P = a.shape
     dev = a.device
-    rlse = torch.empty(B, dtype=torch.float32, device=dev)  # the off-diagonal row log-sum-exps
+    # the forward's per-row sums, which dre_cl_finish turns into the outputs in place
+    rlse, rdiag, rpos, clse = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(4))
+    cpos = torch.zeros(B, dtype=torch.float32, device=dev)
     if B == 0:
-        return (rlse,) + tuple(rlse.clone() for _ in range(4))
+        return rdiag, rlse, clse, rpos, cpos
     # column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
     ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous()
-    rdiag = torch.empty(B, dtype=torch.float32, device=dev)
-    rpos = torch.empty(B, dtype=torch.float32, device=dev)
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
-    cpos = torch.zeros(B, dtype=torch.float32, device=dev)
     lab, lab64, has = _labels(labels, B)
     tc = _cl_tensor_cores(a, b)
     _launch("dre_cl_fwd", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rdiag),
             ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P), tc)
-    clse = (ref.double() + torch.log(csum)).float()
-    _launch("dre_cl_col_fix", -(-B // CL_BLOCK), 0, dev,  # exact LSE of the columns whose sum underflowed, if any
+    npos = num_positives(labels, B, dev) if labels is not None else None  # None: |P_i| = 1
+    _launch("dre_cl_finish", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
-            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(csum), ptr(clse), I64(B), I32(P), tc)
-    return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, dev))
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(ref), ptr(csum), ptr(npos), ptr(rlse), ptr(rdiag),
+            ptr(rpos), ptr(cpos), ptr(clse), I64(B), I32(P), tc)
+    return rdiag, rlse, clse, rpos, cpos  # (loss, row_lse, col_lse, r, c)
 
 
 def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_lse, col_lse, row_loss, col_loss):
@@ -438,16 +438,15 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     nrb = -(-B // CL_BLOCK)
     gs = torch.zeros(max(nrb, 1), dtype=torch.float32, device=dev)
     rl, cl = row_lse.detach().float().contiguous(), col_lse.detach().float().contiguous()
-    er = torch.expm1(-row_loss.detach().float()).contiguous()
-    ec = torch.expm1(-col_loss.detach().float()).contiguous()
+    rr, cr = row_loss.detach().float().contiguous(), col_loss.detach().float().contiguous()
     if B:
         tc = _cl_tensor_cores(a, b)
         grid = nrb * -(-P // (CL_PO_TC if tc else CL_BLOCK))
-        for x, y, invx, invy, lx, ly, ex, ey, out, with_gs in ((a, b, inva, invb, rl, cl, er, ec, gu, 1),
-                                                               (b, a, invb, inva, cl, rl, ec, er, gv, 0)):
+        for x, y, invx, invy, lx, ly, rx, ry, out, with_gs in ((a, b, inva, invb, rl, cl, rr, cr, gu, 1),
+                                                               (b, a, invb, inva, cl, rl, cr, rr, gv, 0)):
             args = (ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
-                    I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(ex),
-                    ptr(ey), ptr(g), ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
+                    I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(rx),
+                    ptr(ry), ptr(g), ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
             if tc:
                 _launch("dre_cl_bwd_tc", grid, 0, dev, *args, I32(1 - with_gs))  # x_is_b: the second call
             else:

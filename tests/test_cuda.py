@@ -69,7 +69,7 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, re_fwd_tc_full, cl_fwd, cl_col_fix,
+    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, re_fwd_tc_full, cl_fwd, cl_finish,
     # cl_normalize_bwd, bank x2
     assert len(declared) == 12
     bodies = "".join(open(p).read() for p in _cu_files())
@@ -695,7 +695,7 @@ def test_emu_contrastive_large_scale_far_columns(emu):
 
 def test_emu_contrastive_unnormalised_columns_far_below_the_bound(emu):
     # without normalize, norms ~8 and s=30 put whole columns more than 700 below their Cauchy-Schwarz bound, where
-    # the float64 column sums underflow: dre_cl_col_fix recomputes those columns exactly
+    # the float64 column sums underflow: dre_cl_finish recomputes those columns exactly
     _check_cl(70, 64, None, False, scale=30.0)
     labels = torch.arange(130).remainder(7)
     _check_cl(130, 64, labels, False, dtype=torch.bfloat16, scale=30.0)

@@ -7,18 +7,18 @@
 // of logits is computed with SIMT float32 FMA over CL_PT-wide shared slices of P (4 x 4 outputs per thread) and kept
 // in shared memory. Rows: online max/sum in shared state. Columns: each tile reduces its columns to
 // (m_t, sum_i exp(l_ij - m_t)) and adds sum * exp(m_t - ref_j) in float64 into csum_j with one atomicAdd per column
-// per tile, where ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is known before the pass; the host
-// takes col_lse = ref + log(csum). Positive logits are summed per row in shared memory and per column atomically.
+// per tile, where ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) is known before the pass;
+// col_lse = ref + log(csum). Positive logits are summed per row in shared memory and per column atomically.
 // A column whose logits all lie more than ~640 below ref_j (unnormalised inputs with large norms) underflows there:
-// dre_cl_col_fix, launched after the pass, recomputes exactly the columns that did (none with normalize, |s| <= 300).
-// Both log-sum-exps leave the diagonal out and each row's diagonal logit l_ii is kept: the host forms
+// dre_cl_finish, launched after the pass, recomputes exactly the columns that did (none with normalize, |s| <= 300).
+// Both log-sum-exps leave the diagonal out and each row's diagonal logit l_ii is kept: dre_cl_finish then forms
 // R_i = logaddexp(O_i, l_ii) and, where l_ii is the row's only positive, r_i = log(1 + exp(O_i - l_ii))
-// (dre_kernels.contrastive_loss.contrastive_loss_finish), which keeps its relative precision as r_i -> 0.
+// (dre_kernels.contrastive_loss.contrastive_loss_finish's arithmetic), which keeps its relative precision as r_i -> 0.
 //
 // Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
 // grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
 // swapped), grad s = sum_ij W_ij <u_i, v_j> (per row block, summed on the host); on the diagonal of a row whose only
-// positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) from the host (ex, ey), free of that difference's cancellation.
+// positive it is, exp(l_ii - R_i) - 1 is expm1(-r_i) of the forward's r_i, free of that difference's cancellation.
 // Block (I, p) owns CL_BI rows and a CL_BI-wide tile of P; it recomputes each logits tile, turns it into W in shared
 // memory and multiplies by the matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
@@ -144,14 +144,14 @@ DRE_DEVICE bool cl_positive(const void* labels, int lab64, int has_labels, i64 i
 // comment; gsl += W_ij <u_i, v_j>.
 DRE_DEVICE float cl_bwd_weight(float dot, i64 i, i64 j, i64 B, const float* invx, const float* invy,
                                const void* labels, int lab64, int has_labels, float s, const float* lx,
-                               const float* ly, const float* ex, const float* ey, const float* g, const float* npos,
+                               const float* ly, const float* rx, const float* ry, const float* g, const float* npos,
                                float& gsl) {
   if (i >= B || j >= B) return 0.f;
   const float uv = cl_uv(dot, invx[i], invy[j]);
   const float l = cl_logit(s, uv);
   float w;
   if (i == j && npos[i] == 1.f) {
-    w = 0.5f * g[i] * (ex[i] + ey[i]);
+    w = 0.5f * g[i] * (expm1f(-rx[i]) + expm1f(-ry[i]));
   } else {
     const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
     w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
@@ -260,14 +260,24 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, 
   }
 }
 
-// The columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal logit
-// lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach) get their off-diagonal
-// log-sum-exp recomputed exactly: block J owns CL_BJ columns, returns at once when none of them needs it, else walks
-// every row tile with an online max/sum per column and overwrites clse_j of those columns.
-DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm,
-                                                 int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb,
-                                                 const float* scale, const double* csum, float* clse, i64 B, int P,
-                                                 int tc) {
+// log(exp x + exp y) as torch.logaddexp: x + log 2 where x == y (infinities included), NaN in, NaN out
+DRE_DEVICE float logaddexp_f(float x, float y) {
+  const float hi = x > y ? x : y, lo = x > y ? y : x;
+  return lo == hi ? hi + 0.69314718f : hi + log1pf(expf(lo - hi));
+}
+
+// After dre_cl_fwd, for block J's CL_BJ indices j: the off-diagonal column log-sum-exp O'_j = ref_j + log(csum_j), or,
+// for the columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal
+// logit lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach), recomputed exactly
+// by walking every row tile with an online max/sum per column (a block with none of those reads no row); then
+// contrastive_loss_finish's arithmetic for row j and column j, in place: rlse (O_j) becomes row_lse, rpos (the
+// positive sum) r, cpos c, rdiag (l_jj) the loss (r + c) / 2, and clse col_lse. npos: |P_j|, or null without labels
+// (1).
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm,
+                                                int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb,
+                                                const float* scale, const float* ref, const double* csum,
+                                                const float* npos, float* rlse, float* rdiag, float* rpos,
+                                                float* cpos, float* clse, i64 B, int P, int tc) {
   __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_j[CL_BJ], l_j[CL_BJ];
@@ -282,9 +292,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_
     if (j0 + tid < B && csum[j0 + tid] < CL_TINY) any_need = 1;
   }
   __syncthreads();
-  if (!any_need) return;  // uniform across the block
   const float s = scale[0];
-  for (i64 i0 = 0; i0 < B; i0 += CL_BI) {
+  for (i64 i0 = 0; any_need && i0 < B; i0 += CL_BI) {  // any_need: uniform across the block
     cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, tc, xs, ys, L);
     if (i0 == j0) {  // the diagonal out, as in dre_cl_fwd
       for (int r = tid; r < CL_BI; r += NTHREADS) L[r * (CL_BJ + 1) + r] = -f_inf();
@@ -306,17 +315,28 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_col_fix(const void* a, int a_dt, i64 s_
     }
     __syncthreads();
   }
-  if (tid < CL_BJ && j0 + tid < B && csum[j0 + tid] < CL_TINY) clse[j0 + tid] = m_j[tid] + logf(l_j[tid]);
+  const i64 j = j0 + tid;
+  if (tid >= CL_BJ || j >= B) return;
+  const float off_col = csum[j] < CL_TINY ? m_j[tid] + logf(l_j[tid]) : (float)((double)ref[j] + log(csum[j]));
+  const float off_row = rlse[j], diag = rdiag[j], n = npos ? npos[j] : 1.f;
+  const float row_lse = logaddexp_f(off_row, diag), col_lse = logaddexp_f(off_col, diag);
+  const float r = n == 1.f ? logaddexp_f(off_row - diag, 0.f) : row_lse - rpos[j] / n;
+  const float c = n == 1.f ? logaddexp_f(off_col - diag, 0.f) : col_lse - cpos[j] / n;
+  rlse[j] = row_lse;
+  clse[j] = col_lse;
+  rpos[j] = r;
+  cpos[j] = c;
+  rdiag[j] = (r + c) * 0.5f;
 }
 
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
-// (with_gs). lx, ly: the log-sum-exps on x's side and y's side; ex, ey: expm1(-r), expm1(-c) on each side (used on
+// (with_gs). lx, ly: the log-sum-exps on x's side and y's side; rx, ry: the losses r, c on each side (expm1(-r) on
 // the diagonal where npos = 1); g: grad of the loss (B); npos: |P_i| (B).
 // two blocks per SM: 128 registers, no spills (unbounded, ptxas takes 140 and one block per SM)
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
                                              i64 s_yr, i64 s_yc, const float* invx, const float* invy,
                                              const void* labels, int lab64, int has_labels, const float* scale,
-                                             const float* lx, const float* ly, const float* ex, const float* ey,
+                                             const float* lx, const float* ly, const float* rx, const float* ry,
                                              const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
                                              int with_gs) {
   __shared__ float tiles[CL_BJ * (CL_BI + 1)];  // the two dot slices, then the y tile (64 x 65)
@@ -345,7 +365,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
       for (int v = 0; v < 4; ++v) {
         const int r = ty + 16 * u, c = tx + 16 * v;
         W[r * (CL_BJ + 1) + c] = cl_bwd_weight(dot[u][v], i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels,
-                                               s, lx, ly, ex, ey, g, npos, gsl);
+                                               s, lx, ly, rx, ry, g, npos, gsl);
       }
     // y tile (CL_BJ rows x CL_BI columns of P), into the dot slices' space (cl_tile_dot ended with a barrier)
     for (int e = tid; e < CL_BJ * CL_BI; e += NTHREADS) {
@@ -380,7 +400,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
                                                 i64 s_yr, i64 s_yc, const float* invx, const float* invy,
                                                 const void* labels, int lab64, int has_labels, const float* scale,
-                                                const float* lx, const float* ly, const float* ex, const float* ey,
+                                                const float* lx, const float* ly, const float* rx, const float* ry,
                                                 const float* g, const float* npos, float* gu, float* gs_out, i64 B,
                                                 int P, int with_gs, int x_is_b) {
   constexpr int LDY = CL_PO_TC + 8, LDS = CL_PT_TC + 8, XS = CL_BI * LDS;
@@ -424,7 +444,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
     for (int e = tid; e < CL_BI * CL_BJ; e += NTHREADS) {
       const int r = e / CL_BJ, c = e % CL_BJ;
       float* w = W + r * (CL_BJ + 1) + c;
-      *w = cl_bwd_weight(*w, i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels, s, lx, ly, ex, ey, g, npos,
+      *w = cl_bwd_weight(*w, i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels, s, lx, ly, rx, ry, g, npos,
                          gsl);
     }
     // y's tile (rows j0.., columns p0.. of P) into the staging space (cl_tile_dot_tc ended with a barrier)
@@ -501,34 +521,35 @@ cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, 
   return cudaGetLastError();
 }
 
-cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
-                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                       const double* csum, float* clse, i64 B, int P, int tc) {
+cudaError_t cl_finish(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                      int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
+                      const float* ref, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
+                      float* cpos, float* clse, i64 B, int P, int tc) {
   if (grid > 0)
-    dre_cl_col_fix<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, csum,
-                                                  clse, B, P, tc);
+    dre_cl_finish<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, ref,
+                                                 csum, npos, rlse, rdiag, rpos, cpos, clse, B, P, tc);
   return cudaGetLastError();
 }
 
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                    int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* lx, const float* ly, const float* ex,
-                   const float* ey, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
+                   int has_labels, const float* scale, const float* lx, const float* ly, const float* rx,
+                   const float* ry, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
                    int with_gs) {
   if (grid > 0)
     dre_cl_bwd<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
-                                              has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P, with_gs);
+                                              has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P, with_gs);
   return cudaGetLastError();
 }
 
 cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                       int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
                       int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
-                      const float* ex, const float* ey, const float* g, const float* npos, float* gu, float* gs_out,
+                      const float* rx, const float* ry, const float* g, const float* npos, float* gu, float* gs_out,
                       i64 B, int P, int with_gs, int x_is_b) {
   if (grid > 0)
     dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
-                                                 has_labels, scale, lx, ly, ex, ey, g, npos, gu, gs_out, B, P,
+                                                 has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P,
                                                  with_gs, x_is_b);
   return cudaGetLastError();
 }

@@ -45,21 +45,23 @@ cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, 
                    int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
                    double* csum, float* cpos, i64 B, int P, int tc);
 
-cudaError_t cl_col_fix(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
-                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                       const double* csum, float* clse, i64 B, int P, int tc);
+// the column log-sum-exps and the loss arithmetic after cl_fwd, in place (see dre_cl_finish); npos null: no labels
+cudaError_t cl_finish(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                      int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
+                      const float* ref, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
+                      float* cpos, float* clse, i64 B, int P, int tc);
 
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                    int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* lx, const float* ly, const float* ex,
-                   const float* ey, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
+                   int has_labels, const float* scale, const float* lx, const float* ly, const float* rx,
+                   const float* ry, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
                    int with_gs);
 
 // the tensor-core backward (sm_80+, both sides bfloat16); x_is_b: the call for grad b (x = b, y = a)
 cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                       int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
                       int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
-                      const float* ex, const float* ey, const float* g, const float* npos, float* gu, float* gs_out,
+                      const float* rx, const float* ry, const float* g, const float* npos, float* gu, float* gs_out,
                       i64 B, int P, int with_gs, int x_is_b);
 
 // grad a (in out_dt; out may be gu) from grad u through u = a / max(||a||, eps): a warp per row

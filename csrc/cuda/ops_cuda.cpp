@@ -401,11 +401,12 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
   const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
   auto [inva, na] = inv_norms(a, normalize);
   auto [invb, nb] = inv_norms(b, normalize);
-  at::Tensor rlse = at::empty({B}, f32);  // the off-diagonal row log-sum-exps
-  if (B == 0) return {rlse, rlse.clone(), rlse.clone(), rlse.clone(), rlse.clone()};
+  // the forward's per-row sums, which dre_cl_finish turns into the outputs in place
+  at::Tensor rlse = at::empty({B}, f32), rdiag = at::empty({B}, f32), rpos = at::empty({B}, f32);
+  at::Tensor cpos = at::zeros({B}, f32), clse = at::empty({B}, f32);
+  if (B == 0) return {rdiag, rlse, clse, rpos, cpos};
   // column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
   const at::Tensor ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous();
-  at::Tensor rdiag = at::empty({B}, f32), rpos = at::empty({B}, f32), cpos = at::zeros({B}, f32);
   at::Tensor csum = at::zeros({B}, a.options().dtype(at::kDouble));
   const Labels lab = labels_of(labels, B, a.device());
   const int tc = cl_tensor_cores(a, b);
@@ -418,15 +419,17 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
                                    rpos.data_ptr<float>(),
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_fwd");
-  const at::Tensor clse = (ref.to(at::kDouble) + at::log(csum)).to(at::kFloat);
-  launched(dre_cuda_launch::cl_col_fix(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
-                                       at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
-                                       a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
-                                       inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
-                                       csum.data_ptr<double>(), clse.data_ptr<float>(), B, static_cast<int>(P),
-                                       tc),
-           "dre_cl_col_fix");
-  return contrastive_loss_finish(rlse, clse, rdiag, rpos, cpos, num_positives(labels, B, f32));
+  const at::Tensor npos = labels.has_value() ? num_positives(labels, B, f32) : at::Tensor();  // none: |P_i| = 1
+  launched(dre_cuda_launch::cl_finish(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
+                                      at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
+                                      a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
+                                      inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
+                                      ref.data_ptr<float>(), csum.data_ptr<double>(),
+                                      npos.defined() ? npos.data_ptr<float>() : nullptr, rlse.data_ptr<float>(),
+                                      rdiag.data_ptr<float>(), rpos.data_ptr<float>(), cpos.data_ptr<float>(),
+                                      clse.data_ptr<float>(), B, static_cast<int>(P), tc),
+           "dre_cl_finish");
+  return {rdiag, rlse, clse, rpos, cpos};  // (loss, row_lse, col_lse, r, c)
 }
 
 // grad t (t's dtype) from grad u through u = t / max(||t||, eps): dre_cl_normalize_bwd, in place over gu for float32
@@ -472,20 +475,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
   const int64_t nrb = (B + kClBlock - 1) / kClBlock;
   at::Tensor gs = at::zeros({std::max<int64_t>(nrb, 1)}, f32);
   const at::Tensor rl = row_lse.detach().to(at::kFloat).contiguous(), cl = col_lse.detach().to(at::kFloat).contiguous();
-  const at::Tensor er = at::expm1(-row_loss.detach().to(at::kFloat)).contiguous(),
-                   ec = at::expm1(-col_loss.detach().to(at::kFloat)).contiguous();
+  const at::Tensor rr = row_loss.detach().to(at::kFloat).contiguous(),
+                   cr = col_loss.detach().to(at::kFloat).contiguous();
   if (B > 0) {
     const int tc = cl_tensor_cores(a, b);
     const int64_t po = tc ? kClPoTc : kClBlock;  // the output tile's width in P
     const int64_t grid = nrb * ((P + po - 1) / po);
     TORCH_CHECK(grid < (1LL << 31), "dre: contrastive_loss grid too large (", grid, " blocks)");
     struct Side {
-      const at::Tensor *x, *y, *invx, *invy, *lx, *ly, *ex, *ey;
+      const at::Tensor *x, *y, *invx, *invy, *lx, *ly, *rx, *ry;
       at::Tensor* out;
       int with_gs;
     };
-    const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &er, &ec, &gu, 1},
-                           {&b, &a, &invb, &inva, &cl, &rl, &ec, &er, &gv, 0}};
+    const Side sides[2] = {{&a, &b, &inva, &invb, &rl, &cl, &rr, &cr, &gu, 1},
+                           {&b, &a, &invb, &inva, &cl, &rl, &cr, &rr, &gv, 0}};
     for (const Side& sd : sides) {
       // x_is_b (the second call): the tensor-core kernel keeps a's rows on the left of every logit's dot
       const auto bwd = [&](auto launcher, auto... extra) {
@@ -493,8 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                         dt(*sd.x, "a"), sd.x->stride(0), sd.x->stride(1), sd.y->data_ptr(), dt(*sd.y, "b"),
                         sd.y->stride(0), sd.y->stride(1), sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
                         lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
-                        sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.ex->data_ptr<float>(),
-                        sd.ey->data_ptr<float>(), g.data_ptr<float>(), npos.data_ptr<float>(),
+                        sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.rx->data_ptr<float>(),
+                        sd.ry->data_ptr<float>(), g.data_ptr<float>(), npos.data_ptr<float>(),
                         sd.out->data_ptr<float>(), gs.data_ptr<float>(), B, static_cast<int>(P), sd.with_gs,
                         extra...);
       };
