@@ -91,9 +91,10 @@ def contrastive_loss_torch(a, b, s, labels, normalize):
 
 
 def contrastive_loss_finish(off_row_lse, off_col_lse, diag, pos_row, pos_col, n_pos):
-    """The kernel backends' forward, after their pass over the logits, which yields for each row i and column j
-    the log-sum-exp of the off-diagonal logits O_i = LSE_{j != i} l_ij and O'_j = LSE_{i != j} l_ij, the diagonal
-    d_i = l_ii, the positive sums sum_{j in P_i} l_ij and |P_i|:
+    """The kernel backends' last forward step, readable (they run it in a kernel: triton's _cl_finish_kernel, CUDA's
+    dre_cl_finish, csrc/contrastive_loss_finish.h on CPU), after their pass over the logits, which yields for each row i
+    and column j the log-sum-exp of the off-diagonal logits O_i = LSE_{j != i} l_ij and O'_j = LSE_{i != j} l_ij, the
+    diagonal d_i = l_ii, the positive sums sum_{j in P_i} l_ij and |P_i|:
 
         R_i = logaddexp(O_i, d_i)                  (row_lse; col_lse likewise from O')
         r_i = log(1 + exp(O_i - d_i))              where |P_i| = 1: its only positive is its diagonal

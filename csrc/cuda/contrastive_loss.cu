@@ -13,7 +13,8 @@
 // dre_cl_finish, launched after the pass, recomputes exactly the columns that did (none with normalize, |s| <= 300).
 // Both log-sum-exps leave the diagonal out and each row's diagonal logit l_ii is kept: dre_cl_finish then forms
 // R_i = logaddexp(O_i, l_ii) and, where l_ii is the row's only positive, r_i = log(1 + exp(O_i - l_ii))
-// (dre_kernels.contrastive_loss.contrastive_loss_finish's arithmetic), which keeps its relative precision as r_i -> 0.
+// (the arithmetic of dre_kernels.contrastive_loss.contrastive_loss_finish), which keeps its relative precision as
+// r_i -> 0.
 //
 // Backward: W_ij = dL/dl_ij = g_i/2 (exp(l_ij - R_i) - M_ij/n_i) + g_j/2 (exp(l_ij - C_j) - M_ij/n_j);
 // grad u_i = s sum_j W_ij v_j (one launch with x = a), grad v_j = s sum_i W_ij u_i (same kernel with the roles
@@ -267,12 +268,11 @@ DRE_DEVICE float logaddexp_f(float x, float y) {
 }
 
 // After dre_cl_fwd, for block J's CL_BJ indices j: the off-diagonal column log-sum-exp O'_j = ref_j + log(csum_j), or,
-// for the columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal
-// logit lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach), recomputed exactly
-// by walking every row tile with an online max/sum per column (a block with none of those reads no row); then
-// contrastive_loss_finish's arithmetic for row j and column j, in place: rlse (O_j) becomes row_lse, rpos (the
-// positive sum) r, cpos c, rdiag (l_jj) the loss (r + c) / 2, and clse col_lse. npos: |P_j|, or null without labels
-// (1).
+// for the columns whose float64 sum at the bound underflowed (csum_j < CL_TINY: the column's largest off-diagonal logit
+// lies more than ~640 below ref_j, which only unnormalised inputs with large norms reach), recomputed exactly by
+// walking every row tile with an online max/sum per column (a block with none of those reads no row); then
+// contrastive_loss_finish's arithmetic for row j and column j, in place: rlse (O_j) becomes row_lse, rpos (the positive
+// sum) r, cpos c, rdiag (l_jj) the loss (r + c) / 2, and clse col_lse. npos: |P_j|, or null without labels (1).
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm,
                                                 int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb,
                                                 const float* scale, const float* ref, const double* csum,

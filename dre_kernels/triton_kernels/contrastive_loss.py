@@ -76,8 +76,8 @@ def _tile_dot(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, i, imask, j, jmask, P,
 @triton.jit
 def _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                  MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(l_ij = s <a_i, b_j> inva_i invb_j, the mask i, j < B) for a tile: the forward and the finish kernel compute every
-    logit alike, and the backward too (_logit)."""
+    """(l_ij = s <a_i, b_j> inva_i invb_j, the mask i, j < B) for a tile: the forward and the finish kernel compute
+    every logit alike, and the backward too (_logit)."""
     dot = _tile_dot(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, i, imask, j, jmask, P, MODE, BLOCK_I, BLOCK_J, BLOCK_P)
     return _logit(s, dot, inva, invb)[0], imask[:, None] & jmask[None, :]
 
@@ -126,7 +126,8 @@ def _row_meta(P):
 def _cl_norms_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, B, P, EPS: tl.constexpr,
                      NORMALIZE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
     """||a_i||, ||b_i|| (accumulated in the buffer's dtype), their inverses clamped at eps, and max_i ||u_i|| by an
-    atomic max into a zeroed slot: what the forward, the finish kernel and the backward read, the same bits in each."""
+    atomic max into a zeroed slot: what the forward, the finish kernel and the backward read, the same bits in
+    each."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < B
     ACC = norms_ptr.dtype.element_ty
@@ -214,7 +215,7 @@ def _cl_fwd_kernel(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, norms_ptr, lab_ptr, sca
         logits, valid = _logits_tile(a_ptr, s_ar, s_ac, b_ptr, s_br, s_bc, s, inva, i, imask, invb, j, jmask, P,
                                      MODE, BLOCK_I, BLOCK_J, BLOCK_P)
         d_i += tl.sum(tl.where(valid & (i[:, None] == j[None, :]), logits, 0.0), axis=1)
-        # the log-sum-exps leave the diagonal out (the host adds it back: contrastive_loss_finish); no `~` on a
+        # the log-sum-exps leave the diagonal out (_cl_finish_kernel adds it back); no `~` on a
         # boolean tile: triton 3.2's interpreter cannot invert int1
         lt = tl.where(valid & (i[:, None] != j[None, :]), logits, float("-inf"))
         # rows: online log-sum-exp (rows past B, and a row with no off-diagonal logit, stay at -inf)
@@ -386,9 +387,9 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
 
 # ---------------------------------------------------------------------------------------------- autotuning
 # The forward, the finish kernel and both backward calls must compute each logit to the same bits (a saturated loss has
-# its exact gradient 0 only where exp(l_ij - R_i) is exactly 1 at the max), so they share one BLOCK_P per dot mode:
-# a tf32x3 tl.dot is three MMA chains per BLOCK_P slice of P (a_lo b_hi, a_hi b_lo, a_hi b_hi), and where the slices
-# end changes the rounding. (16-bit MMAs chain through the accumulator whatever the slice; pinned too, one rule.)
+# its exact gradient 0 only where exp(l_ij - R_i) is exactly 1 at the max), so they share one BLOCK_P per dot mode: a
+# tf32x3 tl.dot is three MMA chains per BLOCK_P slice of P (a_lo b_hi, a_hi b_lo, a_hi b_hi), and where the slices end
+# changes the rounding. (16-bit MMAs chain through the accumulator whatever the slice; pinned too, one rule.)
 BLOCK_P_BY_MODE = {0: 16, 1: 32, 2: 16}
 # Configs, by mode, that ptxas compiles without register spills on sm_90 and sm_80 at P=512 (tests/triton_aot.py
 # survey, triton 3.9; float32 for mode 0, bfloat16 and float16 for mode 1; but for 8 bytes of stack in the a-side
