@@ -263,6 +263,29 @@ def test_registered_contrastive_autograd_matches_reference(backend, labels, norm
         assert_close(u, v)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_gets_no_zero_filled_grads_for_outputs_without_one(backend):
+    """The outputs no loss depends on (mass; row_lse, col_lse, r, c) reach the registered backward as None: autograd
+    would otherwise allocate and zero-fill a tensor for each (a fill kernel each on GPU, four per contrastive
+    backward) that the backward never reads. Seen in torch.profiler as aten::zeros under the operator's autograd
+    node."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, xo, c, s, bank, bi, bo = sample_inputs()
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 4, generator=g, requires_grad=True)
+    b = torch.randn(6, 4, generator=g, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        op(backend, "residual_encode_fwd")(x, xo, c, s, bank, bi, bo, False)[0].sum().backward()
+        op(backend, "contrastive_loss_fwd")(a, b, torch.tensor(2.0), None, False)[0].sum().backward()
+    nodes = {e.name for e in prof.events() if e.name.endswith("Backward") and "_fwd" in e.name}
+    assert any("residual_encode_fwd" in n for n in nodes) and any("contrastive_loss_fwd" in n for n in nodes), nodes
+    fills = [e.cpu_parent.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like") and e.cpu_parent is not None
+             and e.cpu_parent.name in nodes]
+    assert not fills, fills
+
+
 def test_package_imports_and_reports_backends_without_the_extension():
     """With dre_kernels._C missing (not built), the package imports, `native` is reported unavailable with the
     reason, and the eager backends work."""
