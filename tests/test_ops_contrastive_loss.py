@@ -251,3 +251,23 @@ def test_small_losses_and_their_gradients_keep_relative_precision(backend_device
     assert row_relative_error(ga.cpu(), ra) < grad_tol
     assert row_relative_error(gb.cpu(), rb) < grad_tol
     assert abs(float(gs) - float(rs)) < 1e-4 * abs(float(rs))
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_nan_propagates_without_crash(backend_device, normalize, labels):
+    """A NaN in one row of a makes its row's logits and every column's log-sum-exp NaN: the losses are NaN where the
+    reference's are (every entry), the backward runs, and no backend turns the NaN into a finite value (a max
+    that drops NaN operands, as the GPU's does, must not hide it: the sums still carry it)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    a[2, 3] = float("nan")
+    lab = torch.tensor([0, 1, 0, 2, 1]) if labels else None
+    want = contrastive_loss(a, b, 2.0, labels=lab, normalize=normalize, reduction="none", backend="reference")
+    ad = a.to(device).requires_grad_()
+    got = contrastive_loss(ad, b.to(device), 2.0, labels=None if lab is None else lab.to(device), normalize=normalize,
+                           reduction="none", backend=backend)
+    assert torch.equal(torch.isnan(got.detach().cpu()), torch.isnan(want)), (got, want)
+    got.sum().backward()
+    assert torch.isnan(ad.grad).any()
