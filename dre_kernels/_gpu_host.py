@@ -1,6 +1,6 @@
 """Host-side launch rules shared by the GPU backends (triton, cupy): how a source of rows is cut into
 slide-aligned chunks, the float32 codeword tensors every residual_encode kernel reads, and the contrastive_loss
-host math around the kernels (inverse norms, positives per row, the normalisation backward).
+host math around the kernels (positives per row).
 
 A "source" is the fresh rows (x, split by x_offsets) or the bank rows (bank gathered by bank_index, split by
 bank_offsets). Each source is cut into chunks of `chunk` rows that never cross a slide, so a long slide spreads
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from dre_kernels.contrastive_loss import NORMALIZE_EPS
 
 
 def next_pow2(n: int) -> int:
@@ -98,14 +97,6 @@ def finish_codeword_grads(G, mass, hx, hsum, gsum, c32, s32, codewords, scale, h
 
 
 # ---------------------------------------------------------------------------------------------- contrastive_loss
-def inv_norms(t, normalize: bool, dtype=torch.float32):
-    """(1 / max(||t_i||, eps), or ones without normalize; ||t_i||), in `dtype`."""
-    norm = torch.linalg.vector_norm(t, dim=1, dtype=dtype)
-    if not normalize:
-        return torch.ones_like(norm), norm
-    return (1.0 / norm.clamp_min(NORMALIZE_EPS)).contiguous(), norm
-
-
 def num_positives(labels, B: int, device, dtype=torch.float32):
     """n_i = |{j : label_j = label_i}| (1 without labels), in `dtype`."""
     if labels is None:

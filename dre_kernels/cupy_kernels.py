@@ -24,7 +24,7 @@ import torch
 from dre_kernels import _checks
 from dre_kernels.contrastive_loss import NORMALIZE_EPS
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
-                                     finish_codeword_grads, inv_norms, next_pow2, num_positives,
+                                     finish_codeword_grads, next_pow2, num_positives,
                                      prep_codewords, row_sources)
 
 NTHREADS = 256
@@ -37,6 +37,7 @@ KERNEL_FILES = {
     "dre_re_fwd_tc_full": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_finish": "contrastive_loss.cu",
+    "dre_cl_norms": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_cl_bwd_tc": "contrastive_loss.cu",
     "dre_cl_normalize_bwd": "contrastive_loss.cu",
@@ -382,8 +383,9 @@ def _labels(labels, B):
 
 
 def _cl_inputs(a, b, logit_scale, normalize):
-    """What both directions start from: a, b detached; the scale as a float32 (1,) tensor; 1/||.|| (ones without
-    normalize) and the norms of a's and b's rows."""
+    """What both directions start from: a, b detached; the scale as a float32 (1,) tensor; dre_cl_norms's buffer
+    (4B + 1 floats: 1/||.|| of a's rows (1 without normalize), then b's, the norms of a's and b's rows, and
+    max_i ||u_i||) and its views inv a, ||a||, inv b, ||b||."""
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"dre cupy: a and b must have the same shape (B, P); got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
@@ -393,8 +395,14 @@ def _cl_inputs(a, b, logit_scale, normalize):
         raise ValueError(f"dre cupy: logit_scale must be a 0-dim tensor; got shape {tuple(logit_scale.shape)}")
     a, b = a.detach(), b.detach()
     s = logit_scale.detach().float().reshape(1).contiguous()
-    inva, na = inv_norms(a, normalize)
-    invb, nb = inv_norms(b, normalize)
+    B, P = a.shape
+    norms = torch.zeros(4 * B + 1, dtype=torch.float32, device=a.device)
+    if B:
+        rows_per_block = NTHREADS // 32  # a warp per row
+        _launch("dre_cl_norms", min(-(-2 * B // rows_per_block), _MAX_GRID), 0, a.device, ptr(a), _dt(a, "a"),
+                I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)), I64(b.stride(1)),
+                ptr(norms), I64(B), I32(P), I32(int(normalize)), F32(NORMALIZE_EPS))
+    inva, invb, na, nb = norms[:4 * B].view(4, B)
     return a, b, s, inva, na, invb, nb
 
 
@@ -407,19 +415,17 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     cpos = torch.zeros(B, dtype=torch.float32, device=dev)
     if B == 0:
         return rdiag, rlse, clse, rpos, cpos
-    # column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
-    ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous()
     csum = torch.zeros(B, dtype=torch.float64, device=dev)
     lab, lab64, has = _labels(labels, B)
     tc = _cl_tensor_cores(a, b)
     _launch("dre_cl_fwd", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
-            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(ref), ptr(rlse), ptr(rdiag),
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(nb), ptr(rlse), ptr(rdiag),
             ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P), tc)
     npos = num_positives(labels, B, dev) if labels is not None else None  # None: |P_i| = 1
     _launch("dre_cl_finish", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
-            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(ref), ptr(csum), ptr(npos), ptr(rlse), ptr(rdiag),
+            I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(nb), ptr(csum), ptr(npos), ptr(rlse), ptr(rdiag),
             ptr(rpos), ptr(cpos), ptr(clse), I64(B), I32(P), tc)
     return rdiag, rlse, clse, rpos, cpos  # (loss, row_lse, col_lse, r, c)
 

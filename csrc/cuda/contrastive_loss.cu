@@ -32,9 +32,10 @@
 // where the SIMT backward recomputes them P / 64 times). float16 rows stay on the SIMT kernels: W scales with the
 // upstream gradient (~p_ij / B under a mean) and float16 parts end at 6e-8, where it would flush to zero.
 //
-// Launch rules: 256 threads; forward and column fix grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64)
-// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)), the normalisation's backward min(ceil(B / 8), 65535 * 16)
-// (a warp per row, grid-stride); dynamic shared memory 0 (static arrays only).
+// Launch rules: 256 threads; forward and finish grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64)
+// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)), the norms min(ceil(2B / 8), 65535 * 16) and the
+// normalisation's backward min(ceil(B / 8), 65535 * 16) (a warp per row, grid-stride); dynamic shared memory 0
+// (static arrays only).
 #include "dre_common.cuh"
 
 namespace dre_cuda {
@@ -51,6 +52,12 @@ constexpr double CL_TINY = 1e-280;
 // at the max, and a gradient of s x ulp(l) in a saturated loss whose exact gradient is 0).
 DRE_DEVICE float cl_uv(float dot, float inv_i, float inv_j) { return dot * (inv_i * inv_j); }
 DRE_DEVICE float cl_logit(float s, float uv) { return __fmul_rn(s, uv); }
+
+// The column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij (Cauchy-Schwarz) from dre_cl_norms's buffer: bound points
+// at its norms of b (bound[j] = ||b_j||), followed by max_i ||u_i|| (bound[B]); ||v_j|| = ||b_j|| invb_j.
+DRE_DEVICE float cl_ref(float s, const float* bound, const float* invb, i64 j, i64 B) {
+  return fabsf(s) * bound[B] * (bound[j] * invb[j]);
+}
 
 // dot[u][v] += <x_{i0 + ty + 16u}, y_{j0 + tx + 16v}> over all of P, through shared slices xs, ys (64 x 17)
 DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr, i64 s_yc,
@@ -182,7 +189,7 @@ using namespace dre_cuda;
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt,
                                              i64 s_br, i64 s_bc, const float* inva, const float* invb,
                                              const void* labels, int lab64, int has_labels, const float* scale,
-                                             const float* ref, float* rlse, float* rdiag, float* rpos, double* csum,
+                                             const float* bound, float* rlse, float* rdiag, float* rpos, double* csum,
                                              float* cpos, i64 B, int P, int tc) {
   __shared__ float xs[CL_STAGE], ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
@@ -246,7 +253,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, 
       se = warp_sum(se);
       ps = warp_sum(ps);
       if (lane == 0) {
-        atomicAdd(csum + j, (double)se * exp((double)mx - (double)ref[j]));
+        atomicAdd(csum + j, (double)se * exp((double)mx - (double)cl_ref(s, bound, invb, j, B)));
         atomicAdd(cpos + j, ps);
       }
     }
@@ -275,7 +282,7 @@ DRE_DEVICE float logaddexp_f(float x, float y) {
 // sum) r, cpos c, rdiag (l_jj) the loss (r + c) / 2, and clse col_lse. npos: |P_j|, or null without labels (1).
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm,
                                                 int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb,
-                                                const float* scale, const float* ref, const double* csum,
+                                                const float* scale, const float* bound, const double* csum,
                                                 const float* npos, float* rlse, float* rdiag, float* rpos,
                                                 float* cpos, float* clse, i64 B, int P, int tc) {
   __shared__ float xs[CL_STAGE], ys[CL_STAGE];
@@ -317,7 +324,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_a
   }
   const i64 j = j0 + tid;
   if (tid >= CL_BJ || j >= B) return;
-  const float off_col = csum[j] < CL_TINY ? m_j[tid] + logf(l_j[tid]) : (float)((double)ref[j] + log(csum[j]));
+  const float off_col = csum[j] < CL_TINY ? m_j[tid] + logf(l_j[tid])
+                                          : (float)((double)cl_ref(s, bound, invb, j, B) + log(csum[j]));
   const float off_row = rlse[j], diag = rdiag[j], n = npos ? npos[j] : 1.f;
   const float row_lse = logaddexp_f(off_row, diag), col_lse = logaddexp_f(off_col, diag);
   const float r = n == 1.f ? logaddexp_f(off_row - diag, 0.f) : row_lse - rpos[j] / n;
@@ -486,6 +494,32 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
   if (with_gs && pid_p == 0) cl_block_sum(gsl, red, gs_out, pid_i);
 }
 
+// The rows' norms, once per call, into `norms` (4B + 1 floats, zeroed): the inverse norms
+// inv_t = 1 / max(||t_i||, eps) (1 without normalize) of a's rows then b's, the norms, and max_i ||u_i||
+// (u_i = a_i inv_a) for the column bound, by an atomicMax on its bits (non-negative floats order as unsigned
+// integers; a NaN norm wins, so the bound is NaN as torch's max would make it). One warp per row, grid-stride over
+// the 2B rows.
+DRE_GLOBAL void dre_cl_norms(const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* bm, int b_dt, i64 s_br,
+                             i64 s_bc, float* norms, i64 B, int P, int normalize, float eps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (i64 r = (i64)blockIdx.x * (NTHREADS / 32) + warp; r < 2 * B; r += (i64)gridDim.x * (NTHREADS / 32)) {
+    const bool side_b = r >= B;
+    const i64 i = side_b ? r - B : r;
+    float ss = 0.f;
+    for (int p = lane; p < P; p += 32) {
+      const float v = side_b ? load_f(bm, i * s_br + (i64)p * s_bc, b_dt) : load_f(a, i * s_ar + (i64)p * s_ac, a_dt);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) {
+      const float norm = sqrtf(ss), inv = normalize ? 1.f / fmaxf(norm, eps) : 1.f;
+      norms[r] = inv;  // inv_a at [0, B), inv_b at [B, 2B)
+      norms[2 * B + r] = norm;
+      if (!side_b) atomicMax(reinterpret_cast<unsigned int*>(norms + 4 * B), __float_as_uint(norm * inv));
+    }
+  }
+}
+
 // The normalisation's backward: grad t from grad u through u = t inv, inv = 1 / max(||t||, eps):
 //   grad t = (gu - u <u, gu>) inv   where ||t|| > eps,   gu inv   at or below it (F.normalize's clamped norm)
 // in t's dtype. One warp per row (the row's dot is warp-uniform); out may be gu itself (float32 t): each element is
@@ -513,20 +547,20 @@ DRE_GLOBAL void dre_cl_normalize_bwd(const float* gu, const void* t, int t_dt, i
 namespace dre_cuda_launch {
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
+                   int has_labels, const float* scale, const float* bound, float* rlse, float* rdiag, float* rpos,
                    double* csum, float* cpos, i64 B, int P, int tc) {
   if (grid > 0)
     dre_cl_fwd<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, labels, lab64,
-                                              has_labels, scale, ref, rlse, rdiag, rpos, csum, cpos, B, P, tc);
+                                              has_labels, scale, bound, rlse, rdiag, rpos, csum, cpos, B, P, tc);
   return cudaGetLastError();
 }
 
 cudaError_t cl_finish(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                      const float* ref, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
+                      const float* bound, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
                       float* cpos, float* clse, i64 B, int P, int tc) {
   if (grid > 0)
-    dre_cl_finish<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, ref,
+    dre_cl_finish<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, inva, invb, scale, bound,
                                                  csum, npos, rlse, rdiag, rpos, cpos, clse, B, P, tc);
   return cudaGetLastError();
 }
@@ -551,6 +585,13 @@ cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_d
     dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
                                                  has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P,
                                                  with_gs, x_is_b);
+  return cudaGetLastError();
+}
+
+cudaError_t cl_norms(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                     int b_dt, i64 s_br, i64 s_bc, float* norms, i64 B, int P, int normalize, float eps) {
+  if (grid > 0)
+    dre_cl_norms<<<grid, NTHREADS, 0, stream>>>(a, a_dt, s_ar, s_ac, b, b_dt, s_br, s_bc, norms, B, P, normalize, eps);
   return cudaGetLastError();
 }
 

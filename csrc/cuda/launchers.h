@@ -40,15 +40,20 @@ cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const v
                       const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, void* gx,
                       int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c, int R, int DO, int DT);
 
+// the rows' inverse norms and norms of a then b, and max_i ||u_i||, into norms (4B + 1 floats, zeroed): dre_cl_norms
+cudaError_t cl_norms(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
+                     int b_dt, i64 s_br, i64 s_bc, float* norms, i64 B, int P, int normalize, float eps);
+
+// bound: the norms of b in cl_norms's buffer, followed by max_i ||u_i|| (see cl_ref)
 cudaError_t cl_fwd(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                    int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const void* labels, int lab64,
-                   int has_labels, const float* scale, const float* ref, float* rlse, float* rdiag, float* rpos,
+                   int has_labels, const float* scale, const float* bound, float* rlse, float* rdiag, float* rpos,
                    double* csum, float* cpos, i64 B, int P, int tc);
 
 // the column log-sum-exps and the loss arithmetic after cl_fwd, in place (see dre_cl_finish); npos null: no labels
 cudaError_t cl_finish(unsigned grid, cudaStream_t stream, const void* a, int a_dt, i64 s_ar, i64 s_ac, const void* b,
                       int b_dt, i64 s_br, i64 s_bc, const float* inva, const float* invb, const float* scale,
-                      const float* ref, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
+                      const float* bound, const double* csum, const float* npos, float* rlse, float* rdiag, float* rpos,
                       float* cpos, float* clse, i64 B, int P, int tc);
 
 cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,

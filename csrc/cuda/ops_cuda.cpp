@@ -338,10 +338,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
 }
 
 // ------------------------------------------------------------------------------------------- contrastive
-std::pair<at::Tensor, at::Tensor> inv_norms(const at::Tensor& t, bool normalize) {
-  const at::Tensor norm = at::linalg_vector_norm(t, 2, {1}, false, at::kFloat);
-  if (!normalize) return {at::ones_like(norm), norm};
-  return {(1.0 / norm.clamp_min(kEps)).contiguous(), norm};
+// dre_cl_norms's buffer, one fill and one launch: inv_a, inv_b, ||a||, ||b|| (B each), then max_i ||u_i||
+struct ClNorms {
+  at::Tensor inva, invb, na, nb;  // views of one buffer; nb is followed by max_i ||u_i||
+  const float* bound() const { return nb.data_ptr<float>(); }  // ||b|| followed by max_i ||u_i|| (cl_ref)
+};
+
+ClNorms cl_norms(const at::Tensor& a, const at::Tensor& b, bool normalize) {
+  const int64_t B = a.size(0), P = a.size(1);
+  const at::Tensor buf = at::zeros({4 * B + 1}, a.options().dtype(at::kFloat));
+  if (B > 0) {
+    const int64_t rows_per_block = 256 / 32;  // a warp per row of a 256-thread block
+    launched(dre_cuda_launch::cl_norms(
+                 static_cast<unsigned>(std::min<int64_t>((2 * B + rows_per_block - 1) / rows_per_block, kMaxGrid)),
+                 at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0), a.stride(1), b.data_ptr(),
+                 dt(b, "b"), b.stride(0), b.stride(1), buf.data_ptr<float>(), B, static_cast<int>(P), normalize,
+                 static_cast<float>(kEps)),
+             "dre_cl_norms");
+  }
+  return {buf.narrow(0, 0, B), buf.narrow(0, B, B), buf.narrow(0, 2 * B, B), buf.narrow(0, 3 * B, B)};
 }
 
 at::Tensor num_positives(const c10::optional<at::Tensor>& labels, int64_t B, const at::TensorOptions& f32) {
@@ -399,23 +414,20 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
   const int64_t B = a.size(0), P = a.size(1);
   const auto f32 = a.options().dtype(at::kFloat);
   const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
-  auto [inva, na] = inv_norms(a, normalize);
-  auto [invb, nb] = inv_norms(b, normalize);
+  const ClNorms norms = cl_norms(a, b, normalize);
   // the forward's per-row sums, which dre_cl_finish turns into the outputs in place
   at::Tensor rlse = at::empty({B}, f32), rdiag = at::empty({B}, f32), rpos = at::empty({B}, f32);
   at::Tensor cpos = at::zeros({B}, f32), clse = at::empty({B}, f32);
   if (B == 0) return {rdiag, rlse, clse, rpos, cpos};
-  // column bound ref_j = |s| max_i ||u_i|| ||v_j|| >= l_ij
-  const at::Tensor ref = (s.abs() * (na * inva).max() * (nb * invb)).contiguous();
   at::Tensor csum = at::zeros({B}, a.options().dtype(at::kDouble));
   const Labels lab = labels_of(labels, B, a.device());
   const int tc = cl_tensor_cores(a, b);
   launched(dre_cuda_launch::cl_fwd(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                    at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                    a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
-                                   inva.data_ptr<float>(), invb.data_ptr<float>(),
+                                   norms.inva.data_ptr<float>(), norms.invb.data_ptr<float>(),
                                    lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
-                                   ref.data_ptr<float>(), rlse.data_ptr<float>(), rdiag.data_ptr<float>(),
+                                   norms.bound(), rlse.data_ptr<float>(), rdiag.data_ptr<float>(),
                                    rpos.data_ptr<float>(),
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_fwd");
@@ -423,8 +435,8 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
   launched(dre_cuda_launch::cl_finish(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                       at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                       a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
-                                      inva.data_ptr<float>(), invb.data_ptr<float>(), s.data_ptr<float>(),
-                                      ref.data_ptr<float>(), csum.data_ptr<double>(),
+                                      norms.inva.data_ptr<float>(), norms.invb.data_ptr<float>(),
+                                      s.data_ptr<float>(), norms.bound(), csum.data_ptr<double>(),
                                       npos.defined() ? npos.data_ptr<float>() : nullptr, rlse.data_ptr<float>(),
                                       rdiag.data_ptr<float>(), rpos.data_ptr<float>(), cpos.data_ptr<float>(),
                                       clse.data_ptr<float>(), B, static_cast<int>(P), tc),
@@ -466,8 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                     "dre: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = ", B, " entries");
   const auto f32 = a.options().dtype(at::kFloat);
   const at::Tensor s = logit_scale.detach().to(a.device(), at::kFloat).reshape({1}).contiguous();
-  auto [inva, na] = inv_norms(a, normalize);
-  auto [invb, nb] = inv_norms(b, normalize);
+  const ClNorms norms = cl_norms(a, b, normalize);
+  const at::Tensor &inva = norms.inva, &invb = norms.invb;
   const at::Tensor g = grad_loss.detach().to(at::kFloat).reshape({-1}).contiguous();
   const at::Tensor npos = num_positives(labels, B, f32);
   const Labels lab = labels_of(labels, B, a.device());
@@ -508,8 +520,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
       }
     }
   }
-  const at::Tensor grad_a = normalize_backward(gu, a, inva, na, normalize);
-  const at::Tensor grad_b = normalize_backward(gv, b, invb, nb, normalize);
+  const at::Tensor grad_a = normalize_backward(gu, a, inva, norms.na, normalize);
+  const at::Tensor grad_b = normalize_backward(gv, b, invb, norms.nb, normalize);
   return {grad_a, grad_b, gs.sum()};
 }
 

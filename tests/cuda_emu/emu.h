@@ -150,6 +150,13 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {
 inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
+  std::atomic_ref<unsigned int> a(*p);
+  unsigned int old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
 inline float __uint_as_float(unsigned int u) {
   float f;
   std::memcpy(&f, &u, 4);
