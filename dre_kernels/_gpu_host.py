@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -334,8 +334,10 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
     invy_ptr = norms_ptr + (_INV_B - X_IS_B) * B
     invx = tl.load(invx_ptr + i, mask=imask, other=0.0)
     lx = tl.load(lx_ptr + i, mask=imask, other=0.0)
-    # p_ii - 1 = expm1(-r_i) on the diagonal of a row whose only positive it is (no cancellation)
+    # p_ii - 1 = expm1(-r_i) on the diagonal of a row whose only positive it is (no cancellation); the y side's
+    # expm1(-c_j) is needed on that diagonal only (j = i), so it is taken at i once, not per column tile
     ex = _expm1(-tl.load(rx_ptr + i, mask=imask, other=0.0))
+    ey = _expm1(-tl.load(ry_ptr + i, mask=imask, other=0.0))
     hg_i = 0.5 * tl.load(g_ptr + i, mask=imask, other=0.0)
     n_i = tl.load(npos_ptr + i, mask=imask, other=1.0) if HAS_LABELS else tl.full((BLOCK_I,), 1.0, ACC)
     li = tl.load(lab_ptr + i, mask=imask, other=0) if HAS_LABELS else i
@@ -357,7 +359,6 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
                             BLOCK_P)
         invy = tl.load(invy_ptr + j, mask=jmask, other=0.0)
         ly = tl.load(ly_ptr + j, mask=jmask, other=0.0)
-        ey = _expm1(-tl.load(ry_ptr + j, mask=jmask, other=0.0))
         hg_j = 0.5 * tl.load(g_ptr + j, mask=jmask, other=0.0)
         n_j = tl.load(npos_ptr + j, mask=jmask, other=1.0) if HAS_LABELS else tl.full((BLOCK_J,), 1.0, ACC)
         logits, uv = _logit(s, dot, invx, invy)
@@ -365,7 +366,7 @@ def _cl_bwd_kernel(x_ptr, s_xr, s_xc, y_ptr, s_yr, s_yc, norms_ptr, lab_ptr, sca
         posf = tl.where(_positives(lab_ptr, li, i, j, jmask, valid, HAS_LABELS), 1.0, 0.0)
         own = (i[:, None] == j[None, :]) & (n_i[:, None] == 1.0)
         w = (hg_i[:, None] * tl.where(own, ex[:, None], tl.exp(logits - lx[:, None]) - posf / n_i[:, None])
-             + hg_j[None, :] * tl.where(own, ey[None, :], tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
+             + hg_j[None, :] * tl.where(own, ey[:, None], tl.exp(logits - ly[None, :]) - posf / n_j[None, :]))
         w = tl.where(valid, w, 0.0)
         yt = tl.load(y_ptr + j[:, None] * s_yr + po[None, :] * s_yc, mask=jmask[:, None] & pomask[None, :],
                      other=0.0)
@@ -478,6 +479,14 @@ def _norms(a, b, normalize, acc):
     return norms
 
 
+def _labels_and_counts(labels, B, acc, unused):
+    """(has labels, the labels contiguous, |P_i| in acc); without labels the kernels read neither (HAS_LABELS), and
+    both pointers are `unused`, any tensor of the call."""
+    if labels is None:
+        return False, unused, unused
+    return True, labels.contiguous(), num_positives(labels, B, labels.device, acc)
+
+
 def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     B, P = a.shape
     dev = a.device
@@ -490,14 +499,12 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     if B == 0:
         return rdiag, rlse, clse, rpos, cpos
     norms = _norms(a, b, normalize, acc)
-    has_labels = labels is not None
-    lab = labels.contiguous() if has_labels else norms
+    has_labels, lab, npos = _labels_and_counts(labels, B, acc, norms)
     mode = _mode(a, b)
     args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, lab, logit_scale,
             rlse, rdiag, rpos, csum, cpos, B, P, has_labels, mode)
     launch(_cl_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(B, meta["BLOCK_I"]),), args, _interp_meta(P),
            enable_fp_fusion=False)
-    npos = num_positives(labels, B, dev, acc) if has_labels else norms
     meta = _interp_meta(P) if INTERPRET else {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": BLOCK_P_BY_MODE[mode],
                                               "num_warps": 8}
     _cl_finish_kernel[(triton.cdiv(B, meta["BLOCK_J"]),)](
@@ -526,9 +533,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     acc = loss_dtype(a, b)
     norms = _norms(a, b, normalize, acc) if B else torch.zeros(1, dtype=acc, device=dev)
     g = grad_loss.to(acc).contiguous()
-    has_labels = labels is not None
-    lab = labels.contiguous() if has_labels else norms
-    npos = num_positives(labels, B, dev, acc) if has_labels else norms
+    has_labels, lab, npos = _labels_and_counts(labels, B, acc, norms)
     gu = torch.empty((B, P), dtype=acc, device=dev)
     gv = torch.empty((B, P), dtype=acc, device=dev)
     meta = _interp_meta(P, backward=True)
