@@ -11,6 +11,8 @@
 #                                           #   step/step_autotune.csv: every Triton config the autotuner timed
 #   bash benchmarks/gpu_session.sh bench-cuda | bench-step   # one part of bench, where one call cannot hold both
 #                                           #   (BENCH_ARGS="--quick" or "--providers torch native" for less)
+#   bash benchmarks/gpu_session.sh profile  # build + profile_kernels.py: each call's kernels, host time and syncs
+#                                           #   (PROFILE_ARGS="--shape 50k" or "--providers triton" to narrow it)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
 #
 # Before spending device time: `make test-gpu-stack` on a CPU machine runs the kernel tests against this image's
@@ -74,6 +76,7 @@ fuzz() {
 
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
 bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
+profile() { $PY benchmarks/profile_kernels.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt"; }
 
 case "$stage" in
   build) build ;;
@@ -82,6 +85,7 @@ case "$stage" in
   bench) build && bench_cuda && bench_step ;;
   bench-cuda) build && bench_cuda ;;
   bench-step) build && bench_step ;;
+  profile) build && profile ;;
   all) build && tests && bench_cuda && bench_step ;;
-  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|all" >&2; exit 2 ;;
 esac
