@@ -114,6 +114,27 @@ def test_float16_rows_in_the_16bit_dot_mode(device, float16_dots, hard):
         assert _max_rel_err(gs, want[2]) < 1e-5, "grad scale"
 
 
+def test_soft_backward_in_the_16bit_dot_mode(device, float16_dots, monkeypatch):
+    """The soft backward's products with G in MODE 1, which on a GPU only bfloat16 rows take (float16 rows take
+    float32 dots there: gradients below float16's normal range would lose bits in float16 parts), run here with
+    float16 rows and gradients of ordinary size: G split into hi + lo float16 parts for x G_b^T, h split for
+    h^T x. The codeword and scale gradients must stay float32-accurate, and grad x to float16's rounding."""
+    from dre_kernels.triton_kernels import _common
+
+    monkeypatch.setattr(tre, "dot_mode_backward", lambda dtype, hard=False: _common.dot_mode(dtype))
+    x, xo, c, s, bank, bi, bo = _inputs(device, [70, 0, 9], [3, 60, 1], K=7, D=150, x_dtype=torch.float16,
+                                        bank_dtype=torch.float16)
+    s = s / 100
+    xr, cr, sr = x.float().requires_grad_(), c.clone().requires_grad_(), s.clone().requires_grad_()
+    Er, _ = residual_encode_reference(xr, xo, cr, sr, bank, bi, bo, False)
+    G = torch.randn(Er.shape, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad((Er * G).sum(), [xr, cr, sr])
+    gx, gc, gs = tre.residual_encode_bwd(G, x, xo, c, s, bank, bi, bo, False, True, True, True, chunk_rows=16)
+    assert_close(gx.float(), want[0], torch.float16, msg="grad x")
+    assert _max_rel_err(gc, want[1]) < 1e-5, "grad codewords"
+    assert _max_rel_err(gs, want[2]) < 1e-5, "grad scale"
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_float16_contrastive_in_the_16bit_dot_mode(device, float16_dots, normalize):
     """contrastive_loss with float16 a and b in MODE 1 (exact 16-bit products over BLOCK_P_BY_MODE[1] slices, W
