@@ -97,9 +97,9 @@ def finish_codeword_grads(G, mass, hx, hsum, gsum, c32, s32, codewords, scale, h
 
 # ---------------------------------------------------------------------------------------------- contrastive_loss
 def num_positives(labels, B: int, device, dtype=torch.float32):
-    """n_i = |{j : label_j = label_i}| (1 without labels), in `dtype`."""
+    """n_i = |{j : label_j = label_i}| in `dtype`; None without labels (n_i = 1: the kernels take a null pointer)."""
     if labels is None:
-        return torch.ones(B, dtype=dtype, device=device)
+        return None
     lab = labels.to(torch.int64)
     srt = torch.sort(lab).values
     n = torch.searchsorted(srt, lab, right=True) - torch.searchsorted(srt, lab, right=False)

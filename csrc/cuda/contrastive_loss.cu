@@ -157,12 +157,15 @@ DRE_DEVICE float cl_bwd_weight(float dot, i64 i, i64 j, i64 B, const float* invx
   if (i >= B || j >= B) return 0.f;
   const float uv = cl_uv(dot, invx[i], invy[j]);
   const float l = cl_logit(s, uv);
+  // npos null (no labels): P_i = {i}, |P_i| = 1
+  const float ni = npos ? npos[i] : 1.f;
   float w;
-  if (i == j && npos[i] == 1.f) {
+  if (i == j && ni == 1.f) {
     w = 0.5f * g[i] * (expm1f(-rx[i]) + expm1f(-ry[i]));
   } else {
     const float pos = cl_positive(labels, lab64, has_labels, i, j) ? 1.f : 0.f;
-    w = 0.5f * g[i] * (expf(l - lx[i]) - pos / npos[i]) + 0.5f * g[j] * (expf(l - ly[j]) - pos / npos[j]);
+    const float nj = npos ? npos[j] : 1.f;
+    w = 0.5f * g[i] * (expf(l - lx[i]) - pos / ni) + 0.5f * g[j] * (expf(l - ly[j]) - pos / nj);
   }
   gsl += w * uv;
   return w * invy[j];
@@ -339,7 +342,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_a
 
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
 // (with_gs). lx, ly: the log-sum-exps on x's side and y's side; rx, ry: the losses r, c on each side (expm1(-r) on
-// the diagonal where npos = 1); g: grad of the loss (B); npos: |P_i| (B).
+// the diagonal where npos = 1); g: grad of the loss (B); npos: |P_i| (B), or null without labels (1).
 // two blocks per SM: 128 registers, no spills (unbounded, ptxas takes 140 and one block per SM)
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
                                              i64 s_yr, i64 s_yc, const float* invx, const float* invy,

@@ -69,6 +69,8 @@ void on_device(const at::Tensor& t, const at::Device& dev, const char* name) {
 const void* ptr(const c10::optional<at::Tensor>& t) { return (t.has_value() && t->defined()) ? t->data_ptr() : nullptr; }
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 // Value checks with one synchronisation per call (none for what the cache vouches for): value_checks.h. During
 // CUDA graph capture no synchronisation is allowed and a replay runs no host code: device-side asserts instead.
 void check_values(const std::vector<OffsetsCheck>& offsets, const std::vector<IndexCheck>& indices,
@@ -359,8 +361,9 @@ ClNorms cl_norms(const at::Tensor& a, const at::Tensor& b, bool normalize) {
   return {buf.narrow(0, 0, B), buf.narrow(0, B, B), buf.narrow(0, 2 * B, B), buf.narrow(0, 3 * B, B)};
 }
 
+// |P_i| (B) float32, or undefined without labels: the kernels take a null pointer for |P_i| = 1
 at::Tensor num_positives(const c10::optional<at::Tensor>& labels, int64_t B, const at::TensorOptions& f32) {
-  if (!given(labels)) return at::ones({B}, f32);
+  if (!given(labels)) return at::Tensor();
   const at::Tensor lab = labels->to(at::kLong);
   const at::Tensor srt = std::get<0>(at::sort(lab));
   const at::Tensor n = at::searchsorted(srt, lab, false, /*right=*/true) - at::searchsorted(srt, lab, false, false);
@@ -431,13 +434,13 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
                                    rpos.data_ptr<float>(),
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_fwd");
-  const at::Tensor npos = labels.has_value() ? num_positives(labels, B, f32) : at::Tensor();  // none: |P_i| = 1
+  const at::Tensor npos = num_positives(labels, B, f32);
   launched(dre_cuda_launch::cl_finish(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                       at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                       a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
                                       norms.inva.data_ptr<float>(), norms.invb.data_ptr<float>(),
                                       s.data_ptr<float>(), norms.bound(), csum.data_ptr<double>(),
-                                      npos.defined() ? npos.data_ptr<float>() : nullptr, rlse.data_ptr<float>(),
+                                      data_or_null(npos), rlse.data_ptr<float>(),
                                       rdiag.data_ptr<float>(), rpos.data_ptr<float>(), cpos.data_ptr<float>(),
                                       clse.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_finish");
@@ -509,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                         sd.y->stride(0), sd.y->stride(1), sd.invx->data_ptr<float>(), sd.invy->data_ptr<float>(),
                         lab.has ? lab.t.data_ptr() : nullptr, lab.lab64, lab.has, s.data_ptr<float>(),
                         sd.lx->data_ptr<float>(), sd.ly->data_ptr<float>(), sd.rx->data_ptr<float>(),
-                        sd.ry->data_ptr<float>(), g.data_ptr<float>(), npos.data_ptr<float>(),
+                        sd.ry->data_ptr<float>(), g.data_ptr<float>(), data_or_null(npos),
                         sd.out->data_ptr<float>(), gs.data_ptr<float>(), B, static_cast<int>(P), sd.with_gs,
                         extra...);
       };
