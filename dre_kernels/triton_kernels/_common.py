@@ -123,19 +123,6 @@ def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options
 
 
 @triton.jit
-def mm_rf(p, q, acc, MODE: tl.constexpr):
-    """acc + p @ q where p holds rows in their storage dtype and q is float32 (split into hi + lo for MODE 1)."""
-    if MODE == 1:
-        q_hi = q.to(p.dtype)
-        q_lo = (q - q_hi.to(tl.float32)).to(p.dtype)
-        acc = tl.dot(p, q_hi, acc)
-        acc = tl.dot(p, q_lo, acc)
-    else:
-        acc = tl.dot(p.to(tl.float32), q, acc, input_precision="tf32x3")
-    return acc
-
-
-@triton.jit
 def mm_fr(p, q, acc, MODE: tl.constexpr, EXACT_P: tl.constexpr):
     """acc + p @ q where p is float32 (split unless EXACT_P: representable in q's dtype, e.g. 0/1) and q rows."""
     if MODE == 1:

@@ -17,7 +17,7 @@ x groups of N_DT column tiles: it depends on shapes only (no host synchronisatio
 map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the
 same chunk sit next to each other in the launch order, so the rows they all read come from L2.
 
-Codewords are prepared once per call by one small kernel (_prep_codewords_kernel): ||c_k||^2 and c^T laid out
+Codewords are prepared once per call by one small kernel (_prep_transposed_kernel): ||c_k||^2 and c^T laid out
 (D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores (float32 for
 float32 rows): the distance loop loads its operand as is, where it used to load float32 codewords transposed and
 split them for every row block and D slice.
@@ -41,6 +41,9 @@ atomically, and write grad x rows directly (each row belongs to one program per 
 assignment h = 0: grad x_i = G_{b, k(i)} (a gather), grad c_k = -sum_b mass_bk G_bk, so bank rows enter only
 through mass: given the forward's mass (`mass=`) there is no pass over bank rows at all; without it (the dre op
 schema does not carry it) one argmin-only pass over the bank rows counts them, with no E accumulation.
+G is prepared once per call like the codewords (_prep_transposed_kernel): G_b^T (D, K_PAD) split into hi + lo
+parts for x G_b^T, and gc_bk = <G_bk, c_k> in the same launch, where each row block used to load G_b transposed in
+float32 and split it for every D slice.
 """
 
 from __future__ import annotations
@@ -52,33 +55,39 @@ import triton.language as tl
 from dre_kernels import _checks
 from dre_kernels._gpu_host import default_chunk_rows, next_pow2, row_sources
 from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, launch,
-                                               launch_arg, mm_ff, mm_fr, mm_rf)
+                                               launch_arg, mm_ff, mm_fr)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _prep_codewords_kernel(c_ptr, ct_ptr, csq_ptr, K, D,
-                           SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """csq (K_PAD,) = ||c_k||^2 in float32 and ct = c^T (D, K_PAD), zero past K; SPLIT: ct holds (2, D, K_PAD),
-    the hi and lo parts of the float32 value in ct's 16-bit dtype."""
+def _prep_transposed_kernel(src_ptr, c_ptr, dst_ptr, dot_ptr, K, D,
+                            SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For each (K, D) matrix q = src[b] (program axis 1): dst[b] = q^T laid out (D, K_PAD), zero past K, and
+    dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (2, D, K_PAD), the hi and lo parts of the
+    float32 value in dst's 16-bit dtype. The codewords (src = c: dot = ||c_k||^2) and G = dL/dE (gc_bk =
+    <G_bk, c_k>) take it once per call, so that the loops over D load their tensor-core operand as it is."""
+    b = tl.program_id(1).to(tl.int64)
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
+    src_ptr += b * K * D
+    dst_ptr += b * (2 if SPLIT else 1) * D * K_PAD
     sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dmask = d < D
-        c = tl.load(c_ptr + k[:, None] * D + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        c = c.to(tl.float32)
-        sq += tl.sum(c * c, axis=1)
-        dst = ct_ptr + d[None, :] * K_PAD + k[:, None]
+        m2 = kmask[:, None] & dmask[None, :]
+        q = tl.load(src_ptr + k[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + k[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        sq += tl.sum(q * c, axis=1)
+        dst = dst_ptr + d[None, :] * K_PAD + k[:, None]
         smask = (k[:, None] < K_PAD) & dmask[None, :]
         if SPLIT:
-            hi = c.to(ct_ptr.dtype.element_ty)
+            hi = q.to(dst_ptr.dtype.element_ty)
             tl.store(dst, hi, mask=smask)
-            tl.store(dst + D * K_PAD, (c - hi.to(tl.float32)).to(ct_ptr.dtype.element_ty), mask=smask)
+            tl.store(dst + D * K_PAD, (q - hi.to(tl.float32)).to(dst_ptr.dtype.element_ty), mask=smask)
         else:
-            tl.store(dst, c.to(ct_ptr.dtype.element_ty), mask=smask)
-    tl.store(csq_ptr + k, sq, mask=k < K_PAD)
+            tl.store(dst, q.to(dst_ptr.dtype.element_ty), mask=smask)
+    tl.store(dot_ptr + b * K_PAD + k, sq, mask=k < K_PAD)
 
 
 @triton.jit
@@ -106,12 +115,30 @@ def _finish_codeword_grads_kernel(g_ptr, mass_ptr, hx_ptr, hsum_ptr, c_ptr, scal
 
 
 @triton.jit
-def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, g_ptr, D,
+def _load_t(t_ptr, d, dmask, k, K_PAD: tl.constexpr):
+    """A (BLOCK_D, K_PAD) slice of a prepared transposed operand (_prep_transposed_kernel)."""
+    return tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=dmask[:, None], other=0.0)
+
+
+@triton.jit
+def _dot_t(x, t_ptr, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
+    """acc + x @ q[d slice] for a prepared q^T at t_ptr: its hi and lo 16-bit parts for MODE 1 (x exact in its
+    16-bit dtype), else float32 (tf32x3)."""
+    if MODE == 1:
+        acc = tl.dot(x, _load_t(t_ptr, d, dmask, k, K_PAD), acc)
+        acc = tl.dot(x, _load_t(t_ptr + D * K_PAD, d, dmask, k, K_PAD), acc)
+    else:
+        acc = tl.dot(x.to(tl.float32), _load_t(t_ptr, d, dmask, k, K_PAD), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gt_ptr, D,
                WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2 (HARD: d - ||x||^2, the argmin's key), and x G_b^T when
-    WITH_G (g_ptr at G_b). ct_ptr: the prepared c^T (hi, lo for MODE 1). ||x||^2 is the same for every codeword of
-    a row: adding it before the argmin would round away the low bits that set near codewords apart."""
+    WITH_G. ct_ptr, gt_ptr: the prepared c^T and G_b^T (hi, lo for MODE 1). ||x||^2 is the same for every codeword
+    of a row: adding it before the argmin would round away the low bits that set near codewords apart."""
     dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
     xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -123,16 +150,9 @@ def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, g_ptr, D,
         if not HARD:
             xf = xt.to(tl.float32)
             xsq += tl.sum(xf * xf, axis=1)
-        ct = ct_ptr + d[:, None] * K_PAD + k[None, :]
-        ct_hi = tl.load(ct, mask=dmask[:, None], other=0.0)  # (BLOCK_D, K_PAD)
-        if MODE == 1:
-            dot = tl.dot(xt, ct_hi, dot)
-            dot = tl.dot(xt, tl.load(ct + D * K_PAD, mask=dmask[:, None], other=0.0), dot)
-        else:
-            dot = tl.dot(xt.to(tl.float32), ct_hi, dot, input_precision="tf32x3")
+        dot = _dot_t(xt, ct_ptr, d, dmask, k, dot, D, MODE, K_PAD)
         if WITH_G:
-            gt = tl.load(g_ptr + k[None, :] * D + d[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0)
-            dotg = mm_rf(xt, gt, dotg, MODE)
+            dotg = _dot_t(xt, gt_ptr, d, dmask, k, dotg, D, MODE, K_PAD)
     if HARD:
         dist = csq[None, :] - 2.0 * dot
     else:
@@ -281,7 +301,7 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
             r = r0 + tl.arange(0, BLOCK_M)
             rmask = r < end
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, c_ptr, D,
+            dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, ct_ptr, D,
                                  False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, _ = _assign(dist, k, kmask, rmask, s, HARD)
             mass += tl.sum(a, axis=0)
@@ -303,7 +323,7 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 
 
 @triton.jit
-def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, g_ptr, gc_ptr,
+def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, g_ptr, gt_ptr, gc_ptr,
                    hx_ptr, hsum_ptr, gs_ptr, mass_ptr, gx_ptr, s_gr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr,
@@ -334,15 +354,16 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
         if HARD:
             gc = csq
         else:
-            gc = tl.load(gc_ptr + b * K + k, mask=kmask, other=0.0)
+            gc = tl.load(gc_ptr + b * K_PAD + k)
         gb_ptr = g_ptr + b * K * D
+        gtb_ptr = gt_ptr + b * (2 if MODE == 1 else 1) * D * K_PAD  # G_b^T as _distances reads it
         g_tile = tl.load(gb_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)   # G_b[:, tile]
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
         for r0 in range(lo, end, BLOCK_M):
             r = r0 + tl.arange(0, BLOCK_M)
             rmask = r < end
             row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, kmask, gb_ptr, D,
+            dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gtb_ptr, D,
                                     not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, amin = _assign(dist, k, kmask, rmask, s, HARD)
             omask = rmask[:, None] & domask[None, :]
@@ -433,8 +454,9 @@ _FWD_CONFIGS = {
 _BWD_CONFIGS = {
     "small_k": [(16, 32, 32, 1, 8, 2), (16, 32, 64, 1, 8, 2), (32, 32, 32, 1, 8, 2), (32, 32, 64, 1, 8, 2),
                 (16, 32, 128, 1, 8, 2),
-                # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 205-254 registers, no spills
-                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B); triton 3.6: the BLOCK_M=64 one 168 B
+                # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 212-255 registers, the
+                # BLOCK_M=64 one spills 32 B (since G is prepared; triton 3.6: 56 B, 168 B before), the others none
+                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B)
                 (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1),
                 # deep pipelines (sm_90, 16-bit rows, the passes that only sum): 208-252 registers, no spills;
                 # triton 3.6 8-48 B in two of the four
@@ -581,10 +603,28 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
     return default_chunk_rows(n_rows, device)
 
 
+def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
+    """(q^T parts, dot) of each (K, D) matrix q of src (K, D) or (B, K, D), by _prep_transposed_kernel for the dot
+    mode of rows of rows_dtype: ([B,] 2 | 1, D, k_pad) in rows_dtype (hi, lo; MODE 1) or float32, and ([B,] k_pad)
+    float32 sum_d q_kd c_kd."""
+    K, D = c.shape
+    lead = tuple(src.shape[:-2])  # (B,) or ()
+    nb = lead[0] if lead else 1
+    split = mode == 1
+    t = torch.empty(lead + (2 if split else 1, D, k_pad), device=c.device,
+                    dtype=rows_dtype if split else torch.float32)
+    dot = torch.empty(lead + (k_pad,), dtype=torch.float32, device=c.device)
+    if nb:
+        block_k = 16
+        _prep_transposed_kernel[(k_pad // block_k, nb)](src, c, t, dot, K, D, split, k_pad, block_k,
+                                                        min(128, max(16, next_pow2(D))), num_warps=4)
+    return t, dot
+
+
 class _Codewords:
     """The codewords as the kernels read them: `c` (K, D) contiguous in their dtype, `scale` (or ||c||^2 in its
     slot for hard assignment) and, per dot mode of a row source, the prepared (c^T parts, ||c||^2), made once per
-    call by _prep_codewords_kernel."""
+    call by _prep_transposed_kernel."""
 
     def __init__(self, codewords, scale, hard):
         self.c = codewords.detach().contiguous()
@@ -596,15 +636,7 @@ class _Codewords:
     def prepared(self, rows_dtype, mode):
         key = (rows_dtype, mode) if mode == 1 else mode
         if key not in self._prepared:
-            split = mode == 1
-            ct = torch.empty((2 if split else 1, self.D, self.k_pad), device=self.c.device,
-                             dtype=rows_dtype if split else torch.float32)
-            csq = torch.empty(self.k_pad, dtype=torch.float32, device=self.c.device)
-            block_k = 16
-            _prep_codewords_kernel[(self.k_pad // block_k,)](
-                self.c, ct, csq, self.K, self.D, split, self.k_pad, block_k, min(128, max(16, next_pow2(self.D))),
-                num_warps=4)
-            self._prepared[key] = (ct, csq)
+            self._prepared[key] = _prepare_transposed(self.c, self.c, self.k_pad, rows_dtype, mode)
         return self._prepared[key]
 
 
@@ -660,8 +692,9 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     sums = torch.zeros(K * (D + 2) + B * K, dtype=torch.float32, device=dev)
     gs, hx, hsum, mass_acc = sums.split([K, K * D, K, B * K])
     hx, mass_acc = hx.view(K, D), mass_acc.view(B, K)
-    # gc_bk = <G_bk, c_k>, the part of dL/dd that does not depend on the row
-    gc = None if hard else torch.einsum("bkd,kd->bk", G, cw.c.float()).contiguous()
+    # soft: G_b^T prepared for each dot mode as the codewords are, and gc_bk = <G_bk, c_k> (B, K_PAD), the part of
+    # dL/dd that does not depend on the row
+    g_prepared = {}
     use_given_mass = hard and mass is not None
     xd = x.detach()
     for src, (rows, index, offsets, n_rows) in enumerate(row_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
@@ -676,6 +709,13 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         mode = dot_mode_backward(rows.dtype, hard)
         ct, csq = cw.prepared(rows.dtype, mode)
+        key = (rows.dtype, mode) if mode == 1 else mode
+        if hard:
+            gt, gc = G, csq  # not read
+        else:
+            if key not in g_prepared:
+                g_prepared[key] = _prepare_transposed(G, cw.c, cw.k_pad, rows.dtype, mode)
+            gt, gc = g_prepared[key]
         chunks = triton.cdiv(n_rows, _chunk_rows(n_rows, dev, chunk_rows))
         gather = index is not None
         offsets = offsets.contiguous()
@@ -688,7 +728,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
         split = write_gx and acc_c and not hard and k_pad >= LARGE_K_PAD
         for pass_gx, pass_c in ((True, False), (False, True)) if split else ((write_gx, acc_c),):
             args = (rows, rows.stride(0), rows.stride(1), idx, offsets, cw.c, ct, csq,
-                    csq if cw.scale is None else cw.scale, G, csq if gc is None else gc,
+                    csq if cw.scale is None else cw.scale, G, gt, gc,
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
                     _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
