@@ -62,12 +62,12 @@ from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mod
 @triton.jit
 def _prep_transposed_kernel(src_ptr, c_ptr, dst_ptr, dot_ptr, K, D,
                             SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For each (K, D) matrix q = src[b] (program axis 1): dst[b] = q^T laid out (D, K_PAD), zero past K, and
+    """For each (K, D) matrix q = src[b] (program axis 0, which allows 2^31 - 1 of them): dst[b] = q^T laid out (D, K_PAD), zero past K, and
     dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (2, D, K_PAD), the hi and lo parts of the
     float32 value in dst's 16-bit dtype. The codewords (src = c: dot = ||c_k||^2) and G = dL/dE (gc_bk =
     <G_bk, c_k>) take it once per call, so that the loops over D load their tensor-core operand as it is."""
-    b = tl.program_id(1).to(tl.int64)
-    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
     src_ptr += b * K * D
     dst_ptr += b * (2 if SPLIT else 1) * D * K_PAD
@@ -603,6 +603,11 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
     return default_chunk_rows(n_rows, device)
 
 
+def _prep_key(rows_dtype, mode):
+    """What a prepared operand depends on: the rows' 16-bit dtype in MODE 1, the mode alone in MODE 0 (float32)."""
+    return (rows_dtype, mode) if mode == 1 else mode
+
+
 def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
     """(q^T parts, dot) of each (K, D) matrix q of src (K, D) or (B, K, D), by _prep_transposed_kernel for the dot
     mode of rows of rows_dtype: ([B,] 2 | 1, D, k_pad) in rows_dtype (hi, lo; MODE 1) or float32, and ([B,] k_pad)
@@ -616,7 +621,7 @@ def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
     dot = torch.empty(lead + (k_pad,), dtype=torch.float32, device=c.device)
     if nb:
         block_k = 16
-        _prep_transposed_kernel[(k_pad // block_k, nb)](src, c, t, dot, K, D, split, k_pad, block_k,
+        _prep_transposed_kernel[(nb, k_pad // block_k)](src, c, t, dot, K, D, split, k_pad, block_k,
                                                         min(128, max(16, next_pow2(D))), num_warps=4)
     return t, dot
 
@@ -634,7 +639,7 @@ class _Codewords:
         self._prepared = {}
 
     def prepared(self, rows_dtype, mode):
-        key = (rows_dtype, mode) if mode == 1 else mode
+        key = _prep_key(rows_dtype, mode)
         if key not in self._prepared:
             self._prepared[key] = _prepare_transposed(self.c, self.c, self.k_pad, rows_dtype, mode)
         return self._prepared[key]
@@ -709,7 +714,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         mode = dot_mode_backward(rows.dtype, hard)
         ct, csq = cw.prepared(rows.dtype, mode)
-        key = (rows.dtype, mode) if mode == 1 else mode
+        key = _prep_key(rows.dtype, mode)
         if hard:
             gt, gc = G, csq  # not read
         else:
