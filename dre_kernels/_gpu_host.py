@@ -96,7 +96,7 @@ def finish_codeword_grads(G, mass, hx, hsum, gsum, c32, s32, codewords, scale, h
 
 
 # ---------------------------------------------------------------------------------------------- contrastive_loss
-def num_positives(labels, B: int, device, dtype=torch.float32):
+def num_positives(labels, dtype=torch.float32):
     """n_i = |{j : label_j = label_i}| in `dtype`; None without labels (n_i = 1: the kernels take a null pointer)."""
     if labels is None:
         return None

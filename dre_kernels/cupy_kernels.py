@@ -422,7 +422,7 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(lab), lab64, has, ptr(s), ptr(nb), ptr(rlse), ptr(rdiag),
             ptr(rpos), ptr(csum), ptr(cpos), I64(B), I32(P), tc)
-    npos = num_positives(labels, B, dev)  # None without labels: |P_i| = 1
+    npos = num_positives(labels)  # None without labels: |P_i| = 1
     _launch("dre_cl_finish", -(-B // CL_BLOCK), 0, dev,
             ptr(a), _dt(a, "a"), I64(a.stride(0)), I64(a.stride(1)), ptr(b), _dt(b, "b"), I64(b.stride(0)),
             I64(b.stride(1)), ptr(inva), ptr(invb), ptr(s), ptr(nb), ptr(csum), ptr(npos), ptr(rlse), ptr(rdiag),
@@ -437,7 +437,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     g = grad_loss.detach().float().reshape(-1).contiguous()
     if any(t.numel() != B for t in (g, row_lse, col_lse, row_loss, col_loss)):
         raise ValueError(f"dre cupy: grad_loss, row_lse, col_lse, row_loss and col_loss must have B = {B} entries")
-    npos = num_positives(labels, B, dev)  # None without labels: |P_i| = 1
+    npos = num_positives(labels)  # None without labels: |P_i| = 1
     lab, lab64, has = _labels(labels, B)
     gu = torch.empty((B, P), dtype=torch.float32, device=dev)
     gv = torch.empty((B, P), dtype=torch.float32, device=dev)

@@ -362,7 +362,7 @@ ClNorms cl_norms(const at::Tensor& a, const at::Tensor& b, bool normalize) {
 }
 
 // |P_i| (B) float32, or undefined without labels: the kernels take a null pointer for |P_i| = 1
-at::Tensor num_positives(const c10::optional<at::Tensor>& labels, int64_t B, const at::TensorOptions& f32) {
+at::Tensor num_positives(const c10::optional<at::Tensor>& labels) {
   if (!given(labels)) return at::Tensor();
   const at::Tensor lab = labels->to(at::kLong);
   const at::Tensor srt = std::get<0>(at::sort(lab));
@@ -434,7 +434,7 @@ ContrastiveFwdOut contrastive_loss_fwd_cuda(const at::Tensor& a_, const at::Tens
                                    rpos.data_ptr<float>(),
                                    csum.data_ptr<double>(), cpos.data_ptr<float>(), B, static_cast<int>(P), tc),
            "dre_cl_fwd");
-  const at::Tensor npos = num_positives(labels, B, f32);
+  const at::Tensor npos = num_positives(labels);
   launched(dre_cuda_launch::cl_finish(static_cast<unsigned>((B + kClBlock - 1) / kClBlock),
                                       at::cuda::getCurrentCUDAStream(), a.data_ptr(), dt(a, "a"), a.stride(0),
                                       a.stride(1), b.data_ptr(), dt(b, "b"), b.stride(0), b.stride(1),
@@ -484,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
   const ClNorms norms = cl_norms(a, b, normalize);
   const at::Tensor &inva = norms.inva, &invb = norms.invb;
   const at::Tensor g = grad_loss.detach().to(at::kFloat).reshape({-1}).contiguous();
-  const at::Tensor npos = num_positives(labels, B, f32);
+  const at::Tensor npos = num_positives(labels);
   const Labels lab = labels_of(labels, B, a.device());
   at::Tensor gu = at::empty({B, P}, f32), gv = at::empty({B, P}, f32);
   const int64_t nrb = (B + kClBlock - 1) / kClBlock;

@@ -479,12 +479,12 @@ def _norms(a, b, normalize, acc):
     return norms
 
 
-def _labels_and_counts(labels, B, acc, unused):
+def _labels_and_counts(labels, acc, unused):
     """(has labels, the labels contiguous, |P_i| in acc); without labels the kernels read neither (HAS_LABELS), and
     both pointers are `unused`, any tensor of the call."""
     if labels is None:
         return False, unused, unused
-    return True, labels.contiguous(), num_positives(labels, B, labels.device, acc)
+    return True, labels.contiguous(), num_positives(labels, acc)
 
 
 def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
@@ -499,7 +499,7 @@ def contrastive_loss_fwd(a, b, logit_scale, labels, normalize):
     if B == 0:
         return rdiag, rlse, clse, rpos, cpos
     norms = _norms(a, b, normalize, acc)
-    has_labels, lab, npos = _labels_and_counts(labels, B, acc, norms)
+    has_labels, lab, npos = _labels_and_counts(labels, acc, norms)
     mode = _mode(a, b)
     args = (a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), norms, lab, logit_scale,
             rlse, rdiag, rpos, csum, cpos, B, P, has_labels, mode)
@@ -533,7 +533,7 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     acc = loss_dtype(a, b)
     norms = _norms(a, b, normalize, acc) if B else torch.zeros(1, dtype=acc, device=dev)
     g = grad_loss.to(acc).contiguous()
-    has_labels, lab, npos = _labels_and_counts(labels, B, acc, norms)
+    has_labels, lab, npos = _labels_and_counts(labels, acc, norms)
     gu = torch.empty((B, P), dtype=acc, device=dev)
     gv = torch.empty((B, P), dtype=acc, device=dev)
     meta = _interp_meta(P, backward=True)
