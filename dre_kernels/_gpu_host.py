@@ -22,10 +22,19 @@ def num_sms(device) -> int:
     return 4
 
 
+# Rows per chunk, at least: one row block of the widest config (BLOCK_M / R = 64). The floor was 256, which left
+# small sources on few programs: the DRE-SLCL step's 2048 fresh rows made 8 chunks (8-48 programs on 132 SMs, each
+# walking 4-16 row blocks in turn, before the bank rows' launch could start), where 64 makes 32. Sources past
+# 4 * SMs * 256 rows (the step's 131k bank rows) are cut as before.
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_ROWS = 8192
+
+
 def default_chunk_rows(n_rows: int, device) -> int:
-    """~4 chunks per SM over a source, 256..8192 rows each (a power of two): a long slide spreads over the GPU."""
+    """~4 chunks per SM over a source, MIN_CHUNK_ROWS..MAX_CHUNK_ROWS rows each (a power of two): a long slide
+    spreads over the GPU, and a small source over more than a few SMs."""
     target = 4 * num_sms(device)
-    return int(min(8192, max(256, next_pow2(-(-max(n_rows, 1) // target)))))
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, next_pow2(-(-max(n_rows, 1) // target)))))
 
 
 def chunk_map(offsets: torch.Tensor, n_rows: int, chunk: int):

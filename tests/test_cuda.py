@@ -365,7 +365,7 @@ def test_emu_residual_encode_ragged_with_bank(emu, hard):
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_emu_residual_encode_long_slide_split_across_blocks(emu, hard):
-    # 600 fresh + 700 bank rows in one slide: several 256-row chunks, partial sums added atomically
+    # 600 fresh + 700 bank rows in one slide: several chunks (64 rows each here), partial sums added atomically
     args = _re_inputs([600, 7], [700, 0], K=3, D=20)
     assert cupy_kernels.default_chunk_rows(600, torch.device("cpu")) < 600
     n0 = len(emu.launches)

@@ -18,11 +18,12 @@ inline int64_t next_pow2(int64_t n) {
   return p;
 }
 
-// ~4 chunks per SM over a source, 256..8192 rows each (a power of two): a long slide spreads over the GPU
+// ~4 chunks per SM over a source, 64..8192 rows each (a power of two): a long slide spreads over the GPU, and a
+// small source over more than a few SMs (the floor is one step of R <= 64 rows; _gpu_host.py says why not 256)
 inline int64_t chunk_rows(int64_t n_rows, int64_t num_sms) {
   const int64_t target = 4 * num_sms;
   const int64_t per = (std::max<int64_t>(n_rows, 1) + target - 1) / target;
-  return std::min<int64_t>(8192, std::max<int64_t>(256, next_pow2(per)));
+  return std::min<int64_t>(8192, std::max<int64_t>(64, next_pow2(per)));
 }
 
 // R rows per step, DO output columns per block, DT columns per distance step (0: the SIMT kernels), dynamic shared
