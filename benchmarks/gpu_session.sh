@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh profile  # build + profile_kernels.py: each call's kernels, host time and syncs
 #                                           #   (PROFILE_ARGS="--shape 50k" or "--providers triton" to narrow it)
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
+# bench*, profile and all first precompile the benchmarks' Triton kernels on every core (precompile below).
 #
 # Before spending device time: `make test-gpu-stack` on a CPU machine runs the kernel tests against this image's
 # torch 2.11 / triton 3.6 (interpreter, emulator, the CUDA build and Triton's sm_80/sm_90 compile).
@@ -27,6 +28,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 # the repository root too: without an editable install (PREBUILT) the scripts under tests/ find the package there
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:python${PYTHONPATH:+:$PYTHONPATH}"
+# Triton's compiled kernels under build/ (ignored), which a warm machine keeps from one call to the next
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 stage=${1:-all}
 
 build() {
@@ -50,6 +53,21 @@ build() {
   fi
   $PY -c "import dre_kernels as d; print('available', d.available_backends('cuda')); print('unavailable', d.unavailable_backends('cuda'))" \
     | tee -a "$OUT/build.log"
+}
+
+precompile() {
+  # Every Triton kernel and config the benchmarks' autotuning will time, compiled into TRITON_CACHE_DIR on all cores
+  # (tests/triton_aot.py --cases bench: the benchmarks' own calls on CPU tensors, for this GPU's arch), where the
+  # autotuner would compile them one at a time on one core (~150 kernels at the step shape, ~2 s each). An
+  # optimisation only: if it fails, the autotuner compiles as it goes.
+  local arch rc
+  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())") || return 0
+  mkdir -p build
+  $PY tests/triton_aot.py --cases bench --arch "$arch" --jobs "$(nproc)" >build/precompile.log 2>&1
+  rc=$?
+  grep -E "^(compiled|FAILED)" build/precompile.log | tee -a "$OUT/build.log"
+  [ "$rc" -eq 0 ] || echo "precompile: exit status $rc (whatever did not compile compiles on first use)" | tee -a "$OUT/build.log"
+  return 0
 }
 
 tests() {
@@ -82,10 +100,11 @@ case "$stage" in
   build) build ;;
   tests) build && tests ;;
   fuzz) build && fuzz ;;
-  bench) build && bench_cuda && bench_step ;;
-  bench-cuda) build && bench_cuda ;;
-  bench-step) build && bench_step ;;
-  profile) build && profile ;;
-  all) build && tests && bench_cuda && bench_step ;;
-  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|all" >&2; exit 2 ;;
+  bench) build && precompile && bench_cuda && bench_step ;;
+  bench-cuda) build && precompile && bench_cuda ;;
+  bench-step) build && precompile && bench_step ;;
+  profile) build && precompile && profile ;;
+  precompile) build && precompile ;;
+  all) build && tests && precompile && bench_cuda && bench_step ;;
+  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|precompile|all" >&2; exit 2 ;;
 esac

@@ -93,8 +93,9 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--sm90-only", "-v", "--arch", "90"],
-                          capture_output=True, text=True, env=env)
+    # --jobs 2: the compiles queued and run in forked workers, as the GPU session's precompile runs them
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--sm90-only", "-v", "--arch", "90",
+                           "--jobs", "2"], capture_output=True, text=True, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "compiled " in out, out[-6000:]
     from dre_kernels.triton_kernels import residual_encode as tre
@@ -117,3 +118,36 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
     assert compiled("_re_bwd_kernel", "False") == sm90_only(tre._BWD_CONFIGS), out[-3000:]
     # only the backward's soft passes that only sum take them
     assert not compiled("_re_bwd_kernel", "True"), out[-3000:]
+
+
+def test_bench_cases_reach_every_kernel_the_benchmarks_autotune():
+    """The GPU session's precompile (tests/triton_aot.py --cases bench) runs the benchmarks' own calls on CPU tensors
+    and queues every kernel and config a GPU launch of them would compile: the residual_encode forward of fresh and
+    gathered rows, soft and hard, bf16 (tensor cores, with the sm_90-only configs) and float32 (the training step's
+    features), its backward, contrastive_loss and bank_update_. Listed, not compiled (--list: seconds)."""
+    reason = _compiler_available()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--cases", "bench", "--arch", "90",
+                           "--list"], capture_output=True, text=True, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "0 host errors" in out, out[-6000:]
+    from dre_kernels.triton_kernels import residual_encode as tre
+
+    fwd = {groups for _, groups in _launches(
+        out, r"would compile _re_fwd_kernel sm_90 .*'HARD': (\w+), 'GATHER': (\w+), 'WITH_E': True, 'MODE': (\d), "
+             r".*'BLOCK_M': (\d+), 'BLOCK_D': (\d+), 'BLOCK_DO': (\d+), 'N_DT': (\d+), 'num_warps': (\d+), "
+             r"'num_stages': (\d+)")}
+    for hard in ("False", "True"):
+        for gather in ("False", "True"):
+            configs = {tuple(int(v) for v in rest) for h, g, mode, *rest in fwd if (h, g, mode) == (hard, gather, "1")}
+            # bf16 rows at K=64, D=384 on sm_90: the sm_90-only configs among the ones the autotuner times
+            assert {tre._config_tuple(c) for c in tre._as_configs(tre._FWD_CONFIGS["small_k"])
+                    if tre.sm90_only(c) and (hard == "False" or c.kwargs["BLOCK_D"] == tre.HARD_BLOCK_D)} <= configs
+    assert any(mode == "0" and g == "False" for _, g, mode, *_ in fwd), "no float32 fresh rows (the training step)"
+    kernels = set(re.findall(r"would compile (\w+) sm_90", out))
+    assert {"_re_bwd_kernel", "_prep_transposed_kernel", "_finish_codeword_grads_kernel", "_cl_fwd_kernel",
+            "_cl_bwd_kernel", "_update_kernel"} <= kernels, sorted(kernels)
+    assert "WRITE_GX': True" in out and "WRITE_GX': False" in out

@@ -4,6 +4,9 @@
     python tests/triton_aot.py --first-config       # per launch, configs up to the first that fits (CI test)
     python tests/triton_aot.py --sm90-only          # residual_encode's sm_90-only configs (N_DT > 1, deep
                                                     # pipelines; CI test), which --first-config never reaches
+    python tests/triton_aot.py --cases bench --arch 90 --jobs 16   # on the GPU machine, before the benchmarks:
+                                                    # every config their autotuning will time, compiled in parallel
+                                                    # into Triton's cache (benchmarks/gpu_session.sh precompile)
 
 Under TRITON_INTERPRET=1 the kernels run as numpy, which accepts code the compiler would reject (a dot of the
 wrong shape or dtype, an unsupported cast, too much shared memory) and never takes the 16-bit tensor-core path
@@ -16,6 +19,15 @@ autotuner would try (after its pruning). The kernels' outputs are left unwritten
 What it proves: the kernels compile, with the GPU's code path, for every dtype and mode combination the cases
 reach, and fit the registers and shared memory ptxas allows. What it cannot: that they compute the right thing on
 a GPU (that is the op suite on CUDA) or how fast (benchmarks/).
+Precompiling (--cases bench, --jobs N). Triton's autotuner compiles the configs of a new launch one after another,
+on one core, the first time it meets the launch: on the GPU machine, minutes of device time before the benchmarks
+time anything. triton.compile keys its cache (TRITON_CACHE_DIR, ~/.triton/cache) on the kernel's source, the
+argument types, constexprs and specialisation, the options, the target and Triton's own build (its libtriton, so
+the cache is good only for the Python and Triton it was made with: made on the GPU machine itself), which is what
+a GPU launch asks it for: compiled here first, N at a time, every such launch later finds its kernels in the cache.
+The bench cases run the benchmarks' own calls (benchmarks/bench_cuda.py: the step shape's residual_encode, soft and
+hard, forward and backward, and contrastive_loss) on CPU tensors of their shapes and dtypes; the 50k shape and the
+larger contrastive batch specialise alike (their sizes are multiples of 16) and hit the same entries.
 Needs Triton's compiler internals (create_function_from_signature, and JITFunction._pack_args from triton 3.3 on, or
 what triton 3.2's JITFunction.run does in its place): triton 3.2..3.9. Triton 3.2's compiler aborts the process on
 some configs (an assertion, not an exception); there each compile runs in a forked child (--isolate), so an abort is
@@ -102,6 +114,22 @@ class CompilerCrash(RuntimeError):
     pass
 
 
+_QUEUED: list = []  # Compiler.queued, read by the forked workers of run_queued
+_QUEUE_ISOLATE = False  # Compiler.isolate: each worker compiles in a forked child of its own
+
+
+def _compile_queued(i):
+    """(resources, None) or (None, error) of queued compile i, in a worker process."""
+    from triton.compiler import compile as triton_compile
+
+    _, _, source, target, options = _QUEUED[i]
+    try:
+        work = lambda: _compile_one(triton_compile, source, target, options)  # noqa: E731
+        return dict(arch=target.arch, **(_in_child(work) if _QUEUE_ISOLATE else work())), None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
+
+
 def _in_child(work):
     """work() in a forked child, its result (JSON) or its exception back here: a compiler that aborts (an LLVM or
     MLIR assertion; triton 3.2 has some) kills the child, which becomes a failure of that launch, not of the survey."""
@@ -161,7 +189,7 @@ class Compiler:
     """Catches JITFunction / Autotuner launches and compiles them for each target instead of running them."""
 
     def __init__(self, archs, first_config: bool, verbose: bool = False, isolate: bool = False,
-                 sm90_only: bool = False):
+                 sm90_only: bool = False, jobs: int = 1, queue: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.targets = [GPUTarget("cuda", a, 32) for a in archs]
@@ -169,6 +197,11 @@ class Compiler:
         self.sm90_only = sm90_only
         self.verbose = verbose
         self.isolate = isolate
+        # queue (or jobs > 1): launches only queue their compiles (every config of an autotuned one); run_queued
+        # compiles them, jobs at a time
+        self.jobs = jobs
+        self.queue = queue or jobs > 1
+        self.queued = []  # (key, label, source, target, options)
         self.compiled = {}  # specialisation key -> dict(label, arch, shared, REG, STACK, LOCAL) or None (failed)
         self.failures = []
         self.spilling_launches = []  # autotuned launches none of whose (compiled) configs keep to registers
@@ -203,6 +236,10 @@ class Compiler:
                 meta.update((k, v) for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
                 types = ",".join(v[1:] for v in signature.values() if v.startswith("*"))
                 label = f"{fn.__name__} sm_{target.arch} {meta} [{types}]"
+                if self.queue:
+                    self.compiled[key] = None
+                    self.queued.append((key, label, ASTSource(fn, signature, constexprs, attrs), target, options))
+                    continue
                 try:
                     source = ASTSource(fn, signature, constexprs, attrs)
                     info = (_in_child(lambda: _compile_one(triton_compile, source, target, options)) if self.isolate
@@ -219,6 +256,25 @@ class Compiler:
             out[target.arch] = self.compiled[key]
         return out
 
+    def run_queued(self) -> None:
+        """Compile the queued kernels, self.jobs forked processes at a time (each writes Triton's cache)."""
+        import multiprocessing
+
+        global _QUEUED, _QUEUE_ISOLATE
+        _QUEUED, _QUEUE_ISOLATE = self.queued, self.isolate  # a compiler abort must not kill a pool worker
+        with multiprocessing.get_context("fork").Pool(self.jobs) as pool:
+            results = pool.map(_compile_queued, range(len(self.queued)), chunksize=1)
+        for (key, label, *_), (info, error) in zip(self.queued, results):
+            if error is None:
+                self.compiled[key] = info = dict(label=label, **info)
+                if self.verbose:
+                    print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
+                          f"LOCAL={info.get('LOCAL')}", flush=True)
+            else:
+                self.failures.append(f"{label}\n    {error}")
+                print("FAILED", self.failures[-1], flush=True)
+        self.queued = []
+
     def install(self):
         """Replace launching by compiling: a plain launch must fit; an autotuned one needs one config that fits."""
         from triton.runtime.autotuner import Autotuner
@@ -227,6 +283,9 @@ class Compiler:
         compiler = self
 
         def jit_run(fn, *args, grid, warmup, **kwargs):
+            if compiler.queue:
+                compiler.compile(fn, args, kwargs)
+                return
             for arch, info in compiler.compile(fn, args, kwargs).items():
                 if not fits(info):
                     compiler.failures.append(f"{fn.__name__} sm_{arch} {kwargs}: does not fit (shared memory)")
@@ -241,6 +300,11 @@ class Compiler:
                 if not configs:
                     tuner.nargs = None
                     return
+            if compiler.queue:  # every config, as the autotuner will time every one
+                for config in configs:
+                    compiler.compile(tuner.fn, args, {**kwargs, **config.all_kwargs()})
+                tuner.nargs = None
+                return
             fitting = {t.arch: False for t in compiler.targets}
             spill_free = {t.arch: False for t in compiler.targets}
             for config in configs:
@@ -340,6 +404,45 @@ def cases(first_config: bool, sm90_only: bool = False):
     return out
 
 
+def bench_cases():
+    """The benchmarks' own triton calls (benchmarks/bench_cuda.py) at the step shape, on CPU tensors: (name, thunk).
+    The public API takes triton on CPU only under the interpreter; its gate is opened here, so that the calls take
+    the GPU's host path (autograd, the forward's mass into the hard backward) with the interpreter off."""
+    import torch
+
+    from benchmarks.bench_cuda import _contrastive_fn, _residual_fn, shape_inputs
+    from dre_kernels import _backend
+
+    _backend._triton_interpret = lambda: True
+    cpu = torch.device("cpu")
+    inputs, _ = shape_inputs("step", cpu)
+    out = [(f"bench residual_encode {'hard' if hard else 'soft'} {mode}", _residual_fn("triton", inputs, mode, hard))
+           for hard in (False, True) for mode in ("fwd", "fwd+bwd")]
+    out += [(f"bench contrastive_loss {mode}", _contrastive_fn("triton", 16384, 512, mode, cpu))
+            for mode in ("fwd", "fwd+bwd")]
+    out.append(("bench training step (benchmarks/bench_step.py)", lambda: _training_step_calls(inputs)))
+    return out
+
+
+def _training_step_calls(inputs):
+    """The dre calls of benchmarks/bench_step.py's step (its dtypes: float32 tile features, codewords and
+    embeddings, the bf16 bank), at its default shape, which is bench_cuda's step shape."""
+    import torch
+
+    import dre_kernels
+
+    x, x_off, c, s, bank, bank_index, bank_offsets = inputs
+    B, (K, D), P = x_off.numel() - 1, c.shape, 512
+    x, c, s = (t.float().detach().requires_grad_() for t in (x, c, s))
+    E = dre_kernels.residual_encode(x, x_off, c, s, bank=bank, bank_index=bank_index, bank_offsets=bank_offsets,
+                                    backend="triton")
+    slide = E.flatten(1) @ torch.randn(K * D, P)
+    loss = dre_kernels.contrastive_loss(slide, torch.randn(B, P), torch.tensor(14.3, requires_grad=True),
+                                        normalize=True, backend="triton")
+    loss.backward()
+    dre_kernels.bank_update_(bank, bank_index[:x.shape[0]], x.detach(), momentum=0.0, backend="triton")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-config", action="store_true",
@@ -353,6 +456,13 @@ def main(argv=None) -> int:
                         help="compile each kernel in a forked process, so that a compiler abort is reported as that "
                              "launch's failure (on by default for triton < 3.3, whose compiler aborts on some configs; "
                              "~1.5x slower)")
+    parser.add_argument("--cases", choices=["tiny", "bench"], default="tiny",
+                        help="tiny: every kernel in every mode on small shapes (the default); bench: the benchmarks' "
+                             "calls (precompiling them on the GPU machine, with --jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile this many kernels at a time, in forked processes, after the calls have run")
+    parser.add_argument("--list", action="store_true",
+                        help="print the kernels (one line each) that the calls would compile, and compile none")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     # launches must go through the autotuner, which this script replaces by compiling its configs (with autotuning
@@ -362,15 +472,24 @@ def main(argv=None) -> int:
     from dre_kernels.triton_kernels._common import TRITON_VERSION
 
     compiler = Compiler(args.arch or [a for a, _ in TARGETS], args.first_config, args.verbose,
-                        args.isolate or TRITON_VERSION < (3, 3), args.sm90_only)
+                        args.isolate or TRITON_VERSION < (3, 3), args.sm90_only, max(1, args.jobs), args.list)
     compiler.install()
     t0 = time.time()
     host_errors = []
-    for name, thunk in cases(args.first_config, args.sm90_only):
+    for name, thunk in bench_cases() if args.cases == "bench" else cases(args.first_config, args.sm90_only):
         try:
             thunk()
         except Exception as exc:  # noqa: BLE001
             host_errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    if args.list:
+        for _, label, *_ in compiler.queued:
+            print("would compile", label)
+        print(f"{len(compiler.queued)} kernels to compile; {len(host_errors)} host errors")
+        for f in host_errors:
+            print("FAILED", f)
+        return min(100, len(host_errors))
+    if compiler.queued:
+        compiler.run_queued()
     done = [c for c in compiler.compiled.values() if c]
     spilling = [c for c in done if not keeps_to_registers(c)]
     too_big = [c for c in done if not fits(c)]
