@@ -58,14 +58,15 @@ build() {
 precompile() {
   # Every Triton kernel and config the benchmarks' autotuning will time, compiled into TRITON_CACHE_DIR on all cores
   # (tests/triton_aot.py --cases bench: the benchmarks' own calls on CPU tensors, for this GPU's arch), where the
-  # autotuner would compile them one at a time on one core (~150 kernels at the step shape, ~2 s each). An
-  # optimisation only: if it fails, the autotuner compiles as it goes.
+  # autotuner would compile them one at a time on one core (~150 kernels at the step shape, ~2 s each); then
+  # --verify-cache counts the kernels Triton's launch path would not find there. An optimisation only: if it fails,
+  # the autotuner compiles as it goes.
   local arch rc
   arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())") || return 0
   mkdir -p build
-  $PY tests/triton_aot.py --cases bench --arch "$arch" --jobs "$(nproc)" >build/precompile.log 2>&1
+  $PY tests/triton_aot.py --cases bench --arch "$arch" --jobs "$(nproc)" --verify-cache >build/precompile.log 2>&1
   rc=$?
-  grep -E "^(compiled|FAILED)" build/precompile.log | tee -a "$OUT/build.log"
+  grep -E "^(compiled|FAILED|verify-cache)" build/precompile.log | tee -a "$OUT/build.log"
   [ "$rc" -eq 0 ] || echo "precompile: exit status $rc (whatever did not compile compiles on first use)" | tee -a "$OUT/build.log"
   return 0
 }

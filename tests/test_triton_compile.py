@@ -151,3 +151,24 @@ def test_bench_cases_reach_every_kernel_the_benchmarks_autotune():
     assert {"_re_bwd_kernel", "_prep_transposed_kernel", "_finish_codeword_grads_kernel", "_cl_fwd_kernel",
             "_cl_bwd_kernel", "_update_kernel"} <= kernels, sorted(kernels)
     assert "WRITE_GX': True" in out and "WRITE_GX': False" in out
+
+
+def test_precompiled_kernels_are_the_ones_a_launch_finds(tmp_path):
+    """What tests/triton_aot.py compiles (the GPU session's precompile, in forked workers) is what Triton's own launch
+    path then asks its cache for: the same key from the same specialisation, options and target. --verify-cache
+    replays the calls through JITFunction.run (a stub driver for sm_90, warmup: no launch) and counts the kernels
+    not found. Without the compile first, every one would be a miss (and the precompile would save nothing)."""
+    reason = _compiler_available()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--jobs", "2",
+                           "--verify-cache", "--only", "K=7 D=33 x=torch.float32 bank=torch.float32 hard=False fwd"],
+                          capture_output=True, text=True, env=env)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"verify-cache: Triton's launch path asked for (\d+) kernels, (\d+) not in its cache", out)
+    assert proc.returncode == 0 and m, out[-6000:]
+    # the prep kernel and the forward's autotuned launches (fresh and bank rows), each of its configs
+    assert int(m.group(1)) >= 3 and int(m.group(2)) == 0, out[-3000:]

@@ -321,6 +321,7 @@ class Compiler:
                     compiler.spilling_launches.append(f"{launch} sm_{arch}")
             tuner.nargs = None
 
+        self._launchers = (JITFunction.run, Autotuner.run)
         JITFunction.run = jit_run
         Autotuner.run = autotune_run
         # triton < 3.3 asks the GPU driver for a benchmarker when an autotuner is built, and there is none here
@@ -332,6 +333,68 @@ class Compiler:
             build_tuner(tuner, *args, **kwargs)
 
         Autotuner.__init__ = tuner_init
+
+
+class _StubDriver:
+    """Triton's active driver as its JIT path asks it before a launch, for a target without a GPU."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+
+def replay_through_jit(compiler, thunks) -> tuple[int, int]:
+    """Run the calls again through Triton's own launch path (JITFunction.run with warmup=True: bind, specialise,
+    compile or take from the cache, no launch; the autotuner's pruned configs each so), for the compiler's single
+    target, and return (kernels, misses): the kernels it asked for, and how many of them were not in
+    TRITON_CACHE_DIR (a miss writes a new entry there). Zero misses: a GPU launch of these calls finds what this
+    script compiled."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        cache_dir = knobs.cache.dir
+    except ImportError:
+        from triton.runtime.cache import default_cache_dir
+
+        cache_dir = os.environ.get("TRITON_CACHE_DIR") or default_cache_dir()
+    (target,) = compiler.targets
+    jit_run, _ = compiler._launchers
+    before = set(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else set()
+    asked = set()
+
+    def warm(fn, *args, grid, warmup=False, **kwargs):
+        kernel = jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
+        asked.add(kernel.hash)
+
+    def tune(tuner, *args, grid=None, warmup=False, **kwargs):
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        for config in tuner.prune_configs(kwargs):
+            tuner.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+        tuner.nargs = None
+
+    driver.set_active(_StubDriver(target))
+    JITFunction.run, Autotuner.run = warm, tune
+    for _, thunk in thunks:
+        thunk()
+    misses = len(set(os.listdir(cache_dir)) - before)
+    return len(asked), misses
 
 
 def cases(first_config: bool, sm90_only: bool = False):
@@ -461,9 +524,16 @@ def main(argv=None) -> int:
                              "calls (precompiling them on the GPU machine, with --jobs)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile this many kernels at a time, in forked processes, after the calls have run")
+    parser.add_argument("--verify-cache", action="store_true",
+                        help="after compiling, run the calls again through Triton's own launch path (a stub driver for "
+                             "the one --arch) and count the kernels it does not find in Triton's cache (exit status)")
+    parser.add_argument("--only", help="only the cases whose name contains this")
     parser.add_argument("--list", action="store_true",
                         help="print the kernels (one line each) that the calls would compile, and compile none")
     args = parser.parse_args(argv)
+    if args.verify_cache and (args.first_config or args.sm90_only or len(args.arch or []) != 1):
+        parser.error("--verify-cache compiles what the autotuner times (no --first-config or --sm90-only), for one "
+                     "--arch")
     os.environ["TRITON_INTERPRET"] = "0"  # before dre_kernels is imported: its kernels must be JITFunctions
     # launches must go through the autotuner, which this script replaces by compiling its configs (with autotuning
     # off each launch would compile its first config only, and --sm90-only nothing)
@@ -476,7 +546,9 @@ def main(argv=None) -> int:
     compiler.install()
     t0 = time.time()
     host_errors = []
-    for name, thunk in bench_cases() if args.cases == "bench" else cases(args.first_config, args.sm90_only):
+    calls = bench_cases() if args.cases == "bench" else cases(args.first_config, args.sm90_only)
+    calls = [(name, thunk) for name, thunk in calls if args.only is None or args.only in name]
+    for name, thunk in calls:
         try:
             thunk()
         except Exception as exc:  # noqa: BLE001
@@ -504,7 +576,11 @@ def main(argv=None) -> int:
             print("  ", launch)
     for f in compiler.failures + host_errors:
         print("FAILED", f)
-    return min(100, len(compiler.failures) + len(host_errors))
+    misses = 0
+    if args.verify_cache and not host_errors:
+        kernels, misses = replay_through_jit(compiler, calls)
+        print(f"verify-cache: Triton's launch path asked for {kernels} kernels, {misses} not in its cache")
+    return min(100, len(compiler.failures) + len(host_errors) + misses)
 
 
 if __name__ == "__main__":
