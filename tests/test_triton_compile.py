@@ -36,6 +36,24 @@ def _compiler_available() -> str | None:
     return None
 
 
+def _aot_env(**extra) -> dict:
+    """The environment of a triton_aot.py run: the interpreter off, the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def _run_aot(*args, **extra_env) -> tuple[str, int]:
+    """(output, exit status) of tests/triton_aot.py with args; skips where Triton cannot compile that way here."""
+    reason = _compiler_available()
+    if reason:
+        pytest.skip(reason)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), *args], capture_output=True,
+                          text=True, env=_aot_env(**extra_env))
+    return proc.stdout + proc.stderr, proc.returncode
+
+
 def _launches(out: str, pattern: str):
     """(line, groups) for each compiled launch that triton_aot.py -v printed and `pattern` matches."""
     return [(line, m.groups()) for line in out.splitlines() if (m := re.match(pattern, line))]
@@ -45,11 +63,9 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     reason = _compiler_available()
     if reason:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     procs = {arch: subprocess.Popen([sys.executable, os.path.join(HERE, "triton_aot.py"), "--first-config",
                                      "-v", "--arch", str(arch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=env)
+                                    text=True, env=_aot_env())
              for arch in (80, 90)}
     results = {arch: (p.communicate()[0], p.returncode) for arch, p in procs.items()}
     for arch, (out, rc) in results.items():
@@ -88,16 +104,9 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
     per program) and deep pipelines (num_stages > DEEP_STAGES). Every one compiles, for the forward (soft and hard,
     fresh and gathered rows) and for the backward's soft pass that only sums. (The interpreter took a loop-carried
     name of two types that the compiler refuses.)"""
-    reason = _compiler_available()
-    if reason:
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     # --jobs 2: the compiles queued and run in forked workers, as the GPU session's precompile runs them
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--sm90-only", "-v", "--arch", "90",
-                           "--jobs", "2"], capture_output=True, text=True, env=env)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "compiled " in out, out[-6000:]
+    out, rc = _run_aot("--sm90-only", "-v", "--arch", "90", "--jobs", "2")
+    assert rc == 0 and "compiled " in out, out[-6000:]
     from dre_kernels.triton_kernels import residual_encode as tre
 
     seen = {groups for _, groups in _launches(
@@ -125,15 +134,8 @@ def test_bench_cases_reach_every_kernel_the_benchmarks_autotune():
     and queues every kernel and config a GPU launch of them would compile: the residual_encode forward of fresh and
     gathered rows, soft and hard, bf16 (tensor cores, with the sm_90-only configs) and float32 (the training step's
     features), its backward, contrastive_loss and bank_update_. Listed, not compiled (--list: seconds)."""
-    reason = _compiler_available()
-    if reason:
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--cases", "bench", "--arch", "90",
-                           "--list"], capture_output=True, text=True, env=env)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "0 host errors" in out, out[-6000:]
+    out, rc = _run_aot("--cases", "bench", "--arch", "90", "--list")
+    assert rc == 0 and "0 host errors" in out, out[-6000:]
     from dre_kernels.triton_kernels import residual_encode as tre
 
     fwd = {groups for _, groups in _launches(
@@ -158,17 +160,10 @@ def test_precompiled_kernels_are_the_ones_a_launch_finds(tmp_path):
     path then asks its cache for: the same key from the same specialisation, options and target. --verify-cache
     replays the calls through JITFunction.run (a stub driver for sm_90, warmup: no launch) and counts the kernels
     not found. Without the compile first, every one would be a miss (and the precompile would save nothing)."""
-    reason = _compiler_available()
-    if reason:
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--jobs", "2",
-                           "--verify-cache", "--only", "K=7 D=33 x=torch.float32 bank=torch.float32 hard=False fwd"],
-                          capture_output=True, text=True, env=env)
-    out = proc.stdout + proc.stderr
+    out, rc = _run_aot("--arch", "90", "--jobs", "2", "--verify-cache", "--only",
+                       "K=7 D=33 x=torch.float32 bank=torch.float32 hard=False fwd",
+                       TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     m = re.search(r"verify-cache: Triton's launch path asked for (\d+) kernels, (\d+) not in its cache", out)
-    assert proc.returncode == 0 and m, out[-6000:]
+    assert rc == 0 and m, out[-6000:]
     # the prep kernel and the forward's autotuned launches (fresh and bank rows), each of its configs
     assert int(m.group(1)) >= 3 and int(m.group(2)) == 0, out[-3000:]
