@@ -62,10 +62,11 @@ from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mod
 @triton.jit
 def _prep_transposed_kernel(src_ptr, c_ptr, dst_ptr, dot_ptr, K, D,
                             SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For each (K, D) matrix q = src[b] (program axis 0, which allows 2^31 - 1 of them): dst[b] = q^T laid out (D, K_PAD), zero past K, and
-    dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (2, D, K_PAD), the hi and lo parts of the
-    float32 value in dst's 16-bit dtype. The codewords (src = c: dot = ||c_k||^2) and G = dL/dE (gc_bk =
-    <G_bk, c_k>) take it once per call, so that the loops over D load their tensor-core operand as it is."""
+    """For each (K, D) matrix q = src[b] (program axis 0, which allows 2^31 - 1 of them): dst[b] = q^T laid out
+    (D, K_PAD), zero past K, and dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (2, D, K_PAD), the
+    hi and lo parts of the float32 value in dst's 16-bit dtype. The codewords (src = c: dot = ||c_k||^2) and
+    G = dL/dE (gc_bk = <G_bk, c_k>) take it once per call, so that the loops over D load their tensor-core operand
+    as it is."""
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
@@ -603,9 +604,20 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
     return default_chunk_rows(n_rows, device)
 
 
-def _prep_key(rows_dtype, mode):
-    """What a prepared operand depends on: the rows' 16-bit dtype in MODE 1, the mode alone in MODE 0 (float32)."""
-    return (rows_dtype, mode) if mode == 1 else mode
+class _Prepared:
+    """src (K, D) or (B, K, D) as the loops over D read it, made by _prepare_transposed once per call and dot mode
+    of the rows that meet it: get(rows_dtype, mode) -> (q^T parts, dot)."""
+
+    def __init__(self, src, c, k_pad):
+        self.src, self.c, self.k_pad = src, c, k_pad
+        self._made = {}
+
+    def get(self, rows_dtype, mode):
+        # the rows' 16-bit dtype in MODE 1 (the parts' dtype), the mode alone in MODE 0 (float32)
+        key = (rows_dtype, mode) if mode == 1 else mode
+        if key not in self._made:
+            self._made[key] = _prepare_transposed(self.src, self.c, self.k_pad, rows_dtype, mode)
+        return self._made[key]
 
 
 def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
@@ -636,13 +648,10 @@ class _Codewords:
         self.K, self.D = self.c.shape
         self.k_pad = max(16, next_pow2(self.K))
         self.scale = None if (hard or scale is None) else scale.detach().contiguous()
-        self._prepared = {}
+        self._prepared = _Prepared(self.c, self.c, self.k_pad)
 
     def prepared(self, rows_dtype, mode):
-        key = _prep_key(rows_dtype, mode)
-        if key not in self._prepared:
-            self._prepared[key] = _prepare_transposed(self.c, self.c, self.k_pad, rows_dtype, mode)
-        return self._prepared[key]
+        return self._prepared.get(rows_dtype, mode)
 
 
 def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk_rows):
@@ -699,7 +708,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
     hx, mass_acc = hx.view(K, D), mass_acc.view(B, K)
     # soft: G_b^T prepared for each dot mode as the codewords are, and gc_bk = <G_bk, c_k> (B, K_PAD), the part of
     # dL/dd that does not depend on the row
-    g_prepared = {}
+    g_prepared = _Prepared(G, cw.c, cw.k_pad)
     use_given_mass = hard and mass is not None
     xd = x.detach()
     for src, (rows, index, offsets, n_rows) in enumerate(row_sources(xd, x_offsets, bank, bank_index, bank_offsets)):
@@ -714,14 +723,9 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         mode = dot_mode_backward(rows.dtype, hard)
         ct, csq = cw.prepared(rows.dtype, mode)
-        key = _prep_key(rows.dtype, mode)
-        if hard:
-            gt, gc = G, csq  # not read
-        else:
-            if key not in g_prepared:
-                g_prepared[key] = _prepare_transposed(G, cw.c, cw.k_pad, rows.dtype, mode)
-            gt, gc = g_prepared[key]
-        chunks = triton.cdiv(n_rows, _chunk_rows(n_rows, dev, chunk_rows))
+        gt, gc = (G, csq) if hard else g_prepared.get(rows.dtype, mode)  # hard: not read
+        chunk = _chunk_rows(n_rows, dev, chunk_rows)
+        chunks = triton.cdiv(n_rows, chunk)
         gather = index is not None
         offsets = offsets.contiguous()
         idx = index if gather else offsets
@@ -735,7 +739,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             args = (rows, rows.stride(0), rows.stride(1), idx, offsets, cw.c, ct, csq,
                     csq if cw.scale is None else cw.scale, G, gt, gc,
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
-                    _chunk_rows(n_rows, dev, chunk_rows), hard, gather, pass_gx, pass_c, mode, k_pad)
+                    chunk, hard, gather, pass_gx, pass_c, mode, k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
                    _interp_meta(_re_bwd_kernel, _bwd_takes_sm90_configs, args, D))
     if use_given_mass:
