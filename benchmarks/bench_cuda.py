@@ -6,8 +6,8 @@ eager `torch` and torch.compile of the `torch` backend (CUDA only).
 
 Providers: torch, torch.compile, triton, native, cupy, native_simt / cupy_simt (the same backends with
 DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores),
-and native_tiled / cupy_tiled (DRE_KERNELS_CUDA_FULL_WIDTH=0: the residual_encode forward on the column-tiled
-mma.sync kernel instead of the full-width one); by default every one available. benchmarks/bench_triton.py is
+and native_tiled / cupy_tiled (DRE_KERNELS_CUDA_FULL_WIDTH=0: the residual_encode forward and the soft backward's
+bank-row pass on the column-tiled mma.sync kernels instead of the full-width ones); by default every one available. benchmarks/bench_triton.py is
 this script with torch, torch.compile and triton.
 Cases:
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):

@@ -35,6 +35,7 @@ KERNEL_FILES = {
     "dre_re_fwd_tc": "residual_encode.cu",
     "dre_re_bwd_tc": "residual_encode.cu",
     "dre_re_fwd_tc_full": "residual_encode.cu",
+    "dre_re_bwd_tc_full": "residual_encode.cu",
     "dre_cl_fwd": "contrastive_loss.cu",
     "dre_cl_finish": "contrastive_loss.cu",
     "dre_cl_norms": "contrastive_loss.cu",
@@ -199,22 +200,30 @@ def re_tc_config(K: int, D: int, backward: bool):
     return None
 
 
-def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int) -> int:
-    """Shared memory (bytes) of the full-width forward dre_re_fwd_tc_full (launch_rules.h re_full_smem_bytes)."""
+def re_full_slice_cols(D: int) -> int:
+    """Columns of C and G_b the full-width backward stages at a time (launch_rules.h re_full_slice_cols)."""
+    return min(64, -(-D // 16) * 16)
+
+
+def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int, backward: bool = False) -> int:
+    """Shared memory (bytes) of the full-width kernels dre_re_fwd_tc_full / dre_re_bwd_tc_full (launch_rules.h
+    re_full_smem_bytes)."""
     k8, k16, ldd = -(-K // 8) * 8, -(-K // 16) * 16, -(-D // 16) * 16 + 8
-    return 2 * (2 * k8 * ldd + nbuf * R * ldd + 2 * k16 * (R + 8)) + 4 * (R * (K + 1) + 2 * R + K)
+    ldp, mats = (re_full_slice_cols(D) + 8, 4) if backward else (ldd, 2)
+    floats = (2 if backward else 1) * R * (K + 1) + 2 * R + (3 if backward else 1) * K
+    return 2 * (mats * k8 * ldp + nbuf * R * ldd + 2 * k16 * (R + 8)) + 4 * floats
 
 
-def re_tc_full_config(K: int, D: int, smem_optin: int):
-    """(R rows per step, row buffers, shared memory bytes) of the full-width forward, or None where its K x D
-    accumulator or its shared memory does not fit: csrc/cuda/launch_rules.h (re_tc_full_config)."""
+def re_tc_full_config(K: int, D: int, smem_optin: int, backward: bool = False):
+    """(R rows per step, row buffers, shared memory bytes) of the full-width forward (or backward), or None where its
+    K x D accumulator or its shared memory does not fit: csrc/cuda/launch_rules.h (re_tc_full_config)."""
     k8, k16, npw = -(-K // 8), -(-K // 16), -(-(-(-D // 16) * 2) // 8)
     if k16 * npw > 24 or k8 > 32:
         return None
     r_max = 16 * min(4, 32 // k8)
     for nbuf in (2, 1):
         for R in range(r_max, 15, -16):
-            smem = re_full_smem_bytes(K, D, R, nbuf)
+            smem = re_full_smem_bytes(K, D, R, nbuf, backward)
             if smem <= smem_optin:
                 return R, nbuf, smem
     return None
@@ -224,7 +233,7 @@ FULL_WIDTH_ENV = "DRE_KERNELS_CUDA_FULL_WIDTH"
 
 
 def full_width_enabled() -> bool:
-    """The full-width forward kernel is on unless DRE_KERNELS_CUDA_FULL_WIDTH=0 (to time it against the tiled one)."""
+    """The full-width kernels are on unless DRE_KERNELS_CUDA_FULL_WIDTH=0 (to time them against the tiled ones)."""
     return os.environ.get(FULL_WIDTH_ENV, "1").strip() not in ("0", "false", "off", "no")
 
 
@@ -340,16 +349,24 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             continue
         chunk = default_chunk_rows(n_rows, dev)
         off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
-        tc = re_tc_config(K, D, backward=True) if _use_tensor_cores(rows, backward=True) else None
-        R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
         gather = index is not None
-        _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev,
-                ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
-                ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
-                ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
-                ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc), ptr(gx), _dt(gx, "grad_x"),
-                I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)), I32(int(acc_c)), I32(R), I32(DO),
-                *((I32(DT),) if tc else ()))
+        source = (ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
+                  ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
+                  ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
+                  ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc))
+        use_tc = _use_tensor_cores(rows, backward=True)
+        full = (re_tc_full_config(K, D, _get_runtime().smem_optin(dev), backward=True)
+                if use_tc and not write_gx and full_width_enabled() else None)
+        if full:  # a pass that only sums (the bank rows): rows read and distances computed once, all D columns
+            R, nbuf, smem = full
+            _launch("dre_re_bwd_tc_full", slots, smem, dev, *source, I64(B), I32(K), I32(D), I64(chunk), I32(R),
+                    I32(nbuf), I32(int(_vec_rows(rows, D))), I32(re_full_slice_cols(D)))
+            continue
+        tc = re_tc_config(K, D, backward=True) if use_tc else None
+        R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
+        _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev, *source,
+                ptr(gx), _dt(gx, "grad_x"), I64(B), I32(K), I32(D), I64(chunk), I32(int(write_gx)),
+                I32(int(acc_c)), I32(R), I32(DO), *((I32(DT),) if tc else ()))
     if use_given_mass:
         mass_acc = mass.float()
     grad_c, grad_s = finish_codeword_grads(G, mass_acc, hx, hsum, gsum, c32, s32, codewords, scale, hard, need_c,

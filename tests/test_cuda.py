@@ -69,9 +69,9 @@ def _declared_launchers():
 
 def test_every_declared_launcher_is_defined_once():
     declared = _declared_launchers()
-    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, re_fwd_tc_full, cl_norms, cl_fwd, cl_finish,
-    # cl_normalize_bwd, bank x2
-    assert len(declared) == 13
+    # re_fwd, re_bwd_soft, cl_bwd and their tensor-core variants, re_fwd_tc_full, re_bwd_tc_full, cl_norms, cl_fwd,
+    # cl_finish, cl_normalize_bwd, bank x2
+    assert len(declared) == 14
     bodies = "".join(open(p).read() for p in _cu_files())
     for name in declared:
         defs = re.findall(r"cudaError_t\s+" + name + r"\s*\([^;{]*\)\s*\{", bodies)
@@ -177,10 +177,11 @@ int main() {{
   const long long optins[] = {{49152, 101376, 166912, 232448}};
   for (int K = 1; K <= 256; ++K)
     for (int D : Ds)
-      for (long long o : optins) {{
-        const ReFullConfig f = re_tc_full_config(K, D, o);
-        std::printf("full %d %d %lld %d %d %u\\n", K, D, o, f.R, f.nbuf, f.smem);
-      }}
+      for (long long o : optins)
+        for (int bw = 0; bw < 2; ++bw) {{
+          const ReFullConfig f = re_tc_full_config(K, D, o, bw);
+          std::printf("full %d %d %lld %d %d %d %u %d\\n", K, D, o, bw, f.R, f.nbuf, f.smem, f.DTS);
+        }}
   for (long long n : rows)
     for (int m : sms) std::printf("chunk %lld %d %lld\\n", n, m, (long long)chunk_rows(n, m));
 }}
@@ -201,14 +202,16 @@ int main() {{
             assert tc == ((tR, tDO, tDT, tsmem) if tDT else None), (K, D, bw)
             n_re += 1
         elif kind == "full":
-            K, D, optin, R, nbuf, smem = v
-            assert cupy_kernels.re_tc_full_config(K, D, optin) == ((R, nbuf, smem) if R else None), (K, D, optin)
+            K, D, optin, bw, R, nbuf, smem, dts = v
+            got = cupy_kernels.re_tc_full_config(K, D, optin, bool(bw))
+            assert got == ((R, nbuf, smem) if R else None), (K, D, optin, bw)
+            assert dts == (cupy_kernels.re_full_slice_cols(D) if R and bw else 0), (K, D, optin, bw)
             n_full += 1
         else:
             n, m, chunk = v
             monkeypatch.setattr(_gpu_host, "num_sms", lambda device, m=m: m)
             assert _gpu_host.default_chunk_rows(n, torch.device("cuda")) == chunk, (n, m)
-    assert n_re == 256 * len(Ds) * 2 and n_full == 256 * len(Ds) * 4
+    assert n_re == 256 * len(Ds) * 2 and n_full == 256 * len(Ds) * 4 * 2
 
 
 def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
@@ -266,8 +269,8 @@ def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
 def test_built_cuda_kernels_keep_to_registers():
     """ptxas's verdict on the kernels in the built extension, per arch: no local memory (spills or a stack frame
     for an array it could not keep in registers: each costs memory traffic in an inner loop) and at most 128
-    registers a thread, so that two 256-thread blocks fit an SM; the full-width forward, one block per SM by design
-    (its shared memory: codewords and whole rows), at most 255 with its K x D accumulator (96 floats a thread).
+    registers a thread, so that two 256-thread blocks fit an SM; the full-width kernels, one block per SM by design
+    (their shared memory: whole rows), at most 255 with their K x D accumulator (96 floats a thread).
     Read from the cubins with cuobjdump."""
     if _library.native_error is not None:
         pytest.skip(f"extension not built: {_library.native_error}")
@@ -288,7 +291,7 @@ def test_built_cuda_kernels_keep_to_registers():
     for name, per_arch in found.items():
         assert len(per_arch) == len(archs), (name, per_arch, archs)
         for res in per_arch:
-            if res["STACK"] or res["LOCAL"] or res["REG"] > (255 if name == "dre_re_fwd_tc_full" else 128):
+            if res["STACK"] or res["LOCAL"] or res["REG"] > (255 if name.endswith("_tc_full") else 128):
                 bad.append(f"{name}: {res}")
     assert not bad, "kernels using local memory or too many registers:\n" + "\n".join(bad)
 
@@ -352,9 +355,12 @@ def _check_re(args, hard, dtype=torch.float32, grads=True):
                                                       True)
         assert gx.dtype == x.dtype and gc.dtype == c.dtype
         assert_close(gx, gr[0], dtype, msg="grad x")
-        assert_close(gc, gr[1], dtype, scale=4, msg="grad codewords")
+        # soft: grad c and grad s are float32 sums over the rows as stored, stored in c's dtype: held to its tolerance
+        # (16-bit rows too; the split operands keep ~16 bits). Hard: a near-tie may move a row's mass to another
+        # codeword under the split distances, so the rows' tolerance.
+        assert_close(gc, gr[1], dtype if hard else c.dtype, scale=4, msg="grad codewords")
         if not hard:
-            assert_close(gs, gr[2], dtype, scale=4, msg="grad scale")
+            assert_close(gs, gr[2], c.dtype, scale=4, msg="grad scale")
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -444,11 +450,14 @@ def test_emu_residual_encode_bad_index_raises(emu):
 # ---------------------------------------------------------------------------------------------- tensor cores
 @pytest.fixture(params=["full", "tiled"])
 def emu_tc(emu, request, monkeypatch):
-    """The emulation with the mma.sync kernels chosen for 16-bit row sources: the forward on the full-width kernel
-    (dre_re_fwd_tc_full) where it fits, or (tiled) on the column-tiled one (dre_re_fwd_tc); dre_re_bwd_tc."""
-    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1" if request.param == "full" else "0")
+    """The emulation with the mma.sync kernels chosen for 16-bit row sources: the forward, and the soft backward's
+    passes that only sum (bank rows), on the full-width kernels (dre_re_fwd_tc_full, dre_re_bwd_tc_full) where they
+    fit, or (tiled) on the column-tiled ones (dre_re_fwd_tc, dre_re_bwd_tc); grad x of fresh rows on dre_re_bwd_tc."""
+    full = request.param == "full"
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1" if full else "0")
     emu.use_tensor_cores = True
-    emu.fwd_tc = "dre_re_fwd_tc_full" if request.param == "full" else "dre_re_fwd_tc"
+    emu.fwd_tc = "dre_re_fwd_tc_full" if full else "dre_re_fwd_tc"
+    emu.bwd_tc = "dre_re_bwd_tc_full" if full else "dre_re_bwd_tc"
     yield emu
     emu.use_tensor_cores = False
 
@@ -463,7 +472,7 @@ def test_emu_tc_residual_encode_ragged_with_bank(emu_tc, hard):
     n0 = len(emu_tc.launches)
     _check_re(_re_inputs([3, 0, 70, 1, 5], [10, 4, 0, 1, 31], K=5, D=41), hard)
     names = _tc_launches(emu_tc, n0)
-    assert emu_tc.fwd_tc in names and (hard or "dre_re_bwd_tc" in names)
+    assert emu_tc.fwd_tc in names and (hard or emu_tc.bwd_tc in names)
 
 
 @pytest.mark.parametrize("x_dtype,bank_dtype,c_dtype", [
@@ -472,7 +481,8 @@ def test_emu_tc_residual_encode_ragged_with_bank(emu_tc, hard):
     (torch.bfloat16, torch.bfloat16, torch.bfloat16),
 ])
 def test_emu_tc_residual_encode_16bit_rows_int32_strided(emu_tc, x_dtype, bank_dtype, c_dtype):
-    # every source on the tensor cores: fresh rows too, so grad x comes from dre_re_bwd_tc
+    # every source on the tensor cores: fresh rows too, so grad x comes from dre_re_bwd_tc (the float16 bank's
+    # backward: SIMT)
     args = _re_inputs([30, 2, 0], [9, 17, 3], K=7, D=33, x_dtype=x_dtype, bank_dtype=bank_dtype, c_dtype=c_dtype,
                       index_dtype=torch.int32, strided=True)
     out = torch.promote_types(x_dtype, c_dtype)
@@ -480,7 +490,9 @@ def test_emu_tc_residual_encode_16bit_rows_int32_strided(emu_tc, x_dtype, bank_d
     for hard in (False, True):
         _check_re(args, hard=hard, dtype=out if out != torch.float32 else x_dtype)
     names = _tc_launches(emu_tc, n0)
-    assert "dre_re_bwd_tc" in names and not any(n == "dre_re_fwd" for n, _, _ in emu_tc.launches[n0:])
+    # a bf16 source's soft backward: on dre_re_bwd_tc (fresh rows: grad x) or emu_tc.bwd_tc (bank rows)
+    assert {"dre_re_bwd_tc", emu_tc.bwd_tc} & set(names)
+    assert not any(n == "dre_re_fwd" for n, _, _ in emu_tc.launches[n0:])
 
 
 def test_emu_tc_residual_encode_tiles_and_large_k(emu_tc):
@@ -495,7 +507,7 @@ def test_emu_tc_residual_encode_tiles_and_large_k(emu_tc):
     _check_re(_re_inputs([5], [12], K=256, D=17, x_dtype=torch.float16), hard=False, dtype=torch.float16)
     names = [n for n, _, _ in emu_tc.launches[n0:]]
     assert "dre_re_bwd_tc" in names and "dre_re_bwd_soft" in names and "dre_re_fwd" not in names
-    assert emu_tc.fwd_tc in names
+    assert emu_tc.fwd_tc in names and emu_tc.bwd_tc in names
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -506,7 +518,6 @@ def test_emu_tc_residual_encode_long_slide_duplicates(emu_tc, hard):
     _check_re(tuple(args), hard)
 
 
-@pytest.mark.parametrize("emu_tc", ["tiled"], indirect=True)  # the backward: no forward kernel runs
 def test_emu_tc_float16_small_gradients(emu_tc):
     # dL/dE of 1e-7: float16 parts of G would be subnormal or zero, so float16 rows' backward stays on float32 SIMT
     # (bf16 rows keep the tensor cores: bfloat16 has float32's range); grads are relative to their own size
@@ -515,7 +526,7 @@ def test_emu_tc_float16_small_gradients(emu_tc):
         gE = 1e-7 * torch.randn(2, 8, 40, generator=torch.Generator().manual_seed(5))
         n0 = len(emu_tc.launches)
         gx, gc, gs = cupy_kernels.residual_encode_bwd(gE, x, xo, c, s, bank, bi, bo, None, False, True, True, True)
-        assert ("dre_re_bwd_tc" in _tc_launches(emu_tc, n0)) == (dtype == torch.bfloat16)
+        assert (emu_tc.bwd_tc in _tc_launches(emu_tc, n0)) == (dtype == torch.bfloat16)
         _, _, (rx, rc, rs) = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, False, gE)
         # grad x is stored in x's dtype: in float16 a 1e-7 gradient is itself subnormal, whatever the kernel
         checks = [("grad c", gc, rc), ("grad s", gs, rs)] + ([("grad x", gx, rx)] if dtype == torch.bfloat16 else [])
@@ -554,10 +565,26 @@ def test_full_width_launch_rule():
     assert re_tc_full_config(64, 384, 48 * 1024) is None
     assert re_tc_full_config(64, 448, 232448) is None and re_tc_full_config(256, 128, 232448) is None
     assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(256, 64, 232448)[0] == 16
+    # the backward stages C and G_b 64 columns at a time, so it has room for R = 64 rows on the H100
+    assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 190208)
+    assert re_tc_full_config(64, 384, 166912, backward=True) == (48, 2, 152576)
+    assert re_tc_full_config(64, 384, 48 * 1024, backward=True) is None
+    assert re_tc_full_config(64, 448, 232448, backward=True) is None
 
 
-def _full_launches(emu, n0):
-    return [(g, smem) for name, g, smem in emu.launches[n0:] if name == "dre_re_fwd_tc_full"]
+def _full_launches(emu, n0, kernel="dre_re_fwd_tc_full"):
+    return [(g, smem) for name, g, smem in emu.launches[n0:] if name == kernel]
+
+
+def _check_codeword_grads(args):
+    """The soft backward without grad x (every source only sums: the full-width backward where it fits): grad
+    codewords and grad scale against the reference."""
+    x, xo, c, s, bank, bi, bo = args
+    gE = torch.randn(xo.numel() - 1, *c.shape, generator=torch.Generator().manual_seed(2))
+    _, gc, gs = cupy_kernels.residual_encode_bwd(gE, x, xo, c, s, bank, bi, bo, None, False, False, True, True)
+    _, _, (_, rc, rs) = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, False, gE)
+    assert_close(gc, rc, c.dtype, scale=4, msg="grad codewords")  # float32 sums, as in _check_re
+    assert_close(gs, rs, c.dtype, scale=4, msg="grad scale")
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -574,6 +601,10 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
         n0 = len(emu.launches)
         _check_re(args, hard, dtype=torch.bfloat16, grads=False)
         assert len(_full_launches(emu, n0)) == 2  # fresh rows, bank rows
+        if not hard:
+            n0 = len(emu.launches)
+            _check_codeword_grads(args)
+            assert len(_full_launches(emu, n0, "dre_re_bwd_tc_full")) == 2
     finally:
         emu.use_tensor_cores = False
 
@@ -593,18 +624,27 @@ def test_emu_full_width_fallbacks(emu, monkeypatch, case):
     K, D = 24, 48
     dtype = torch.float16 if case == "float16" else torch.bfloat16
     x, xo, c, s, bank, bi, bo = _re_inputs([130, 2], [90, 200], K=K, D=D, T=30, x_dtype=dtype, bank_dtype=dtype)
-    optin = {"one_buffer": cupy_kernels.re_full_smem_bytes(K, D, 16, 1),
-             "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2)}.get(case, 232448)
     if case == "misaligned":
         bank = _off_16_bytes(bank)
         assert bank.data_ptr() % 16 != 0 and not cupy_kernels._vec_rows(bank, D)
-    want = cupy_kernels.re_tc_full_config(K, D, optin)
-    assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2)}.get(case, (64, 2))
-    emu.use_tensor_cores, emu.optin = True, optin
+    emu.use_tensor_cores = True
     try:
-        n0 = len(emu.launches)
-        _check_re((x, xo, c, s, bank, bi, bo), False, dtype=dtype, grads=False)
-        assert [smem for _, smem in _full_launches(emu, n0)] == [want[2]] * 2
+        for backward in (False, True):  # the forward, then the soft backward without grad x
+            optin = {"one_buffer": cupy_kernels.re_full_smem_bytes(K, D, 16, 1, backward),
+                     "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2, backward)}.get(case, 232448)
+            want = cupy_kernels.re_tc_full_config(K, D, optin, backward)
+            assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2)}.get(case, (64, 2))
+            emu.optin = optin
+            n0 = len(emu.launches)
+            if backward:
+                _check_codeword_grads((x, xo, c, s, bank, bi, bo))
+                launches = _full_launches(emu, n0, "dre_re_bwd_tc_full")
+                if dtype == torch.float16:  # float16 rows: the SIMT backward
+                    want = None
+            else:
+                _check_re((x, xo, c, s, bank, bi, bo), False, dtype=dtype, grads=False)
+                launches = _full_launches(emu, n0)
+            assert [smem for _, smem in launches] == ([want[2]] * 2 if want else [])
     finally:
         emu.use_tensor_cores, emu.optin = False, 232448
 
@@ -948,6 +988,31 @@ def test_gpu_full_width_forward_matches_tiled(gpu_backend, monkeypatch, rows_dty
             tol = 2e-2 if hard else 1e-4  # hard: a near-tie may take the other codeword under another sum order
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
                                        msg=f"{name} (hard={hard})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K,D,aligned", [(64, 384, True), (64, 384, False), (5, 40, True), (24, 33, True),
+                                         (128, 96, True)])
+def test_gpu_full_width_soft_backward_matches_tiled(gpu_backend, monkeypatch, K, D, aligned):
+    """The soft backward's bank-row pass on the full-width kernel (C and G_b staged 64 columns at a time, whole rows
+    double-buffered) against the column-tiled one: grad codewords and grad scale agree to float32 rounding of the
+    sums (both split C, G and h into bf16 hi + lo)."""
+    _skip_unless_csrc_tensor_cores(gpu_backend)
+    x, xo, c, s, bank, bi, bo = [t.cuda() for t in _re_inputs([300, 1, 0, 77], [5000, 5, 9, 0], K=K, D=D,
+                                                              x_dtype=torch.bfloat16, bank_dtype=torch.bfloat16,
+                                                              T=1500)]
+    if not aligned:
+        bank = _off_16_bytes(bank)
+    gE = torch.randn(4, K, D, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    out = {}
+    for full in ("1", "0"):
+        monkeypatch.setenv("DRE_KERNELS_CUDA_FULL_WIDTH", full)
+        cr, sr = c.clone().requires_grad_(), s.clone().requires_grad_()
+        E = dre_kernels.residual_encode(x.float(), xo, cr, sr, bank=bank, bank_index=bi, bank_offsets=bo,
+                                        backend=gpu_backend)
+        out[full] = torch.autograd.grad(E, [cr, sr], gE)
+    for name, a, b in zip(["grad c", "grad s"], out["1"], out["0"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())), msg=name)
 
 
 @pytest.mark.cuda

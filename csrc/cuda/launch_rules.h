@@ -71,32 +71,37 @@ inline ReConfig re_tc_config(int K, int D, bool backward) {
   return ReConfig();
 }
 
-// The full-width forward dre_re_fwd_tc_full (residual_encode.cu): its shared memory in bytes for R rows per step
-// and nbuf row buffers, and its rule: ceil(K/16) ceil(D/64) <= 24 accumulator tiles per warp (K x D in registers),
-// R a multiple of 16 with (R/16) ceil(K/8) <= 32 distance tiles, R at most 64; the largest R with two row buffers
-// whose shared memory fits smem_optin (the device's opt-in limit per block), else the largest with one; none (R = 0)
-// where nothing fits.
-inline unsigned re_full_smem_bytes(int K, int D, int R, int nbuf) {
+// The full-width kernels dre_re_fwd_tc_full and dre_re_bwd_tc_full (residual_encode.cu): their shared memory in bytes
+// for R rows per step and nbuf row buffers (the backward stages C and G_b re_full_slice_cols columns at a time), and
+// their rule: ceil(K/16) ceil(D/64) <= 24 accumulator tiles per warp (K x D in registers), R a multiple of 16 with
+// (R/16) ceil(K/8) <= 32 distance tiles, R at most 64; the largest R with two row buffers whose shared memory fits
+// smem_optin (the device's opt-in limit per block), else the largest with one; none (R = 0) where nothing fits.
+inline int re_full_slice_cols(int D) { return std::min(64, (D + 15) / 16 * 16); }
+
+inline unsigned re_full_smem_bytes(int K, int D, int R, int nbuf, bool backward = false) {
   const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16 * 16, ldd = (D + 15) / 16 * 16 + 8, ldr = R + 8;
-  return static_cast<unsigned>(2 * (2 * k8 * ldd + nbuf * R * ldd + 2 * k16 * ldr) + 4 * (R * (K + 1) + 2 * R + K));
+  const int ldp = backward ? re_full_slice_cols(D) + 8 : ldd, mats = backward ? 4 : 2;
+  const int floats = (backward ? 2 : 1) * R * (K + 1) + 2 * R + (backward ? 3 : 1) * K;
+  return static_cast<unsigned>(2 * (mats * k8 * ldp + nbuf * R * ldd + 2 * k16 * ldr) + 4 * floats);
 }
 
 struct ReFullConfig {
-  int R = 0, nbuf = 0;
+  int R = 0, nbuf = 0, DTS = 0;
   unsigned smem = 0;
 };
 
-inline ReFullConfig re_tc_full_config(int K, int D, int64_t smem_optin) {
+inline ReFullConfig re_tc_full_config(int K, int D, int64_t smem_optin, bool backward = false) {
   ReFullConfig c;
   const int k8 = (K + 7) / 8, k16 = (K + 15) / 16, npw = ((D + 15) / 16 * 2 + 7) / 8;
   if (k16 * npw > 24 || k8 > 32) return c;
   const int r_max = 16 * std::min(4, 32 / k8);
   for (int nbuf : {2, 1}) {
     for (int R = r_max; R >= 16; R -= 16) {
-      if (re_full_smem_bytes(K, D, R, nbuf) <= smem_optin) {
+      if (re_full_smem_bytes(K, D, R, nbuf, backward) <= smem_optin) {
         c.R = R;
         c.nbuf = nbuf;
-        c.smem = re_full_smem_bytes(K, D, R, nbuf);
+        c.DTS = backward ? re_full_slice_cols(D) : 0;
+        c.smem = re_full_smem_bytes(K, D, R, nbuf, backward);
         return c;
       }
     }

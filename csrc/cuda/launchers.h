@@ -34,6 +34,12 @@ cudaError_t re_fwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, co
                            const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
                            float* mass_out, i64 B, int K, int D, i64 chunk, int hard, int R, int nbuf, int vec);
 
+cudaError_t re_bwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                           const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
+                           const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, i64 B,
+                           int K, int D, i64 chunk, int R, int nbuf, int vec, int DTS);
+
 cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
                       i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
                       const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,

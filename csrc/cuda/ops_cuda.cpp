@@ -96,16 +96,18 @@ bool use_tensor_cores(const at::Tensor& rows, bool backward = false) {
   return (v == nullptr || std::string(v) != "0") && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-// the full-width forward (dre_re_fwd_tc_full) where its rule fits; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns it off (to
-// time it against the column-tiled kernel; the cupy backend reads the same switch)
-dre_cuda_rules::ReFullConfig full_width_config(const at::Tensor& rows, int K, int D) {
+// the full-width kernels (dre_re_fwd_tc_full, and dre_re_bwd_tc_full for the backward's passes that only sum) where
+// their rule fits; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns them off (to time them against the column-tiled kernels; the
+// cupy backend reads the same switch)
+dre_cuda_rules::ReFullConfig full_width_config(const at::Tensor& rows, int K, int D, bool backward = false) {
   const char* v = std::getenv("DRE_KERNELS_CUDA_FULL_WIDTH");
   if (v != nullptr) {
     const std::string s(v);
     if (s == "0" || s == "false" || s == "off" || s == "no") return {};
   }
-  if (!use_tensor_cores(rows)) return {};
-  return dre_cuda_rules::re_tc_full_config(K, D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  if (!use_tensor_cores(rows, backward)) return {};
+  return dre_cuda_rules::re_tc_full_config(K, D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+                                           backward);
 }
 
 // rows the full-width kernel may copy 16 bytes at a time: contiguous 16-bit rows, 16-byte aligned
@@ -309,27 +311,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
       continue;
     }
     const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+    const bool gather = s.index.has_value();
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
+    const void* idx = gather ? s.index->data_ptr() : nullptr;
+    // the arguments every soft backward kernel starts with (after grid, shared memory and stream)
+    const auto source = [&](auto&& kernel, unsigned grid, unsigned smem, auto... rest) {
+      return kernel(grid, smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0), s.rows.stride(1), idx, idx64,
+                    gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
+                    p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
+                    hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
+                    mass_acc.data_ptr<float>(), rest...);
+    };
+    const dre_cuda_rules::ReFullConfig full = write_gx ? dre_cuda_rules::ReFullConfig()
+                                                       : full_width_config(s.rows, static_cast<int>(K),
+                                                                           static_cast<int>(D), true);
+    if (full.R) {  // a pass that only sums (the bank rows): rows read and distances computed once, all D columns
+      TORCH_CHECK(m.slots < (1LL << 31), "dre: residual_encode grid too large (", m.slots, " blocks)");
+      launched(source(dre_cuda_launch::re_bwd_tc_full, static_cast<unsigned>(m.slots), full.smem, B,
+                      static_cast<int>(K), static_cast<int>(D), m.chunk, full.R, full.nbuf,
+                      vec_rows(s.rows, static_cast<int>(D)) ? 1 : 0, full.DTS),
+               "dre_re_bwd_tc_full");
+      continue;
+    }
     const ReConfig tc = use_tensor_cores(s.rows, true) ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
                                                        : ReConfig();
     const ReConfig cfg = tc.DT ? tc : re_simt_config(static_cast<int>(K), static_cast<int>(D), true);
     const int64_t grid = m.slots * ((D + cfg.DO - 1) / cfg.DO);
     TORCH_CHECK(grid < (1LL << 31), "dre: residual_encode grid too large (", grid, " blocks)");
-    const bool gather = s.index.has_value();
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
-    const void* idx = gather ? s.index->data_ptr() : nullptr;
-    const auto launch = [&](auto... args) {
-      if (tc.DT)
-        launched(dre_cuda_launch::re_bwd_tc(args..., tc.DT), "dre_re_bwd_tc");
-      else
-        launched(dre_cuda_launch::re_bwd_soft(args...), "dre_re_bwd_soft");
+    const auto launch_tiled = [&](auto kernel, auto... distance_step) {  // the tensor-core kernel's DT, or none
+      return source(kernel, static_cast<unsigned>(grid), cfg.smem, gx.data_ptr(), dt(gx, "grad_x"), B,
+                    static_cast<int>(K), static_cast<int>(D), m.chunk, write_gx ? 1 : 0, acc_c ? 1 : 0, cfg.R, cfg.DO,
+                    distance_step...);
     };
-    launch(static_cast<unsigned>(grid), cfg.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
-           s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
-           p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
-           hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(),
-           gx.data_ptr(), dt(gx, "grad_x"), B, static_cast<int>(K), static_cast<int>(D), m.chunk, write_gx ? 1 : 0,
-           acc_c ? 1 : 0, cfg.R, cfg.DO);
+    if (tc.DT)
+      launched(launch_tiled(dre_cuda_launch::re_bwd_tc, tc.DT), "dre_re_bwd_tc");
+    else
+      launched(launch_tiled(dre_cuda_launch::re_bwd_soft), "dre_re_bwd_soft");
   }
   if (use_given_mass) mass_acc = mass->to(at::kFloat);
   at::Tensor grad_c = -(mass_acc.unsqueeze(2) * G).sum(0);

@@ -21,9 +21,10 @@
 // Hard backward: grad x_i = G_{b,k(i)} (dre_re_fwd with G given writes it), grad c from the forward's mass.
 //
 // Full width (dre_re_fwd_tc_full, the forward of bf16/fp16 rows on sm_80+ where its rule fits, e.g. K = 64 up to
-// D = 384; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns it off): one block per chunk holds the whole K x D accumulator in
-// registers, so each row is read and its distances computed once instead of once per column tile; whole rows are
-// staged in shared memory by cp.async while the previous step computes. See the comment above the kernel.
+// D = 384; dre_re_bwd_tc_full, the soft backward's passes over bf16 rows that only sum, i.e. the bank rows';
+// DRE_KERNELS_CUDA_FULL_WIDTH=0 turns both off): one block per chunk holds the whole K x D accumulator in registers,
+// so each row is read and its distances computed once instead of once per column tile; whole rows are staged in
+// shared memory by cp.async while the previous step computes. See the comment above the kernels.
 //
 // Tensor cores (dre_re_fwd_tc, dre_re_bwd_tc): a source of bf16/fp16 rows on compute capability >= 8.0 runs the same
 // algorithm with the products X C^T, X G^T, A^T X and H^T X on mma.sync.m16n8k16 (16-bit inputs as stored, the float32
@@ -734,71 +735,248 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
                          hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
 }
 
-// ---- the full-width forward on the tensor cores (dre_re_fwd_tc_full): one block per chunk and all D columns.
-// The kernels above give each block a column tile of DO <= 128 columns (their K x DO accumulator is 32 floats per
-// thread) and stage DT = 16..32 columns at a time: every column tile recomputes the full-width distances, codewords
-// are split again for every step, and each DT step is a synchronous load between two barriers (3.1 ms at the
-// DRE-SLCL step shape on the H100, 30x the time to read the rows). Here, where the whole K x D accumulator fits in
-// registers (ceil(K/16) ceil(D/64) <= RE_FULL_TILES 16 x 8 tiles per warp, 96 floats per thread: K = 64 up to
+// ---- the full-width kernels on the tensor cores (dre_re_fwd_tc_full, dre_re_bwd_tc_full): one block per chunk and
+// all D columns. The kernels above give each block a column tile of DO <= 128 columns (their K x DO accumulator is 32
+// floats per thread) and stage DT = 16..32 columns at a time: every column tile recomputes the full-width distances,
+// codewords are split again for every step, and each DT step is a synchronous load between two barriers (3.1 ms at
+// the DRE-SLCL step shape on the H100, 30x the time to read the rows). Here, where the whole K x D accumulator fits
+// in registers (ceil(K/16) ceil(D/64) <= RE_FULL_TILES 16 x 8 tiles per warp, 96 floats per thread: K = 64 up to
 // D = 384), a block
-//   - splits the codewords into hi + lo once, into shared memory (c_hi, c_lo: K8 x LDD);
 //   - stages R whole rows at a time (xs: R x LDD, 16-byte cp.async straight into shared memory where rows are
 //     contiguous and 16-byte aligned), the next step's rows loading while this step computes (nbuf = 2);
-//   - computes the distances once per row (X C^T, mma.sync), the softmax or argmin (re_assign_fwd), splits the
-//     assignments into A^T hi + lo (at_hi, at_lo: K16 x LDR), and adds A^T X for all D columns into registers;
+//   - computes each row's distances once (X C^T, mma.sync, C split into hi + lo), the softmax or argmin
+//     (re_assign_fwd), splits the assignments into A^T hi + lo (at_hi, at_lo: K16 x LDR), and adds A^T X for all D
+//     columns into registers;
 //   - adds E_b and mass once per chunk (atomics, as the other kernels).
+// The forward splits the codewords into hi + lo once, into shared memory (c_hi, c_lo: K8 x LDD).
+// The soft backward's passes that only sum (dre_re_bwd_tc_full: the bank rows, and fresh rows whose grad x is not
+// asked for) hold sum_i h_ik x_i the same way, with g_rk = <G_bk, x_r> - <G_bk, c_k> computed beside the distances
+// from the same fragments of x. C and G_b split at full width would take 200 KB of shared memory at K = 64, D = 384
+// before any row, so both are staged DTS columns at a time (c_hi, c_lo, g_hi, g_lo: K8 x LDP), split from float32
+// as the column-tiled kernels do; the rows are still read, and their distances computed, once.
 // Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16, at
 // most 4 distance tiles per warp), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the
 // device's opt-in limit; none (the kernels above run) where nothing fits or the accumulator would not.
-enum { RE_FULL_TILES = 24 };
+enum { RE_FULL_TILES = 24, RE_FULL_DOT_TILES = 4 };
 
 struct ReFullSmem {
-  unsigned short *c_hi, *c_lo, *xs, *at_hi, *at_lo;
-  float *A, *xsq, *msum;
+  unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
+  float *A, *H, *xsq, *shr, *msum, *hsum, *gsum;
   int* kmin;
-  int LDD, LDR;
+  int LDD, LDR, LDP;
 };
 
-// shared layout, every part 16-byte aligned (bytes: launch_rules.h re_full_smem_bytes):
-// c_hi, c_lo (K8 x LDD) | xs[nbuf] (R x LDD) | at_hi, at_lo (K16 x LDR) (16-bit) | A (R x (K+1)) | xsq (R) |
-// kmin (R) | msum (K); LDD = D16 + 8, LDR = R + 8 (row strides of 4 (mod 8) words: fragment loads conflict-free)
-DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf) {
+// shared layout, every part 16-byte aligned (bytes: launch_rules.h re_full_smem_bytes), 16-bit then float32:
+//   forward:  c_hi, c_lo (K8 x LDD) | xs[nbuf] (R x LDD) | at_hi, at_lo (K16 x LDR) | A (R x (K+1)) | xsq (R) |
+//             kmin (R) | msum (K)
+//   backward: c_hi, c_lo, g_hi, g_lo (K8 x LDP) | xs[nbuf] | at_hi, at_lo | A, H (R x (K+1)) | xsq (R) | shr (R) |
+//             msum, hsum, gsum (K)
+// LDD = D16 + 8, LDP = DTS + 8, LDR = R + 8 (row strides of 4 (mod 8) words: fragment loads conflict-free)
+DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf, int DTS, bool backward) {
   ReFullSmem m;
   const int K8 = (K + 7) & ~7, K16 = (K + 15) & ~15;
   m.LDD = ((D + 15) & ~15) + 8;
   m.LDR = R + 8;
+  m.LDP = backward ? DTS + 8 : m.LDD;
   m.c_hi = (unsigned short*)smem;
-  m.c_lo = m.c_hi + K8 * m.LDD;
-  m.xs = m.c_lo + K8 * m.LDD;
+  m.c_lo = m.c_hi + K8 * m.LDP;
+  m.g_hi = m.c_lo + K8 * m.LDP;  // backward only
+  m.g_lo = m.g_hi + K8 * m.LDP;
+  m.xs = backward ? m.g_lo + K8 * m.LDP : m.g_hi;
   m.at_hi = m.xs + nbuf * R * m.LDD;
   m.at_lo = m.at_hi + K16 * m.LDR;
   m.A = (float*)(m.at_lo + K16 * m.LDR);
-  m.xsq = m.A + R * (K + 1);
-  m.kmin = (int*)(m.xsq + R);
-  m.msum = (float*)(m.kmin + R);
+  m.H = m.A + R * (K + 1);  // backward only
+  m.xsq = backward ? m.H + R * (K + 1) : m.H;
+  m.shr = m.xsq + R;  // backward: sum_k s_k h_rk per row; forward: kmin in its place
+  m.kmin = (int*)m.shr;
+  m.msum = m.shr + R;
+  m.hsum = m.msum + K;  // backward only
+  m.gsum = m.hsum + K;
   return m;
 }
 
-// xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched). vec: 16-
-// byte copies (the host checked s_c = 1, D % 8 = 0, s_r % 8 = 0 and a 16-byte aligned base), asynchronous.
-DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const void* rows, i64 s_r, i64 s_c, const void* idx,
-                                   int idx64, int gather, i64 r0, int nr, int R, int D, int vec, int tid) {
-  const unsigned short* src = (const unsigned short*)rows;
-  if (vec) {
+// Where the full-width kernels read their rows: a source as the other kernels take it, and whether its rows may be
+// copied 16 bytes at a time (the host checked s_c = 1, D % 8 = 0, s_r % 8 = 0 and a 16-byte aligned base)
+struct ReFullRows {
+  const void* rows;
+  i64 s_r, s_c;
+  const void* idx;
+  int idx64, gather, D, vec;
+};
+
+// xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched);
+// asynchronous where vec
+DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows& src, i64 r0, int nr, int R,
+                                   int tid) {
+  const unsigned short* rows = (const unsigned short*)src.rows;
+  const int D = src.D;
+  if (src.vec) {
     const int per = D / 8;
     for (int e = tid; e < R * per; e += NTHREADS) {
       const int r = e / per, c = e % per;
-      const i64 row = r < nr ? re_source_row(r0, r, idx, idx64, gather) : 0;
-      cp_async_16(xs + r * LDD + 8 * c, src + row * s_r + 8 * c, r < nr);
+      const i64 row = r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
+      cp_async_16(xs + r * LDD + 8 * c, rows + row * src.s_r + 8 * c, r < nr);
     }
   } else {
     for (int e = tid; e < R * D; e += NTHREADS) {
       const int r = e / D, d = e % D;
-      const i64 row = r < nr ? re_source_row(r0, r, idx, idx64, gather) : 0;
-      xs[r * LDD + d] = r < nr ? src[row * s_r + (i64)d * s_c] : 0;
+      const i64 row = r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
+      xs[r * LDD + d] = r < nr ? rows[row * src.s_r + (i64)d * src.s_c] : 0;
     }
   }
   cp_async_commit();
+}
+
+// Before the row loop over [lo, hi): columns D..D16 of every row buffer zeroed (staging never writes them), the first
+// step's copies issued
+DRE_DEVICE void re_full_begin_rows(const ReFullSmem& m, const ReFullRows& src, i64 lo, i64 hi, int R, int nbuf,
+                                   int tid) {
+  const int pad = ((src.D + 15) & ~15) - src.D;
+  for (int e = tid; e < nbuf * R * pad; e += NTHREADS) m.xs[(e / pad) * m.LDD + src.D + e % pad] = 0;
+  re_full_stage_rows(m.xs, m.LDD, src, lo, (int)lmin((i64)R, hi - lo), R, tid);
+}
+
+// Step s's rows (r0 = lo + s R), staged and visible to the block (ends with a barrier): the next step's copies are
+// issued first when double-buffered, this step's (one buffer, after the last step's barrier freed it) otherwise
+DRE_DEVICE const unsigned short* re_full_step_rows(const ReFullSmem& m, const ReFullRows& src, i64 lo, i64 hi, i64 s,
+                                                   i64 steps, int R, int nbuf, int tid) {
+  const i64 r0 = lo + s * R;
+  unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
+  if (nbuf == 1 && s > 0) re_full_stage_rows(xs, m.LDD, src, r0, (int)lmin((i64)R, hi - r0), R, tid);
+  if (nbuf == 2 && s + 1 < steps) {
+    const i64 r1 = r0 + R;
+    re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * m.LDD, m.LDD, src, r1, (int)lmin((i64)R, hi - r1), R, tid);
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+  return xs;
+}
+
+// xsq[r] = ||x_r||^2 of the staged rows, one warp per row
+DRE_DEVICE void re_full_row_sq(float* xsq, const unsigned short* xs, int LDD, int R, int D, int dt, int tid) {
+  const int warp = tid >> 5, lane = tid & 31, D16 = (D + 15) & ~15;
+  for (int r = warp; r < R; r += NTHREADS / 32) {
+    float sq = 0.f;
+    for (int d = 2 * lane; d < D16; d += 64) {
+      const unsigned p = lds_pair(xs + r * LDD + d);
+      const float v0 = from_16((unsigned short)(p & 0xffffu), dt), v1 = from_16((unsigned short)(p >> 16), dt);
+      sq += v0 * v0 + v1 * v1;
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) xsq[r] = sq;
+  }
+}
+
+// dot[4j..] += X[16 mi.., kx .. kx + kn] C^T[.., 8 ni..] for the distance tiles q = RE_FULL_DOT_TILES warp + j of the
+// (R/16) x (K8/8) grid (q = (mi, ni)), C = c_hi + c_lo staged from column kx (row stride ldp, kn a multiple of 16);
+// WITH_G: dotg the same with G = g_hi + g_lo, from the same fragments of x. Two MMAs per operand and k-step.
+template <bool WITH_G>
+DRE_DEVICE void re_full_dots(float* dot, float* dotg, const unsigned short* xs, int LDD, int kx, int kn,
+                             const ReFullSmem& m, int ldp, int R, int K, int dt, int tid) {
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int nnt = ((K + 7) & ~7) / 8, dtiles = (R / 16) * nnt;
+  for (int kk = 0; kk < kn; kk += 16) {
+    int cur = -1;
+    unsigned a[4];
+#pragma unroll
+    for (int j = 0; j < RE_FULL_DOT_TILES; ++j) {
+      const int q = warp * RE_FULL_DOT_TILES + j;
+      if (q < dtiles) {
+        const int mi = q / nnt, ni = q % nnt;
+        if (mi != cur) {
+          cur = mi;
+          lds_frag_a(a, xs + (16 * mi + g) * LDD + kx + kk + 2 * t, LDD);
+        }
+        const int pb = (8 * ni + g) * ldp + kk + 2 * t;
+        unsigned bf[2] = {lds_pair(m.c_hi + pb), lds_pair(m.c_hi + pb + 8)};
+        mma_16816(dot + 4 * j, a, bf, dt);
+        bf[0] = lds_pair(m.c_lo + pb);
+        bf[1] = lds_pair(m.c_lo + pb + 8);
+        mma_16816(dot + 4 * j, a, bf, dt);
+        if constexpr (WITH_G) {
+          bf[0] = lds_pair(m.g_hi + pb);
+          bf[1] = lds_pair(m.g_hi + pb + 8);
+          mma_16816(dotg + 4 * j, a, bf, dt);
+          bf[0] = lds_pair(m.g_lo + pb);
+          bf[1] = lds_pair(m.g_lo + pb + 8);
+          mma_16816(dotg + 4 * j, a, bf, dt);
+        }
+      }
+    }
+  }
+}
+
+// f(i, r, k) for each element dot[i] re_full_dots gave this thread: row r, codeword k < K
+template <class F>
+DRE_DEVICE void re_full_for_each_dot(int R, int K, int tid, F&& f) {
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int nnt = ((K + 7) & ~7) / 8, dtiles = (R / 16) * nnt;
+#pragma unroll
+  for (int j = 0; j < RE_FULL_DOT_TILES; ++j) {
+    const int q = warp * RE_FULL_DOT_TILES + j;
+    if (q >= dtiles) continue;
+    for (int e = 0; e < 4; ++e) {
+      const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
+      if (k < K) f(4 * j + e, r, k);
+    }
+  }
+}
+
+// at_hi + at_lo (K16 x LDR) = W^T split into 16-bit parts; W (R x K float32, row stride K + 1); zero past K
+DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, int R, int K, int dt, int tid) {
+  const int K16 = (K + 15) & ~15;
+  for (int e = tid; e < K16 * R; e += NTHREADS) {
+    const int k = e / R, r = e % R;
+    split_16(k < K ? W[r * (K + 1) + k] : 0.f, dt, m.at_hi[k * m.LDR + r], m.at_lo[k * m.LDR + r]);
+  }
+}
+
+// acc += W^T X over all D columns and the rows below nr (W^T from re_full_split_t, zero past nr); exact: W is 0/1,
+// exact in 16 bits, so its hi part alone (one MMA). Warp w owns the output tiles (mi, w npw ..) of the K16/16 x D16/8
+// grid, tile j of the warp at acc[4j..].
+DRE_DEVICE void re_full_aggregate(float* acc, const ReFullSmem& m, const unsigned short* xs, int nr, int K, int D,
+                                  bool exact, int dt, int tid) {
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ntn = ((D + 15) & ~15) / 8, mt = ((K + 15) & ~15) / 16, npw = (ntn + 7) / 8;
+  for (int kr = 0; kr < nr; kr += 16) {
+    int cur = -1;
+    unsigned ah[4], al[4];
+#pragma unroll
+    for (int j = 0; j < RE_FULL_TILES; ++j) {
+      const int mi = j / npw, ni = warp * npw + j % npw;
+      if (mi < mt && ni < ntn) {
+        if (mi != cur) {
+          cur = mi;
+          const int pa = (16 * mi + g) * m.LDR + kr + 2 * t;
+          lds_frag_a(ah, m.at_hi + pa, m.LDR);
+          if (!exact) lds_frag_a(al, m.at_lo + pa, m.LDR);
+        }
+        unsigned bx[2];
+        ldmatrix_x2_trans(bx, xs + (kr + (lane & 15)) * m.LDD + 8 * ni);
+        mma_16816(acc + 4 * j, ah, bx, dt);
+        if (!exact) mma_16816(acc + 4 * j, al, bx, dt);
+      }
+    }
+  }
+}
+
+// f(k, d, v) for each element v = acc[i] re_full_aggregate gave this thread, k < K and d < D
+template <class F>
+DRE_DEVICE void re_full_for_each_out(const float* acc, int K, int D, int tid, F&& f) {
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ntn = ((D + 15) & ~15) / 8, mt = ((K + 15) & ~15) / 16, npw = (ntn + 7) / 8;
+#pragma unroll
+  for (int j = 0; j < RE_FULL_TILES; ++j) {
+    const int mi = j / npw, ni = warp * npw + j % npw;
+    if (mi >= mt || ni >= ntn) continue;
+    for (int e = 0; e < 4; ++e) {
+      const int k = 16 * mi + g + 8 * (e >> 1), d = 8 * ni + 2 * t + (e & 1);
+      if (k < K && d < D) f(k, d, acc[4 * j + e]);
+    }
+  }
 }
 
 DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
@@ -810,137 +988,111 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
   i64 b, lo, hi;
   int pid_d;
   if (!re_block_rows(1, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, dt = rows_dt;
-  const int K8 = (K + 7) & ~7, K16 = (K + 15) & ~15, D16 = (D + 15) & ~15;
-  const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf);
-  const int LDD = m.LDD, LDR = m.LDR;
+  const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
+  const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, 0, false);
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
 
-  // the first step's rows load while the codewords are split; columns D..D16 of every buffer stay zero
-  for (int e = tid; e < nbuf * R * (D16 - D); e += NTHREADS)
-    m.xs[(e / (D16 - D)) * LDD + D + e % (D16 - D)] = 0;
-  re_full_stage_rows(m.xs, LDD, rows, s_r, s_c, idx, idx64, gather, lo, (int)lmin((i64)R, hi - lo), R, D, vec, tid);
-  for (int e = tid; e < K8 * D16; e += NTHREADS) {
-    const int k = e / D16, d = e % D16;
-    split_16(k < K && d < D ? C[(i64)k * D + d] : 0.f, dt, m.c_hi[k * LDD + d], m.c_lo[k * LDD + d]);
-  }
+  // the first step's rows load while the codewords are split
+  re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
+  re_tc_load_split(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
-
-  const int nnt = K8 / 8, dtiles = (R / 16) * nnt;        // distance tiles (R/16 x K8/8), 4 per warp at most
-  const int ntn = D16 / 8, mt = K16 / 16, npw = (ntn + 7) / 8;  // aggregation: warp w owns column tiles w npw..
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
   for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
 
   const i64 steps = (hi - lo + R - 1) / R;
   for (i64 s = 0; s < steps; ++s) {
-    const i64 r0 = lo + s * R;
-    const int nr = (int)lmin((i64)R, hi - r0);
-    unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * LDD;
-    if (nbuf == 1 && s > 0)  // one buffer: this step's rows load now (the last step's barrier freed it)
-      re_full_stage_rows(xs, LDD, rows, s_r, s_c, idx, idx64, gather, r0, nr, R, D, vec, tid);
-    if (nbuf == 2 && s + 1 < steps) {
-      const i64 r1 = r0 + R;
-      re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * LDD, LDD, rows, s_r, s_c, idx, idx64, gather, r1,
-                         (int)lmin((i64)R, hi - r1), R, D, vec, tid);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-
-    // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k> (hi + lo: two MMAs per k-step)
-    if (!hard) {
-      for (int r = warp; r < R; r += NTHREADS / 32) {
-        float sq = 0.f;
-        for (int d = 2 * lane; d < D16; d += 64) {
-          const unsigned p = lds_pair(xs + r * LDD + d);
-          const float v0 = from_16((unsigned short)(p & 0xffffu), dt), v1 = from_16((unsigned short)(p >> 16), dt);
-          sq += v0 * v0 + v1 * v1;
-        }
-        sq = warp_sum(sq);
-        if (lane == 0) m.xsq[r] = sq;
-      }
-    }
-    float dot[16];
+    const int nr = (int)lmin((i64)R, hi - lo - s * R);
+    const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
+    // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k>
+    if (!hard) re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
+    float dot[4 * RE_FULL_DOT_TILES];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) dot[j] = 0.f;
-    for (int kk = 0; kk < D16; kk += 16) {
-      int cur = -1;
-      unsigned a[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int q = warp * 4 + j;
-        if (q < dtiles) {
-          const int mi = q / nnt, ni = q % nnt;
-          if (mi != cur) {
-            cur = mi;
-            lds_frag_a(a, xs + (16 * mi + g) * LDD + kk + 2 * t, LDD);
-          }
-          const int pb = (8 * ni + g) * LDD + kk + 2 * t;
-          unsigned bf[2] = {lds_pair(m.c_hi + pb), lds_pair(m.c_hi + pb + 8)};
-          mma_16816(dot + 4 * j, a, bf, dt);
-          bf[0] = lds_pair(m.c_lo + pb);
-          bf[1] = lds_pair(m.c_lo + pb + 8);
-          mma_16816(dot + 4 * j, a, bf, dt);
-        }
-      }
-    }
+    for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = 0.f;
+    re_full_dots<false>(dot, dot, xs, m.LDD, 0, D16, m, m.LDP, R, K, dt, tid);
     __syncthreads();  // xsq
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int q = warp * 4 + j;
-      if (q >= dtiles) continue;
-      for (int e = 0; e < 4; ++e) {
-        const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
-        if (k < K) m.A[r * (K + 1) + k] = re_distance(hard, m.xsq[r], dot[4 * j + e], csq[k]);
-      }
-    }
+    re_full_for_each_dot(R, K, tid, [&](int i, int r, int k) {
+      m.A[r * (K + 1) + k] = re_distance(hard, m.xsq[r], dot[i], csq[k]);
+    });
     __syncthreads();
     // (2) assignments, their column sums, and A^T split into hi + lo (zero past nr and K)
     re_assign_fwd(m.A, m.kmin, m.msum, nr, R, K, hard, scale, tid);
-    for (int e = tid; e < K16 * R; e += NTHREADS) {
-      const int k = e / R, r = e % R;
-      split_16(k < K ? m.A[r * (K + 1) + k] : 0.f, dt, m.at_hi[k * LDR + r], m.at_lo[k * LDR + r]);
-    }
+    re_full_split_t(m, m.A, R, K, dt, tid);
     __syncthreads();
-    // (3) acc += A^T X over all columns (hard: A is 0/1, exact in 16 bits: one MMA)
-    for (int kr = 0; kr < nr; kr += 16) {
-      int cur = -1;
-      unsigned ah[4], al[4];
-#pragma unroll
-      for (int j = 0; j < RE_FULL_TILES; ++j) {
-        const int mi = j / npw, ni = warp * npw + j % npw;
-        if (mi < mt && ni < ntn) {
-          if (mi != cur) {
-            cur = mi;
-            const int pa = (16 * mi + g) * LDR + kr + 2 * t;
-            lds_frag_a(ah, m.at_hi + pa, LDR);
-            if (!hard) lds_frag_a(al, m.at_lo + pa, LDR);
-          }
-          unsigned bx[2];
-          ldmatrix_x2_trans(bx, xs + (kr + (lane & 15)) * LDD + 8 * ni);
-          mma_16816(acc + 4 * j, ah, bx, dt);
-          if (!hard) mma_16816(acc + 4 * j, al, bx, dt);
-        }
-      }
-    }
+    // (3) acc += A^T X over all columns (hard: A is 0/1: one MMA)
+    re_full_aggregate(acc, m, xs, nr, K, D, hard, dt, tid);
     __syncthreads();  // xs, A and at are rewritten by the next step
   }
   // E_b += acc - mass c (this chunk's part), mass_b += msum
-#pragma unroll
-  for (int j = 0; j < RE_FULL_TILES; ++j) {
-    const int mi = j / npw, ni = warp * npw + j % npw;
-    if (mi >= mt || ni >= ntn) continue;
-    for (int e = 0; e < 4; ++e) {
-      const int k = 16 * mi + g + 8 * (e >> 1), d = 8 * ni + 2 * t + (e & 1);
-      if (k < K && d < D) {
-        const i64 o = (i64)k * D + d;
-        atomicAdd(acc_out + b * K * D + o, acc[4 * j + e] - m.msum[k] * C[o]);
-      }
-    }
-  }
+  re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) {
+    const i64 o = (i64)k * D + d;
+    atomicAdd(acc_out + b * K * D + o, v - m.msum[k] * C[o]);
+  });
   if (mass_out != 0)
     for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, m.msum[k]);
+}
+
+// The soft backward's summing pass over one source (no grad x), as re_bwd_body's with need_c: adds hx = sum_i h_ik x_i
+// (K, D), hsum, gsum = -sum_i h_ik d_ik (K) and mass (B, K); G (B, K, D) and gc (B, K) = <G_bk, c_k> float32. DTS:
+// the columns of C and G_b staged at a time (a multiple of 16).
+DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                                     int idx64, int gather, const i64* off, const i64* slide,
+                                                     const i64* cstart, const float* C, const float* csq,
+                                                     const float* scale, const float* G, const float* gc,
+                                                     float* hx_out, float* hsum_out, float* gsum_out, float* mass_out,
+                                                     i64 B, int K, int D, i64 chunk, int R, int nbuf, int vec,
+                                                     int DTS) {
+  DRE_DYN_SMEM(smem);
+  i64 b, lo, hi;
+  int pid_d;
+  if (!re_block_rows(1, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
+  const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
+  const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, DTS, true);
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
+  const float* Gb = G + b * K * D;
+
+  re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
+  for (int k = tid; k < K; k += NTHREADS) m.msum[k] = m.hsum[k] = m.gsum[k] = 0.f;
+  float acc[4 * RE_FULL_TILES];
+#pragma unroll
+  for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
+
+  const i64 steps = (hi - lo + R - 1) / R;
+  for (i64 s = 0; s < steps; ++s) {
+    const int nr = (int)lmin((i64)R, hi - lo - s * R);
+    const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
+    // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b staged DTS columns at a time
+    re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
+    float dot[4 * RE_FULL_DOT_TILES], dotg[4 * RE_FULL_DOT_TILES];
+#pragma unroll
+    for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = dotg[j] = 0.f;
+    for (int dd = 0; dd < D16; dd += DTS) {
+      re_tc_load_split(m.c_hi, m.c_lo, C, dt, K, D, dd, DTS, tid);
+      re_tc_load_split(m.g_hi, m.g_lo, Gb, dt, K, D, dd, DTS, tid);
+      __syncthreads();
+      re_full_dots<true>(dot, dotg, xs, m.LDD, dd, imin(DTS, D16 - dd), m, m.LDP, R, K, dt, tid);
+      __syncthreads();  // the next slice overwrites these; xsq complete after the last
+    }
+    re_full_for_each_dot(R, K, tid, [&](int i, int r, int k) {
+      m.A[r * (K + 1) + k] = re_distance(false, m.xsq[r], dot[i], csq[k]);
+      m.H[r * (K + 1) + k] = dotg[i] - gc[b * K + k];  // g_rk
+    });
+    __syncthreads();
+    // (2) a, h = a (g - <a, g>), mass, hsum and gsum (re_assign_bwd); h^T split into hi + lo
+    re_assign_bwd(m.A, m.H, m.shr, m.msum, m.hsum, m.gsum, nr, R, K, scale, 1, tid);
+    __syncthreads();
+    re_full_split_t(m, m.H, R, K, dt, tid);
+    __syncthreads();
+    // (3) acc += h^T X over all columns
+    re_full_aggregate(acc, m, xs, nr, K, D, false, dt, tid);
+    __syncthreads();  // xs, A, H and at are rewritten by the next step
+  }
+  re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) { atomicAdd(hx_out + (i64)k * D + d, v); });
+  for (int k = tid; k < K; k += NTHREADS) {
+    atomicAdd(mass_out + b * K + k, m.msum[k]);
+    atomicAdd(hsum_out + k, m.hsum[k]);
+    atomicAdd(gsum_out + k, m.gsum[k]);
+  }
 }
 
 #if !defined(__CUDACC_RTC__) && !defined(DRE_CUDA_EMULATE)
@@ -1006,6 +1158,20 @@ cudaError_t re_fwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, co
   dre_re_fwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide,
                                                        cstart, C, csq, scale, acc_out, mass_out, B, K, D, chunk, hard,
                                                        R, nbuf, vec);
+  return cudaGetLastError();
+}
+
+cudaError_t re_bwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
+                           const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
+                           const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, i64 B,
+                           int K, int D, i64 chunk, int R, int nbuf, int vec, int DTS) {
+  if (grid == 0) return cudaSuccess;
+  cudaError_t e = cudaFuncSetAttribute(dre_re_bwd_tc_full, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  dre_re_bwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide,
+                                                       cstart, C, csq, scale, G, gc, hx_out, hsum_out, gsum_out,
+                                                       mass_out, B, K, D, chunk, R, nbuf, vec, DTS);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch
