@@ -346,7 +346,9 @@ def _check_re(args, hard, dtype=torch.float32, grads=True):
     gE = torch.randn(B, K, D, generator=torch.Generator().manual_seed(1))
     Er, mr, gr = _ref_fwd_bwd(x, xo, c, s, bank, bi, bo, hard, gE)
     assert E.dtype == torch.promote_types(x.dtype, c.dtype) and mass.dtype == torch.float32
-    assert_close(E, Er, dtype)
+    # soft: E is a float32 sum over the rows as stored (stored in E's dtype), held to that dtype's tolerance; hard: a
+    # near-tie may move a row to another codeword under the split distances (see grad c below)
+    assert_close(E, Er, dtype if hard else E.dtype)
     assert_close(mass, mr, torch.float32)
     if not grads:
         return
