@@ -25,7 +25,7 @@ import torch
 
 import dre_kernels
 from conftest import assert_close, make_offsets
-from dre_kernels import _library, cupy_kernels
+from dre_kernels import _gpu_host, _library, cupy_kernels
 from dre_kernels.bank import bank_update_reference_
 from dre_kernels.contrastive_loss import contrastive_loss_reference
 from dre_kernels.residual_encode import residual_encode_reference
@@ -152,8 +152,6 @@ def test_nvrtc_compiles_the_sources(arch):
 def test_launch_rules_match_the_cupy_mirror(tmp_path, monkeypatch):
     """csrc/cuda/launch_rules.h (the native glue's rules) and their Python copy for the cupy backend agree: the
     header compiled on the host prints its configs for every K and a sweep of D, and the chunk sizes."""
-    from dre_kernels import _gpu_host
-
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
@@ -589,14 +587,20 @@ def _check_codeword_grads(args):
     assert_close(gs, rs, c.dtype, scale=4, msg="grad scale")
 
 
+@pytest.mark.parametrize("copies", ["at_wait", "at_issue"])
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 @pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24)])
-def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, hard, K, D):
+def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, hard, K, D, copies):
     # contiguous, aligned bf16 rows with D % 8 = 0: 16-byte cp.async copies (D = 40, 24: zero columns up to D16);
-    # a 700-row bank slide (many row steps: the next step's rows load while this one computes) with repeated
-    # indices, empty and one-row slides, fresh rows on the kernel too
+    # a 700-row bank slide in 256-row chunks (one SM: 4 row steps of R = 64 per block, the next step's rows loading
+    # while this one computes) with repeated indices, empty and one-row slides, fresh rows on the kernel too. The
+    # emulated copies land at the wait that covers them (a missing wait reads stale rows) or at issue (a buffer
+    # refilled while still read shows)
     monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
+    monkeypatch.setattr(_gpu_host, "num_sms", lambda device: 1)
+    assert _gpu_host.default_chunk_rows(720, torch.device("cpu")) == 256
     emu.use_tensor_cores = True
+    emu.set_cp_async_immediate(copies == "at_issue")
     try:
         args = _re_inputs([33, 0, 1, 8], [700, 3, 0, 17], K=K, D=D, T=60, x_dtype=torch.bfloat16, seed=K + D)
         assert cupy_kernels._vec_rows(args[0], D) and cupy_kernels._vec_rows(args[4], D)
@@ -609,6 +613,47 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
             assert len(_full_launches(emu, n0, "dre_re_bwd_tc_full")) == 2
     finally:
         emu.use_tensor_cores = False
+        emu.set_cp_async_immediate(False)
+
+
+def test_emu_cp_async_lands_at_its_wait(tmp_path):
+    """The emulator's cp.async (tests/cuda_emu/emu.h): a copy is not in shared memory before the wait_group that
+    covers its group, wait_group(1) lands all but the newest group, and a block that never waits traps."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("the CUDA emulation needs g++")
+    (tmp_path / "t.cpp").write_text(r"""
+#include <cstdio>
+#include <csignal>
+#include <cstdlib>
+#include "emu.h"
+alignas(16) static float src[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+alignas(16) static float dst[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+int main() {
+  using namespace dre_emu;
+  cp_async_16(dst, src, true);
+  cp_async_commit_group();
+  cp_async_16(dst + 4, src + 4, true);
+  cp_async_commit_group();
+  std::printf("%g %g ", dst[0], dst[4]);   // 0 0: nothing landed
+  cp_async_wait_group(1);
+  std::printf("%g %g ", dst[0], dst[4]);   // 1 0: the older group
+  cp_async_wait_group(0);
+  std::printf("%g %g\n", dst[0], dst[4]);  // 1 5
+  std::fflush(stdout);
+  cp_async_16(dst, src, true);
+  cp_async_commit_group();
+  cp_async_end_block();                    // never waited: traps
+  return 0;
+}
+""")
+    exe = tmp_path / "t"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{os.path.join(ROOT, 'tests', 'cuda_emu')}",
+                          str(tmp_path / "t.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["0", "0", "1", "0", "1", "5"]
+    assert run.returncode != 0  # the trap
 
 
 def _off_16_bytes(t):

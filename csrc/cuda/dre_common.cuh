@@ -181,13 +181,17 @@ DRE_DEVICE void cp_async_16(void* dst_shared, const void* src, bool valid) {
 }
 // close the copies issued so far into a group; wait until at most N groups are pending (this thread's copies)
 DRE_DEVICE void cp_async_commit() {
-#if !defined(DRE_CUDA_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(DRE_CUDA_EMULATE)
+  dre_emu::cp_async_commit_group();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
 template <int N>
 DRE_DEVICE void cp_async_wait() {
-#if !defined(DRE_CUDA_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(DRE_CUDA_EMULATE)
+  dre_emu::cp_async_wait_group(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }

@@ -53,6 +53,7 @@ def load():
         args = ", ".join(n for _, n in params)
         lines.append(f'extern "C" void emu_{name}(unsigned grid, unsigned smem, {decl}) '
                      f'{{ dre_emu::launch(grid, smem, [&] {{ {name}({args}); }}); }}')
+    lines.append('extern "C" void emu_set_cp_async_immediate(int on) { dre_emu::cp_async_immediate = on != 0; }')
     code = "\n".join(lines) + "\n"
     h = hashlib.sha1(code.encode())
     for p in sources:
@@ -87,6 +88,12 @@ class EmuRuntime:
         self.use_tensor_cores = False  # tests switch the mma.sync kernels on (emulated per the PTX fragment layout)
 
         self.optin = 232448  # the H100's dynamic shared memory opt-in limit per block (A100: 166912)
+        self.lib.emu_set_cp_async_immediate.argtypes = [ctypes.c_int]
+        self.set_cp_async_immediate(False)
+
+    def set_cp_async_immediate(self, on: bool) -> None:
+        """cp.async copies land at issue (True) or at the wait that covers them (False, the default): emu.h."""
+        self.lib.emu_set_cp_async_immediate(int(on))
 
     def tensor_cores(self, device) -> bool:
         return self.use_tensor_cores

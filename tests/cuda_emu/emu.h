@@ -3,8 +3,9 @@
 // 256 std::threads (a persistent pool per launch); __syncthreads is a std::barrier over the block, warp shuffles go
 // through a per-warp exchange buffer with a per-warp barrier, atomics are std::atomic_ref, static __shared__ arrays
 // become function statics (safe: one block at a time) and dynamic shared memory a per-launch buffer.
-// It checks the kernels' logic (indexing, synchronisation structure, reductions, atomics), not their speed, and not
-// GPU-only hazards such as a missing __syncthreads that a lock-step warp would hide.
+// It checks the kernels' logic (indexing, synchronisation structure, reductions, atomics, cp.async groups: a copy
+// lands at the wait that covers it), not their speed, and not GPU-only hazards such as a missing __syncthreads that
+// a lock-step warp would hide.
 #pragma once
 
 #include <atomic>
@@ -83,13 +84,49 @@ inline void mma_16816(float* d, const unsigned* a, const unsigned* b, int dt) {
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-// cp.async of 16 bytes: a plain copy (zeros for !valid); the GPU faults on misaligned addresses, so does this
+// cp.async of 16 bytes (zeros for !valid); the GPU faults on misaligned addresses, so does this. On the GPU the copy
+// lands at some point before the issuing thread's cp.async.wait_group that covers its group; here it lands exactly
+// there (cp_async_wait_group), so shared memory read before that wait still holds what it held before (NaN-poisoned
+// at first): a missing or too-weak wait shows as wrong results. Groups are per thread, as in PTX: issued copies join
+// the open group, cp_async_commit_group closes it, cp_async_wait_group(n) lands all but the newest n closed groups.
+// A block that ends with copies it never waited for traps. cp_async_immediate = true lands each copy at issue
+// instead (the other order a GPU may take, for a test that a buffer is not overwritten while it is still read).
+struct CpAsyncCopy {
+  void* dst;
+  unsigned char data[16];
+};
+inline thread_local std::vector<CpAsyncCopy> cp_open;
+inline thread_local std::vector<std::vector<CpAsyncCopy>> cp_groups;  // closed groups, oldest first
+inline std::atomic<bool> cp_async_immediate{false};
+
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if ((((unsigned long long)dst) | (valid ? ((unsigned long long)src) : 0ull)) & 15ull) __builtin_trap();
-  if (valid)
-    std::memcpy(dst, src, 16);
+  CpAsyncCopy c{dst, {}};
+  if (valid) std::memcpy(c.data, src, 16);  // global memory: read-only to these kernels, so read it now
+  if (cp_async_immediate)
+    std::memcpy(dst, c.data, 16);
   else
-    std::memset(dst, 0, 16);
+    cp_open.push_back(c);
+}
+
+inline void cp_async_commit_group() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+
+inline void cp_async_wait_group(int n) {
+  while ((int)cp_groups.size() > n) {
+    for (const CpAsyncCopy& c : cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+    cp_groups.erase(cp_groups.begin());
+  }
+}
+
+inline void cp_async_end_block() {
+  bool pending = !cp_open.empty();
+  for (const auto& g : cp_groups) pending = pending || !g.empty();
+  cp_open.clear();
+  cp_groups.clear();
+  if (pending) __builtin_trap();
 }
 
 // ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16: lanes 0..15 post their row addresses (row i of matrix i / 8);
@@ -123,6 +160,7 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
       for (unsigned b = 0; b < grid; ++b) {
         bidx = {b, 0, 0};
         body();
+        cp_async_end_block();
         bar.arrive_and_wait();  // the next block starts when all threads left this one
       }
     });
