@@ -806,18 +806,26 @@ def _cl_launches(emu, n0):
     return [name for name, _, _ in emu.launches[n0:] if name.startswith("dre_cl_")]
 
 
+@pytest.mark.parametrize("emu_tc", ["full"], indirect=True)  # the tensor-core switch; no residual_encode here
+@pytest.mark.parametrize("copies", ["at_wait", "at_issue"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_emu_tc_contrastive_bf16(emu_tc, normalize):
+def test_emu_tc_contrastive_bf16(emu_tc, normalize, copies):
     """Both sides bfloat16: the logits (forward, column fix, backward) and the backward's W y on mma.sync. B=130:
-    a partial row and column tile; P=200: partial P slices and two output tiles of dre_cl_bwd_tc."""
+    a partial row and column tile; P=200: partial P slices and two output tiles of dre_cl_bwd_tc. P = 200 and 16
+    stage their slices by cp.async (two buffers), P = 70 and 3 element by element. The emulated copies land at their
+    wait or at issue."""
     labels = torch.arange(130).remainder(9)
-    for B, P, lab in ((130, 200, None), (130, 70, labels), (1, 3, None), (64, 16, None)):
-        n0 = len(emu_tc.launches)
-        _check_cl(B, P, lab, normalize, dtype=torch.bfloat16, scale=10.0)
-        names = _cl_launches(emu_tc, n0)
-        assert names.count("dre_cl_bwd_tc") == 2 and "dre_cl_bwd" not in names, names
-        grids = [g for name, g, _ in emu_tc.launches[n0:] if name == "dre_cl_bwd_tc"]
-        assert grids == [-(-B // 64) * -(-P // 128)] * 2
+    emu_tc.set_cp_async_immediate(copies == "at_issue")
+    try:
+        for B, P, lab in ((130, 200, None), (130, 70, labels), (1, 3, None), (64, 16, None)):
+            n0 = len(emu_tc.launches)
+            _check_cl(B, P, lab, normalize, dtype=torch.bfloat16, scale=10.0)
+            names = _cl_launches(emu_tc, n0)
+            assert names.count("dre_cl_bwd_tc") == 2 and "dre_cl_bwd" not in names, names
+            grids = [g for name, g, _ in emu_tc.launches[n0:] if name == "dre_cl_bwd_tc"]
+            assert grids == [-(-B // 64) * -(-P // 128)] * 2
+    finally:
+        emu_tc.set_cp_async_immediate(False)
 
 
 def test_emu_tc_contrastive_only_for_bf16_pairs(emu_tc):

@@ -24,7 +24,8 @@
 // memory and multiplies by the matching tile of y. Labels: int32 or int64 (lab64), or none (positives: i == j).
 //
 // Tensor cores (tc = 1; sm_80+, both sides bfloat16): every logit tile is computed with mma.sync.m16n8k16 on the
-// rows as stored (exact products, float32 accumulation over CL_PT_TC-wide slices of P), in the forward, the column fix
+// rows as stored (exact products, float32 accumulation over CL_PT_TC-wide slices of P, each slice's rows staged by
+// 16-byte cp.async into one of two buffers while the other slice computes), in the forward, the column fix
 // and both backward calls alike, a's rows always the MMA's A operand (the y side's call computes the transposed tile
 // and reads it back transposed), so that the backward's logits are the forward's to the bit. The backward
 // (dre_cl_bwd_tc) also multiplies W by y on the tensor cores: W (float32) split into bfloat16 hi + lo parts (two MMAs,
@@ -40,9 +41,9 @@
 
 namespace dre_cuda {
 enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16, CL_PT_TC = 32, CL_PO_TC = 128 };
-// the P-slice staging of a logit tile, in floats: 64 x 17 float32 values (SIMT) or 64 x (CL_PT_TC + 8) 16-bit values
-constexpr int CL_STAGE = CL_BI * (CL_PT_TC + 8) / 2 > CL_BI * (CL_PT + 1) ? CL_BI * (CL_PT_TC + 8) / 2
-                                                                         : CL_BI * (CL_PT + 1);
+// the P-slice staging of one side of a logit tile, in floats: 64 x 17 float32 values (SIMT) or two buffers of
+// 64 x (CL_PT_TC + 8) 16-bit values (tensor cores: the next slice loads while this one computes)
+constexpr int CL_STAGE = CL_BI * (CL_PT_TC + 8) > CL_BI * (CL_PT + 1) ? CL_BI * (CL_PT_TC + 8) : CL_BI * (CL_PT + 1);
 // a column sum at the bound below this has lost its largest terms to underflow (float64 normals end at 2.2e-308)
 constexpr double CL_TINY = 1e-280;
 
@@ -86,34 +87,75 @@ DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const v
 
 // The tensor-core tile: dot[n][e] += <x_{i0 + r}, y_{j0 + c}> over all of P for this warp's 16 x 32 piece of the
 // 64 x 64 tile (rows 16 (warp % 4).., columns 32 (warp / 4)..; (r, c) of each value: cl_tc_rc), x and y 16-bit of
-// dtype dt, staged raw through xs, ys (64 x (CL_PT_TC + 8) 16-bit each). Ends with a barrier.
+// dtype dt, staged raw CL_PT_TC columns of P at a time through two buffers each (xs, ys: 2 x 64 x (CL_PT_TC + 8)
+// 16-bit, CL_TC_SLICE elements apart): while one slice's MMAs run, the next slice's copies are in flight. Ends with a
+// barrier.
 DRE_DEVICE void cl_tc_rc(int warp, int lane, int n, int e, int& r, int& c) {
   r = 16 * (warp & 3) + (lane >> 2) + 8 * (e >> 1);
   c = 32 * (warp >> 2) + 8 * n + 2 * (lane & 3) + (e & 1);
 }
 
+// Where a logit tile's side is read: 16-bit rows, and whether they may be copied 16 bytes at a time (cp.async:
+// contiguous rows, P and the row stride multiples of 8, a 16-byte aligned base); else element by element
+struct ClTcRows {
+  const unsigned short* rows;
+  i64 s_r, s_c;
+  int vec;
+  DRE_DEVICE ClTcRows(const void* p, i64 s_r_, i64 s_c_, int P)
+      : rows((const unsigned short*)p), s_r(s_r_), s_c(s_c_),
+        vec(s_c_ == 1 && P % 8 == 0 && s_r_ % 8 == 0 && ((unsigned long long)p & 15ull) == 0) {}
+};
+
+// dst (64 x (CL_PT_TC + 8)) = columns [p0, p0 + CL_PT_TC) of rows r0 .. r0 + 63 (zeros past B and P), then a commit:
+// asynchronous where src.vec (P % 8 = 0, so a 16-byte chunk is all in or all past P)
+DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, int p0, i64 B, int P, int tid) {
+  constexpr int ld = CL_PT_TC + 8, per = CL_PT_TC / 8;
+  if (src.vec) {
+#pragma unroll 1
+    for (int e = tid; e < CL_BI * per; e += NTHREADS) {
+      const int r = e / per, p = p0 + 8 * (e % per);
+      const bool in = r0 + r < B && p < P;
+      cp_async_16(dst + r * ld + 8 * (e % per), in ? src.rows + (r0 + r) * src.s_r + p : src.rows, in);
+    }
+  } else {  // (rolled, both: unrolled, the kernels around it spilled at their 128 registers)
+#pragma unroll 1
+    for (int e = tid; e < CL_BI * CL_PT_TC; e += NTHREADS) {
+      const int r = e / CL_PT_TC, p = e % CL_PT_TC;
+      dst[r * ld + p] = (p0 + p < P && r0 + r < B) ? src.rows[(r0 + r) * src.s_r + (i64)(p0 + p) * src.s_c]
+                                                    : (unsigned short)0;
+    }
+  }
+  cp_async_commit();
+}
+
+constexpr int CL_TC_SLICE = CL_BI * (CL_PT_TC + 8);  // 16-bit elements of one staged slice of one side
+
 DRE_DEVICE void cl_tile_dot_tc(const void* x, i64 s_xr, i64 s_xc, const void* y, i64 s_yr, i64 s_yc, int dt, i64 i0,
                                i64 j0, i64 B, int P, unsigned short* xs, unsigned short* ys, float dot[4][4]) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int ld = CL_PT_TC + 8;
-  const unsigned short* xr = (const unsigned short*)x;
-  const unsigned short* yr = (const unsigned short*)y;
+  const ClTcRows xsrc(x, s_xr, s_xc, P), ysrc(y, s_yr, s_yc, P);
   for (int n = 0; n < 4; ++n)
     for (int e = 0; e < 4; ++e) dot[n][e] = 0.f;
-  for (int p0 = 0; p0 < P; p0 += CL_PT_TC) {
-    for (int e = tid; e < CL_BI * CL_PT_TC; e += NTHREADS) {
-      const int r = e / CL_PT_TC, p = e % CL_PT_TC;
-      const bool pin = p0 + p < P;
-      xs[r * ld + p] = (pin && i0 + r < B) ? xr[(i0 + r) * s_xr + (i64)(p0 + p) * s_xc] : (unsigned short)0;
-      ys[r * ld + p] = (pin && j0 + r < B) ? yr[(j0 + r) * s_yr + (i64)(p0 + p) * s_yc] : (unsigned short)0;
+  cl_tc_stage(xs, xsrc, i0, 0, B, P, tid);
+  cl_tc_stage(ys, ysrc, j0, 0, B, P, tid);
+  for (int p0 = 0, buf = 0; p0 < P; p0 += CL_PT_TC, buf ^= 1) {
+    if (p0 + CL_PT_TC < P) {  // the next slice into the other buffers (freed by the last slice's closing barrier)
+      cl_tc_stage(xs + (buf ^ 1) * CL_TC_SLICE, xsrc, i0, p0 + CL_PT_TC, B, P, tid);
+      cl_tc_stage(ys + (buf ^ 1) * CL_TC_SLICE, ysrc, j0, p0 + CL_PT_TC, B, P, tid);
+      cp_async_wait<2>();  // this slice's two groups landed, the next slice's two may be in flight
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
+    const unsigned short* xb = xs + buf * CL_TC_SLICE;
+    const unsigned short* yb0 = ys + buf * CL_TC_SLICE;
     for (int kk = 0; kk < CL_PT_TC; kk += 16) {
-      const unsigned short* xa = xs + (16 * (warp & 3) + g) * ld + kk + 2 * t;
+      const unsigned short* xa = xb + (16 * (warp & 3) + g) * ld + kk + 2 * t;
       unsigned a[4];
       lds_frag_a(a, xa, ld);
       for (int n = 0; n < 4; ++n) {
-        const unsigned short* yb = ys + (32 * (warp >> 2) + 8 * n + g) * ld + kk + 2 * t;
+        const unsigned short* yb = yb0 + (32 * (warp >> 2) + 8 * n + g) * ld + kk + 2 * t;
         const unsigned b[2] = {lds_pair(yb), lds_pair(yb + 8)};
         mma_16816(dot[n], a, b, dt);
       }
@@ -194,7 +236,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_fwd(const void* a, int a_dt, i64 s_ar, 
                                              const void* labels, int lab64, int has_labels, const float* scale,
                                              const float* bound, float* rlse, float* rdiag, float* rpos, double* csum,
                                              float* cpos, i64 B, int P, int tc) {
-  __shared__ float xs[CL_STAGE], ys[CL_STAGE];
+  __shared__ __align__(16) float xs[CL_STAGE];  // 16-byte aligned: cp.async targets
+  __shared__ __align__(16) float ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_i[CL_BI], l_i[CL_BI], pos_i[CL_BI], dg[CL_BI];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -288,7 +331,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_a
                                                 const float* scale, const float* bound, const double* csum,
                                                 const float* npos, float* rlse, float* rdiag, float* rpos,
                                                 float* cpos, float* clse, i64 B, int P, int tc) {
-  __shared__ float xs[CL_STAGE], ys[CL_STAGE];
+  __shared__ __align__(16) float xs[CL_STAGE];  // 16-byte aligned: cp.async targets
+  __shared__ __align__(16) float ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_j[CL_BJ], l_j[CL_BJ];
   __shared__ int any_need;
@@ -414,10 +458,11 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
                                                 const float* lx, const float* ly, const float* rx, const float* ry,
                                                 const float* g, const float* npos, float* gu, float* gs_out, i64 B,
                                                 int P, int with_gs, int x_is_b) {
-  constexpr int LDY = CL_PO_TC + 8, LDS = CL_PT_TC + 8, XS = CL_BI * LDS;
-  // the two P-slice tiles of the logits, then y's (CL_BJ x CL_PO_TC) tile, 16-bit (declared as floats: 4-byte pairs)
+  constexpr int LDY = CL_PO_TC + 8, XS = 2 * CL_TC_SLICE;
+  // the logits' P slices (two buffers per side), then y's (CL_BJ x CL_PO_TC) tile, 16-bit (declared as floats: 4-byte
+  // pairs, 16-byte aligned for cp.async)
   constexpr int STAGE = 2 * XS > CL_BJ * LDY ? 2 * XS : CL_BJ * LDY;
-  __shared__ float stage_f[STAGE / 2];
+  __shared__ __align__(16) float stage_f[STAGE / 2];
   unsigned short* stage = (unsigned short*)stage_f;
   __shared__ float W[CL_BI * (CL_BJ + 1)];
   __shared__ float red[NTHREADS / 32];

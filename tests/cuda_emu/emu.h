@@ -179,6 +179,7 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
 #define blockDim dre_emu::bdim
 #define gridDim dre_emu::gdim
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define __syncthreads() dre_emu::block_barrier->arrive_and_wait()
 
 template <typename T>
