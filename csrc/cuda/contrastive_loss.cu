@@ -106,10 +106,11 @@ struct ClTcRows {
         vec(s_c_ == 1 && P % 8 == 0 && s_r_ % 8 == 0 && ((unsigned long long)p & 15ull) == 0) {}
 };
 
-// dst (64 x (CL_PT_TC + 8)) = columns [p0, p0 + CL_PT_TC) of rows r0 .. r0 + 63 (zeros past B and P), then a commit:
+// dst (64 x W, row stride W + 8) = columns [p0, p0 + W) of rows r0 .. r0 + 63 (zeros past B and P), then a commit:
 // asynchronous where src.vec (P % 8 = 0, so a 16-byte chunk is all in or all past P)
+template <int W>
 DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, int p0, i64 B, int P, int tid) {
-  constexpr int ld = CL_PT_TC + 8, per = CL_PT_TC / 8;
+  constexpr int ld = W + 8, per = W / 8;
   if (src.vec) {
 #pragma unroll 1
     for (int e = tid; e < CL_BI * per; e += NTHREADS) {
@@ -119,10 +120,10 @@ DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, in
     }
   } else {  // (rolled, both: unrolled, the kernels around it spilled at their 128 registers)
 #pragma unroll 1
-    for (int e = tid; e < CL_BI * CL_PT_TC; e += NTHREADS) {
-      const int r = e / CL_PT_TC, p = e % CL_PT_TC;
+    for (int e = tid; e < CL_BI * W; e += NTHREADS) {
+      const int r = e / W, p = e % W;
       dst[r * ld + p] = (p0 + p < P && r0 + r < B) ? src.rows[(r0 + r) * src.s_r + (i64)(p0 + p) * src.s_c]
-                                                    : (unsigned short)0;
+                                                   : (unsigned short)0;
     }
   }
   cp_async_commit();
@@ -137,12 +138,12 @@ DRE_DEVICE void cl_tile_dot_tc(const void* x, i64 s_xr, i64 s_xc, const void* y,
   const ClTcRows xsrc(x, s_xr, s_xc, P), ysrc(y, s_yr, s_yc, P);
   for (int n = 0; n < 4; ++n)
     for (int e = 0; e < 4; ++e) dot[n][e] = 0.f;
-  cl_tc_stage(xs, xsrc, i0, 0, B, P, tid);
-  cl_tc_stage(ys, ysrc, j0, 0, B, P, tid);
+  cl_tc_stage<CL_PT_TC>(xs, xsrc, i0, 0, B, P, tid);
+  cl_tc_stage<CL_PT_TC>(ys, ysrc, j0, 0, B, P, tid);
   for (int p0 = 0, buf = 0; p0 < P; p0 += CL_PT_TC, buf ^= 1) {
     if (p0 + CL_PT_TC < P) {  // the next slice into the other buffers (freed by the last slice's closing barrier)
-      cl_tc_stage(xs + (buf ^ 1) * CL_TC_SLICE, xsrc, i0, p0 + CL_PT_TC, B, P, tid);
-      cl_tc_stage(ys + (buf ^ 1) * CL_TC_SLICE, ysrc, j0, p0 + CL_PT_TC, B, P, tid);
+      cl_tc_stage<CL_PT_TC>(xs + (buf ^ 1) * CL_TC_SLICE, xsrc, i0, p0 + CL_PT_TC, B, P, tid);
+      cl_tc_stage<CL_PT_TC>(ys + (buf ^ 1) * CL_TC_SLICE, ysrc, j0, p0 + CL_PT_TC, B, P, tid);
       cp_async_wait<2>();  // this slice's two groups landed, the next slice's two may be in flight
     } else {
       cp_async_wait<0>();
@@ -473,7 +474,6 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
   const i64 i0 = pid_i * CL_BI;
   const int p0 = pid_p * CL_PO_TC;
   const float s = scale[0];
-  const unsigned short* yr = (const unsigned short*)y;
   const int mrow = 16 * (warp & 3), ncol = 64 * (warp >> 2);
   float acc[8][4];
   for (int n = 0; n < 8; ++n)
@@ -504,11 +504,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
                          gsl);
     }
     // y's tile (rows j0.., columns p0.. of P) into the staging space (cl_tile_dot_tc ended with a barrier)
-    for (int e = tid; e < CL_BJ * CL_PO_TC; e += NTHREADS) {
-      const int c = e / CL_PO_TC, p = e % CL_PO_TC;
-      stage[c * LDY + p] = (j0 + c < B && p0 + p < P) ? yr[(j0 + c) * s_yr + (i64)(p0 + p) * s_yc]
-                                                       : (unsigned short)0;
-    }
+    cl_tc_stage<CL_PO_TC>(stage, ClTcRows(y, s_yr, s_yc, P), j0, p0, B, P, tid);
+    cp_async_wait<0>();
     __syncthreads();
 #pragma unroll 1
     for (int kk = 0; kk < CL_BJ; kk += 16) {
