@@ -107,7 +107,8 @@ struct ClTcRows {
 };
 
 // dst (64 x W, row stride W + 8) = columns [p0, p0 + W) of rows r0 .. r0 + 63 (zeros past B and P), then a commit:
-// asynchronous where src.vec (P % 8 = 0, so a 16-byte chunk is all in or all past P)
+// asynchronous where src.vec (P % 8 = 0, so a 16-byte chunk is all in or all past P). Both loops stay rolled:
+// unrolled, the kernels around them spilled at their 128-register cap.
 template <int W>
 DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, int p0, i64 B, int P, int tid) {
   constexpr int ld = W + 8, per = W / 8;
@@ -118,7 +119,7 @@ DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, in
       const bool in = r0 + r < B && p < P;
       cp_async_16(dst + r * ld + 8 * (e % per), in ? src.rows + (r0 + r) * src.s_r + p : src.rows, in);
     }
-  } else {  // (rolled, both: unrolled, the kernels around it spilled at their 128 registers)
+  } else {
 #pragma unroll 1
     for (int e = tid; e < CL_BI * W; e += NTHREADS) {
       const int r = e / W, p = e % W;
