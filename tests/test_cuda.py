@@ -600,20 +600,19 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
     monkeypatch.setattr(_gpu_host, "num_sms", lambda device: 1)
     assert _gpu_host.default_chunk_rows(720, torch.device("cpu")) == 256
     emu.use_tensor_cores = True
-    emu.set_cp_async_immediate(copies == "at_issue")
     try:
-        args = _re_inputs([33, 0, 1, 8], [700, 3, 0, 17], K=K, D=D, T=60, x_dtype=torch.bfloat16, seed=K + D)
-        assert cupy_kernels._vec_rows(args[0], D) and cupy_kernels._vec_rows(args[4], D)
-        n0 = len(emu.launches)
-        _check_re(args, hard, dtype=torch.bfloat16, grads=False)
-        assert len(_full_launches(emu, n0)) == 2  # fresh rows, bank rows
-        if not hard:
+        with emu.cp_async_order(copies):
+            args = _re_inputs([33, 0, 1, 8], [700, 3, 0, 17], K=K, D=D, T=60, x_dtype=torch.bfloat16, seed=K + D)
+            assert cupy_kernels._vec_rows(args[0], D) and cupy_kernels._vec_rows(args[4], D)
             n0 = len(emu.launches)
-            _check_codeword_grads(args)
-            assert len(_full_launches(emu, n0, "dre_re_bwd_tc_full")) == 2
+            _check_re(args, hard, dtype=torch.bfloat16, grads=False)
+            assert len(_full_launches(emu, n0)) == 2  # fresh rows, bank rows
+            if not hard:
+                n0 = len(emu.launches)
+                _check_codeword_grads(args)
+                assert len(_full_launches(emu, n0, "dre_re_bwd_tc_full")) == 2
     finally:
         emu.use_tensor_cores = False
-        emu.set_cp_async_immediate(False)
 
 
 def test_emu_cp_async_lands_at_its_wait(tmp_path):
@@ -815,8 +814,7 @@ def test_emu_tc_contrastive_bf16(emu_tc, normalize, copies):
     stage their slices by cp.async (two buffers), P = 70 and 3 element by element. The emulated copies land at their
     wait or at issue."""
     labels = torch.arange(130).remainder(9)
-    emu_tc.set_cp_async_immediate(copies == "at_issue")
-    try:
+    with emu_tc.cp_async_order(copies):
         for B, P, lab in ((130, 200, None), (130, 70, labels), (1, 3, None), (64, 16, None)):
             n0 = len(emu_tc.launches)
             _check_cl(B, P, lab, normalize, dtype=torch.bfloat16, scale=10.0)
@@ -824,8 +822,6 @@ def test_emu_tc_contrastive_bf16(emu_tc, normalize, copies):
             assert names.count("dre_cl_bwd_tc") == 2 and "dre_cl_bwd" not in names, names
             grids = [g for name, g, _ in emu_tc.launches[n0:] if name == "dre_cl_bwd_tc"]
             assert grids == [-(-B // 64) * -(-P // 128)] * 2
-    finally:
-        emu_tc.set_cp_async_immediate(False)
 
 
 def test_emu_tc_contrastive_only_for_bf16_pairs(emu_tc):

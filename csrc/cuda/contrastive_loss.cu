@@ -476,6 +476,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
   const int p0 = pid_p * CL_PO_TC;
   const float s = scale[0];
   const int mrow = 16 * (warp & 3), ncol = 64 * (warp >> 2);
+  const ClTcRows ysrc(y, s_yr, s_yc, P);  // y's rows for its output-side tiles
   float acc[8][4];
   for (int n = 0; n < 8; ++n)
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
@@ -505,7 +506,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
                          gsl);
     }
     // y's tile (rows j0.., columns p0.. of P) into the staging space (cl_tile_dot_tc ended with a barrier)
-    cl_tc_stage<CL_PO_TC>(stage, ClTcRows(y, s_yr, s_yc, P), j0, p0, B, P, tid);
+    cl_tc_stage<CL_PO_TC>(stage, ysrc, j0, p0, B, P, tid);
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll 1

@@ -6,6 +6,7 @@ kernel over `grid` blocks of 256 emulated threads. `load()` returns (ctypes libr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -94,6 +95,16 @@ class EmuRuntime:
     def set_cp_async_immediate(self, on: bool) -> None:
         """cp.async copies land at issue (True) or at the wait that covers them (False, the default): emu.h."""
         self.lib.emu_set_cp_async_immediate(int(on))
+
+    @contextlib.contextmanager
+    def cp_async_order(self, copies: str):
+        """Within the block, cp.async copies land "at_issue" or "at_wait" (then back to at_wait, the default)."""
+        assert copies in ("at_issue", "at_wait"), copies
+        self.set_cp_async_immediate(copies == "at_issue")
+        try:
+            yield
+        finally:
+            self.set_cp_async_immediate(False)
 
     def tensor_cores(self, device) -> bool:
         return self.use_tensor_cores
