@@ -97,6 +97,22 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
             seen.add((kernel, rows))
         assert {(k, rows) for k in ("_re_fwd_kernel", "_re_bwd_kernel")
                 for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"
+        if arch == 90:
+            _assert_tensor_core_layouts_clean(out, r"(_re_fwd_kernel|_re_bwd_kernel) sm_90 (?!.*'WRITE_GX': True)"
+                                                   r".*'MODE': 1, 'K_PAD': 64, ")
+            _assert_tensor_core_layouts_clean(out, r"_cl_\w+_kernel sm_90 .*'MODE': 1, .*\[bf16,bf16,")
+
+
+def _assert_tensor_core_layouts_clean(out: str, pattern: str) -> None:
+    """Every launch -v printed that `pattern` matches (at least one) has DOT_REP=1 and MMA_CVT=0 (triton_aot's
+    layout_findings): no dot computed twice by two warpgroups, no accumulator crossing shared memory each loop step.
+    Both came from pairs of chained dots (the hi and lo parts of a split operand) before dot_pair made each pair one
+    dot; the H100's fastest forward config in the sweep was the one 4-warp config without them (0.45 ms against
+    1.09 for the autotuned 8-warp one)."""
+    launches = _launches(out, pattern + r".*DOT_REP=(\d+) MMA_CVT=(\d+)$")
+    assert launches, f"no launch matches {pattern!r}\n{out[-3000:]}"
+    bad = [line for line, groups in launches if groups[-2:] != ("1", "0")]
+    assert not bad, "\n".join(bad)
 
 
 def test_sm90_only_residual_encode_configs_compile_for_sm90():
@@ -107,6 +123,7 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
     # --jobs 2: the compiles queued and run in forked workers, as the GPU session's precompile runs them
     out, rc = _run_aot("--sm90-only", "-v", "--arch", "90", "--jobs", "2")
     assert rc == 0 and "compiled " in out, out[-6000:]
+    _assert_tensor_core_layouts_clean(out, r"_re_\w+_kernel sm_90 ")
     from dre_kernels.triton_kernels import residual_encode as tre
 
     seen = {groups for _, groups in _launches(

@@ -105,9 +105,52 @@ def _constexprs(fn, args) -> dict:
     return {fn.arg_names[i]: a for i, a in enumerate(args) if i < len(fn.params) and fn.params[i].is_constexpr}
 
 
+# Triton's layout names: #ttg / ttng from triton 3.3 on, #triton_gpu / triton_nvidia_gpu before
+_MMA_LAYOUT = re.compile(r"^(#mma\d*) = #(?:ttg|triton_gpu)\.nvidia_mma<\{(.*)\}>", re.M)
+_DOT = re.compile(r"(?:tt\.dot|(?:ttng|triton_nvidia_gpu)\.warp_group_dot) [^\n]*-> tensor<(\d+)x(\d+)xf\d+, (#mma\d*)>")
+_CONVERT = re.compile(r"(?:ttg|triton_gpu)\.convert_layout [^\n]*: tensor<(\d+)x(\d+)x\w+, (#\w+)[^\n]*-> "
+                      r"tensor<\d+x\d+x\w+, (#\w+)")
+
+
+def layout_findings(ttgir: str) -> dict:
+    """Two things the tensor-core layouts Triton chose cost, read from a kernel's TTGIR:
+    DOT_REP, the largest replication of a dot's result over the warps (a dot layout's warps cover more rows or columns
+    than the tile has, and each copy computes the same MMAs: on sm_90 Triton puts every warp along M for a dot whose
+    result feeds another dot, so 8 warps on a 64-row tile compute it twice); MMA_CVT, the convert_layouts of 2-D
+    tensors into or out of an MMA layout inside a loop's body (an accumulator crossing shared memory each step)."""
+    mma = {m.group(1): m.group(2) for m in _MMA_LAYOUT.finditer(ttgir)}
+    rep = 1
+    for m in _DOT.finditer(ttgir):
+        rows, cols, attrs = int(m.group(1)), int(m.group(2)), mma.get(m.group(3), "")
+        warps = re.search(r"warpsPerCTA = \[(\d+), (\d+)\]", attrs)
+        instr = re.search(r"instrShape = \[(\d+), (\d+)", attrs)
+        if warps and instr:
+            version = int(re.search(r"versionMajor = (\d)", attrs).group(1))
+            cover_n = int(instr.group(2)) if version == 3 else 8  # mma.sync: n8 tiles; wgmma: its instruction's N
+            rep = max(rep, max(1, int(warps.group(1)) * 16 // rows) * max(1, int(warps.group(2)) * cover_n // cols))
+    loops, converts = [], 0
+    for line in ttgir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if loops and indent == loops[-1] and line.lstrip().startswith("}"):
+            loops.pop()
+        if re.search(r"\bscf\.for\b", line) and line.rstrip().endswith("{"):
+            loops.append(indent)
+        elif loops and (m := _CONVERT.search(line)):
+            if int(m.group(1)) > 1 and int(m.group(2)) > 1 and "#mma" in (m.group(3) + m.group(4)):
+                converts += 1
+    return dict(DOT_REP=rep, MMA_CVT=converts)
+
+
 def _compile_one(triton_compile, source, target, options) -> dict:
     kernel = triton_compile(source, target=target, options=options.__dict__)
-    return dict(shared=kernel.metadata.shared, **_cubin_resources(kernel.asm["cubin"]))
+    return dict(shared=kernel.metadata.shared, **_cubin_resources(kernel.asm["cubin"]),
+                **layout_findings(kernel.asm["ttgir"]))
+
+
+def describe(info) -> str:
+    """A compiled kernel's resources and layout findings, as -v prints them."""
+    return (f"{info['label']}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
+            f"LOCAL={info.get('LOCAL')} DOT_REP={info.get('DOT_REP')} MMA_CVT={info.get('MMA_CVT')}")
 
 
 class CompilerCrash(RuntimeError):
@@ -246,8 +289,7 @@ class Compiler:
                             else _compile_one(triton_compile, source, target, options))
                     self.compiled[key] = info = dict(label=label, arch=target.arch, **info)
                     if self.verbose:
-                        print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
-                              f"LOCAL={info.get('LOCAL')}", flush=True)
+                        print(describe(info), flush=True)
                 except Exception as exc:  # noqa: BLE001  (every compiler error is a finding)
                     self.compiled[key] = None
                     self.failures.append(f"{label}\n    {type(exc).__name__}: {str(exc).strip()[:2000]}"
@@ -268,8 +310,7 @@ class Compiler:
             if error is None:
                 self.compiled[key] = info = dict(label=label, **info)
                 if self.verbose:
-                    print(f"{label}: shared={info['shared']} REG={info.get('REG')} STACK={info.get('STACK')} "
-                          f"LOCAL={info.get('LOCAL')}", flush=True)
+                    print(describe(info), flush=True)
             else:
                 self.failures.append(f"{label}\n    {error}")
                 print("FAILED", self.failures[-1], flush=True)
@@ -565,9 +606,12 @@ def main(argv=None) -> int:
     done = [c for c in compiler.compiled.values() if c]
     spilling = [c for c in done if not keeps_to_registers(c)]
     too_big = [c for c in done if not fits(c)]
+    replicated = [c for c in done if c.get("DOT_REP", 1) > 1]
+    converting = [c for c in done if c.get("MMA_CVT", 0) > 0]
     print(f"compiled {len(done)} kernel specialisations in {time.time() - t0:.0f} s; {len(compiler.failures)} "
           f"failures; {len(host_errors)} host errors; {len(spilling)} spill to local memory; {len(too_big)} "
-          f"autotune configs over the block's shared memory (skipped by the autotuner)")
+          f"autotune configs over the block's shared memory (skipped by the autotuner); {len(replicated)} with a "
+          f"dot replicated over warps (DOT_REP > 1), {len(converting)} with MMA-layout conversions in a loop")
     for c in spilling:
         print(f"  spills LOCAL={c.get('LOCAL')} STACK={c.get('STACK')} REG={c.get('REG')}: {c['label']}")
     if not args.first_config:

@@ -123,20 +123,31 @@ def launch(kernel, tuned: LazyAutotune, grid, args, interp_meta: dict, **options
 
 
 @triton.jit
+def dot_pair(p1, q1, p2, q2, acc, input_precision: tl.constexpr = None):
+    """acc + p1 @ q1 + p2 @ q2 as one tl.dot over the two products' K dimensions interleaved ([p1 | p2] @ [q1; q2],
+    column 2k + j of the left operand meeting row 2k + j of the right). Why one dot: on sm_90 a dot whose result
+    feeds another dot (two chained as acc = dot(p2, q2, dot(p1, q1, acc))) takes Triton's chained-dot warp layout,
+    all warps along M, and the next one does not: with 8 warps a 64-row tile is then computed twice, once per
+    warpgroup, and the accumulator crosses shared memory twice per call to change layout."""
+    M: tl.constexpr = p1.shape[0]
+    K: tl.constexpr = p1.shape[1]
+    N: tl.constexpr = q1.shape[1]
+    p = tl.reshape(tl.join(p1, p2), (M, 2 * K))
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (2 * K, N))
+    if input_precision is None:
+        return tl.dot(p, q, acc)
+    return tl.dot(p, q, acc, input_precision=input_precision)
+
+
+@triton.jit
 def mm_fr(p, q, acc, MODE: tl.constexpr, EXACT_P: tl.constexpr):
     """acc + p @ q where p is float32 (split unless EXACT_P: representable in q's dtype, e.g. 0/1) and q rows."""
     if MODE == 1:
         p_hi = p.to(q.dtype)
-        acc = tl.dot(p_hi, q, acc)
-        if not EXACT_P:
-            p_lo = (p - p_hi.to(tl.float32)).to(q.dtype)
-            acc = tl.dot(p_lo, q, acc)
+        if EXACT_P:
+            acc = tl.dot(p_hi, q, acc)
+        else:
+            acc = dot_pair(p_hi, q, (p - p_hi.to(tl.float32)).to(q.dtype), q, acc)
     else:
         acc = tl.dot(p, q.to(tl.float32), acc, input_precision="tf32x3")
     return acc
-
-
-@triton.jit
-def mm_ff(p, q, acc):
-    """acc + p @ q, both float32, ~fp32 accurate."""
-    return tl.dot(p, q, acc, input_precision="tf32x3")

@@ -54,8 +54,8 @@ import triton.language as tl
 
 from dre_kernels import _checks
 from dre_kernels._gpu_host import default_chunk_rows, next_pow2, row_sources
-from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, launch,
-                                               launch_arg, mm_ff, mm_fr)
+from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, dot_pair,
+                                               launch, launch_arg, mm_fr)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -126,8 +126,7 @@ def _dot_t(x, t_ptr, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexp
     """acc + x @ q[d slice] for a prepared q^T at t_ptr: its hi and lo 16-bit parts for MODE 1 (x exact in its
     16-bit dtype), else float32 (tf32x3)."""
     if MODE == 1:
-        acc = tl.dot(x, _load_t(t_ptr, d, dmask, k, K_PAD), acc)
-        acc = tl.dot(x, _load_t(t_ptr + D * K_PAD, d, dmask, k, K_PAD), acc)
+        acc = dot_pair(x, _load_t(t_ptr, d, dmask, k, K_PAD), x, _load_t(t_ptr + D * K_PAD, d, dmask, k, K_PAD), acc)
     else:
         acc = tl.dot(x.to(tl.float32), _load_t(t_ptr, d, dmask, k, K_PAD), acc, input_precision="tf32x3")
     return acc
@@ -392,8 +391,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
                                                         MODE, False, BLOCK_DO, N_DT)
                 if WRITE_GX:
                     hs = h * s[None, :]
-                    gx = mm_ff(a, g_tile, tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32))
-                    gx = mm_ff(2.0 * hs, c_tile, gx)
+                    gx = tl.dot(a, g_tile, input_precision="tf32x3")
+                    gx += tl.dot(2.0 * hs, c_tile, input_precision="tf32x3")
                     gx -= 2.0 * xo.to(tl.float32) * tl.sum(hs, axis=1)[:, None]
                     tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
                              gx.to(gx_ptr.dtype.element_ty), mask=omask)
@@ -425,22 +424,25 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
 # accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
 # 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
+# Every 16-bit launch at K=64 on sm_90, every config: no dot computed twice by two warpgroups and no accumulator
+# converted between layouts in the loops (tests/triton_aot.py -v: DOT_REP=1 MMA_CVT=0; tests/test_triton_compile.py
+# holds them to it). Until the split operands' hi and lo dots became one dot (_common.dot_pair) nearly every 8-warp
+# config had both, on every BLOCK_D slice and row block; the one 4-warp config had neither and was the sweep's
+# fastest. Register and spill numbers below are since that change (not yet timed on a GPU).
 # The forward's (..., 1, 8, 1) and (64, 32, 128, 1, 4, 1): the fastest of a sweep of the bank-row launch on the
 # H100 (sweep_triton.csv: 0.45 and 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one
-# spills 120-136 B of stack on sm_90 and is kept for that measurement; the autotuner times it against the rest.
+# spills 104-112 B of stack on sm_90 and is kept for that measurement; the autotuner times it against the rest.
 # The forward's N_DT = 3 entries (16-bit rows on sm_90 only, see _pruner) compute a row block's distances once
 # for 3 column tiles instead of once per tile: at D=384, two programs per chunk (64-wide tiles) or one (128-wide)
-# instead of three or six. ptxas sm_90 (triton 3.9, K=64, D=384, bf16 and float16 rows): 110-242 registers and no
-# spills for the 64-wide ones; the 128-wide one (all 384 columns in one program) spills 72 B (soft) and 8 B
-# (hard). Where they spill more, they are not tried: on sm_80 (mma.sync accumulators; 24..1208 B) and for float32
-# rows (three TF32 products per dot; 112..840 B). Triton 3.6 (the GPU image) spills 32-64 B in three of the five
-# (soft). Not yet timed on a GPU.
+# instead of three or six. ptxas sm_90 (triton 3.9, K=64, D=384, bf16 rows): 107-228 registers and no spills for
+# the 64-wide ones; the 128-wide one (all 384 columns in one program) spills 40 B (soft) and 40-48 B (hard).
+# Where they spill more, they are not tried: on sm_80 (mma.sync accumulators; 24..1208 B) and for float32 rows
+# (three TF32 products per dot; 112..840 B). Triton 3.6 (the GPU image) spills 8-24 B in the 128-wide one only.
 # The deep pipelines (num_stages 3 and 4; 16-bit rows on sm_90 only): the H100 profile has one program per SM (8
 # warps at ~250 registers) waiting on each BLOCK_D slice of rows and codewords in turn, since num_stages <= 2
 # keeps at most one slice in flight; these keep 2-3 in flight (12-24 KB of rows and codewords each), and the
-# 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9, bf16 and float16 rows): 190-254 registers, no
-# spills, 20-94 KB of shared memory; triton 3.6 spills 16-40 B in two of the five (soft) and 8-24 B in one (hard).
-# Not yet timed on a GPU.
+# 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9, bf16 rows): 216-255 registers, no spills, 16-88 KB
+# of shared memory; none spills with triton 3.6 either.
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
                 (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
@@ -455,12 +457,11 @@ _FWD_CONFIGS = {
 _BWD_CONFIGS = {
     "small_k": [(16, 32, 32, 1, 8, 2), (16, 32, 64, 1, 8, 2), (32, 32, 32, 1, 8, 2), (32, 32, 64, 1, 8, 2),
                 (16, 32, 128, 1, 8, 2),
-                # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 212-255 registers, the
-                # BLOCK_M=64 one spills 32 B (since G is prepared; triton 3.6: 56 B, 168 B before), the others none
-                # (128-wide tiles x 3 spill 112-424 B, 16 warps 80-744 B)
+                # the soft passes that only sum (the bank rows'), bf16 rows on sm_90: 230-235 registers, no spills
+                # (triton 3.6: 8 B in the BLOCK_M=64 one; 128-wide tiles x 3 spilled 112-424 B, 16 warps 80-744 B)
                 (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1),
-                # deep pipelines (sm_90, 16-bit rows, the passes that only sum): 208-252 registers, no spills;
-                # triton 3.6 8-48 B in two of the four
+                # deep pipelines (sm_90, 16-bit rows, the passes that only sum): 220-248 registers, no spills
+                # (triton 3.6 too)
                 (32, 32, 64, 1, 8, 4), (64, 32, 64, 1, 8, 3), (16, 32, 64, 3, 8, 4), (32, 32, 64, 3, 8, 3)],
     # (16, 16, 16): at K_PAD = 256 the codeword-sum pass keeps to registers with it (sm_80; sm_90 32 B for float32
     # rows) where the others spill 250-500 B. The soft grad-x pass spills >= 0.7 KB in every config there: its
