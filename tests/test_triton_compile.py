@@ -107,8 +107,8 @@ def _assert_tensor_core_layouts_clean(out: str, pattern: str) -> None:
     """Every launch -v printed that `pattern` matches (at least one) has DOT_REP=1 and MMA_CVT=0 (triton_aot's
     layout_findings): no dot computed twice by two warpgroups, no accumulator crossing shared memory each loop step.
     Both came from pairs of chained dots (the hi and lo parts of a split operand) before dot_pair made each pair one
-    dot; the H100's fastest forward config in the sweep was the one 4-warp config without them (0.45 ms against
-    1.09 for the autotuned 8-warp one)."""
+    dot; the H100 sweep's fastest forward config was a 4-warp one, without them (0.45 ms against 1.09 for the
+    autotuned 8-warp one, with them)."""
     launches = _launches(out, pattern + r".*DOT_REP=(\d+) MMA_CVT=(\d+)$")
     assert launches, f"no launch matches {pattern!r}\n{out[-3000:]}"
     bad = [line for line, groups in launches if groups[-2:] != ("1", "0")]

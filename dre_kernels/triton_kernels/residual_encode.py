@@ -427,7 +427,7 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # Every 16-bit launch at K=64 on sm_90, every config: no dot computed twice by two warpgroups and no accumulator
 # converted between layouts in the loops (tests/triton_aot.py -v: DOT_REP=1 MMA_CVT=0; tests/test_triton_compile.py
 # holds them to it). Until the split operands' hi and lo dots became one dot (_common.dot_pair) nearly every 8-warp
-# config had both, on every BLOCK_D slice and row block; the one 4-warp config had neither and was the sweep's
+# config had both, on every BLOCK_D slice and row block; 4-warp configs had neither, and one was the sweep's
 # fastest. Register and spill numbers below are since that change (not yet timed on a GPU).
 # The forward's (..., 1, 8, 1) and (64, 32, 128, 1, 4, 1): the fastest of a sweep of the bank-row launch on the
 # H100 (sweep_triton.csv: 0.45 and 0.61 ms against 1.09 for the then-autotuned (64, 32, 128, 8, 2)). The 4-warp one
