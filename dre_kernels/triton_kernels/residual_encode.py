@@ -18,9 +18,11 @@ map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the
 same chunk sit next to each other in the launch order, so the rows they all read come from L2.
 
 Codewords are prepared once per call by one small kernel (_prep_transposed_kernel): ||c_k||^2 and c^T laid out
-(D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores (float32 for
-float32 rows): the distance loop loads its operand as is, where it used to load float32 codewords transposed and
-split them for every row block and D slice.
+(D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores, interleaved by
+row (float32 for float32 rows): the distance loop loads its operand as is, for one dot x c_hi + x c_lo over a K
+of 2 BLOCK_D (the rows' columns doubled to meet the parts), where it used to load float32 codewords transposed and
+split them for every row block and D slice, and then multiply the parts as two chained dots (see
+_common.dot_pair for what chained dots cost on sm_90).
 
 Long slides: split-and-atomics. A 50k-row slide becomes 50k/CHUNK programs whose partial E (and mass) are added
 into one float32 (B, K, D) buffer with tl.atomic_add (one K x BLOCK_DO add per program and slide segment, not per
@@ -63,8 +65,9 @@ from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mod
 def _prep_transposed_kernel(src_ptr, c_ptr, dst_ptr, dot_ptr, K, D,
                             SPLIT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """For each (K, D) matrix q = src[b] (program axis 0, which allows 2^31 - 1 of them): dst[b] = q^T laid out
-    (D, K_PAD), zero past K, and dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (2, D, K_PAD), the
-    hi and lo parts of the float32 value in dst's 16-bit dtype. The codewords (src = c: dot = ||c_k||^2) and
+    (D, K_PAD), zero past K, and dot[b] (K_PAD,) = sum_d q_kd c_kd in float32. SPLIT: dst[b] holds (D, 2, K_PAD), the
+    hi and lo parts of the float32 value in dst's 16-bit dtype interleaved by row (row 2d + j: part j of row d), the
+    right operand of _dot_t's one dot as it loads it. The codewords (src = c: dot = ||c_k||^2) and
     G = dL/dE (gc_bk = <G_bk, c_k>) take it once per call, so that the loops over D load their tensor-core operand
     as it is."""
     b = tl.program_id(0).to(tl.int64)
@@ -80,14 +83,14 @@ def _prep_transposed_kernel(src_ptr, c_ptr, dst_ptr, dot_ptr, K, D,
         q = tl.load(src_ptr + k[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + k[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
         sq += tl.sum(q * c, axis=1)
-        dst = dst_ptr + d[None, :] * K_PAD + k[:, None]
         smask = (k[:, None] < K_PAD) & dmask[None, :]
         if SPLIT:
+            dst = dst_ptr + d[None, :] * (2 * K_PAD) + k[:, None]
             hi = q.to(dst_ptr.dtype.element_ty)
             tl.store(dst, hi, mask=smask)
-            tl.store(dst + D * K_PAD, (q - hi.to(tl.float32)).to(dst_ptr.dtype.element_ty), mask=smask)
+            tl.store(dst + K_PAD, (q - hi.to(tl.float32)).to(dst_ptr.dtype.element_ty), mask=smask)
         else:
-            tl.store(dst, q.to(dst_ptr.dtype.element_ty), mask=smask)
+            tl.store(dst_ptr + d[None, :] * K_PAD + k[:, None], q.to(dst_ptr.dtype.element_ty), mask=smask)
     tl.store(dot_ptr + b * K_PAD + k, sq, mask=k < K_PAD)
 
 
@@ -116,19 +119,18 @@ def _finish_codeword_grads_kernel(g_ptr, mass_ptr, hx_ptr, hsum_ptr, c_ptr, scal
 
 
 @triton.jit
-def _load_t(t_ptr, d, dmask, k, K_PAD: tl.constexpr):
-    """A (BLOCK_D, K_PAD) slice of a prepared transposed operand (_prep_transposed_kernel)."""
-    return tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=dmask[:, None], other=0.0)
-
-
-@triton.jit
-def _dot_t(x, t_ptr, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
-    """acc + x @ q[d slice] for a prepared q^T at t_ptr: its hi and lo 16-bit parts for MODE 1 (x exact in its
-    16-bit dtype), else float32 (tf32x3)."""
+def _dot_t(x, t_ptr, d0, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
+    """acc + x @ q[d slice] (d = d0 + arange) for a prepared q^T at t_ptr. MODE 1 (x exact in its 16-bit dtype): x q_hi + x q_lo as
+    one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as the right operand as they are
+    stored, x's columns doubled to meet them; else float32 (tf32x3)."""
     if MODE == 1:
-        acc = dot_pair(x, _load_t(t_ptr, d, dmask, k, K_PAD), x, _load_t(t_ptr + D * K_PAD, d, dmask, k, K_PAD), acc)
+        BLOCK_D: tl.constexpr = x.shape[1]
+        r = 2 * d0 + tl.arange(0, 2 * BLOCK_D)  # rows 2 d0 .. 2 (d0 + BLOCK_D) of (2 D, K_PAD)
+        q = tl.load(t_ptr + r[:, None] * K_PAD + k[None, :], mask=(r < 2 * D)[:, None], other=0.0)
+        acc = tl.dot(tl.reshape(tl.join(x, x), (x.shape[0], 2 * BLOCK_D)), q, acc)
     else:
-        acc = tl.dot(x.to(tl.float32), _load_t(t_ptr, d, dmask, k, K_PAD), acc, input_precision="tf32x3")
+        q = tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=dmask[:, None], other=0.0)
+        acc = tl.dot(x.to(tl.float32), q, acc, input_precision="tf32x3")
     return acc
 
 
@@ -150,9 +152,9 @@ def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gt_ptr, D,
         if not HARD:
             xf = xt.to(tl.float32)
             xsq += tl.sum(xf * xf, axis=1)
-        dot = _dot_t(xt, ct_ptr, d, dmask, k, dot, D, MODE, K_PAD)
+        dot = _dot_t(xt, ct_ptr, d0, d, dmask, k, dot, D, MODE, K_PAD)
         if WITH_G:
-            dotg = _dot_t(xt, gt_ptr, d, dmask, k, dotg, D, MODE, K_PAD)
+            dotg = _dot_t(xt, gt_ptr, d0, d, dmask, k, dotg, D, MODE, K_PAD)
     if HARD:
         dist = csq[None, :] - 2.0 * dot
     else:
@@ -623,13 +625,14 @@ class _Prepared:
 
 def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
     """(q^T parts, dot) of each (K, D) matrix q of src (K, D) or (B, K, D), by _prep_transposed_kernel for the dot
-    mode of rows of rows_dtype: ([B,] 2 | 1, D, k_pad) in rows_dtype (hi, lo; MODE 1) or float32, and ([B,] k_pad)
+    mode of rows of rows_dtype: ([B,] D, 2, k_pad) in rows_dtype (hi, lo; MODE 1) or ([B,] 1, D, k_pad) float32,
+    and ([B,] k_pad)
     float32 sum_d q_kd c_kd."""
     K, D = c.shape
     lead = tuple(src.shape[:-2])  # (B,) or ()
     nb = lead[0] if lead else 1
     split = mode == 1
-    t = torch.empty(lead + (2 if split else 1, D, k_pad), device=c.device,
+    t = torch.empty(lead + ((D, 2, k_pad) if split else (1, D, k_pad)), device=c.device,
                     dtype=rows_dtype if split else torch.float32)
     dot = torch.empty(lead + (k_pad,), dtype=torch.float32, device=c.device)
     if nb:
