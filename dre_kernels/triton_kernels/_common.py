@@ -129,11 +129,8 @@ def dot_pair(p1, q1, p2, q2, acc, input_precision: tl.constexpr = None):
     feeds another dot (two chained as acc = dot(p2, q2, dot(p1, q1, acc))) takes Triton's chained-dot warp layout,
     all warps along M, and the next one does not: with 8 warps a 64-row tile is then computed twice, once per
     warpgroup, and the accumulator crosses shared memory twice per call to change layout."""
-    M: tl.constexpr = p1.shape[0]
-    K: tl.constexpr = p1.shape[1]
-    N: tl.constexpr = q1.shape[1]
-    p = tl.reshape(tl.join(p1, p2), (M, 2 * K))
-    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (2 * K, N))
+    p = tl.reshape(tl.join(p1, p2), (p1.shape[0], 2 * p1.shape[1]))
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (2 * q1.shape[0], q1.shape[1]))
     if input_precision is None:
         return tl.dot(p, q, acc)
     return tl.dot(p, q, acc, input_precision=input_precision)

@@ -124,10 +124,9 @@ def _dot_t(x, t_ptr, d0, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.cons
     one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as the right operand as they are
     stored, x's columns doubled to meet them; else float32 (tf32x3)."""
     if MODE == 1:
-        BLOCK_D: tl.constexpr = x.shape[1]
-        r = 2 * d0 + tl.arange(0, 2 * BLOCK_D)  # rows 2 d0 .. 2 (d0 + BLOCK_D) of (2 D, K_PAD)
+        r = 2 * d0 + tl.arange(0, 2 * x.shape[1])  # rows 2 d0 .. 2 (d0 + BLOCK_D) of (2 D, K_PAD)
         q = tl.load(t_ptr + r[:, None] * K_PAD + k[None, :], mask=(r < 2 * D)[:, None], other=0.0)
-        acc = tl.dot(tl.reshape(tl.join(x, x), (x.shape[0], 2 * BLOCK_D)), q, acc)
+        acc = tl.dot(tl.reshape(tl.join(x, x), (x.shape[0], 2 * x.shape[1])), q, acc)
     else:
         q = tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=dmask[:, None], other=0.0)
         acc = tl.dot(x.to(tl.float32), q, acc, input_precision="tf32x3")
