@@ -107,7 +107,8 @@ def _constexprs(fn, args) -> dict:
 
 # Triton's layout names: #ttg / ttng from triton 3.3 on, #triton_gpu / triton_nvidia_gpu before
 _MMA_LAYOUT = re.compile(r"^(#mma\d*) = #(?:ttg|triton_gpu)\.nvidia_mma<\{(.*)\}>", re.M)
-_DOT = re.compile(r"(?:tt\.dot|(?:ttng|triton_nvidia_gpu)\.warp_group_dot) [^\n]*-> tensor<(\d+)x(\d+)xf\d+, (#mma\d*)>")
+_DOT = re.compile(r"(?:tt\.dot|(?:ttng|triton_nvidia_gpu)\.warp_group_dot) [^\n]*"
+                  r"-> tensor<(\d+)x(\d+)xf\d+, (#mma\d*)>")
 _CONVERT = re.compile(r"(?:ttg|triton_gpu)\.convert_layout [^\n]*: tensor<(\d+)x(\d+)x\w+, (#\w+)[^\n]*-> "
                       r"tensor<\d+x\d+x\w+, (#\w+)")
 

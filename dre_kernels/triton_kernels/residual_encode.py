@@ -120,9 +120,9 @@ def _finish_codeword_grads_kernel(g_ptr, mass_ptr, hx_ptr, hsum_ptr, c_ptr, scal
 
 @triton.jit
 def _dot_t(x, t_ptr, d0, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
-    """acc + x @ q[d slice] (d = d0 + arange) for a prepared q^T at t_ptr. MODE 1 (x exact in its 16-bit dtype): x q_hi + x q_lo as
-    one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as the right operand as they are
-    stored, x's columns doubled to meet them; else float32 (tf32x3)."""
+    """acc + x @ q[d slice] (d = d0 + arange) for a prepared q^T at t_ptr. MODE 1 (x exact in its 16-bit dtype):
+    x q_hi + x q_lo as one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as the right
+    operand as they are stored, x's columns doubled to meet them; else float32 (tf32x3)."""
     if MODE == 1:
         r = 2 * d0 + tl.arange(0, 2 * x.shape[1])  # rows 2 d0 .. 2 (d0 + BLOCK_D) of (2 D, K_PAD)
         q = tl.load(t_ptr + r[:, None] * K_PAD + k[None, :], mask=(r < 2 * D)[:, None], other=0.0)
@@ -625,8 +625,7 @@ class _Prepared:
 def _prepare_transposed(src, c, k_pad, rows_dtype, mode):
     """(q^T parts, dot) of each (K, D) matrix q of src (K, D) or (B, K, D), by _prep_transposed_kernel for the dot
     mode of rows of rows_dtype: ([B,] D, 2, k_pad) in rows_dtype (hi, lo; MODE 1) or ([B,] 1, D, k_pad) float32,
-    and ([B,] k_pad)
-    float32 sum_d q_kd c_kd."""
+    and ([B,] k_pad) float32 sum_d q_kd c_kd."""
     K, D = c.shape
     lead = tuple(src.shape[:-2])  # (B,) or ()
     nb = lead[0] if lead else 1
