@@ -14,8 +14,18 @@ arithmetic).
 Columns: host_us (best of `reps` rounds of `calls` calls: the least disturbed, as the floor a GPU call cannot go
 below), aten_ops (torch operators the call issues outside autograd's own, from torch.profiler: each is a CUDA
 kernel launch or an allocation on GPU, ~5-10 us of host time there), triton_launches (kernel launches per call).
-Not included: the cost of Triton's own launcher on GPU (argument binding, specialisation, the driver call; tens of
-microseconds per launch), which needs a GPU to measure.
+Not included: the cost of Triton's own launcher on GPU (argument binding, specialisation, the driver call).
+
+    python benchmarks/host_overhead.py --jit-launcher [--arch 90]
+
+measures most of that launcher without a GPU: the kernels are compiled for the arch (sm_90 by default; the first
+call of each case compiles, ~3 s a kernel, and is not timed) and every launch goes through Triton's own
+JITFunction.run with warmup=True against a stub driver (tests/triton_aot.py): the argument binding, the
+specialisation and the compiled-kernel lookup a GPU launch does, all but the grid's evaluation and the driver call
+(cuLaunchKernel, a few microseconds). Launches go through the autotuner as on a GPU, its timing replaced by a
+constant (the first config of each table wins, and later calls find it in the autotuner's cache). Extra column:
+launch_us, the time per call in Triton's launch path (the autotuner's run and JITFunction.run); host_us is then the
+whole call with those launches in it.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import os
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton and dre_kernels are imported
+# before triton and dre_kernels are imported: --jit-launcher takes Triton's compiled launch path (JITFunction)
+JIT_LAUNCHER = "--jit-launcher" in sys.argv[1:]
+os.environ["TRITON_INTERPRET"] = "0" if JIT_LAUNCHER else "1"
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler's start/stop lines
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -37,26 +49,69 @@ from benchmarks import common  # noqa: E402
 
 
 class StubbedLaunches:
-    """Replaces every interpreted Triton launch by a counter while active."""
+    """Replaces every interpreted Triton launch by a counter while active; with jit (--jit-launcher), runs each
+    compiled-kernel launch through Triton's own path up to the driver call (the autotuner's run, then
+    JITFunction.run with warmup=True) and adds up the time spent in that path (ns)."""
 
-    def __init__(self):
-        from triton.runtime.interpreter import InterpretedFunction
+    def __init__(self, jit: bool = False):
+        if jit:
+            from triton.runtime.autotuner import Autotuner
+            from triton.runtime.jit import JITFunction as cls
 
-        self._cls = InterpretedFunction
+            self._tuner = Autotuner
+        else:
+            from triton.runtime.interpreter import InterpretedFunction as cls
+        self._cls, self._jit = cls, jit
         self.count = 0
+        self.ns = 0
+        self._depth = 0  # inside a timed launch (an autotuner's run calls JITFunction.run)
+
+    def _timed(self, launch, *args, **kwargs):
+        self._depth += 1
+        t0 = time.perf_counter_ns()
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.ns += time.perf_counter_ns() - t0
 
     def __enter__(self):
-        self._run = self._cls.run
+        self._run = run_launch = self._cls.run
         stub = self
 
-        def run(fn, *args, grid, warmup, **kwargs):
+        def run(fn, *args, grid, warmup=False, **kwargs):
             stub.count += 1
+            if stub._jit:
+                stub._timed(run_launch, fn, *args, grid=grid, warmup=True, **kwargs)
 
         self._cls.run = run
+        if self._jit:
+            self._tuner_run = tuner_run = self._tuner.run
+            self._tuner.run = lambda tuner, *args, **kwargs: stub._timed(tuner_run, tuner, *args, **kwargs)
         return self
 
     def __exit__(self, *exc):
         self._cls.run = self._run
+        if self._jit:
+            self._tuner.run = self._tuner_run
+
+
+def use_stub_driver(arch: int) -> None:
+    """Triton's active driver answers for a CUDA GPU of compute capability arch / 10 (tests/triton_aot.py's stub:
+    no GPU is touched), the autotuner times every config alike (no launch: the first one wins), and the public API
+    takes the triton backend on CPU tensors, as on a GPU."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton_aot import _StubDriver
+
+    from dre_kernels import _backend
+
+    driver.set_active(_StubDriver(GPUTarget("cuda", arch, 32)))
+    Autotuner._bench = lambda tuner, *args, config, **meta: [1.0, 1.0, 1.0]
+    _backend._triton_interpret = lambda: True
 
 
 def cases(B=16, fresh=4, bank_rows=16, K=4, D=8, P=8):
@@ -103,22 +158,26 @@ def aten_ops(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
-def measure(fn, reps: int, calls: int) -> tuple[float, int, int]:
-    """(host microseconds per call, best of `reps` rounds; aten ops per call; Triton launches per call)."""
-    with StubbedLaunches() as stub:
+def measure(fn, reps: int, calls: int) -> tuple[float, int, int, float]:
+    """(host microseconds per call, best of `reps` rounds; aten ops per call; Triton launches per call;
+    microseconds per call inside Triton's launch path in that round, with --jit-launcher)."""
+    with StubbedLaunches(JIT_LAUNCHER) as stub:
         for _ in range(3):
             fn()
         stub.count = 0
         fn()
         launches = stub.count
-        best = float("inf")
+        best, launch_us = float("inf"), 0.0
         for _ in range(reps):
+            stub.ns = 0
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-            best = min(best, (time.perf_counter() - t0) / calls)
+            dt = (time.perf_counter() - t0) / calls
+            if dt < best:
+                best, launch_us = dt, stub.ns / calls / 1e3
         ops = aten_ops(fn)
-    return best * 1e6, ops, launches
+    return best * 1e6, ops, launches, launch_us
 
 
 def main(argv=None) -> int:
@@ -126,23 +185,33 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="CSV path (default: benchmarks/results/host_overhead_<cpu>.csv)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--jit-launcher", action="store_true",
+                        help="launches through Triton's compiled-kernel path up to the driver call (see above)")
+    parser.add_argument("--arch", type=int, default=90, help="with --jit-launcher: compute capability x10")
     args = parser.parse_args(argv)
     import dre_kernels
 
-    if "triton" not in dre_kernels.available_backends("cpu"):
+    if JIT_LAUNCHER:
+        use_stub_driver(args.arch)
+    elif "triton" not in dre_kernels.available_backends("cpu"):
         print("the triton backend is not available here:", dre_kernels.unavailable_backends("cpu").get("triton"))
         return 1
     import triton
 
     env = dict(cpu=common.cpu_model(), torch=torch.__version__, triton=triton.__version__, commit=common.git_commit())
+    if JIT_LAUNCHER:
+        env["launcher"] = f"jit sm_{args.arch}"
     rows = []
     for op, mode, pas, fn in cases():
-        host_us, ops, launches = measure(fn, args.reps, args.calls)
+        host_us, ops, launches, launch_us = measure(fn, args.reps, args.calls)
         rows.append(dict(op=op, mode=mode, **{"pass": pas}, host_us=round(host_us, 1), aten_ops=ops,
-                         triton_launches=launches, load_average=round(common.load_average(), 2), **env))
-        print(f"{op:17s} {mode:5s} {pas:8s} {host_us:8.1f} us  {ops:3d} aten ops  {launches} launches", flush=True)
+                         triton_launches=launches, load_average=round(common.load_average(), 2), **env,
+                         **({"launch_us": round(launch_us, 1)} if JIT_LAUNCHER else {})))
+        print(f"{op:17s} {mode:9s} {pas:8s} {host_us:8.1f} us  {ops:3d} aten ops  {launches} launches"
+              + (f"  {launch_us:7.1f} us in Triton's launch path" if JIT_LAUNCHER else ""), flush=True)
+    default = "host_overhead_jit" if JIT_LAUNCHER else "host_overhead"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"host_overhead_{common.slug(common.cpu_model())}.csv")
+                                   f"{default}_{common.slug(common.cpu_model())}.csv")
     common.write_csv(out, rows)
     print("wrote", out)
     return 0
