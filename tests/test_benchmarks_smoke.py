@@ -203,3 +203,27 @@ def test_host_overhead_benchmark(tmp_path):
     assert int(rows[("contrastive_loss", "", "fwd")]["triton_launches"]) == 3
     assert int(rows[("contrastive_loss", "", "fwd+bwd")]["triton_launches"]) == 6
     assert int(rows[("contrastive_loss", "normalize", "fwd+bwd")]["triton_launches"]) == 8
+
+
+def test_host_overhead_benchmark_through_tritons_launch_path(tmp_path):
+    """--jit-launcher: the same calls with each launch going through Triton's autotuner and JITFunction.run (compiled
+    for sm_90 here, no GPU: a stub driver) up to the driver call. Every launch the stubbed run counts goes that way, and
+    the time in that path is part of the call's."""
+    from test_triton_compile import _compiler_available
+
+    reason = _compiler_available()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "host_jit.csv"
+    res = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--jit-launcher", "--out", str(out),
+                          "--reps", "1", "--calls", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                              "KINETO_LOG_LEVEL": "5", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["op"], r["mode"], r["pass"]): r for r in csv.DictReader(open(out))}
+    assert len(rows) == 8
+    for key, r in rows.items():
+        assert r["launcher"] == "jit sm_90", r
+        assert 0 < float(r["launch_us"]) < float(r["host_us"]), r
+    assert int(rows[("residual_encode", "soft", "fwd")]["triton_launches"]) == 3
+    assert int(rows[("contrastive_loss", "normalize", "fwd+bwd")]["triton_launches"]) == 8
