@@ -119,16 +119,17 @@ def _finish_codeword_grads_kernel(g_ptr, mass_ptr, hx_ptr, hsum_ptr, c_ptr, scal
 
 
 @triton.jit
-def _dot_t(x, t_ptr, d0, d, dmask, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
-    """acc + x @ q[d slice] (d = d0 + arange) for a prepared q^T at t_ptr. MODE 1 (x exact in its 16-bit dtype):
-    x q_hi + x q_lo as one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as the right
-    operand as they are stored, x's columns doubled to meet them; else float32 (tf32x3)."""
+def _dot_t(x, t_ptr, d0, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
+    """acc + x @ q[d0 : d0 + BLOCK_D] for x (BLOCK_M, BLOCK_D) and a prepared q^T at t_ptr. MODE 1 (x exact in its
+    16-bit dtype): x q_hi + x q_lo as one dot (see _common.dot_pair), the interleaved parts (rows 2d + j) loaded as
+    the right operand as they are stored, x's columns doubled to meet them; else float32 (tf32x3)."""
     if MODE == 1:
         r = 2 * d0 + tl.arange(0, 2 * x.shape[1])  # rows 2 d0 .. 2 (d0 + BLOCK_D) of (2 D, K_PAD)
         q = tl.load(t_ptr + r[:, None] * K_PAD + k[None, :], mask=(r < 2 * D)[:, None], other=0.0)
         acc = tl.dot(tl.reshape(tl.join(x, x), (x.shape[0], 2 * x.shape[1])), q, acc)
     else:
-        q = tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=dmask[:, None], other=0.0)
+        d = d0 + tl.arange(0, x.shape[1])
+        q = tl.load(t_ptr + d[:, None] * K_PAD + k[None, :], mask=(d < D)[:, None], other=0.0)
         acc = tl.dot(x.to(tl.float32), q, acc, input_precision="tf32x3")
     return acc
 
@@ -151,9 +152,9 @@ def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gt_ptr, D,
         if not HARD:
             xf = xt.to(tl.float32)
             xsq += tl.sum(xf * xf, axis=1)
-        dot = _dot_t(xt, ct_ptr, d0, d, dmask, k, dot, D, MODE, K_PAD)
+        dot = _dot_t(xt, ct_ptr, d0, k, dot, D, MODE, K_PAD)
         if WITH_G:
-            dotg = _dot_t(xt, gt_ptr, d0, d, dmask, k, dotg, D, MODE, K_PAD)
+            dotg = _dot_t(xt, gt_ptr, d0, k, dotg, D, MODE, K_PAD)
     if HARD:
         dist = csq[None, :] - 2.0 * dot
     else:
