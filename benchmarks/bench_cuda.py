@@ -7,7 +7,8 @@ eager `torch` and torch.compile of the `torch` backend (CUDA only).
 Providers: torch, torch.compile, triton, native, cupy, native_simt / cupy_simt (the same backends with
 DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores),
 and native_tiled / cupy_tiled (DRE_KERNELS_CUDA_FULL_WIDTH=0: the residual_encode forward and the soft backward's
-bank-row pass on the column-tiled mma.sync kernels instead of the full-width ones); by default every one available. benchmarks/bench_triton.py is
+bank-row pass on the column-tiled mma.sync kernels instead of the full-width ones, and the contrastive backward on
+dre_cl_bwd_tc, one 128-wide piece of P per block, instead of dre_cl_bwd_tc_wide); by default every one available. benchmarks/bench_triton.py is
 this script with torch, torch.compile and triton.
 Cases:
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):
@@ -99,6 +100,11 @@ def _residual_fn(provider, inputs, mode, hard):
             E = run(xg, cg, sg)
             torch.autograd.backward(E, G.to(E.dtype))
             xg.grad = cg.grad = sg.grad = None
+    return _switched(call, switch)
+
+
+def _switched(call, switch):
+    """call, run with the csrc/cuda switch (env var, value) set (None: call itself)."""
     if switch is None:
         return call
 
@@ -115,6 +121,7 @@ def _residual_fn(provider, inputs, mode, hard):
 def _contrastive_fn(provider, B, P, mode, device):
     import dre_kernels
 
+    provider, switch = _base_and_switch(provider)
     g = torch.Generator(device=device).manual_seed(1)
     a = torch.randn(B, P, device=device, generator=g).to(torch.bfloat16).requires_grad_(mode != "fwd")
     b = torch.randn(B, P, device=device, generator=g).to(torch.bfloat16).requires_grad_(mode != "fwd")
@@ -127,7 +134,7 @@ def _contrastive_fn(provider, B, P, mode, device):
             a.grad = b.grad = s.grad = None
         return loss
 
-    return run
+    return _switched(run, switch)
 
 
 def _measure(fn, device):
@@ -210,7 +217,10 @@ def main(argv=None, *, default_name="cuda", default_providers=PROVIDERS):
     B, P = (64, 16) if args.smoke else (16384, 512) if args.quick else (65536, 512)
     for mode in ("fwd", "fwd+bwd"):
         base = None
-        for provider in [p for p in providers if p == "torch" or p in kernels and _base_and_switch(p)[1] is None]:
+        # the _tiled providers time dre_cl_bwd_tc (one piece of P per block) against the wide backward
+        for provider in [p for p in providers
+                         if p == "torch" or p in kernels and (_base_and_switch(p)[1] is None
+                                                              or p.endswith("_tiled") and mode != "fwd")]:
             res = _measure(_contrastive_fn(provider, B, P, mode, device), device)
             base = (res[1], res[3]) if provider == "torch" else base
             record("contrastive_loss", f"B={B} P={P} bf16 normalize", mode, provider, res, base, float("nan"))

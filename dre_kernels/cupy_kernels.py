@@ -41,6 +41,7 @@ KERNEL_FILES = {
     "dre_cl_norms": "contrastive_loss.cu",
     "dre_cl_bwd": "contrastive_loss.cu",
     "dre_cl_bwd_tc": "contrastive_loss.cu",
+    "dre_cl_bwd_tc_wide": "contrastive_loss.cu",
     "dre_cl_normalize_bwd": "contrastive_loss.cu",
     "dre_bank_gather": "bank.cu",
     "dre_bank_update": "bank.cu",
@@ -233,7 +234,8 @@ FULL_WIDTH_ENV = "DRE_KERNELS_CUDA_FULL_WIDTH"
 
 
 def full_width_enabled() -> bool:
-    """The full-width kernels are on unless DRE_KERNELS_CUDA_FULL_WIDTH=0 (to time them against the tiled ones)."""
+    """The full-width kernels (dre_re_fwd_tc_full, dre_re_bwd_tc_full, dre_cl_bwd_tc_wide) are on unless
+    DRE_KERNELS_CUDA_FULL_WIDTH=0 (to time them against the tiled ones)."""
     return os.environ.get(FULL_WIDTH_ENV, "1").strip() not in ("0", "false", "off", "no")
 
 
@@ -377,6 +379,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
 # ---------------------------------------------------------------------------------------------- contrastive
 CL_BLOCK = 64
 CL_PO_TC = 128  # the output tile's width in P of dre_cl_bwd_tc
+CL_PO_WIDE = 4  # dre_cl_bwd_tc_wide's pieces of CL_PO_TC per block (used where P > CL_PO_TC)
 
 
 def _cl_tensor_cores(a, b) -> I32:
@@ -464,14 +467,16 @@ def contrastive_loss_bwd(grad_loss, a, b, logit_scale, labels, normalize, row_ls
     rr, cr = row_loss.detach().float().contiguous(), col_loss.detach().float().contiguous()
     if B:
         tc = _cl_tensor_cores(a, b)
-        grid = nrb * -(-P // (CL_PO_TC if tc else CL_BLOCK))
+        wide = bool(tc) and P > CL_PO_TC and full_width_enabled()  # each logit tile once per 4 pieces of P
+        grid = nrb * -(-P // ((CL_PO_TC * (CL_PO_WIDE if wide else 1)) if tc else CL_BLOCK))
         for x, y, invx, invy, lx, ly, rx, ry, out, with_gs in ((a, b, inva, invb, rl, cl, rr, cr, gu, 1),
                                                                (b, a, invb, inva, cl, rl, cr, rr, gv, 0)):
             args = (ptr(x), _dt(x, "a"), I64(x.stride(0)), I64(x.stride(1)), ptr(y), _dt(y, "b"), I64(y.stride(0)),
                     I64(y.stride(1)), ptr(invx), ptr(invy), ptr(lab), lab64, has, ptr(s), ptr(lx), ptr(ly), ptr(rx),
                     ptr(ry), ptr(g), ptr(npos), ptr(out), ptr(gs), I64(B), I32(P), I32(with_gs))
             if tc:
-                _launch("dre_cl_bwd_tc", grid, 0, dev, *args, I32(1 - with_gs))  # x_is_b: the second call
+                _launch("dre_cl_bwd_tc_wide" if wide else "dre_cl_bwd_tc", grid, 0, dev, *args,
+                        I32(1 - with_gs))  # x_is_b: the second call
             else:
                 _launch("dre_cl_bwd", grid, 0, dev, *args)
     grad_a = _normalize_backward(gu, a, inva, na, normalize)

@@ -267,8 +267,9 @@ def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
 def test_built_cuda_kernels_keep_to_registers():
     """ptxas's verdict on the kernels in the built extension, per arch: no local memory (spills or a stack frame
     for an array it could not keep in registers: each costs memory traffic in an inner loop) and at most 128
-    registers a thread, so that two 256-thread blocks fit an SM; the full-width kernels, one block per SM by design
-    (their shared memory: whole rows), at most 255 with their K x D accumulator (96 floats a thread).
+    registers a thread, so that two 256-thread blocks fit an SM; the full-width kernels, one block per SM by design,
+    at most 255: the residual ones with their K x D accumulator (96 floats a thread; their shared memory holds whole
+    rows), dre_cl_bwd_tc_wide with its 64 x 512 tile of grad u (128 floats a thread).
     Read from the cubins with cuobjdump."""
     if _library.native_error is not None:
         pytest.skip(f"extension not built: {_library.native_error}")
@@ -289,7 +290,7 @@ def test_built_cuda_kernels_keep_to_registers():
     for name, per_arch in found.items():
         assert len(per_arch) == len(archs), (name, per_arch, archs)
         for res in per_arch:
-            if res["STACK"] or res["LOCAL"] or res["REG"] > (255 if name.endswith("_tc_full") else 128):
+            if res["STACK"] or res["LOCAL"] or res["REG"] > (255 if name.endswith(("_tc_full", "_tc_wide")) else 128):
                 bad.append(f"{name}: {res}")
     assert not bad, "kernels using local memory or too many registers:\n" + "\n".join(bad)
 
@@ -805,23 +806,54 @@ def _cl_launches(emu, n0):
     return [name for name, _, _ in emu.launches[n0:] if name.startswith("dre_cl_")]
 
 
-@pytest.mark.parametrize("emu_tc", ["full"], indirect=True)  # the tensor-core switch; no residual_encode here
+@pytest.mark.parametrize("emu_tc", ["full", "tiled"], indirect=True)  # the full-width switch; no residual_encode here
 @pytest.mark.parametrize("copies", ["at_wait", "at_issue"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_emu_tc_contrastive_bf16(emu_tc, normalize, copies):
     """Both sides bfloat16: the logits (forward, column fix, backward) and the backward's W y on mma.sync. B=130:
-    a partial row and column tile; P=200: partial P slices and two output tiles of dre_cl_bwd_tc. P = 200 and 16
-    stage their slices by cp.async (two buffers), P = 70 and 3 element by element. The emulated copies land at their
-    wait or at issue."""
+    a partial row and column tile; P=200: partial P slices and two 128-wide pieces of P, in one block of
+    dre_cl_bwd_tc_wide (full) or two of dre_cl_bwd_tc (tiled); P=520: two wide blocks per row block, the second with
+    one partial piece (full only). P = 200, 520 and 16 stage their slices by cp.async (two buffers), P = 70 and 3 element by
+    element. The emulated copies land at their wait or at issue."""
+    full = emu_tc.fwd_tc == "dre_re_fwd_tc_full"  # the fixture's switch
     labels = torch.arange(130).remainder(9)
     with emu_tc.cp_async_order(copies):
-        for B, P, lab in ((130, 200, None), (130, 70, labels), (1, 3, None), (64, 16, None)):
+        wide_cases = ((70, 520, labels[:70]),) if full else ()
+        for B, P, lab in ((130, 200, None), *wide_cases, (130, 70, labels), (1, 3, None), (64, 16, None)):
             n0 = len(emu_tc.launches)
             _check_cl(B, P, lab, normalize, dtype=torch.bfloat16, scale=10.0)
+            wide = full and P > 128
+            kernel = "dre_cl_bwd_tc_wide" if wide else "dre_cl_bwd_tc"
             names = _cl_launches(emu_tc, n0)
-            assert names.count("dre_cl_bwd_tc") == 2 and "dre_cl_bwd" not in names, names
-            grids = [g for name, g, _ in emu_tc.launches[n0:] if name == "dre_cl_bwd_tc"]
-            assert grids == [-(-B // 64) * -(-P // 128)] * 2
+            assert names.count(kernel) == 2 and len([n for n in names if n.startswith("dre_cl_bwd")]) == 2, names
+            grids = [g for name, g, _ in emu_tc.launches[n0:] if name == kernel]
+            assert grids == [-(-B // 64) * -(-P // (512 if wide else 128))] * 2
+
+
+@pytest.mark.parametrize("emu_tc", ["full"], indirect=True)
+def test_emu_tc_contrastive_wide_backward_is_the_tiled_one_to_the_bit(emu_tc, monkeypatch):
+    """dre_cl_bwd_tc_wide computes each logit tile and W once for up to 4 pieces of P where dre_cl_bwd_tc computes
+    them once per piece: the same logits, weights and MMAs in the same order into each output, so grad a, grad b and
+    grad scale must be equal to the bit. P=264: three pieces, the last partial."""
+    _assert_contrastive_wide_equals_tiled(monkeypatch, torch.device("cpu"), 70, 264, emu_tc)
+
+
+def _assert_contrastive_wide_equals_tiled(monkeypatch, device, B, P, emu=None):
+    g = torch.Generator().manual_seed(P)
+    a = torch.randn(B, P, generator=g).bfloat16().to(device)
+    b = torch.randn(B, P, generator=g).bfloat16().to(device)
+    labels = torch.arange(B).remainder(11).to(device)
+    s, gl = torch.tensor(9.0, device=device), torch.rand(B, generator=g).to(device)
+    loss, *saved = cupy_kernels.contrastive_loss_fwd(a, b, s, labels, True)
+    out = {}
+    for full in ("1", "0"):
+        monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, full)
+        n0 = len(emu.launches) if emu is not None else 0
+        out[full] = cupy_kernels.contrastive_loss_bwd(gl, a, b, s, labels, True, *saved)
+        if emu is not None:
+            assert _cl_launches(emu, n0).count("dre_cl_bwd_tc_wide" if full == "1" else "dre_cl_bwd_tc") == 2
+    for name, w, t in zip(["grad a", "grad b", "grad scale"], out["1"], out["0"]):
+        assert torch.equal(w, t), name
 
 
 def test_emu_tc_contrastive_only_for_bf16_pairs(emu_tc):
@@ -1064,6 +1096,28 @@ def test_gpu_full_width_soft_backward_matches_tiled(gpu_backend, monkeypatch, K,
         out[full] = torch.autograd.grad(E, [cr, sr], gE)
     for name, a, b in zip(["grad c", "grad s"], out["1"], out["0"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())), msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,P", [(3000, 512), (700, 200), (300, 1030)])
+def test_gpu_contrastive_wide_backward_is_the_tiled_one_to_the_bit(gpu_backend, monkeypatch, B, P):
+    """dre_cl_bwd_tc_wide against dre_cl_bwd_tc (DRE_KERNELS_CUDA_FULL_WIDTH=0) on bfloat16 pairs, through the cupy
+    kernels' host code or the native op: equal to the bit (see the emulated test)."""
+    _skip_unless_csrc_tensor_cores(gpu_backend)
+    if gpu_backend == "cupy":
+        _assert_contrastive_wide_equals_tiled(monkeypatch, torch.device("cuda"), B, P)
+        return
+    g = torch.Generator().manual_seed(P)
+    a = torch.randn(B, P, generator=g).bfloat16().cuda().requires_grad_()
+    b = torch.randn(B, P, generator=g).bfloat16().cuda().requires_grad_()
+    s = torch.tensor(9.0, device="cuda", requires_grad=True)
+    out = {}
+    for full in ("1", "0"):
+        monkeypatch.setenv("DRE_KERNELS_CUDA_FULL_WIDTH", full)
+        loss = dre_kernels.contrastive_loss(a, b, s, normalize=True, backend=gpu_backend)
+        out[full] = torch.autograd.grad(loss, [a, b, s])
+    for name, w, t in zip(["grad a", "grad b", "grad scale"], out["1"], out["0"]):
+        assert torch.equal(w, t), name
 
 
 @pytest.mark.cuda

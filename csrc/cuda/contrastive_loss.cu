@@ -29,18 +29,21 @@
 // and both backward calls alike, a's rows always the MMA's A operand (the y side's call computes the transposed tile
 // and reads it back transposed), so that the backward's logits are the forward's to the bit. The backward
 // (dre_cl_bwd_tc) also multiplies W by y on the tensor cores: W (float32) split into bfloat16 hi + lo parts (two MMAs,
-// ~16 mantissa bits, float32's range), over CL_PO_TC-wide tiles of P (the logit tiles are recomputed P / 128 times
-// where the SIMT backward recomputes them P / 64 times). float16 rows stay on the SIMT kernels: W scales with the
-// upstream gradient (~p_ij / B under a mean) and float16 parts end at 6e-8, where it would flush to zero.
+// ~16 mantissa bits, float32's range), over CL_PO_TC-wide pieces of P: dre_cl_bwd_tc_wide (where P > CL_PO_TC)
+// holds CL_PO_WIDE pieces per block (128 accumulators per thread, one block per SM), so the logit tiles and W are
+// computed once per side up to P = 512 where dre_cl_bwd_tc (one piece, two blocks per SM) computes them ceil(P / 128)
+// times (the SIMT backward P / 64 times); DRE_KERNELS_CUDA_FULL_WIDTH=0 keeps dre_cl_bwd_tc, to time the two. float16
+// rows stay on the SIMT kernels: W scales with the upstream gradient (~p_ij / B under a mean) and float16 parts end
+// at 6e-8, where it would flush to zero.
 //
 // Launch rules: 256 threads; forward and finish grid ceil(B / 64), backward grid ceil(B / 64) * ceil(P / 64)
-// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC)), the norms min(ceil(2B / 8), 65535 * 16) and the
-// normalisation's backward min(ceil(B / 8), 65535 * 16) (a warp per row, grid-stride); dynamic shared memory 0
-// (static arrays only).
+// (dre_cl_bwd_tc: ceil(B / 64) * ceil(P / CL_PO_TC); dre_cl_bwd_tc_wide: ceil(B / 64) * ceil(P / 512)), the norms
+// min(ceil(2B / 8), 65535 * 16) and the normalisation's backward min(ceil(B / 8), 65535 * 16) (a warp per row,
+// grid-stride); dynamic shared memory 0 (static arrays only).
 #include "dre_common.cuh"
 
 namespace dre_cuda {
-enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16, CL_PT_TC = 32, CL_PO_TC = 128 };
+enum { CL_BI = 64, CL_BJ = 64, CL_PT = 16, CL_PT_TC = 32, CL_PO_TC = 128, CL_PO_WIDE = 4 };
 // the P-slice staging of one side of a logit tile, in floats: 64 x 17 float32 values (SIMT) or two buffers of
 // 64 x (CL_PT_TC + 8) 16-bit values (tensor cores: the next slice loads while this one computes)
 constexpr int CL_STAGE = CL_BI * (CL_PT_TC + 8) > CL_BI * (CL_PT + 1) ? CL_BI * (CL_PT_TC + 8) : CL_BI * (CL_PT + 1);
@@ -454,32 +457,38 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
 // call, which puts a's rows on the left as every other launch does, and reads the tile transposed), turns it into
 // W (float32, shared), stages y's tile and adds W y on the tensor cores, W split into hi + lo bfloat16 parts. Warp w
 // accumulates rows 16 (w % 4).. and columns 64 (w / 4).. of the output tile (8 MMA tiles of 16 x 8).
-DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
-                                                i64 s_yr, i64 s_yc, const float* invx, const float* invy,
-                                                const void* labels, int lab64, int has_labels, const float* scale,
-                                                const float* lx, const float* ly, const float* rx, const float* ry,
-                                                const float* g, const float* npos, float* gu, float* gs_out, i64 B,
-                                                int P, int with_gs, int x_is_b) {
+// The tensor-core backward's body: block (I, p) owns CL_BI rows and NPC pieces of CL_PO_TC columns of P (acc: NPC x 32
+// floats per thread). Each logit tile is computed and turned into W once per block, so once per side for the whole of
+// P where NPC * CL_PO_TC >= P; y's pieces are staged one at a time through the logit slices' space (the first while
+// the weights are computed).
+template <int NPC>
+DRE_DEVICE void cl_bwd_tc_body(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt, i64 s_yr,
+                               i64 s_yc, const float* invx, const float* invy, const void* labels, int lab64,
+                               int has_labels, const float* scale, const float* lx, const float* ly, const float* rx,
+                               const float* ry, const float* g, const float* npos, float* gu, float* gs_out, i64 B,
+                               int P, int with_gs, int x_is_b) {
   constexpr int LDY = CL_PO_TC + 8, XS = 2 * CL_TC_SLICE;
-  // the logits' P slices (two buffers per side), then y's (CL_BJ x CL_PO_TC) tile, 16-bit (declared as floats: 4-byte
-  // pairs, 16-byte aligned for cp.async)
+  // the logits' P slices (two buffers per side), then y's (CL_BJ x CL_PO_TC) pieces, 16-bit (declared as floats:
+  // 4-byte pairs, 16-byte aligned for cp.async)
   constexpr int STAGE = 2 * XS > CL_BJ * LDY ? 2 * XS : CL_BJ * LDY;
   __shared__ __align__(16) float stage_f[STAGE / 2];
   unsigned short* stage = (unsigned short*)stage_f;
   __shared__ float W[CL_BI * (CL_BJ + 1)];
   __shared__ float red[NTHREADS / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
-  const int npt = (P + CL_PO_TC - 1) / CL_PO_TC;
+  const int npt = (P + NPC * CL_PO_TC - 1) / (NPC * CL_PO_TC);
   const i64 pid_i = (i64)blockIdx.x / npt;
   const int pid_p = (int)((i64)blockIdx.x % npt);
   const i64 i0 = pid_i * CL_BI;
-  const int p0 = pid_p * CL_PO_TC;
+  const int p0 = pid_p * NPC * CL_PO_TC;
   const float s = scale[0];
   const int mrow = 16 * (warp & 3), ncol = 64 * (warp >> 2);
   const ClTcRows ysrc(y, s_yr, s_yc, P);  // y's rows for its output-side tiles
-  float acc[8][4];
-  for (int n = 0; n < 8; ++n)
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  float acc[NPC][8][4];
+#pragma unroll
+  for (int q = 0; q < NPC; ++q)
+    for (int n = 0; n < 8; ++n)
+      for (int e = 0; e < 4; ++e) acc[q][n][e] = 0.f;
   float gsl = 0.f;
   for (i64 j0 = 0; j0 < B; j0 += CL_BJ) {
     float dot[4][4];
@@ -488,6 +497,9 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
     } else {
       cl_tile_dot_tc(x, s_xr, s_xc, y, s_yr, s_yc, x_dt, i0, j0, B, P, stage, stage + XS, dot);
     }
+    // y's first piece (rows j0.., columns p0.. of P) into the staging space, which the tile's closing barrier
+    // freed: it lands while the weights are computed
+    cl_tc_stage<CL_PO_TC>(stage, ysrc, j0, p0, B, P, tid);
     // the dots into W (the fragments' registers free again before the weights: with both live, ptxas spilled)
 #pragma unroll
     for (int n = 0; n < 4; ++n)
@@ -505,40 +517,71 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_x
       *w = cl_bwd_weight(*w, i0 + r, j0 + c, B, invx, invy, labels, lab64, has_labels, s, lx, ly, rx, ry, g, npos,
                          gsl);
     }
-    // y's tile (rows j0.., columns p0.. of P) into the staging space (cl_tile_dot_tc ended with a barrier)
-    cl_tc_stage<CL_PO_TC>(stage, ysrc, j0, p0, B, P, tid);
-    cp_async_wait<0>();
-    __syncthreads();
-#pragma unroll 1
-    for (int kk = 0; kk < CL_BJ; kk += 16) {
-      // A = W[mrow.., kk..] (row-major), split into hi + lo
-      unsigned a_hi[4], a_lo[4];
-      for (int q = 0; q < 4; ++q) {
-        const int r = mrow + gq + 8 * (q & 1), k = kk + 2 * tq + 8 * (q >> 1);
-        unsigned short h0, l0, h1, l1;
-        split_16(W[r * (CL_BJ + 1) + k], y_dt, h0, l0);
-        split_16(W[r * (CL_BJ + 1) + k + 1], y_dt, h1, l1);
-        a_hi[q] = pack_16(h0, h1);
-        a_lo[q] = pack_16(l0, l1);
-      }
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        // B[k][col] = y_{j0 + k, p0 + col}: pairs along k, two 16-bit loads each
-        const unsigned short* yb = stage + (kk + 2 * tq) * LDY + ncol + 8 * n + gq;
-        const unsigned b[2] = {pack_16(yb[0], yb[LDY]), pack_16(yb[8 * LDY], yb[9 * LDY])};
-        mma_16816(acc[n], a_hi, b, y_dt);
-        mma_16816(acc[n], a_lo, b, y_dt);
+    for (int q = 0; q < NPC; ++q) {
+      if (p0 + q * CL_PO_TC < P) {  // the same for the whole block (barriers inside)
+        if (q > 0) cl_tc_stage<CL_PO_TC>(stage, ysrc, j0, p0 + q * CL_PO_TC, B, P, tid);
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll 1
+        for (int kk = 0; kk < CL_BJ; kk += 16) {
+          // A = W[mrow.., kk..] (row-major), split into hi + lo
+          unsigned a_hi[4], a_lo[4];
+          for (int t = 0; t < 4; ++t) {
+            const int r = mrow + gq + 8 * (t & 1), k = kk + 2 * tq + 8 * (t >> 1);
+            unsigned short h0, l0, h1, l1;
+            split_16(W[r * (CL_BJ + 1) + k], y_dt, h0, l0);
+            split_16(W[r * (CL_BJ + 1) + k + 1], y_dt, h1, l1);
+            a_hi[t] = pack_16(h0, h1);
+            a_lo[t] = pack_16(l0, l1);
+          }
+#pragma unroll
+          for (int n = 0; n < 8; ++n) {
+            // B[k][col] = y_{j0 + k, p0 + q CL_PO_TC + col}: pairs along k, two 16-bit loads each
+            const unsigned short* yb = stage + (kk + 2 * tq) * LDY + ncol + 8 * n + gq;
+            const unsigned b[2] = {pack_16(yb[0], yb[LDY]), pack_16(yb[8 * LDY], yb[9 * LDY])};
+            mma_16816(acc[q][n], a_hi, b, y_dt);
+            mma_16816(acc[q][n], a_lo, b, y_dt);
+          }
+        }
+        __syncthreads();  // the piece (and, after the last, W) free for the next
       }
     }
-    __syncthreads();
   }
-  for (int n = 0; n < 8; ++n)
-    for (int e = 0; e < 4; ++e) {
-      const i64 i = i0 + mrow + gq + 8 * (e >> 1);
-      const int p = p0 + ncol + 8 * n + 2 * tq + (e & 1);
-      if (i < B && p < P) gu[i * P + p] = s * acc[n][e];
-    }
+#pragma unroll
+  for (int q = 0; q < NPC; ++q)
+    for (int n = 0; n < 8; ++n)
+      for (int e = 0; e < 4; ++e) {
+        const i64 i = i0 + mrow + gq + 8 * (e >> 1);
+        const int p = p0 + q * CL_PO_TC + ncol + 8 * n + 2 * tq + (e & 1);
+        if (i < B && p < P) gu[i * P + p] = s * acc[q][n][e];
+      }
   if (with_gs && pid_p == 0) cl_block_sum(gsl, red, gs_out, pid_i);
+}
+
+// One piece of CL_PO_TC columns per block (grid ceil(B / 64) * ceil(P / CL_PO_TC)), two blocks per SM.
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd_tc(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
+                                                i64 s_yr, i64 s_yc, const float* invx, const float* invy,
+                                                const void* labels, int lab64, int has_labels, const float* scale,
+                                                const float* lx, const float* ly, const float* rx, const float* ry,
+                                                const float* g, const float* npos, float* gu, float* gs_out, i64 B,
+                                                int P, int with_gs, int x_is_b) {
+  cl_bwd_tc_body<1>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64, has_labels, scale, lx, ly, rx,
+                    ry, g, npos, gu, gs_out, B, P, with_gs, x_is_b);
+}
+
+// CL_PO_WIDE = 4 pieces per block (grid ceil(B / 64) * ceil(P / 512)): at P <= 512 each logit tile is computed once
+// per side, where dre_cl_bwd_tc computes it ceil(P / 128) times; the 128 accumulators per thread leave one block
+// per SM.
+DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_cl_bwd_tc_wide(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
+                                                     int y_dt, i64 s_yr, i64 s_yc, const float* invx,
+                                                     const float* invy, const void* labels, int lab64, int has_labels,
+                                                     const float* scale, const float* lx, const float* ly,
+                                                     const float* rx, const float* ry, const float* g,
+                                                     const float* npos, float* gu, float* gs_out, i64 B, int P,
+                                                     int with_gs, int x_is_b) {
+  cl_bwd_tc_body<CL_PO_WIDE>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64, has_labels, scale,
+                             lx, ly, rx, ry, g, npos, gu, gs_out, B, P, with_gs, x_is_b);
 }
 
 // The rows' norms, once per call, into `norms` (4B + 1 floats, zeroed): the inverse norms
@@ -627,11 +670,13 @@ cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_d
                       int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
                       int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
                       const float* rx, const float* ry, const float* g, const float* npos, float* gu, float* gs_out,
-                      i64 B, int P, int with_gs, int x_is_b) {
-  if (grid > 0)
-    dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
-                                                 has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P,
-                                                 with_gs, x_is_b);
+                      i64 B, int P, int with_gs, int x_is_b, int wide) {
+  if (grid > 0) {
+    auto kernel = wide ? dre_cl_bwd_tc_wide : dre_cl_bwd_tc;
+    kernel<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
+                                          has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P, with_gs,
+                                          x_is_b);
+  }
   return cudaGetLastError();
 }
 

@@ -68,12 +68,13 @@ cudaError_t cl_bwd(unsigned grid, cudaStream_t stream, const void* x, int x_dt, 
                    const float* ry, const float* g, const float* npos, float* gu, float* gs_out, i64 B, int P,
                    int with_gs);
 
-// the tensor-core backward (sm_80+, both sides bfloat16); x_is_b: the call for grad b (x = b, y = a)
+// the tensor-core backward (sm_80+, both sides bfloat16); x_is_b: the call for grad b (x = b, y = a); wide:
+// dre_cl_bwd_tc_wide (CL_PO_WIDE pieces of P per block; grid ceil(B / 64) * ceil(P / 512)), else dre_cl_bwd_tc
 cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y,
                       int y_dt, i64 s_yr, i64 s_yc, const float* invx, const float* invy, const void* labels,
                       int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
                       const float* rx, const float* ry, const float* g, const float* npos, float* gu, float* gs_out,
-                      i64 B, int P, int with_gs, int x_is_b);
+                      i64 B, int P, int with_gs, int x_is_b, int wide);
 
 // grad a (in out_dt; out may be gu) from grad u through u = a / max(||a||, eps): a warp per row
 cudaError_t cl_normalize_bwd(unsigned grid, cudaStream_t stream, const float* gu, const void* t, int t_dt, i64 s_tr,

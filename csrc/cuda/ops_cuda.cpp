@@ -34,6 +34,7 @@ using i64 = long long;
 constexpr double kEps = 1e-12;
 constexpr int kClBlock = 64;
 constexpr int kClPoTc = 128;  // CL_PO_TC of contrastive_loss.cu: dre_cl_bwd_tc's output tile width in P
+constexpr int kClPoWide = 4;  // CL_PO_WIDE: dre_cl_bwd_tc_wide's pieces of kClPoTc per block
 constexpr i64 kMaxGrid = 65535LL * 16;
 
 // int64 tensor data as the launchers' long long (int64_t is long on LP64 Linux: same size, distinct type)
@@ -96,16 +97,18 @@ bool use_tensor_cores(const at::Tensor& rows, bool backward = false) {
   return (v == nullptr || std::string(v) != "0") && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-// the full-width kernels (dre_re_fwd_tc_full, and dre_re_bwd_tc_full for the backward's passes that only sum) where
-// their rule fits; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns them off (to time them against the column-tiled kernels; the
-// cupy backend reads the same switch)
-dre_cuda_rules::ReFullConfig full_width_config(const at::Tensor& rows, int K, int D, bool backward = false) {
+// the full-width kernels: dre_re_fwd_tc_full, dre_re_bwd_tc_full for the backward's passes that only sum (where
+// their rule fits) and dre_cl_bwd_tc_wide; DRE_KERNELS_CUDA_FULL_WIDTH=0 turns them off (to time them against the
+// column-tiled kernels; the cupy backend reads the same switch). Read per call: benchmarks switch it in-process.
+bool full_width_enabled() {
   const char* v = std::getenv("DRE_KERNELS_CUDA_FULL_WIDTH");
-  if (v != nullptr) {
-    const std::string s(v);
-    if (s == "0" || s == "false" || s == "off" || s == "no") return {};
-  }
-  if (!use_tensor_cores(rows, backward)) return {};
+  if (v == nullptr) return true;
+  const std::string s(v);
+  return !(s == "0" || s == "false" || s == "off" || s == "no");
+}
+
+dre_cuda_rules::ReFullConfig full_width_config(const at::Tensor& rows, int K, int D, bool backward = false) {
+  if (!full_width_enabled() || !use_tensor_cores(rows, backward)) return {};
   return dre_cuda_rules::re_tc_full_config(K, D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
                                            backward);
 }
@@ -512,7 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                    cr = col_loss.detach().to(at::kFloat).contiguous();
   if (B > 0) {
     const int tc = cl_tensor_cores(a, b);
-    const int64_t po = tc ? kClPoTc : kClBlock;  // the output tile's width in P
+    // dre_cl_bwd_tc_wide where P spans more than one CL_PO_TC piece: each logit tile once per 4 pieces
+    const int wide = tc && P > kClPoTc && full_width_enabled();
+    const int64_t po = tc ? kClPoTc * (wide ? kClPoWide : 1) : kClBlock;  // the output tile's width in P
     const int64_t grid = nrb * ((P + po - 1) / po);
     TORCH_CHECK(grid < (1LL << 31), "dre: contrastive_loss grid too large (", grid, " blocks)");
     struct Side {
@@ -535,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_bwd_cuda(
                         extra...);
       };
       if (tc) {
-        launched(bwd(dre_cuda_launch::cl_bwd_tc, 1 - sd.with_gs), "dre_cl_bwd_tc");
+        launched(bwd(dre_cuda_launch::cl_bwd_tc, 1 - sd.with_gs, wide), wide ? "dre_cl_bwd_tc_wide" : "dre_cl_bwd_tc");
       } else {
         launched(bwd(dre_cuda_launch::cl_bwd), "dre_cl_bwd");
       }
