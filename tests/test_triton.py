@@ -684,3 +684,90 @@ def test_dot_pair_interleaves_the_two_products(device, dtype):
     _dot_pair_kernel[(1,)](*(t.to(device) for t in (p1, q1, p2, q2)), out, M, K, N, dtype == torch.float32)
     # 16-bit operands: exact products, float32 sums; float32 ones: three TF32 products (~float32)
     torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+class _EveryConfig:
+    """A stand-in for `launch` that runs each autotuned launch with the i-th of the configs its autotuner would
+    time (the table after the launch's own pruning; a CPU tensor passes the sm_90 gate), round robin, configs that
+    differ only in warps and stages (which the interpreter does not have) counted once. `rounds` is how many values
+    of i it takes for every launch to have run each of its configs."""
+
+    def __init__(self):
+        self.i, self.rounds, self.ran = 0, 1, set()
+
+    def __call__(self, kernel, tuned, grid, args, interp_meta, **options):
+        prune = tuned.kwargs["prune_configs_by"]["early_config_prune"]
+        configs = prune(tuned.configs, dict(zip(kernel.arg_names, args)), **options)
+        blocks = list(dict.fromkeys(tuple(sorted(c.kwargs.items())) for c in configs))
+        self.rounds = max(self.rounds, len(blocks))
+        meta = dict(blocks[self.i % len(blocks)])
+        self.ran.add((kernel.__name__, tuple(meta.items())))
+        kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
+
+
+@pytest.mark.parametrize("K,D", [(5, 384), (130, 40)], ids=["small_k", "large_k"])
+def test_every_residual_autotune_config_matches_the_reference(device, float16_dots, monkeypatch, K, D):
+    """The GPU's autotuner times every config of the tables (after pruning) on the first call of a shape; the other
+    tests run one fixed config per launch. Here every config the step shape's D=384 (small codebooks: several column
+    tiles per program, 64..128-wide tiles, 32..128-wide D slices, 16..64-row blocks) or a large codebook prunes to
+    runs in the interpreter, forward and backward, soft and hard, float16 rows in the GPU's 16-bit dot mode (the
+    soft backward's too, as bfloat16 rows take it there), against the float32 reference; 32-row chunks split the
+    bank's 30-row slide across programs."""
+    if device != "cpu":
+        pytest.skip("on GPU the autotuner itself runs every config at each new shape")
+    from dre_kernels.triton_kernels import _common
+
+    monkeypatch.setattr(tre, "dot_mode_backward", lambda dtype, hard=False: _common.dot_mode(dtype))
+    every = _EveryConfig()
+    monkeypatch.setattr(tre, "launch", every)
+    x, xo, c, s, bank, bi, bo = _inputs(device, [21, 0, 6], [3, 30, 1], K=K, D=D, x_dtype=torch.float16,
+                                        bank_dtype=torch.float16)
+    G = torch.randn(3, K, D, generator=torch.Generator().manual_seed(1))
+    for hard in (False, True):
+        sh = None if hard else s / 100
+        xr, cr = x.float().requires_grad_(), c.clone().requires_grad_()
+        sr = None if hard else sh.clone().requires_grad_()
+        Er, mr = residual_encode_reference(xr, xo, cr, sr, bank, bi, bo, hard)
+        want = torch.autograd.grad((Er * G).sum(), [xr, cr] + ([] if hard else [sr]))
+        every.i, every.rounds = 0, 1
+        while every.i < every.rounds:
+            E, mass = tre.residual_encode_fwd(x, xo, c, sh, bank, bi, bo, hard, chunk_rows=32)
+            assert _max_rel_err(E, Er) < 1e-5 and _max_rel_err(mass, mr) < 1e-6, (hard, every.i)
+            gx, gc, gs = tre.residual_encode_bwd(G, x, xo, c, sh, bank, bi, bo, hard, True, True, True,
+                                                 chunk_rows=32)
+            assert_close(gx.float(), want[0], torch.float16, msg=f"grad x ({hard}, {every.i})")
+            assert _max_rel_err(gc, want[1]) < 1e-5, ("grad codewords", hard, every.i)
+            if not hard:
+                assert _max_rel_err(gs, want[2]) < 1e-5, ("grad scale", every.i)
+            every.i += 1
+    ran = {meta for name, meta in every.ran}
+    # the configs of several column tiles (N_DT > 1) at the small codebook's D
+    assert K > 64 or any(dict(m)["N_DT"] == 3 for m in ran), sorted(ran)
+
+
+def test_every_contrastive_autotune_config_matches_the_reference(device, float16_dots, monkeypatch):
+    """As the residual_encode test: every forward and backward config (row, column, P-slice and output tile sizes)
+    that P=200 prunes to, float16 rows in the GPU's 16-bit mode, labels, against the float64 reference."""
+    if device != "cpu":
+        pytest.skip("on GPU the autotuner itself runs every config at each new shape")
+    from dre_kernels.triton_kernels import contrastive_loss as tcl
+
+    every = _EveryConfig()
+    monkeypatch.setattr(tcl, "launch", every)
+    g = torch.Generator().manual_seed(8)
+    B, P = 70, 200
+    a, b = (torch.randn(B, P, generator=g).half() for _ in range(2))
+    labels = torch.randint(0, 12, (B,), generator=g)
+    s, w = torch.tensor(3.0), torch.rand(B, generator=g)
+    a64, b64, s64 = (t.double().requires_grad_() for t in (a, b, s))
+    want = contrastive_loss_reference(a64, b64, s64, labels, True)
+    want_grads = torch.autograd.grad((want * w.double()).sum(), [a64, b64, s64])
+    while every.i < every.rounds:
+        loss, *saved = tcl.contrastive_loss_fwd(a, b, s, labels, True)
+        assert_close(loss, want, torch.float32, scale=10.0, msg=f"loss ({every.i})")
+        got = tcl.contrastive_loss_bwd(w, a, b, s, labels, True, *saved)
+        for name, x, y in zip("abs", got, want_grads):
+            assert_close(x, y, torch.float16 if name != "s" else torch.float32, scale=10.0,
+                         msg=f"grad {name} ({every.i})")
+        every.i += 1
+    assert len({m for name, m in every.ran if name == "_cl_bwd_kernel"}) > 1
