@@ -8,8 +8,8 @@ Providers: torch, torch.compile, triton, native, cupy, native_simt / cupy_simt (
 DRE_KERNELS_CUDA_TENSOR_CORES=0: the SIMT kernels instead of the mma.sync ones; bf16 rows take the tensor cores),
 and native_tiled / cupy_tiled (DRE_KERNELS_CUDA_FULL_WIDTH=0: the residual_encode forward and the soft backward's
 bank-row pass on the column-tiled mma.sync kernels instead of the full-width ones, and the contrastive backward on
-dre_cl_bwd_tc, one 128-wide piece of P per block, instead of dre_cl_bwd_tc_wide); by default every one available. benchmarks/bench_triton.py is
-this script with torch, torch.compile and triton.
+dre_cl_bwd_tc, one 128-wide piece of P per block, instead of dre_cl_bwd_tc_wide); by default every one available.
+benchmarks/bench_triton.py is this script with torch, torch.compile and triton.
 Cases:
   residual_encode, soft and hard, modes fwd and fwd+bwd (x, codewords, scale require grad; loss = <E, G>):
     step  : the DRE-SLCL step shape, B=16 slides, 128 fresh rows (bf16) + 8192 bank rows (bf16 bank) each, K=64, D=384

@@ -813,8 +813,8 @@ def test_emu_tc_contrastive_bf16(emu_tc, normalize, copies):
     """Both sides bfloat16: the logits (forward, column fix, backward) and the backward's W y on mma.sync. B=130:
     a partial row and column tile; P=200: partial P slices and two 128-wide pieces of P, in one block of
     dre_cl_bwd_tc_wide (full) or two of dre_cl_bwd_tc (tiled); P=520: two wide blocks per row block, the second with
-    one partial piece (full only). P = 200, 520 and 16 stage their slices by cp.async (two buffers), P = 70 and 3 element by
-    element. The emulated copies land at their wait or at issue."""
+    one partial piece (full only). P = 200, 520 and 16 stage their slices by cp.async (two buffers), P = 70 and 3
+    element by element. The emulated copies land at their wait or at issue."""
     full = emu_tc.fwd_tc == "dre_re_fwd_tc_full"  # the fixture's switch
     labels = torch.arange(130).remainder(9)
     with emu_tc.cp_async_order(copies):
