@@ -671,11 +671,14 @@ cudaError_t cl_bwd_tc(unsigned grid, cudaStream_t stream, const void* x, int x_d
                       int lab64, int has_labels, const float* scale, const float* lx, const float* ly,
                       const float* rx, const float* ry, const float* g, const float* npos, float* gu, float* gs_out,
                       i64 B, int P, int with_gs, int x_is_b, int wide) {
-  if (grid > 0) {
-    auto kernel = wide ? dre_cl_bwd_tc_wide : dre_cl_bwd_tc;
-    kernel<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
-                                          has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P, with_gs,
-                                          x_is_b);
+  if (grid > 0 && wide) {
+    dre_cl_bwd_tc_wide<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels,
+                                                      lab64, has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out,
+                                                      B, P, with_gs, x_is_b);
+  } else if (grid > 0) {
+    dre_cl_bwd_tc<<<grid, NTHREADS, 0, stream>>>(x, x_dt, s_xr, s_xc, y, y_dt, s_yr, s_yc, invx, invy, labels, lab64,
+                                                 has_labels, scale, lx, ly, rx, ry, g, npos, gu, gs_out, B, P,
+                                                 with_gs, x_is_b);
   }
   return cudaGetLastError();
 }
