@@ -213,7 +213,8 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
 def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     """N_DT > 1 configs are tried where no column tile of theirs is idle (D=384: 64 x 3 and 128 x 3; D=33 none), for
     16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch; configs with
-    deep pipelines (num_stages > DEEP_STAGES) for 16-bit rows on sm_90 only."""
+    deep pipelines (num_stages > DEEP_STAGES) for 16-bit rows on sm_90 only; the one-warpgroup ones
+    (_SM90_WARPGROUP) for rows of any dtype on sm_90, in the same launches."""
     prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
     configs = tre._fwd_tuned.configs
     rows = torch.zeros(1, 1)
@@ -258,9 +259,26 @@ def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     assert bwide(False) == {(64, 3)}
     assert bwide(True) == set() and bwide(False, hard=True) == set() and bwide(False, mode=0) == set()
     assert bdeep(False) and not bdeep(True) and not bdeep(False, mode=0)
+    # one warpgroup (4 warps, 16-row blocks): rows of any dtype, in the same launches
+
+    def warpgroup(kept):
+        return {tre._config_tuple(c) for c in kept} & tre._SM90_WARPGROUP
+
+    def bkept(write_gx, hard=False, mode=1):
+        return bprune(tre._bwd_tuned.configs, {"rows_ptr": rows, "D": 384, "WRITE_GX": write_gx, "HARD": hard,
+                                               "K_PAD": 64, "MODE": mode, "NEED_C": True})
+
+    fwd_wg = {(16, 32, 64, 1, 4, 2)}
+    for mode in (0, 1):
+        assert warpgroup(kept_configs(384, mode=mode)) == fwd_wg
+        assert warpgroup(kept_configs(384, hard=True, mode=mode)) == fwd_wg
+        assert warpgroup(bkept(False, mode=mode)) == {(16, 32, 32, 1, 4, 2)}
+        assert not warpgroup(kept_configs(384, with_e=False, mode=mode)) and not warpgroup(bkept(True, mode=mode))
+    assert not warpgroup(kept_configs(384, k_pad=128))
     monkeypatch.setattr(tre, "_on_sm90", lambda rows: False)  # an sm_80 device
     assert wide(384) == set() and bwide(False) == set()
     assert deep(384) == set() and deep(384, hard=True) == set() and not bdeep(False)
+    assert not warpgroup(kept_configs(384, mode=0)) and not warpgroup(bkept(False, mode=0))
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])

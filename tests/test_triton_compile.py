@@ -116,10 +116,11 @@ def _assert_tensor_core_layouts_clean(out: str, pattern: str) -> None:
 
 
 def test_sm90_only_residual_encode_configs_compile_for_sm90():
-    """The configs for 16-bit rows on sm_90 only, that --first-config never reaches: N_DT > 1 (several column tiles
-    per program) and deep pipelines (num_stages > DEEP_STAGES). Every one compiles, for the forward (soft and hard,
-    fresh and gathered rows) and for the backward's soft pass that only sums. (The interpreter took a loop-carried
-    name of two types that the compiler refuses.)"""
+    """The configs for sm_90 only, that --first-config never reaches: for 16-bit rows, N_DT > 1 (several column tiles
+    per program) and deep pipelines (num_stages > DEEP_STAGES); for rows of any dtype, one warpgroup (4 warps).
+    Every one compiles, for bf16 and float32 rows, for the forward (soft and hard, fresh and gathered rows) and for
+    the backward's soft pass that only sums, with no dot computed twice and no accumulator changing layout in a
+    loop. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
     # --jobs 2: the compiles queued and run in forked workers, as the GPU session's precompile runs them
     out, rc = _run_aot("--sm90-only", "-v", "--arch", "90", "--jobs", "2")
     assert rc == 0 and "compiled " in out, out[-6000:]

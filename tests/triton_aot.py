@@ -441,7 +441,7 @@ def replay_through_jit(compiler, thunks) -> tuple[int, int]:
 
 def cases(first_config: bool, sm90_only: bool = False):
     """Host-side calls that reach every kernel with each mode: (name, thunk); `sm90_only`: the residual_encode
-    calls whose launches may take its sm_90-only configs (16-bit rows, K=64, D=384)."""
+    calls whose launches may take its sm_90-only configs (bf16 and float32 rows, K=64, D=384)."""
     import torch
 
     from dre_kernels.triton_kernels import bank, contrastive_loss, residual_encode
@@ -457,8 +457,8 @@ def cases(first_config: bool, sm90_only: bool = False):
     row_dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.float16)]
     shapes = [(64, 384), (7, 33), (200, 16)] + ([] if first_config else [(1, 1)])
-    if sm90_only:
-        row_dtypes, shapes = [(torch.bfloat16, torch.bfloat16)], [(64, 384)]
+    if sm90_only:  # float32 rows take the one-warpgroup ones
+        row_dtypes, shapes = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)], [(64, 384)]
     for (xd, bd), (K, D), hard in [(d, s, h) for d in row_dtypes for s in shapes for h in (False, True)]:
         if first_config and K > 64 and xd != bd:
             continue  # large codebooks (the slow compiles) once per dot mode

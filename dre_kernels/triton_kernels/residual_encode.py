@@ -444,7 +444,8 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 # warps at ~250 registers) waiting on each BLOCK_D slice of rows and codewords in turn, since num_stages <= 2
 # keeps at most one slice in flight; these keep 2-3 in flight (12-24 KB of rows and codewords each), and the
 # 4-warp ones fit two programs per SM. ptxas sm_90 (triton 3.9, bf16 rows): 216-255 registers, no spills, 16-88 KB
-# of shared memory; none spills with triton 3.6 either.
+# of shared memory. Triton 3.6 (since _common.dot_pair; the GPU image) spills 8-16 B in (64, 32, 64, 1, 4, 4) and
+# 48-56 B in (64, 64, 128, 1, 8, 4).
 _FWD_CONFIGS = {
     "small_k": [(64, 32, 64, 1, 8, 2), (64, 32, 128, 1, 8, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2),
                 (16, 64, 128, 1, 8, 2), (16, 32, 64, 1, 8, 2), (64, 128, 128, 1, 8, 1), (64, 64, 128, 1, 8, 1),
@@ -453,7 +454,9 @@ _FWD_CONFIGS = {
                 (32, 32, 128, 3, 8, 1),
                 # deep pipelines (sm_80 would spill 56-368 B in them)
                 (64, 32, 128, 1, 8, 4), (64, 64, 128, 1, 8, 4), (64, 32, 64, 1, 4, 4), (32, 32, 64, 1, 4, 3),
-                (64, 32, 64, 3, 8, 4)],
+                (64, 32, 64, 3, 8, 4),
+                # one warpgroup (_SM90_WARPGROUP)
+                (16, 32, 64, 1, 4, 2)],
     "large_k": [(16, 32, 16, 1, 8, 2), (16, 32, 32, 1, 8, 2), (32, 32, 16, 1, 8, 2), (32, 32, 32, 1, 8, 2)],
 }
 _BWD_CONFIGS = {
@@ -463,8 +466,10 @@ _BWD_CONFIGS = {
                 # (triton 3.6: 8 B in the BLOCK_M=64 one; 128-wide tiles x 3 spilled 112-424 B, 16 warps 80-744 B)
                 (16, 32, 64, 3, 8, 2), (32, 32, 64, 3, 8, 1), (64, 32, 64, 3, 8, 1),
                 # deep pipelines (sm_90, 16-bit rows, the passes that only sum): 220-248 registers, no spills
-                # (triton 3.6 too)
-                (32, 32, 64, 1, 8, 4), (64, 32, 64, 1, 8, 3), (16, 32, 64, 3, 8, 4), (32, 32, 64, 3, 8, 3)],
+                # (triton 3.6: 16 B in (64, 32, 64, 1, 8, 3))
+                (32, 32, 64, 1, 8, 4), (64, 32, 64, 1, 8, 3), (16, 32, 64, 3, 8, 4), (32, 32, 64, 3, 8, 3),
+                # one warpgroup (_SM90_WARPGROUP; (16, 32, 64, 1, 4, 2) spills 16 B for float32 rows with triton 3.6)
+                (16, 32, 32, 1, 4, 2)],
     # (16, 16, 16): at K_PAD = 256 the codeword-sum pass keeps to registers with it (sm_80; sm_90 32 B for float32
     # rows) where the others spill 250-500 B. The soft grad-x pass spills >= 0.7 KB in every config there: its
     # K x BLOCK_DO tiles of G_b and the codewords next to BLOCK_M x K assignments are the design's limit.
@@ -475,6 +480,16 @@ LARGE_K_PAD = 128
 # accumulates in wgmma's layout (sm_90) and the rows are 16-bit (MODE 1); other launches do not time them.
 _SM90_MIN_CAPABILITY = (9, 0)
 DEEP_STAGES = 2
+# One warpgroup (4 warps) on 16-row blocks, for rows of any dtype on sm_90, in the launches that take the sm_90-only
+# configs (the forward's with E, the backward's soft passes that only sum). Why: float32 rows (MODE 0: the training
+# step's fresh features, a float32 bank) multiply with tl.dot's tf32x3, three chained MMAs, and on sm_90 Triton gives
+# a dot that feeds another dot all warps along M, so the 8-warp configs compute every float32-row dot twice, one copy
+# per warpgroup, and convert its accumulator between layouts in the loop (tests/triton_aot.py -v: DOT_REP=2,
+# MMA_CVT=1-3; the 16-bit rows' split products are one dot each, see _common.dot_pair). With 4 warps there is one
+# copy and no conversion. ptxas sm_90, K=64, D=384, no spills: the forward 237 registers for float32 rows and
+# 187-210 for bf16 (triton 3.6: 245-248 and 216-228), the bank rows' backward pass 238 and 180 (triton 3.6: 255 and
+# 190); sm_80 spills 56-96 B in the forward, so they are sm_90's.
+_SM90_WARPGROUP = {(16, 32, 64, 1, 4, 2), (16, 32, 32, 1, 4, 2)}
 
 
 _BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")
@@ -504,7 +519,8 @@ HARD_BLOCK_D = 32
 def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
-    (sm90_only) only for 16-bit rows on sm_90 in the launches sm90_launch names; one config of each (BLOCK_M,
+    (sm90_only) only on sm_90 in the launches sm90_launch names, and those of them for 16-bit rows only for 16-bit
+    rows; one config of each (BLOCK_M,
     BLOCK_D, warps, stages) where the launch has no column tiles (has_column_tiles), as those differ in nothing
     it runs."""
     def prune(configs, named_args, **kwargs):
@@ -515,9 +531,10 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
         allowed = set(table["large_k" if arg("K_PAD", 64) >= LARGE_K_PAD else "small_k"])
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
-        sm90_ok = arg("MODE", 1) == 1 and _on_sm90(arg("rows_ptr")) and sm90_launch(arg)
+        sm90 = _on_sm90(arg("rows_ptr")) and sm90_launch(arg)
+        sixteen_bit = arg("MODE", 1) == 1
         # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
-        eligible = [c for c in keep if sm90_ok or not sm90_only(c)]
+        eligible = [c for c in keep if not sm90_only(c) or sm90 and (sixteen_bit or not _sixteen_bit_only(c))]
         narrow = [c for c in eligible if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0]
         kept = narrow or [min(eligible, key=_columns)]
         if not has_column_tiles(arg):  # else the autotuner compiles and times each of the same launch
@@ -531,7 +548,12 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
 
 
 def sm90_only(c) -> bool:
-    """Whether config c is for 16-bit rows on sm_90 only: N_DT > 1 or a deep pipeline (num_stages > DEEP_STAGES)."""
+    """Whether config c is for sm_90 only: for 16-bit rows (_sixteen_bit_only), or one of _SM90_WARPGROUP."""
+    return _sixteen_bit_only(c) or _config_tuple(c) in _SM90_WARPGROUP
+
+
+def _sixteen_bit_only(c) -> bool:
+    """N_DT > 1 or a deep pipeline (num_stages > DEEP_STAGES): for 16-bit rows on sm_90 only."""
     return c.kwargs["N_DT"] > 1 or c.num_stages > DEEP_STAGES
 
 
@@ -562,10 +584,10 @@ def _autotuned(kernel, table, key, accumulated, sm90_launch, has_column_tiles=la
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
 
 
-# Which launches may take the sm_90-only configs (several column tiles, deep pipelines), from the launch's arguments
-# (arg(name, default)): the forward's with E (not the argmin-only one, which has no column tiles), the backward's
-# soft passes that only sum (the grad-x passes spill 32-320 B in the deep ones). The pruner and the interpreter's
-# fixed config (N_DT > 1 where D needs it) both ask these.
+# Which launches may take the sm_90-only configs (several column tiles, deep pipelines, one warpgroup), from the
+# launch's arguments (arg(name, default)): the forward's with E (not the argmin-only one, which has no column tiles),
+# the backward's soft passes that only sum (the grad-x passes spill 24-320 B in the deep and warpgroup ones). The
+# pruner and the interpreter's fixed config (N_DT > 1 where D needs it) both ask these.
 def _fwd_has_column_tiles(arg):
     return bool(arg("WITH_E", True))
 
