@@ -407,9 +407,15 @@ _BWD_CONFIGS = [(64, 32, 16, 64, 8, 2), (64, 32, 16, 128, 8, 2), (32, 32, 16, 64
 # triton < 3.3, whose compiler aborts on some backward configs (below): there they are left out.
 # float16 rows multiply W in float32 (tf32x3, see _cl_bwd_kernel), which spills at 512 wide as float32 does: they take
 # the 256-wide 16-bit config (_keep_mode_block_p drops the 512-wide ones for them).
+# A one-warpgroup forward for float32 rows (mode 0): tf32x3 is three chained MMAs, and on sm_90 Triton gives a dot
+# that feeds another dot all warps along M, so with 8 warps every float32 logit tile is computed twice, once per
+# warpgroup, and its accumulator changes layout in the loop (tests/triton_aot.py -v: DOT_REP=2, MMA_CVT=1); with 4
+# warps and 64-row blocks, neither. ptxas (triton 3.9 and 3.6, P = 512 and 33, sm_90 and sm_80): 222-255 registers,
+# no spills. (The backward's 4-warp, 64-row configs spill 8-96 B in some specialisations: not taken.)
 if TRITON_VERSION >= (3, 3):
     _BWD_CONFIGS += [(32, 32, 32, 512, 8, 2), (32, 64, 32, 512, 8, 2), (32, 32, 16, 256, 8, 2),
                      (32, 32, 32, 256, 8, 2)]
+    _FWD_CONFIGS += [(64, 64, 16, 4, 2)]
 
 
 # Backward configs whose compile aborts the process in triton < 3.3 (an assertion in LinearLayout::reshapeOuts, 16-bit
