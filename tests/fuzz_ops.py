@@ -134,7 +134,7 @@ def contrastive_case(rng, device):
     import torch
 
     B = rng.choice([1, 2, 3, 31, 32, 33, 65, 100, 130])
-    P = rng.choice([1, 2, 5, 16, 33, 64, 130])
+    P = rng.choice([1, 2, 5, 16, 33, 64, 130, 264, 520])  # 264, 520: several 128-wide pieces of the wide backward
     labels = torch.randint(0, rng.choice([1, 2, 5, 50]), (B,)).to(device) if rng.random() < 0.4 else None
     normalize = rng.random() < 0.5 and P > 1
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
