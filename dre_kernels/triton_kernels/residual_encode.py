@@ -421,11 +421,12 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 
 # ---------------------------------------------------------------------------------------------- autotuning
 # Config sets by kernel and codebook size, (BLOCK_M, BLOCK_D, BLOCK_DO, N_DT, num_warps, num_stages), N_DT the
-# column tiles of one program (see _re_fwd_kernel): configs that ptxas
-# compiles without register spills and within a block's shared memory on sm_90 and sm_80 (tests/triton_aot.py, a
-# survey at D=384 with triton 3.9, bf16 and float32 rows). Eight warps throughout: with four, the K x BLOCK_DO
-# accumulator and the BLOCK_M x K distances, assignments (and, backward, the G_b and codeword tiles) leave ptxas at
-# 255 registers and spilling for most tiles. Large codebooks (K_PAD >= 128) take narrow column tiles.
+# column tiles of one program (see _re_fwd_kernel): configs that ptxas compiles without register spills and within
+# a block's shared memory on sm_90 and sm_80 (tests/triton_aot.py, a survey at D=384 with triton 3.9, bf16 and
+# float32 rows). Eight warps but for a few: with four, the K x BLOCK_DO accumulator and the BLOCK_M x K distances,
+# assignments (and, backward, the G_b and codeword tiles) leave ptxas at 255 registers and spilling for most tiles;
+# the 4-warp ones below are the exceptions, each said where it stands. Large codebooks (K_PAD >= 128) take narrow
+# column tiles.
 # Every 16-bit launch at K=64 on sm_90, every config: no dot computed twice by two warpgroups and no accumulator
 # converted between layouts in the loops (tests/triton_aot.py -v: DOT_REP=1 MMA_CVT=0; tests/test_triton_compile.py
 # holds them to it). Until the split operands' hi and lo dots became one dot (_common.dot_pair) nearly every 8-warp
@@ -520,9 +521,8 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
     (sm90_only) only on sm_90 in the launches sm90_launch names, and those of them for 16-bit rows only for 16-bit
-    rows; one config of each (BLOCK_M,
-    BLOCK_D, warps, stages) where the launch has no column tiles (has_column_tiles), as those differ in nothing
-    it runs."""
+    rows; one config of each (BLOCK_M, BLOCK_D, warps, stages) where the launch has no column tiles
+    (has_column_tiles), as those differ in nothing it runs."""
     def prune(configs, named_args, **kwargs):
         def arg(name, default=None):
             return launch_arg(named_args, kwargs, name, default)
