@@ -70,12 +70,18 @@ DRE_DEVICE void cl_tile_dot(const void* x, int x_dt, i64 s_xr, i64 s_xc, const v
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) dot[u][v] = 0.f;
   for (int p0 = 0; p0 < P; p0 += CL_PT) {
-    for (int e = tid; e < CL_BI * CL_PT; e += NTHREADS) {
-      const int r = e / CL_PT, p = e % CL_PT;
-      const bool pin = p0 + p < P;
-      xs[r * (CL_PT + 1) + p] = (pin && i0 + r < B) ? load_f(x, (i0 + r) * s_xr + (i64)(p0 + p) * s_xc, x_dt) : 0.f;
-      ys[r * (CL_PT + 1) + p] = (pin && j0 + r < B) ? load_f(y, (j0 + r) * s_yr + (i64)(p0 + p) * s_yc, y_dt) : 0.f;
-    }
+    // rows r0.. of t, columns p0 .. p0 + CL_PT, into dst (zeros past B and P)
+    const auto stage = [&](float* dst, const void* t, int t_dt, i64 s_r, i64 s_c, i64 r0) {
+      staged_copy<CL_BI * CL_PT / NTHREADS>(
+          CL_BI * CL_PT, tid,
+          [&](int e) -> float {
+            const int r = e / CL_PT, p = e % CL_PT;
+            return (p0 + p < P && r0 + r < B) ? load_f(t, (r0 + r) * s_r + (i64)(p0 + p) * s_c, t_dt) : 0.f;
+          },
+          [&](int e, float v) { dst[(e / CL_PT) * (CL_PT + 1) + e % CL_PT] = v; });
+    };
+    stage(xs, x, x_dt, s_xr, s_xc, i0);
+    stage(ys, y, y_dt, s_yr, s_yc, j0);
     __syncthreads();
     for (int p = 0; p < CL_PT; ++p) {
       float xv[4], yv[4];
@@ -123,12 +129,14 @@ DRE_DEVICE void cl_tc_stage(unsigned short* dst, const ClTcRows& src, i64 r0, in
       cp_async_16(dst + r * ld + 8 * (e % per), in ? src.rows + (r0 + r) * src.s_r + p : src.rows, in);
     }
   } else {
-#pragma unroll 1
-    for (int e = tid; e < CL_BI * W; e += NTHREADS) {
-      const int r = e / W, p = e % W;
-      dst[r * ld + p] = (p0 + p < P && r0 + r < B) ? src.rows[(r0 + r) * src.s_r + (i64)(p0 + p) * src.s_c]
-                                                   : (unsigned short)0;
-    }
+    staged_copy(
+        CL_BI * W, tid,
+        [&](int e) -> unsigned short {
+          const int r = e / W, p = e % W;
+          return (p0 + p < P && r0 + r < B) ? src.rows[(r0 + r) * src.s_r + (i64)(p0 + p) * src.s_c]
+                                            : (unsigned short)0;
+        },
+        [&](int e, unsigned short v) { dst[(e / W) * ld + e % W] = v; });
   }
   cp_async_commit();
 }
@@ -392,7 +400,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_a
 // gu (B, P) float32 = s sum_j W_ij v_j for the rows of x; gs_out[block row] = sum over its rows of sum_j W_ij <u_i, v_j>
 // (with_gs). lx, ly: the log-sum-exps on x's side and y's side; rx, ry: the losses r, c on each side (expm1(-r) on
 // the diagonal where npos = 1); g: grad of the loss (B); npos: |P_i| (B), or null without labels (1).
-// two blocks per SM: 128 registers, no spills (unbounded, ptxas takes 140 and one block per SM)
+// two blocks per SM: at most 128 registers (ptxas takes 96 on sm_80 and sm_90), no spills
 DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, i64 s_xc, const void* y, int y_dt,
                                              i64 s_yr, i64 s_yc, const float* invx, const float* invy,
                                              const void* labels, int lab64, int has_labels, const float* scale,
@@ -428,11 +436,13 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_bwd(const void* x, int x_dt, i64 s_xr, 
                                                s, lx, ly, rx, ry, g, npos, gsl);
       }
     // y tile (CL_BJ rows x CL_BI columns of P), into the dot slices' space (cl_tile_dot ended with a barrier)
-    for (int e = tid; e < CL_BJ * CL_BI; e += NTHREADS) {
-      const int c = e / CL_BI, p = e % CL_BI;
-      tiles[c * (CL_BI + 1) + p] =
-          (j0 + c < B && p0 + p < P) ? load_f(y, (j0 + c) * s_yr + (i64)(p0 + p) * s_yc, y_dt) : 0.f;
-    }
+    staged_copy(
+        CL_BJ * CL_BI, tid,
+        [&](int e) -> float {
+          const int c = e / CL_BI, p = e % CL_BI;
+          return (j0 + c < B && p0 + p < P) ? load_f(y, (j0 + c) * s_yr + (i64)(p0 + p) * s_yc, y_dt) : 0.f;
+        },
+        [&](int e, float v) { tiles[(e / CL_BI) * (CL_BI + 1) + e % CL_BI] = v; });
     __syncthreads();
     for (int c = 0; c < CL_BJ; ++c) {
       float wv[4], yv[4];

@@ -50,6 +50,27 @@ DRE_DEVICE unsigned short f32_to_f16(float f) {
 }
 #endif
 
+// For e = tid, tid + NTHREADS, .. < n: store(e, load(e)), the block's threads striding over n elements (global ->
+// shared staging). Each thread issues BATCH loads before it uses the first: written as one loop of load-then-store,
+// nvcc kept one load in flight per thread (SASS: LDG, then its conversion and STS, per element), one memory round
+// trip per element; here one per BATCH elements.
+template <int BATCH = 8, class Load, class Store>
+DRE_DEVICE void staged_copy(int n, int tid, Load&& load, Store&& store) {
+  for (int e0 = tid; e0 < n; e0 += BATCH * NTHREADS) {
+    decltype(load(0)) v[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int e = e0 + j * NTHREADS;
+      v[j] = e < n ? load(e) : decltype(load(0))(0);
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int e = e0 + j * NTHREADS;
+      if (e < n) store(e, v[j]);
+    }
+  }
+}
+
 // element i (already multiplied by its stride) of a float32/float16/bfloat16 array, as float32
 DRE_DEVICE float load_f(const void* p, i64 i, int dt) {
   if (dt == DT_F32) return ((const float*)p)[i];

@@ -235,23 +235,29 @@ DRE_DEVICE float re_grad_x(const float* ar, const float* hr, const float* Gb, co
 DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64* roff, i64 s_c, int nr, int R, int D,
                                 int dd, int DT, int tid) {
   const int ld = DT + 8;
-  for (int e = tid; e < R * DT; e += NTHREADS) {
-    const int r = e / DT, d = e % DT;
-    xs[r * ld + d] = (r < nr && dd + d < D) ? ((const unsigned short*)rows)[roff[r] + (i64)(dd + d) * s_c] : 0;
-  }
+  staged_copy(
+      R * DT, tid,
+      [&](int e) -> unsigned short {
+        const int r = e / DT, d = e % DT;
+        return (r < nr && dd + d < D) ? ((const unsigned short*)rows)[roff[r] + (i64)(dd + d) * s_c] : 0;
+      },
+      [&](int e, unsigned short v) { xs[(e / DT) * ld + e % DT] = v; });
 }
 
 // p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
                                  int dd, int DT, int tid) {
   const int ld = DT + 8, K8 = (K + 7) & ~7;
-  for (int e = tid; e < K8 * DT; e += NTHREADS) {
-    const int k = e / DT, d = e % DT;
-    unsigned short hi, lo;
-    split_16(k < K && dd + d < D ? P[(i64)k * D + dd + d] : 0.f, dt, hi, lo);
-    p_hi[k * ld + d] = hi;
-    p_lo[k * ld + d] = lo;
-  }
+  staged_copy(
+      K8 * DT, tid,
+      [&](int e) -> float {
+        const int k = e / DT, d = e % DT;
+        return k < K && dd + d < D ? P[(i64)k * D + dd + d] : 0.f;
+      },
+      [&](int e, float v) {
+        const int o = (e / DT) * ld + e % DT;
+        split_16(v, dt, p_hi[o], p_lo[o]);
+      });
 }
 
 // acc (4 floats) += X[16 mi.., :] P^T[:, 8 ni..] over one DT-wide tile pair (P = hi + lo: two MMAs per k-step)
@@ -274,11 +280,7 @@ DRE_DEVICE void re_tc_dot_tile(float* acc, const unsigned short* xs, const unsig
 // xo (R x DO, 16-bit) = columns [d0, d0 + dn) of this step's rows; zeros elsewhere
 DRE_DEVICE void re_tc_load_cols(unsigned short* xo, const void* rows, const i64* roff, i64 s_c, int nr, int R, int DO,
                                 int d0, int dn, int tid) {
-  const int ld = DO + 8;
-  for (int e = tid; e < R * DO; e += NTHREADS) {
-    const int r = e / DO, d = e % DO;
-    xo[r * ld + d] = (r < nr && d < dn) ? ((const unsigned short*)rows)[roff[r] + (i64)(d0 + d) * s_c] : 0;
-  }
+  re_tc_load_rows(xo, rows, roff, s_c, nr, R, d0 + dn, d0, DO, tid);  // the columns past d0 + dn as those past D
 }
 
 // acc (8 tiles x 4 floats) += W^T X for the output tiles q = 8 warp + j of the K16 x DO/8 grid: W (R x K float32,
@@ -351,16 +353,26 @@ struct ReSimtTiles {
 
   template <bool WITH_G>
   DRE_DEVICE void load(int nr, int dd, const float* C, const float* Gb) {
-    for (int e = tid; e < R * DT; e += NTHREADS) {
-      const int r = e / DT, d = e % DT;
-      xs[r * (DT + 1) + d] = (r < nr && dd + d < D) ? load_f(rows, roff[r] + (i64)(dd + d) * s_c, dt) : 0.f;
-    }
-    for (int e = tid; e < K * DT; e += NTHREADS) {
-      const int k = e / DT, d = e % DT;
-      const bool in = dd + d < D;
-      cs[k * (DT + 1) + d] = in ? C[(i64)k * D + dd + d] : 0.f;
-      if constexpr (WITH_G) gs[k * (DT + 1) + d] = in ? Gb[(i64)k * D + dd + d] : 0.f;
-    }
+    const int ld = DT + 1;
+    staged_copy(
+        R * DT, tid,
+        [&](int e) -> float {
+          const int r = e / DT, d = e % DT;
+          return (r < nr && dd + d < D) ? load_f(rows, roff[r] + (i64)(dd + d) * s_c, dt) : 0.f;
+        },
+        [&](int e, float v) { xs[(e / DT) * ld + e % DT] = v; });
+    // C (and G_b) columns [dd, dd + DT), zero past D
+    const auto stage = [&](float* dst, const float* P) {
+      staged_copy(
+          K * DT, tid,
+          [&](int e) -> float {
+            const int k = e / DT, d = e % DT;
+            return dd + d < D ? P[(i64)k * D + dd + d] : 0.f;
+          },
+          [&](int e, float v) { dst[(e / DT) * ld + e % DT] = v; });
+    };
+    stage(cs, C);
+    if constexpr (WITH_G) stage(gs, Gb);
   }
 
   DRE_DEVICE float row_sq(int r) const {
@@ -811,19 +823,25 @@ DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows
                                    int tid) {
   const unsigned short* rows = (const unsigned short*)src.rows;
   const int D = src.D;
+  // (staged_copy: each copy needs its row's index first, a load of its own)
   if (src.vec) {
     const int per = D / 8;
-    for (int e = tid; e < R * per; e += NTHREADS) {
-      const int r = e / per, c = e % per;
-      const i64 row = r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
-      cp_async_16(xs + r * LDD + 8 * c, rows + row * src.s_r + 8 * c, r < nr);
-    }
+    staged_copy(
+        R * per, tid,
+        [&](int e) -> i64 { return e / per < nr ? re_source_row(r0, e / per, src.idx, src.idx64, src.gather) : 0; },
+        [&](int e, i64 row) {
+          const int r = e / per, c = e % per;
+          cp_async_16(xs + r * LDD + 8 * c, rows + row * src.s_r + 8 * c, r < nr);
+        });
   } else {
-    for (int e = tid; e < R * D; e += NTHREADS) {
-      const int r = e / D, d = e % D;
-      const i64 row = r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
-      xs[r * LDD + d] = r < nr ? rows[row * src.s_r + (i64)d * src.s_c] : 0;
-    }
+    staged_copy(
+        R * D, tid,
+        [&](int e) -> unsigned short {
+          const int r = e / D;
+          if (r >= nr) return 0;
+          return rows[re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r + (i64)(e % D) * src.s_c];
+        },
+        [&](int e, unsigned short v) { xs[(e / D) * LDD + e % D] = v; });
   }
   cp_async_commit();
 }
