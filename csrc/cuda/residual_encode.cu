@@ -244,11 +244,13 @@ DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64*
       [&](int e, unsigned short v) { xs[(e / DT) * ld + e % DT] = v; });
 }
 
-// p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D
+// p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D.
+// BATCH: loads in flight per thread (staged_copy); the full-width kernels, one block per SM, take 16
+template <int BATCH = 8>
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
                                  int dd, int DT, int tid) {
   const int ld = DT + 8, K8 = (K + 7) & ~7;
-  staged_copy(
+  staged_copy<BATCH>(
       K8 * DT, tid,
       [&](int e) -> float {
         const int k = e / DT, d = e % DT;
@@ -1012,7 +1014,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
 
   // the first step's rows load while the codewords are split
   re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
-  re_tc_load_split(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
+  re_tc_load_split<16>(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
@@ -1085,8 +1087,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
 #pragma unroll
     for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = dotg[j] = 0.f;
     for (int dd = 0; dd < D16; dd += DTS) {
-      re_tc_load_split(m.c_hi, m.c_lo, C, dt, K, D, dd, DTS, tid);
-      re_tc_load_split(m.g_hi, m.g_lo, Gb, dt, K, D, dd, DTS, tid);
+      re_tc_load_split<16>(m.c_hi, m.c_lo, C, dt, K, D, dd, DTS, tid);
+      re_tc_load_split<16>(m.g_hi, m.g_lo, Gb, dt, K, D, dd, DTS, tid);
       __syncthreads();
       re_full_dots<true>(dot, dotg, xs, m.LDD, dd, imin(DTS, D16 - dd), m, m.LDP, R, K, dt, tid);
       __syncthreads();  // the next slice overwrites these; xsq complete after the last
