@@ -566,9 +566,10 @@ def test_full_width_launch_rule():
     assert re_tc_full_config(64, 384, 48 * 1024) is None
     assert re_tc_full_config(64, 448, 232448) is None and re_tc_full_config(256, 128, 232448) is None
     assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(256, 64, 232448)[0] == 16
-    # the backward stages C and G_b 64 columns at a time, so it has room for R = 64 rows on the H100
-    assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 190208)
-    assert re_tc_full_config(64, 384, 166912, backward=True) == (48, 2, 152576)
+    # the backward stages C and G_b 64 columns at a time (two 16-bit parts each, and the next slice in float32), so
+    # it has room for R = 64 rows on the H100 (R = 32 on the A100)
+    assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 222976)
+    assert re_tc_full_config(64, 384, 166912, backward=True) == (32, 2, 147712)
     assert re_tc_full_config(64, 384, 48 * 1024, backward=True) is None
     assert re_tc_full_config(64, 448, 232448, backward=True) is None
 
@@ -590,9 +591,11 @@ def _check_codeword_grads(args):
 
 @pytest.mark.parametrize("copies", ["at_wait", "at_issue"])
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-@pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24)])
+@pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24), (16, 136)])
 def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, hard, K, D, copies):
-    # contiguous, aligned bf16 rows with D % 8 = 0: 16-byte cp.async copies (D = 40, 24: zero columns up to D16);
+    # contiguous, aligned bf16 rows with D % 8 = 0: 16-byte cp.async copies (D = 40, 24: zero columns up to D16;
+    # D = 136: the backward's C and G_b in three slices, 64 + 64 + 16 columns, each copied with a third of the next
+    # step's rows while the one before it is multiplied);
     # a 700-row bank slide in 256-row chunks (one SM: 4 row steps of R = 64 per block, the next step's rows loading
     # while this one computes) with repeated indices, empty and one-row slides, fresh rows on the kernel too. The
     # emulated copies land at the wait that covers them (a missing wait reads stale rows) or at issue (a buffer

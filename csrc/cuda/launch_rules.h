@@ -72,7 +72,8 @@ inline ReConfig re_tc_config(int K, int D, bool backward) {
 }
 
 // The full-width kernels dre_re_fwd_tc_full and dre_re_bwd_tc_full (residual_encode.cu): their shared memory in bytes
-// for R rows per step and nbuf row buffers (the backward stages C and G_b re_full_slice_cols columns at a time), and
+// for R rows per step and nbuf row buffers (the backward stages C and G_b re_full_slice_cols columns at a time, as
+// 16-bit parts and, the next slice, in float32), and
 // their rule: ceil(K/16) ceil(D/64) <= 24 accumulator tiles per warp (K x D in registers), R a multiple of 16 with
 // (R/16) ceil(K/8) <= 32 distance tiles, R at most 64; the largest R with two row buffers whose shared memory fits
 // smem_optin (the device's opt-in limit per block), else the largest with one; none (R = 0) where nothing fits.
@@ -81,7 +82,8 @@ inline int re_full_slice_cols(int D) { return std::min(64, (D + 15) / 16 * 16); 
 inline unsigned re_full_smem_bytes(int K, int D, int R, int nbuf, bool backward = false) {
   const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16 * 16, ldd = (D + 15) / 16 * 16 + 8, ldr = R + 8;
   const int ldp = backward ? re_full_slice_cols(D) + 8 : ldd, mats = backward ? 4 : 2;
-  const int floats = (backward ? 2 : 1) * R * (K + 1) + 2 * R + (backward ? 3 : 1) * K;
+  const int floats = (backward ? 2 : 1) * R * (K + 1) + 2 * R + (backward ? 3 : 1) * K +
+                     (backward ? 2 * k8 * re_full_slice_cols(D) : 0);  // the next slice of C and G_b, float32
   return static_cast<unsigned>(2 * (mats * k8 * ldp + nbuf * R * ldd + 2 * k16 * ldr) + 4 * floats);
 }
 

@@ -766,8 +766,10 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // The soft backward's passes that only sum (dre_re_bwd_tc_full: the bank rows, and fresh rows whose grad x is not
 // asked for) hold sum_i h_ik x_i the same way, with g_rk = <G_bk, x_r> - <G_bk, c_k> computed beside the distances
 // from the same fragments of x. C and G_b split at full width would take 200 KB of shared memory at K = 64, D = 384
-// before any row, so both are staged DTS columns at a time (c_hi, c_lo, g_hi, g_lo: K8 x LDP), split from float32
-// as the column-tiled kernels do; the rows are still read, and their distances computed, once.
+// before any row, so both are staged DTS columns at a time (c_hi, c_lo, g_hi, g_lo: K8 x LDP), split from float32;
+// the rows are still read, and their distances computed, once. The next slice's float32 columns (cg: 2 x K8 x DTS)
+// are copied while this slice's MMAs run (cp.async where C and G_b rows are 16-byte aligned), with them a share of
+// the next step's rows (nbuf = 2): one group in flight at a time, so each wait is for the copies it needs.
 // Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16, at
 // most 4 distance tiles per warp), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the
 // device's opt-in limit; none (the kernels above run) where nothing fits or the accumulator would not.
@@ -775,7 +777,7 @@ enum { RE_FULL_TILES = 24, RE_FULL_DOT_TILES = 4 };
 
 struct ReFullSmem {
   unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
-  float *A, *H, *xsq, *shr, *msum, *hsum, *gsum;
+  float *cg, *A, *H, *xsq, *shr, *msum, *hsum, *gsum;
   int* kmin;
   int LDD, LDR, LDP;
 };
@@ -783,8 +785,8 @@ struct ReFullSmem {
 // shared layout, every part 16-byte aligned (bytes: launch_rules.h re_full_smem_bytes), 16-bit then float32:
 //   forward:  c_hi, c_lo (K8 x LDD) | xs[nbuf] (R x LDD) | at_hi, at_lo (K16 x LDR) | A (R x (K+1)) | xsq (R) |
 //             kmin (R) | msum (K)
-//   backward: c_hi, c_lo, g_hi, g_lo (K8 x LDP) | xs[nbuf] | at_hi, at_lo | A, H (R x (K+1)) | xsq (R) | shr (R) |
-//             msum, hsum, gsum (K)
+//   backward: c_hi, c_lo, g_hi, g_lo (K8 x LDP) | xs[nbuf] | at_hi, at_lo | cg (2 x K8 x DTS) | A, H (R x (K+1)) |
+//             xsq (R) | shr (R) | msum, hsum, gsum (K)
 // LDD = D16 + 8, LDP = DTS + 8, LDR = R + 8 (row strides of 4 (mod 8) words: fragment loads conflict-free)
 DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf, int DTS, bool backward) {
   ReFullSmem m;
@@ -799,7 +801,8 @@ DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf, i
   m.xs = backward ? m.g_lo + K8 * m.LDP : m.g_hi;
   m.at_hi = m.xs + nbuf * R * m.LDD;
   m.at_lo = m.at_hi + K16 * m.LDR;
-  m.A = (float*)(m.at_lo + K16 * m.LDR);
+  m.cg = (float*)(m.at_lo + K16 * m.LDR);  // backward only
+  m.A = m.cg + (backward ? 2 * K8 * DTS : 0);
   m.H = m.A + R * (K + 1);  // backward only
   m.xsq = backward ? m.H + R * (K + 1) : m.H;
   m.shr = m.xsq + R;  // backward: sum_k s_k h_rk per row; forward: kmin in its place
@@ -820,32 +823,35 @@ struct ReFullRows {
 };
 
 // xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched);
-// asynchronous where vec
+// asynchronous where vec (uncommitted: the caller closes the group). part of parts: that share of the copies only.
 DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows& src, i64 r0, int nr, int R,
-                                   int tid) {
+                                   int tid, int part = 0, int parts = 1) {
   const unsigned short* rows = (const unsigned short*)src.rows;
   const int D = src.D;
   // (staged_copy: each copy needs its row's index first, a load of its own)
   if (src.vec) {
-    const int per = D / 8;
+    const int per = D / 8, n = R * per, e0 = (int)((i64)n * part / parts);
     staged_copy(
-        R * per, tid,
-        [&](int e) -> i64 { return e / per < nr ? re_source_row(r0, e / per, src.idx, src.idx64, src.gather) : 0; },
+        (int)((i64)n * (part + 1) / parts) - e0, tid,
+        [&](int e) -> i64 {
+          const int r = (e0 + e) / per;
+          return r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
+        },
         [&](int e, i64 row) {
-          const int r = e / per, c = e % per;
+          const int r = (e0 + e) / per, c = (e0 + e) % per;
           cp_async_16(xs + r * LDD + 8 * c, rows + row * src.s_r + 8 * c, r < nr);
         });
   } else {
+    const int n = R * D, e0 = (int)((i64)n * part / parts);
     staged_copy(
-        R * D, tid,
+        (int)((i64)n * (part + 1) / parts) - e0, tid,
         [&](int e) -> unsigned short {
-          const int r = e / D;
+          const int r = (e0 + e) / D;
           if (r >= nr) return 0;
-          return rows[re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r + (i64)(e % D) * src.s_c];
+          return rows[re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r + (i64)((e0 + e) % D) * src.s_c];
         },
-        [&](int e, unsigned short v) { xs[(e / D) * LDD + e % D] = v; });
+        [&](int e, unsigned short v) { xs[((e0 + e) / D) * LDD + (e0 + e) % D] = v; });
   }
-  cp_async_commit();
 }
 
 // Before the row loop over [lo, hi): columns D..D16 of every row buffer zeroed (staging never writes them), the first
@@ -855,6 +861,7 @@ DRE_DEVICE void re_full_begin_rows(const ReFullSmem& m, const ReFullRows& src, i
   const int pad = ((src.D + 15) & ~15) - src.D;
   for (int e = tid; e < nbuf * R * pad; e += NTHREADS) m.xs[(e / pad) * m.LDD + src.D + e % pad] = 0;
   re_full_stage_rows(m.xs, m.LDD, src, lo, (int)lmin((i64)R, hi - lo), R, tid);
+  cp_async_commit();
 }
 
 // Step s's rows (r0 = lo + s R), staged and visible to the block (ends with a barrier): the next step's copies are
@@ -863,10 +870,14 @@ DRE_DEVICE const unsigned short* re_full_step_rows(const ReFullSmem& m, const Re
                                                    i64 steps, int R, int nbuf, int tid) {
   const i64 r0 = lo + s * R;
   unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
-  if (nbuf == 1 && s > 0) re_full_stage_rows(xs, m.LDD, src, r0, (int)lmin((i64)R, hi - r0), R, tid);
+  if (nbuf == 1 && s > 0) {
+    re_full_stage_rows(xs, m.LDD, src, r0, (int)lmin((i64)R, hi - r0), R, tid);
+    cp_async_commit();
+  }
   if (nbuf == 2 && s + 1 < steps) {
     const i64 r1 = r0 + R;
     re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * m.LDD, m.LDD, src, r1, (int)lmin((i64)R, hi - r1), R, tid);
+    cp_async_commit();
     cp_async_wait<1>();
   } else {
     cp_async_wait<0>();
@@ -1052,6 +1063,43 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, m.msum[k]);
 }
 
+// cg (2 x K8 x DTS float32) = columns [dd, dd + DTS) of C, then of G_b (K x D, row stride D), zeros past K and D:
+// 16-byte cp.async where vec16 (D % 4 = 0 and both 16-byte aligned: a piece is all in or all past D), else loaded
+// here (uncommitted: the caller closes the group)
+DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int K, int D, int dd, int DTS, bool vec16,
+                                int tid) {
+  const int K8 = (K + 7) & ~7;
+  if (vec16) {
+    const int per = DTS / 4;
+    for (int e = tid; e < 2 * K8 * per; e += NTHREADS) {
+      const int mk = e / per, k = mk % K8, d = dd + 4 * (e % per);
+      const float* P = mk < K8 ? C : Gb;
+      const bool in = k < K && d < D;
+      cp_async_16(cg + mk * DTS + 4 * (e % per), in ? P + (i64)k * D + d : P, in);
+    }
+  } else {
+    staged_copy<16>(
+        2 * K8 * DTS, tid,
+        [&](int e) -> float {
+          const int mk = e / DTS, k = mk % K8, d = dd + e % DTS;
+          return k < K && d < D ? (mk < K8 ? C : Gb)[(i64)k * D + d] : 0.f;
+        },
+        [&](int e, float v) { cg[e] = v; });
+  }
+}
+
+// c_hi + c_lo, g_hi + g_lo (K8 x LDP, 16-bit) = cg split
+DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, int DTS, int dt, int tid) {
+  const int K8 = (K + 7) & ~7;
+  for (int e = tid; e < 2 * K8 * DTS; e += NTHREADS) {
+    const int mk = e / DTS, o = (mk % K8) * m.LDP + e % DTS;
+    if (mk < K8)
+      split_16(m.cg[e], dt, m.c_hi[o], m.c_lo[o]);
+    else
+      split_16(m.cg[e], dt, m.g_hi[o], m.g_lo[o]);
+  }
+}
+
 // The soft backward's summing pass over one source (no grad x), as re_bwd_body's with need_c: adds hx = sum_i h_ik x_i
 // (K, D), hsum, gsum = -sum_i h_ik d_ik (K) and mass (B, K); G (B, K, D) and gc (B, K) = <G_bk, c_k> float32. DTS:
 // the columns of C and G_b staged at a time (a multiple of 16).
@@ -1071,7 +1119,12 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
   const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
   const float* Gb = G + b * K * D;
 
+  const bool vec16 = (D & 3) == 0 && (((u64)C | (u64)Gb) & 15ull) == 0;
+  const int slices = (D16 + DTS - 1) / DTS;
+  // the first step's rows, and the first slice of C and G_b, while the sums are zeroed
   re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
+  re_full_copy_cg(m.cg, C, Gb, K, D, 0, DTS, vec16, tid);
+  cp_async_commit();
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = m.hsum[k] = m.gsum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
@@ -1079,19 +1132,35 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
 
   const i64 steps = (hi - lo + R - 1) / R;
   for (i64 s = 0; s < steps; ++s) {
-    const int nr = (int)lmin((i64)R, hi - lo - s * R);
-    const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
-    // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b staged DTS columns at a time
+    const i64 r0 = lo + s * R, r1 = r0 + R;
+    const int nr = (int)lmin((i64)R, hi - r0), nr1 = (int)lmin((i64)R, hi - r1);
+    unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
+    unsigned short* xs1 = m.xs + (int)((s + 1) & 1) * R * m.LDD;  // the next step's buffer (nbuf = 2)
+    if (nbuf == 1 && s > 0) {  // its one buffer is free only now
+      re_full_stage_rows(xs, m.LDD, src, r0, nr, R, tid);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();  // this step's rows and the first slice
+    __syncthreads();
+    // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b DTS columns at a time
     re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
     float dot[4 * RE_FULL_DOT_TILES], dotg[4 * RE_FULL_DOT_TILES];
 #pragma unroll
     for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = dotg[j] = 0.f;
-    for (int dd = 0; dd < D16; dd += DTS) {
-      re_tc_load_split<16>(m.c_hi, m.c_lo, C, dt, K, D, dd, DTS, tid);
-      re_tc_load_split<16>(m.g_hi, m.g_lo, Gb, dt, K, D, dd, DTS, tid);
-      __syncthreads();
-      re_full_dots<true>(dot, dotg, xs, m.LDD, dd, imin(DTS, D16 - dd), m, m.LDP, R, K, dt, tid);
-      __syncthreads();  // the next slice overwrites these; xsq complete after the last
+    for (int sl = 0; sl < slices; ++sl) {
+      if (sl > 0) {
+        cp_async_wait<0>();  // this slice (and the share of rows copied with it)
+        __syncthreads();
+      }
+      re_full_split_cg(m, K, DTS, dt, tid);
+      __syncthreads();  // cg is free, the parts are ready
+      // copy the next slice (this step's, or the next step's first) and a share of the next step's rows
+      if (sl + 1 < slices || s + 1 < steps)
+        re_full_copy_cg(m.cg, C, Gb, K, D, sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
+      if (nbuf == 2 && s + 1 < steps) re_full_stage_rows(xs1, m.LDD, src, r1, nr1, R, tid, sl, slices);
+      cp_async_commit();
+      re_full_dots<true>(dot, dotg, xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
+      __syncthreads();  // the next split overwrites the parts; xsq complete after the last
     }
     re_full_for_each_dot(R, K, tid, [&](int i, int r, int k) {
       m.A[r * (K + 1) + k] = re_distance(false, m.xsq[r], dot[i], csq[k]);
