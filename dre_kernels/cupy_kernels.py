@@ -213,7 +213,7 @@ def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int, backward: bool = False
     ldp, mats = (re_full_slice_cols(D) + 8, 4) if backward else (ldd, 2)
     floats = (2 if backward else 1) * R * (K + 1) + 2 * R + (3 if backward else 1) * K
     if backward:
-        floats += 2 * k8 * re_full_slice_cols(D)  # the next slice of C and G_b, float32
+        floats += 2 * k8 * re_full_slice_cols(D) + 2 * R  # the next slice of C and G_b (float32), row offsets
     return 2 * (mats * k8 * ldp + nbuf * R * ldd + 2 * k16 * (R + 8)) + 4 * floats
 
 

@@ -568,8 +568,8 @@ def test_full_width_launch_rule():
     assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(256, 64, 232448)[0] == 16
     # the backward stages C and G_b 64 columns at a time (two 16-bit parts each, and the next slice in float32), so
     # it has room for R = 64 rows on the H100 (R = 32 on the A100)
-    assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 222976)
-    assert re_tc_full_config(64, 384, 166912, backward=True) == (32, 2, 147712)
+    assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 223488)
+    assert re_tc_full_config(64, 384, 166912, backward=True) == (32, 2, 147968)
     assert re_tc_full_config(64, 384, 48 * 1024, backward=True) is None
     assert re_tc_full_config(64, 448, 232448, backward=True) is None
 

@@ -83,7 +83,7 @@ inline unsigned re_full_smem_bytes(int K, int D, int R, int nbuf, bool backward 
   const int k8 = (K + 7) / 8 * 8, k16 = (K + 15) / 16 * 16, ldd = (D + 15) / 16 * 16 + 8, ldr = R + 8;
   const int ldp = backward ? re_full_slice_cols(D) + 8 : ldd, mats = backward ? 4 : 2;
   const int floats = (backward ? 2 : 1) * R * (K + 1) + 2 * R + (backward ? 3 : 1) * K +
-                     (backward ? 2 * k8 * re_full_slice_cols(D) : 0);  // the next slice of C and G_b, float32
+                     (backward ? 2 * k8 * re_full_slice_cols(D) + 2 * R : 0);  // next slice of C, G_b; row offsets
   return static_cast<unsigned>(2 * (mats * k8 * ldp + nbuf * R * ldd + 2 * k16 * ldr) + 4 * floats);
 }
 

@@ -778,6 +778,7 @@ enum { RE_FULL_TILES = 24, RE_FULL_DOT_TILES = 4 };
 struct ReFullSmem {
   unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
   float *cg, *A, *H, *xsq, *shr, *msum, *hsum, *gsum;
+  i64* roff;
   int* kmin;
   int LDD, LDR, LDP;
 };
@@ -785,8 +786,8 @@ struct ReFullSmem {
 // shared layout, every part 16-byte aligned (bytes: launch_rules.h re_full_smem_bytes), 16-bit then float32:
 //   forward:  c_hi, c_lo (K8 x LDD) | xs[nbuf] (R x LDD) | at_hi, at_lo (K16 x LDR) | A (R x (K+1)) | xsq (R) |
 //             kmin (R) | msum (K)
-//   backward: c_hi, c_lo, g_hi, g_lo (K8 x LDP) | xs[nbuf] | at_hi, at_lo | cg (2 x K8 x DTS) | A, H (R x (K+1)) |
-//             xsq (R) | shr (R) | msum, hsum, gsum (K)
+//   backward: c_hi, c_lo, g_hi, g_lo (K8 x LDP) | xs[nbuf] | at_hi, at_lo | cg (2 x K8 x DTS) | roff (R, 64-bit) |
+//             A, H (R x (K+1)) | xsq (R) | shr (R) | msum, hsum, gsum (K)
 // LDD = D16 + 8, LDP = DTS + 8, LDR = R + 8 (row strides of 4 (mod 8) words: fragment loads conflict-free)
 DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf, int DTS, bool backward) {
   ReFullSmem m;
@@ -802,7 +803,8 @@ DRE_DEVICE ReFullSmem re_full_smem(float* smem, int R, int K, int D, int nbuf, i
   m.at_hi = m.xs + nbuf * R * m.LDD;
   m.at_lo = m.at_hi + K16 * m.LDR;
   m.cg = (float*)(m.at_lo + K16 * m.LDR);  // backward only
-  m.A = m.cg + (backward ? 2 * K8 * DTS : 0);
+  m.roff = (i64*)(m.cg + 2 * K8 * DTS);     // backward only
+  m.A = backward ? (float*)(m.roff + R) : m.cg;
   m.H = m.A + R * (K + 1);  // backward only
   m.xsq = backward ? m.H + R * (K + 1) : m.H;
   m.shr = m.xsq + R;  // backward: sum_k s_k h_rk per row; forward: kmin in its place
@@ -823,23 +825,23 @@ struct ReFullRows {
 };
 
 // xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched);
-// asynchronous where vec (uncommitted: the caller closes the group). part of parts: that share of the copies only.
+// asynchronous where vec (uncommitted: the caller closes the group). part of parts: that share of the copies only;
+// roff: the rows' element offsets (row * s_r) read from there (shared memory), not from the source's index.
 DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows& src, i64 r0, int nr, int R,
-                                   int tid, int part = 0, int parts = 1) {
+                                   int tid, int part = 0, int parts = 1, const i64* roff = nullptr) {
   const unsigned short* rows = (const unsigned short*)src.rows;
   const int D = src.D;
   // (staged_copy: each copy needs its row's index first, a load of its own)
+  const auto offset = [&](int r) -> i64 {
+    return r >= nr ? 0 : roff ? roff[r] : re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r;
+  };
   if (src.vec) {
     const int per = D / 8, n = R * per, e0 = (int)((i64)n * part / parts);
     staged_copy(
-        (int)((i64)n * (part + 1) / parts) - e0, tid,
-        [&](int e) -> i64 {
-          const int r = (e0 + e) / per;
-          return r < nr ? re_source_row(r0, r, src.idx, src.idx64, src.gather) : 0;
-        },
-        [&](int e, i64 row) {
+        (int)((i64)n * (part + 1) / parts) - e0, tid, [&](int e) -> i64 { return offset((e0 + e) / per); },
+        [&](int e, i64 o) {
           const int r = (e0 + e) / per, c = (e0 + e) % per;
-          cp_async_16(xs + r * LDD + 8 * c, rows + row * src.s_r + 8 * c, r < nr);
+          cp_async_16(xs + r * LDD + 8 * c, rows + o + 8 * c, r < nr);
         });
   } else {
     const int n = R * D, e0 = (int)((i64)n * part / parts);
@@ -847,8 +849,7 @@ DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows
         (int)((i64)n * (part + 1) / parts) - e0, tid,
         [&](int e) -> unsigned short {
           const int r = (e0 + e) / D;
-          if (r >= nr) return 0;
-          return rows[re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r + (i64)((e0 + e) % D) * src.s_c];
+          return r < nr ? rows[offset(r) + (i64)((e0 + e) % D) * src.s_c] : 0;
         },
         [&](int e, unsigned short v) { xs[((e0 + e) / D) * LDD + (e0 + e) % D] = v; });
   }
@@ -1140,6 +1141,10 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
       re_full_stage_rows(xs, m.LDD, src, r0, nr, R, tid);
       cp_async_commit();
     }
+    // the next step's row offsets, read by its shares below: the index read once per step, not before each share
+    if (nbuf == 2 && s + 1 < steps)
+      for (int r = tid; r < R; r += NTHREADS)
+        m.roff[r] = r < nr1 ? re_source_row(r1, r, src.idx, src.idx64, src.gather) * s_r : 0;
     cp_async_wait<0>();  // this step's rows and the first slice
     __syncthreads();
     // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b DTS columns at a time
@@ -1157,7 +1162,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
       // copy the next slice (this step's, or the next step's first) and a share of the next step's rows
       if (sl + 1 < slices || s + 1 < steps)
         re_full_copy_cg(m.cg, C, Gb, K, D, sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
-      if (nbuf == 2 && s + 1 < steps) re_full_stage_rows(xs1, m.LDD, src, r1, nr1, R, tid, sl, slices);
+      if (nbuf == 2 && s + 1 < steps) re_full_stage_rows(xs1, m.LDD, src, r1, nr1, R, tid, sl, slices, m.roff);
       cp_async_commit();
       re_full_dots<true>(dot, dotg, xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
       __syncthreads();  // the next split overwrites the parts; xsq complete after the last
