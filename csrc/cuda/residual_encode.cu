@@ -245,7 +245,8 @@ DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64*
 }
 
 // p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D.
-// BATCH: loads in flight per thread (staged_copy); the full-width kernels, one block per SM, take 16
+// BATCH: loads in flight per thread (staged_copy); the full-width kernels, one block per SM, take 16, and 48 for
+// the forward's codewords, split once per block before its accumulator is live (2 round trips at K=64, D=384)
 template <int BATCH = 8>
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
                                  int dd, int DT, int tid) {
@@ -1026,7 +1027,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
 
   // the first step's rows load while the codewords are split
   re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
-  re_tc_load_split<16>(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
+  re_tc_load_split<48>(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
