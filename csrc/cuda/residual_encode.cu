@@ -1137,7 +1137,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     const i64 r0 = lo + s * R, r1 = r0 + R;
     const int nr = (int)lmin((i64)R, hi - r0), nr1 = (int)lmin((i64)R, hi - r1);
     unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
-    unsigned short* xs1 = m.xs + (int)((s + 1) & 1) * R * m.LDD;  // the next step's buffer (nbuf = 2)
+    // the next step's buffer, filled a share per slice (nbuf = 2; with one buffer the next rows wait for the step)
+    unsigned short* xs1 = nbuf == 2 ? m.xs + (int)((s + 1) & 1) * R * m.LDD : nullptr;
     if (nbuf == 1 && s > 0) {  // its one buffer is free only now
       re_full_stage_rows(xs, m.LDD, src, r0, nr, R, tid);
       cp_async_commit();
