@@ -220,8 +220,8 @@ def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int, backward: bool = False
 def re_tc_full_config(K: int, D: int, smem_optin: int, backward: bool = False):
     """(R rows per step, row buffers, shared memory bytes) of the full-width forward (or backward), or None where its
     K x D accumulator or its shared memory does not fit: csrc/cuda/launch_rules.h (re_tc_full_config)."""
-    k8, k16, npw = -(-K // 8), -(-K // 16), -(-(-(-D // 16) * 2) // 8)
-    if k16 * npw > 24 or k8 > 32:
+    k8, dpw = -(-K // 8), -(-(-(-D // 16)) // 8)  # 8-codeword tiles; 16-column tiles per warp
+    if -(-dpw // 3) * 3 * k8 > 24:
         return None
     r_max = 16 * min(4, 32 // k8)
     for nbuf in (2, 1):

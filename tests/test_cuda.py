@@ -557,7 +557,9 @@ def test_emu_tc_matches_simt_closely(emu, full, monkeypatch):
 
 def test_full_width_launch_rule():
     # DRE-SLCL's K=64, D=384: 24 accumulator tiles per warp; H100 (227 KB opt-in) R=48 double-buffered, A100 (163 KB)
-    # R=16; a 48 KB device takes one buffer; K=64 with D=448 (28 tiles) and K=256 with D=128 do not fit in registers
+    # R=16; a 48 KB device takes one buffer. Each warp holds ceil(D/128) 16-column tiles in chunks of 3 times
+    # ceil(K/8) 8-codeword tiles in 24 slots: K=64 with D=448 (2 chunks: 48 slots) and K > 64 (over 24 at any D) do
+    # not fit; K=8 fits up to D=3072
     from dre_kernels.cupy_kernels import re_full_smem_bytes, re_tc_full_config
     assert re_tc_full_config(64, 384, 232448) == (48, 2, 203072)
     assert re_full_smem_bytes(64, 384, 64, 2) > 232448 and re_full_smem_bytes(64, 384, 64, 1) <= 232448
@@ -565,7 +567,9 @@ def test_full_width_launch_rule():
     assert re_tc_full_config(8, 64, 48 * 1024)[:2] == (64, 2)
     assert re_tc_full_config(64, 384, 48 * 1024) is None
     assert re_tc_full_config(64, 448, 232448) is None and re_tc_full_config(256, 128, 232448) is None
-    assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(256, 64, 232448)[0] == 16
+    assert re_tc_full_config(72, 64, 232448) is None and re_tc_full_config(256, 64, 232448) is None
+    assert re_tc_full_config(32, 768, 232448) is not None and re_tc_full_config(32, 769, 232448) is None
+    assert re_tc_full_config(8, 3072, 232448) is not None and re_tc_full_config(9, 3072, 232448) is None
     # the backward stages C and G_b 64 columns at a time (two 16-bit parts each, and the next slice in float32), so
     # it has room for R = 64 rows on the H100 (R = 32 on the A100)
     assert re_tc_full_config(64, 384, 232448, backward=True) == (64, 2, 223488)
@@ -591,11 +595,12 @@ def _check_codeword_grads(args):
 
 @pytest.mark.parametrize("copies", ["at_wait", "at_issue"])
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-@pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24), (16, 136)])
+@pytest.mark.parametrize("K,D", [(64, 64), (5, 40), (20, 24), (16, 136), (24, 392)])
 def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, hard, K, D, copies):
     # contiguous, aligned bf16 rows with D % 8 = 0: 16-byte cp.async copies (D = 40, 24: zero columns up to D16;
     # D = 136: the backward's C and G_b in three slices, 64 + 64 + 16 columns, each copied with a third of the next
-    # step's rows while the one before it is multiplied);
+    # step's rows while the one before it is multiplied; D = 392: 25 column tiles of the accumulator, 4 per warp in
+    # two chunks (3 + 1), one on the seventh warp, none on the eighth);
     # a 700-row bank slide in 256-row chunks (one SM: 4 row steps of R = 64 per block, the next step's rows loading
     # while this one computes) with repeated indices, empty and one-row slides, fresh rows on the kernel too. The
     # emulated copies land at the wait that covers them (a missing wait reads stale rows) or at issue (a buffer

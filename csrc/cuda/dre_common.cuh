@@ -217,15 +217,16 @@ DRE_DEVICE void cp_async_wait() {
 #endif
 }
 
-// The B fragment of mma.m16n8k16 (16 x 8, column-major in the fragment) from a row-major 16-bit shared tile whose
-// rows are the k dimension: lane l (< 16) gives the address of row l (8 consecutive elements, 16-byte aligned), and
-// ldmatrix .trans hands lane (g, t) the pairs (row 2t, 2t+1; column g) of rows 0..7 and of rows 8..15 = b[0], b[1].
-DRE_DEVICE void ldmatrix_x2_trans(unsigned* b, const unsigned short* row_ptr) {
+// The A fragment of mma.m16n8k16 (16 x 16, row-major in the fragment) of the transpose of a row-major 16-bit shared
+// tile T (A = T^T: A's rows are T's columns): lane l gives the address of row (l % 8) + 8 (l / 16) of T at column
+// 8 ((l / 8) % 2) (8 consecutive elements, 16-byte aligned), and ldmatrix .trans hands lane (g, t) the pairs
+// (T[2t..2t+1][g], i.e. A[g][2t..2t+1]) of the four 8 x 8 matrices in a[0..3]'s order.
+DRE_DEVICE void ldmatrix_x4_trans(unsigned (&a)[4], const unsigned short* row_ptr) {
 #if defined(DRE_CUDA_EMULATE)
-  dre_emu::ldmatrix_x2_trans(b, row_ptr);
+  dre_emu::ldmatrix_x4_trans(a, row_ptr);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-               : "=r"(b[0]), "=r"(b[1])
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
                : "r"(smem_u32(row_ptr)));
 #else
   __trap();

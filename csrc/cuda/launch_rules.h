@@ -74,7 +74,8 @@ inline ReConfig re_tc_config(int K, int D, bool backward) {
 // The full-width kernels dre_re_fwd_tc_full and dre_re_bwd_tc_full (residual_encode.cu): their shared memory in bytes
 // for R rows per step and nbuf row buffers (the backward stages C and G_b re_full_slice_cols columns at a time, as
 // 16-bit parts and, the next slice, in float32), and
-// their rule: ceil(K/16) ceil(D/64) <= 24 accumulator tiles per warp (K x D in registers), R a multiple of 16 with
+// their rule: 24 accumulator slots per warp hold the K x D accumulator in registers (each warp ceil(D/128) 16-column
+// tiles, in chunks of 3, times ceil(K/8) 8-codeword tiles: ceil(ceil(D/128) / 3) 3 ceil(K/8) <= 24), R a multiple of 16 with
 // (R/16) ceil(K/8) <= 32 distance tiles, R at most 64; the largest R with two row buffers whose shared memory fits
 // smem_optin (the device's opt-in limit per block), else the largest with one; none (R = 0) where nothing fits.
 inline int re_full_slice_cols(int D) { return std::min(64, (D + 15) / 16 * 16); }
@@ -94,8 +95,8 @@ struct ReFullConfig {
 
 inline ReFullConfig re_tc_full_config(int K, int D, int64_t smem_optin, bool backward = false) {
   ReFullConfig c;
-  const int k8 = (K + 7) / 8, k16 = (K + 15) / 16, npw = ((D + 15) / 16 * 2 + 7) / 8;
-  if (k16 * npw > 24 || k8 > 32) return c;
+  const int k8 = (K + 7) / 8, dpw = ((D + 15) / 16 + 7) / 8;
+  if ((dpw + 2) / 3 * 3 * k8 > 24) return c;
   const int r_max = 16 * std::min(4, 32 / k8);
   for (int nbuf : {2, 1}) {
     for (int R = r_max; R >= 16; R -= 16) {

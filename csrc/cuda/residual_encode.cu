@@ -755,13 +755,15 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // floats per thread) and stage DT = 16..32 columns at a time: every column tile recomputes the full-width distances,
 // codewords are split again for every step, and each DT step is a synchronous load between two barriers (3.1 ms at
 // the DRE-SLCL step shape on the H100, 30x the time to read the rows). Here, where the whole K x D accumulator fits
-// in registers (ceil(K/16) ceil(D/64) <= RE_FULL_TILES 16 x 8 tiles per warp, 96 floats per thread: K = 64 up to
-// D = 384), a block
+// in registers (RE_FULL_TILES 16 x 8 tiles per warp, 96 floats per thread: K = 64 up to D = 384, K = 32 up to D = 768;
+// re_full_for_each_tile), a block
 //   - stages R whole rows at a time (xs: R x LDD, 16-byte cp.async straight into shared memory where rows are
 //     contiguous and 16-byte aligned), the next step's rows loading while this step computes (nbuf = 2);
 //   - computes each row's distances once (X C^T, mma.sync, C split into hi + lo), the softmax or argmin
 //     (re_assign_fwd), splits the assignments into A^T hi + lo (at_hi, at_lo: K16 x LDR), and adds A^T X for all D
-//     columns into registers;
+//     columns into registers, as its transpose X^T A: the MMA's A operand is then 16 columns of X, three of which a
+//     warp holds while each 8-codeword tile of A^T is loaded once (A^T X would load each column tile of X once per
+//     16 codewords: 245 KB of shared-memory reads per 48 rows at K = 64, D = 384, where X^T A reads 132 KB);
 //   - adds E_b and mass once per chunk (atomics, as the other kernels).
 // The forward splits the codewords into hi + lo once, into shared memory (c_hi, c_lo: K8 x LDD).
 // The soft backward's passes that only sum (dre_re_bwd_tc_full: the bank rows, and fresh rows whose grad x is not
@@ -774,7 +776,7 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16, at
 // most 4 distance tiles per warp), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the
 // device's opt-in limit; none (the kernels above run) where nothing fits or the accumulator would not.
-enum { RE_FULL_TILES = 24, RE_FULL_DOT_TILES = 4 };
+enum { RE_FULL_TILES = 24, RE_FULL_DCH = 3, RE_FULL_DOT_TILES = 4 };
 
 struct ReFullSmem {
   unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
@@ -967,49 +969,70 @@ DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, int R, int 
   }
 }
 
-// acc += W^T X over all D columns and the rows below nr (W^T from re_full_split_t, zero past nr); exact: W is 0/1,
-// exact in 16 bits, so its hi part alone (one MMA). Warp w owns the output tiles (mi, w npw ..) of the K16/16 x D16/8
-// grid, tile j of the warp at acc[4j..].
+// The accumulator's tiles: slot j = 3 (c nk + ni) + i of warp w holds E^T's 16 x 8 tile of columns dtile = w dpw + 3c + i
+// (dpw = ceil(D16 / 128) column tiles per warp, in chunks of RE_FULL_DCH = 3) and codewords 8 ni .. (nk = K8 / 8), so
+// that a chunk's three 16-column tiles of X stay in registers while each 8-codeword tile of W^T is loaded once
+// (launch_rules.h re_tc_full_config: ceil(dpw / 3) 3 nk <= RE_FULL_TILES). f(j, i, dtile, ni) for each slot of this
+// warp's that holds a tile (the dtile < D16 / 16); i is a constant where the loop is unrolled.
+template <class F>
+DRE_DEVICE void re_full_for_each_tile(int K, int D, int tid, F&& f) {
+  const int warp = tid >> 5, nd = ((D + 15) & ~15) / 16, dpw = (nd + 7) / 8, nk = ((K + 7) & ~7) / 8;
+#pragma unroll
+  for (int j = 0; j < RE_FULL_TILES; ++j) {
+    const int i = j % RE_FULL_DCH, c = j / RE_FULL_DCH / nk, ni = j / RE_FULL_DCH % nk;
+    const int dl = RE_FULL_DCH * c + i, dtile = warp * dpw + dl;
+    if (dl < dpw && dtile < nd) f(j, i, dtile, ni);
+  }
+}
+
+// whether the chunk starting at column tile dtile0 (slot i = 0) holds a tile at its place q
+DRE_DEVICE bool re_full_chunk_has(int q, int dtile0, int K, int D, int tid) {
+  const int nd = ((D + 15) & ~15) / 16, dpw = (nd + 7) / 8;
+  return dtile0 - (tid >> 5) * dpw + q < dpw && dtile0 + q < nd;
+}
+
+// acc += (W^T X)^T = X^T W over all D columns and the rows below nr (W^T from re_full_split_t, zero past nr); exact: W
+// is 0/1, exact in 16 bits, so its hi part alone (one MMA). X^T is the A operand (ldmatrix .trans of the staged rows),
+// W^T's hi and lo parts the B operand.
 DRE_DEVICE void re_full_aggregate(float* acc, const ReFullSmem& m, const unsigned short* xs, int nr, int K, int D,
                                   bool exact, int dt, int tid) {
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int ntn = ((D + 15) & ~15) / 8, mt = ((K + 15) & ~15) / 16, npw = (ntn + 7) / 8;
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // this lane's row of the four 8 x 8 matrices of a 16 x 16 block of X (ldmatrix_x4_trans)
+  const unsigned short* xl = xs + ((lane & 7) + 8 * (lane >> 4)) * m.LDD + 8 * ((lane >> 3) & 1);
   for (int kr = 0; kr < nr; kr += 16) {
-    int cur = -1;
-    unsigned ah[4], al[4];
+    unsigned ax[RE_FULL_DCH][4], bh[2], bl[2];
+    re_full_for_each_tile(K, D, tid, [&](int j, int i, int dtile, int ni) {
+      // (slot i = 0 of each (chunk, ni) holds a tile whenever the chunk holds any)
+      if (i == 0 && ni == 0) {  // a new chunk: its column tiles of X
 #pragma unroll
-    for (int j = 0; j < RE_FULL_TILES; ++j) {
-      const int mi = j / npw, ni = warp * npw + j % npw;
-      if (mi < mt && ni < ntn) {
-        if (mi != cur) {
-          cur = mi;
-          const int pa = (16 * mi + g) * m.LDR + kr + 2 * t;
-          lds_frag_a(ah, m.at_hi + pa, m.LDR);
-          if (!exact) lds_frag_a(al, m.at_lo + pa, m.LDR);
-        }
-        unsigned bx[2];
-        ldmatrix_x2_trans(bx, xs + (kr + (lane & 15)) * m.LDD + 8 * ni);
-        mma_16816(acc + 4 * j, ah, bx, dt);
-        if (!exact) mma_16816(acc + 4 * j, al, bx, dt);
+        for (int q = 0; q < RE_FULL_DCH; ++q)
+          if (re_full_chunk_has(q, dtile, K, D, tid)) ldmatrix_x4_trans(ax[q], xl + kr * m.LDD + 16 * (dtile + q));
       }
-    }
+      if (i == 0) {  // the next 8 codewords of W^T
+        const int pb = (8 * ni + g) * m.LDR + kr + 2 * t;
+        bh[0] = lds_pair(m.at_hi + pb);
+        bh[1] = lds_pair(m.at_hi + pb + 8);
+        if (!exact) {
+          bl[0] = lds_pair(m.at_lo + pb);
+          bl[1] = lds_pair(m.at_lo + pb + 8);
+        }
+      }
+      mma_16816(acc + 4 * j, ax[i], bh, dt);
+      if (!exact) mma_16816(acc + 4 * j, ax[i], bl, dt);
+    });
   }
 }
 
 // f(k, d, v) for each element v = acc[i] re_full_aggregate gave this thread, k < K and d < D
 template <class F>
 DRE_DEVICE void re_full_for_each_out(const float* acc, int K, int D, int tid, F&& f) {
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int ntn = ((D + 15) & ~15) / 8, mt = ((K + 15) & ~15) / 16, npw = (ntn + 7) / 8;
-#pragma unroll
-  for (int j = 0; j < RE_FULL_TILES; ++j) {
-    const int mi = j / npw, ni = warp * npw + j % npw;
-    if (mi >= mt || ni >= ntn) continue;
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  re_full_for_each_tile(K, D, tid, [&](int j, int, int dtile, int ni) {
     for (int e = 0; e < 4; ++e) {
-      const int k = 16 * mi + g + 8 * (e >> 1), d = 8 * ni + 2 * t + (e & 1);
+      const int d = 16 * dtile + g + 8 * (e >> 1), k = 8 * ni + 2 * t + (e & 1);
       if (k < K && d < D) f(k, d, acc[4 * j + e]);
     }
-  }
+  });
 }
 
 DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,

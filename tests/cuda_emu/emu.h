@@ -129,15 +129,15 @@ inline void cp_async_end_block() {
   if (pending) __builtin_trap();
 }
 
-// ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16: lanes 0..15 post their row addresses (row i of matrix i / 8);
-// lane (g = l / 4, t = l % 4) receives (M_i[2t][g], M_i[2t + 1][g]) of each matrix i, the lower row in the low half.
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane l posts the address of row l % 8 of matrix l / 8; lane
+// (g = l / 4, t = l % 4) receives (M_i[2t][g], M_i[2t + 1][g]) of each matrix i, the lower row in the low half.
 inline const unsigned short* ldm_rows[kThreads / 32][32];
-inline void ldmatrix_x2_trans(unsigned* b, const unsigned short* row_ptr) {
+inline void ldmatrix_x4_trans(unsigned* b, const unsigned short* row_ptr) {
   const int w = tidx.x / 32, l = tidx.x % 32, g = l / 4, t = l % 4;
   if (((unsigned long long)row_ptr) & 15ull) __builtin_trap();
   ldm_rows[w][l] = row_ptr;
   warp_barrier[w]->arrive_and_wait();
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 4; ++i) {
     const unsigned lo = ldm_rows[w][8 * i + 2 * t][g], hi = ldm_rows[w][8 * i + 2 * t + 1][g];
     b[i] = lo | (hi << 16);
   }
