@@ -223,9 +223,8 @@ def re_tc_full_config(K: int, D: int, smem_optin: int, backward: bool = False):
     k8, dpw = -(-K // 8), -(-(-(-D // 16)) // 8)  # 8-codeword tiles; 16-column tiles per warp
     if -(-dpw // 3) * 3 * k8 > 24:
         return None
-    r_max = 16 * min(4, 32 // k8)
     for nbuf in (2, 1):
-        for R in range(r_max, 15, -16):
+        for R in range(64, 15, -16):
             smem = re_full_smem_bytes(K, D, R, nbuf, backward)
             if smem <= smem_optin:
                 return R, nbuf, smem

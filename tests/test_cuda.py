@@ -671,12 +671,13 @@ def _off_16_bytes(t):
     return flat[4:].view(t.shape)
 
 
-@pytest.mark.parametrize("case", ["one_buffer", "small_r", "misaligned", "float16"])
+@pytest.mark.parametrize("case", ["one_buffer", "small_r", "r48", "misaligned", "float16"])
 def test_emu_full_width_fallbacks(emu, monkeypatch, case):
-    # one row buffer (a device with less shared memory), R = 16, rows whose base is not 16-byte aligned (element
-    # copies), float16 rows
+    # one row buffer (a device with less shared memory), R = 16, R = 48 with K = 64 (the forward's distance tiles as
+    # on the H100 at the DRE-SLCL step: 3 x 8, in 4 groups of 3 x 2 tiles, each group's columns halved between two
+    # warps), rows whose base is not 16-byte aligned (element copies), float16 rows
     monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
-    K, D = 24, 48
+    K, D = (64 if case == "r48" else 24), 48
     dtype = torch.float16 if case == "float16" else torch.bfloat16
     x, xo, c, s, bank, bi, bo = _re_inputs([130, 2], [90, 200], K=K, D=D, T=30, x_dtype=dtype, bank_dtype=dtype)
     if case == "misaligned":
@@ -686,9 +687,10 @@ def test_emu_full_width_fallbacks(emu, monkeypatch, case):
     try:
         for backward in (False, True):  # the forward, then the soft backward without grad x
             optin = {"one_buffer": cupy_kernels.re_full_smem_bytes(K, D, 16, 1, backward),
-                     "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2, backward)}.get(case, 232448)
+                     "small_r": cupy_kernels.re_full_smem_bytes(K, D, 16, 2, backward),
+                     "r48": cupy_kernels.re_full_smem_bytes(K, D, 48, 2, backward)}.get(case, 232448)
             want = cupy_kernels.re_tc_full_config(K, D, optin, backward)
-            assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2)}.get(case, (64, 2))
+            assert want[:2] == {"one_buffer": (16, 1), "small_r": (16, 2), "r48": (48, 2)}.get(case, (64, 2))
             emu.optin = optin
             n0 = len(emu.launches)
             if backward:

@@ -75,9 +75,10 @@ inline ReConfig re_tc_config(int K, int D, bool backward) {
 // for R rows per step and nbuf row buffers (the backward stages C and G_b re_full_slice_cols columns at a time, as
 // 16-bit parts and, the next slice, in float32), and
 // their rule: 24 accumulator slots per warp hold the K x D accumulator in registers (each warp ceil(D/128) 16-column
-// tiles, in chunks of 3, times ceil(K/8) 8-codeword tiles: ceil(ceil(D/128) / 3) 3 ceil(K/8) <= 24), R a multiple of 16 with
-// (R/16) ceil(K/8) <= 32 distance tiles, R at most 64; the largest R with two row buffers whose shared memory fits
-// smem_optin (the device's opt-in limit per block), else the largest with one; none (R = 0) where nothing fits.
+// tiles, in chunks of 3, times ceil(K/8) 8-codeword tiles: ceil(ceil(D/128) / 3) 3 ceil(K/8) <= 24, so K <= 64), R a
+// multiple of 16 up to 64 (the distance tiles' groups, ReFullDotTiles, then fill at most the 8 warps); the largest R
+// with two row buffers whose shared memory fits smem_optin (the device's opt-in limit per block), else the largest
+// with one; none (R = 0) where nothing fits.
 inline int re_full_slice_cols(int D) { return std::min(64, (D + 15) / 16 * 16); }
 
 inline unsigned re_full_smem_bytes(int K, int D, int R, int nbuf, bool backward = false) {
@@ -97,9 +98,8 @@ inline ReFullConfig re_tc_full_config(int K, int D, int64_t smem_optin, bool bac
   ReFullConfig c;
   const int k8 = (K + 7) / 8, dpw = ((D + 15) / 16 + 7) / 8;
   if ((dpw + 2) / 3 * 3 * k8 > 24) return c;
-  const int r_max = 16 * std::min(4, 32 / k8);
   for (int nbuf : {2, 1}) {
-    for (int R = r_max; R >= 16; R -= 16) {
+    for (int R = 64; R >= 16; R -= 16) {
       if (re_full_smem_bytes(K, D, R, nbuf, backward) <= smem_optin) {
         c.R = R;
         c.nbuf = nbuf;

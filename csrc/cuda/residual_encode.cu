@@ -759,7 +759,8 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // re_full_for_each_tile), a block
 //   - stages R whole rows at a time (xs: R x LDD, 16-byte cp.async straight into shared memory where rows are
 //     contiguous and 16-byte aligned), the next step's rows loading while this step computes (nbuf = 2);
-//   - computes each row's distances once (X C^T, mma.sync, C split into hi + lo), the softmax or argmin
+//   - computes each row's distances once (X C^T, mma.sync, C split into hi + lo; a warp's fragments of X meet two
+//     codeword tiles and those of C three row tiles: ReFullDotTiles), the softmax or argmin
 //     (re_assign_fwd), splits the assignments into A^T hi + lo (at_hi, at_lo: K16 x LDR), and adds A^T X for all D
 //     columns into registers, as its transpose X^T A: the MMA's A operand is then 16 columns of X, three of which a
 //     warp holds while each 8-codeword tile of A^T is loaded once (A^T X would load each column tile of X once per
@@ -773,10 +774,10 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // the rows are still read, and their distances computed, once. The next slice's float32 columns (cg: 2 x K8 x DTS)
 // are copied while this slice's MMAs run (cp.async where C and G_b rows are 16-byte aligned), with them a share of
 // the next step's rows (nbuf = 2): one group in flight at a time, so each wait is for the copies it needs.
-// Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16, at
-// most 4 distance tiles per warp), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the
-// device's opt-in limit; none (the kernels above run) where nothing fits or the accumulator would not.
-enum { RE_FULL_TILES = 24, RE_FULL_DCH = 3, RE_FULL_DOT_TILES = 4 };
+// Launch rule: re_tc_full_config (launch_rules.h; its copy in cupy_kernels.py): the largest R (multiple of 16 up to
+// 64), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the device's opt-in limit; none
+// (the kernels above run) where nothing fits or the accumulator would not.
+enum { RE_FULL_TILES = 24, RE_FULL_DCH = 3 };
 
 struct ReFullSmem {
   unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
@@ -905,39 +906,71 @@ DRE_DEVICE void re_full_row_sq(float* xsq, const unsigned short* xs, int LDD, in
   }
 }
 
-// dot[4j..] += X[16 mi.., kx .. kx + kn] C^T[.., 8 ni..] for the distance tiles q = RE_FULL_DOT_TILES warp + j of the
-// (R/16) x (K8/8) grid (q = (mi, ni)), C = c_hi + c_lo staged from column kx (row stride ldp, kn a multiple of 16);
-// WITH_G: dotg the same with G = g_hi + g_lo, from the same fragments of x. Two MMAs per operand and k-step.
-template <bool WITH_G>
-DRE_DEVICE void re_full_dots(float* dot, float* dotg, const unsigned short* xs, int LDD, int kx, int kn,
-                             const ReFullSmem& m, int ldp, int R, int K, int dt, int tid) {
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int nnt = ((K + 7) & ~7) / 8, dtiles = (R / 16) * nnt;
-  for (int kk = 0; kk < kn; kk += 16) {
-    int cur = -1;
-    unsigned a[4];
+// The distance products X C^T of a step: the (R/16) x (K8/8) grid of 16 x 8 tiles, S slots per warp. A warp holds DM
+// row tiles' A fragments (m0 .. m0 + DM) and multiplies each with S / DM codeword tiles (n0 ..), so each fragment of X
+// and of C is read from shared memory once per 16 columns: with one row tile per warp and four codeword tiles, each
+// codeword fragment was read once per row tile (2.5 KB per warp and 16 columns for 8 MMAs; DM = 3, S = 6: 2.5 KB for
+// 12). Where the tile groups fill at most half the block, two warps (parts) share a group, each summing half of the
+// 16-column steps; part 1 hands its sums to part 0 through shared memory (re_full_dots_combine). The forward takes
+// DM = 3, S = 6 (R = 48: 4 groups of 3 x 2 tiles, 2 parts), the backward, whose slots hold <x, c> and <x, G_b> both,
+// DM = 2, S = 4 (R = 64: 8 groups of 2 x 2). The kernels construct it where they use it: held across the backward's
+// slice loop, its fields took registers enough to spill.
+template <int DM, int S>
+struct ReFullDotTiles {
+  int m0, n0, part, parts;
+  bool active;
+  DRE_DEVICE ReFullDotTiles(int R, int K, int tid) {
+    const int warp = tid >> 5, mg = (R / 16 + DM - 1) / DM, ng = ((K + 7) / 8 + S / DM - 1) / (S / DM);
+    const int groups = mg * ng, grp = warp % groups;
+    parts = 2 * groups <= NTHREADS / 32 ? 2 : 1;
+    part = warp / groups;
+    active = part < parts;
+    m0 = DM * (grp / ng);
+    n0 = S / DM * (grp % ng);
+  }
+  // f(j, i, mi, ni): slot j = DM n + i of this warp holds tile (mi, ni) of the grid; i, n constants when unrolled
+  template <class F>
+  DRE_DEVICE void for_each(int R, int K, F&& f) const {
+    if (!active) return;
 #pragma unroll
-    for (int j = 0; j < RE_FULL_DOT_TILES; ++j) {
-      const int q = warp * RE_FULL_DOT_TILES + j;
-      if (q < dtiles) {
-        const int mi = q / nnt, ni = q % nnt;
-        if (mi != cur) {
-          cur = mi;
-          lds_frag_a(a, xs + (16 * mi + g) * LDD + kx + kk + 2 * t, LDD);
-        }
-        const int pb = (8 * ni + g) * ldp + kk + 2 * t;
-        unsigned bf[2] = {lds_pair(m.c_hi + pb), lds_pair(m.c_hi + pb + 8)};
-        mma_16816(dot + 4 * j, a, bf, dt);
-        bf[0] = lds_pair(m.c_lo + pb);
-        bf[1] = lds_pair(m.c_lo + pb + 8);
-        mma_16816(dot + 4 * j, a, bf, dt);
-        if constexpr (WITH_G) {
-          bf[0] = lds_pair(m.g_hi + pb);
-          bf[1] = lds_pair(m.g_hi + pb + 8);
-          mma_16816(dotg + 4 * j, a, bf, dt);
-          bf[0] = lds_pair(m.g_lo + pb);
-          bf[1] = lds_pair(m.g_lo + pb + 8);
-          mma_16816(dotg + 4 * j, a, bf, dt);
+    for (int j = 0; j < S; ++j) {
+      const int mi = m0 + j % DM, ni = n0 + j / DM;
+      if (16 * mi < R && 8 * ni < K) f(j, j % DM, mi, ni);
+    }
+  }
+};
+using ReFullFwdDots = ReFullDotTiles<3, 6>;
+using ReFullBwdDots = ReFullDotTiles<2, 4>;
+
+// dot[4j..] += X[rows, kx .. kx + kn] C^T for this warp's tiles (tl), C = c_hi + c_lo staged from column kx (row
+// stride ldp, kn a multiple of 16), this part's share of the 16-column steps; WITH_G: dotg the same with G = g_hi +
+// g_lo, from the same fragments of x. Two MMAs per operand and step.
+template <bool WITH_G, int DM, int S>
+DRE_DEVICE void re_full_dots(float* dot, float* dotg, const ReFullDotTiles<DM, S>& tl, const unsigned short* xs,
+                             int LDD, int kx, int kn, const ReFullSmem& m, int ldp, int R, int K, int dt, int tid) {
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3, steps = kn / 16, per = (steps + tl.parts - 1) / tl.parts;
+  if (!tl.active) return;
+  for (int ks = tl.part * per; ks < imin(steps, (tl.part + 1) * per); ++ks) {
+    const int kk = kx + 16 * ks;
+    unsigned a[DM][4], bf[4];
+#pragma unroll
+    for (int n = 0; n < S / DM; ++n) {
+      const int ni = tl.n0 + n, pb = (8 * ni + g) * ldp + kk - kx + 2 * t;
+      if (8 * ni >= K) break;
+      // C's fragments of this codeword tile, then G_b's, each for the warp's DM row tiles
+#pragma unroll
+      for (int q = 0; q < (WITH_G ? 2 : 1); ++q) {
+        const unsigned short* hi = q ? m.g_hi : m.c_hi;
+        const unsigned short* lo = q ? m.g_lo : m.c_lo;
+        bf[0] = lds_pair(hi + pb), bf[1] = lds_pair(hi + pb + 8);
+        bf[2] = lds_pair(lo + pb), bf[3] = lds_pair(lo + pb + 8);
+#pragma unroll
+        for (int i = 0; i < DM; ++i) {
+          if (16 * (tl.m0 + i) >= R) break;
+          if (n == 0 && q == 0) lds_frag_a(a[i], xs + (16 * (tl.m0 + i) + g) * LDD + kk + 2 * t, LDD);
+          float* d = (q ? dotg : dot) + 4 * (DM * n + i);
+          mma_16816(d, a[i], bf, dt);
+          mma_16816(d, a[i], bf + 2, dt);
         }
       }
     }
@@ -945,19 +978,34 @@ DRE_DEVICE void re_full_dots(float* dot, float* dotg, const unsigned short* xs, 
 }
 
 // f(i, r, k) for each element dot[i] re_full_dots gave this thread: row r, codeword k < K
-template <class F>
-DRE_DEVICE void re_full_for_each_dot(int R, int K, int tid, F&& f) {
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int nnt = ((K + 7) & ~7) / 8, dtiles = (R / 16) * nnt;
-#pragma unroll
-  for (int j = 0; j < RE_FULL_DOT_TILES; ++j) {
-    const int q = warp * RE_FULL_DOT_TILES + j;
-    if (q >= dtiles) continue;
+template <int DM, int S, class F>
+DRE_DEVICE void re_full_for_each_dot(const ReFullDotTiles<DM, S>& tl, int R, int K, int tid, F&& f) {
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  tl.for_each(R, K, [&](int j, int, int mi, int ni) {
     for (int e = 0; e < 4; ++e) {
-      const int r = 16 * (q / nnt) + g + 8 * (e >> 1), k = 8 * (q % nnt) + 2 * t + (e & 1);
+      const int r = 16 * mi + g + 8 * (e >> 1), k = 8 * ni + 2 * t + (e & 1);
       if (k < K) f(4 * j + e, r, k);
     }
-  }
+  });
+}
+
+// The parts' sums of a split: part 1 stores its dot (dotg) in P (Pg, R x (K + 1) float32) before a barrier, and
+// after it part 0 calls f(r, k, <x_r, c_k>, <x_r, G_bk>) with both parts' sums; unsplit, f is called with its own.
+// before: true for the call before the barrier.
+template <int DM, int S, class F>
+DRE_DEVICE void re_full_dots_combine(bool before, const ReFullDotTiles<DM, S>& tl, const float* dot, const float* dotg,
+                                     float* P, float* Pg, int R, int K, int tid, F&& f) {
+  if (before != (tl.part == 1)) return;
+  re_full_for_each_dot(tl, R, K, tid, [&](int i, int r, int k) {
+    float* p = P + r * (K + 1) + k;
+    float* pg = Pg ? Pg + r * (K + 1) + k : nullptr;
+    if (before) {
+      *p = dot[i];
+      if (pg) *pg = dotg[i];
+    } else {
+      f(r, k, dot[i] + (tl.parts == 2 ? *p : 0.f), pg ? dotg[i] + (tl.parts == 2 ? *pg : 0.f) : 0.f);
+    }
+  });
 }
 
 // at_hi + at_lo (K16 x LDR) = W^T split into 16-bit parts; W (R x K float32, row stride K + 1); zero past K
@@ -1062,13 +1110,14 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
     // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k>
     if (!hard) re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
-    float dot[4 * RE_FULL_DOT_TILES];
+    float dot[24];
 #pragma unroll
-    for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = 0.f;
-    re_full_dots<false>(dot, dot, xs, m.LDD, 0, D16, m, m.LDP, R, K, dt, tid);
-    __syncthreads();  // xsq
-    re_full_for_each_dot(R, K, tid, [&](int i, int r, int k) {
-      m.A[r * (K + 1) + k] = re_distance(hard, m.xsq[r], dot[i], csq[k]);
+    for (int j = 0; j < 24; ++j) dot[j] = 0.f;
+    re_full_dots<false>(dot, dot, ReFullFwdDots(R, K, tid), xs, m.LDD, 0, D16, m, m.LDP, R, K, dt, tid);
+    re_full_dots_combine(true, ReFullFwdDots(R, K, tid), dot, dot, m.A, nullptr, R, K, tid, [](int, int, float, float) {});
+    __syncthreads();  // xsq, part 1's sums
+    re_full_dots_combine(false, ReFullFwdDots(R, K, tid), dot, dot, m.A, nullptr, R, K, tid, [&](int r, int k, float xc, float) {
+      m.A[r * (K + 1) + k] = re_distance(hard, m.xsq[r], xc, csq[k]);
     });
     __syncthreads();
     // (2) assignments, their column sums, and A^T split into hi + lo (zero past nr and K)
@@ -1174,9 +1223,9 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     __syncthreads();
     // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b DTS columns at a time
     re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
-    float dot[4 * RE_FULL_DOT_TILES], dotg[4 * RE_FULL_DOT_TILES];
+    float dot[16], dotg[16];
 #pragma unroll
-    for (int j = 0; j < 4 * RE_FULL_DOT_TILES; ++j) dot[j] = dotg[j] = 0.f;
+    for (int j = 0; j < 16; ++j) dot[j] = dotg[j] = 0.f;
     for (int sl = 0; sl < slices; ++sl) {
       if (sl > 0) {
         cp_async_wait<0>();  // this slice (and the share of rows copied with it)
@@ -1189,12 +1238,14 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
         re_full_copy_cg(m.cg, C, Gb, K, D, sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
       if (nbuf == 2 && s + 1 < steps) re_full_stage_rows(xs1, m.LDD, src, r1, nr1, R, tid, sl, slices, m.roff);
       cp_async_commit();
-      re_full_dots<true>(dot, dotg, xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
-      __syncthreads();  // the next split overwrites the parts; xsq complete after the last
+      re_full_dots<true>(dot, dotg, ReFullBwdDots(R, K, tid), xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
+      if (sl + 1 == slices)
+        re_full_dots_combine(true, ReFullBwdDots(R, K, tid), dot, dotg, m.A, m.H, R, K, tid, [](int, int, float, float) {});
+      __syncthreads();  // the next split overwrites the parts; after the last: xsq, part 1's sums
     }
-    re_full_for_each_dot(R, K, tid, [&](int i, int r, int k) {
-      m.A[r * (K + 1) + k] = re_distance(false, m.xsq[r], dot[i], csq[k]);
-      m.H[r * (K + 1) + k] = dotg[i] - gc[b * K + k];  // g_rk
+    re_full_dots_combine(false, ReFullBwdDots(R, K, tid), dot, dotg, m.A, m.H, R, K, tid, [&](int r, int k, float xc, float xg) {
+      m.A[r * (K + 1) + k] = re_distance(false, m.xsq[r], xc, csq[k]);
+      m.H[r * (K + 1) + k] = xg - gc[b * K + k];  // g_rk
     });
     __syncthreads();
     // (2) a, h = a (g - <a, g>), mass, hsum and gsum (re_assign_bwd); h^T split into hi + lo
