@@ -298,10 +298,28 @@ def test_train_cli_reports_bad_config_and_relative_paths(dataset, tmp_path, caps
 
 def test_amp_bf16_autocast_trains(dataset):
     """amp='bf16' runs the encoder under autocast (on the CPU here; bf16 is the GPU default) and stays close to
-    the float32 run."""
+    the float32 run; the default bank_dtype (auto) follows it: a bfloat16 bank under bf16, float32 without AMP."""
     from dre_slcl.train import train
 
     fp32 = train(make_cfg(dataset, "amp_off", steps=2, amp="off"))["losses"]
     bf16 = train(make_cfg(dataset, "amp_bf16", steps=2, amp="bf16"))["losses"]
     assert all(torch.isfinite(torch.tensor(bf16)))
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), atol=0.1, rtol=0.05)
+    for out, want in (("amp_off", torch.float32), ("amp_bf16", torch.bfloat16)):
+        (bank_file,) = (dataset / out).glob("bank-*.safetensors")
+        assert MemoryBank.load(bank_file).dtype == want
+
+
+def test_bank_dtype_auto_follows_amp(tmp_path):
+    from dre_slcl.train import bank_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # (resolution only: nothing runs on the device)
+    cfg = TrainConfig()
+    assert cfg.bank_dtype == "auto"
+    assert bank_dtype(cfg, cpu) == "float32" and bank_dtype(cfg, gpu) == "bfloat16"
+    assert bank_dtype(TrainConfig(amp="fp16"), cpu) == "float16"
+    assert bank_dtype(TrainConfig(amp="off"), gpu) == "float32"
+    assert bank_dtype(TrainConfig(amp="bf16", bank_dtype="float32"), gpu) == "float32"  # as given
+    bad = TrainConfig(tile_dir=str(tmp_path), reports=__file__, out_dir=str(tmp_path), bank_dtype="int8")
+    with pytest.raises(ValueError, match="bank_dtype: expected auto, float32"):
+        bad.validate()

@@ -43,7 +43,7 @@ class TrainConfig:
     heads: int = 4
     backend: str = "auto"                    # dre_kernels backend of every hot op
     # memory bank
-    bank_dtype: str = "float32"
+    bank_dtype: str = "auto"                 # auto (the AMP dtype: bfloat16 on GPU, float32 off AMP), float32, ...
     bank_momentum: float = 0.0
     bank_rows_per_slide: int | None = None   # cap on bank rows per slide and step (None: all the others)
     bank_init_batch_size: int = 64
@@ -79,8 +79,8 @@ class TrainConfig:
             raise ValueError(f"assignment: expected 'soft' or 'hard'; got {self.assignment!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp: expected auto, bf16, fp16 or off; got {self.amp!r}")
-        if self.bank_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"bank_dtype: expected float32, float16 or bfloat16; got {self.bank_dtype!r}")
+        if self.bank_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"bank_dtype: expected auto, float32, float16 or bfloat16; got {self.bank_dtype!r}")
         for name in ("image_size", "num_codewords", "steps", "slides_per_batch", "fresh_per_slide", "heads",
                      "bank_init_batch_size", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:

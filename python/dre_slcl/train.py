@@ -78,14 +78,28 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def amp_mode(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16, fp16 or off: `amp` with auto resolved (bf16 on GPU, off on CPU)."""
+    if cfg.amp == "auto":
+        return "bf16" if device.type == "cuda" else "off"
+    return cfg.amp
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "off"
+    mode = amp_mode(cfg, device)
     if mode == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def bank_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """`bank_dtype` with auto resolved to the dtype the encoder computes in: bfloat16 (float16) under bf16 (fp16) AMP,
+    float32 without. A bank of 16-bit rows is half the memory, and on GPU it takes the kernels' tensor-core paths,
+    where float32 bank rows take the SIMT ones; under AMP the features it stores were 16-bit already."""
+    if cfg.bank_dtype != "auto":
+        return cfg.bank_dtype
+    return {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[amp_mode(cfg, device)]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -134,7 +148,8 @@ def init_bank(model: DRESLCL, ds, cfg: TrainConfig, device, out: Path, rank: int
     path = out / BANK_INIT
     if rank == 0:
         bank = (MemoryBank.load(path, device=device) if path.is_file()
-                else MemoryBank(ds.offsets, model.dim, dtype=cfg.bank_dtype, device=device, slide_ids=ds.slide_ids))
+                else MemoryBank(ds.offsets, model.dim, dtype=bank_dtype(cfg, device), device=device,
+                                slide_ids=ds.slide_ids))
         was_training = model.training
         model.eval()
         with autocast_context(cfg, device):
