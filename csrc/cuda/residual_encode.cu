@@ -917,6 +917,7 @@ DRE_DEVICE void re_full_row_sq(float* xsq, const unsigned short* xs, int LDD, in
 // slice loop, its fields took registers enough to spill.
 template <int DM, int S>
 struct ReFullDotTiles {
+  static constexpr int kSlots = S;
   int m0, n0, part, parts;
   bool active;
   DRE_DEVICE ReFullDotTiles(int R, int K, int tid) {
@@ -1110,9 +1111,9 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
     // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k>
     if (!hard) re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
-    float dot[24];
+    float dot[4 * ReFullFwdDots::kSlots];
 #pragma unroll
-    for (int j = 0; j < 24; ++j) dot[j] = 0.f;
+    for (int j = 0; j < 4 * ReFullFwdDots::kSlots; ++j) dot[j] = 0.f;
     re_full_dots<false>(dot, dot, ReFullFwdDots(R, K, tid), xs, m.LDD, 0, D16, m, m.LDP, R, K, dt, tid);
     re_full_dots_combine(true, ReFullFwdDots(R, K, tid), dot, dot, m.A, nullptr, R, K, tid, [](int, int, float, float) {});
     __syncthreads();  // xsq, part 1's sums
@@ -1223,9 +1224,9 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     __syncthreads();
     // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b DTS columns at a time
     re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
-    float dot[16], dotg[16];
+    float dot[4 * ReFullBwdDots::kSlots], dotg[4 * ReFullBwdDots::kSlots];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) dot[j] = dotg[j] = 0.f;
+    for (int j = 0; j < 4 * ReFullBwdDots::kSlots; ++j) dot[j] = dotg[j] = 0.f;
     for (int sl = 0; sl < slices; ++sl) {
       if (sl > 0) {
         cp_async_wait<0>();  // this slice (and the share of rows copied with it)
