@@ -220,7 +220,8 @@ def re_full_smem_bytes(K: int, D: int, R: int, nbuf: int, backward: bool = False
 def re_tc_full_config(K: int, D: int, smem_optin: int, backward: bool = False):
     """(R rows per step, row buffers, shared memory bytes) of the full-width forward (or backward), or None where its
     K x D accumulator or its shared memory does not fit: csrc/cuda/launch_rules.h (re_tc_full_config)."""
-    k8, dpw = -(-K // 8), -(-(-(-D // 16)) // 8)  # 8-codeword tiles; 16-column tiles per warp
+    k8, nd = -(-K // 8), -(-D // 16)  # 8-codeword tiles, 16-column tiles
+    dpw = -(-nd // 8)  # column tiles per warp
     if -(-dpw // 3) * 3 * k8 > 24:
         return None
     for nbuf in (2, 1):

@@ -1034,12 +1034,6 @@ DRE_DEVICE void re_full_for_each_tile(int K, int D, int tid, F&& f) {
   }
 }
 
-// whether the chunk starting at column tile dtile0 (slot i = 0) holds a tile at its place q
-DRE_DEVICE bool re_full_chunk_has(int q, int dtile0, int K, int D, int tid) {
-  const int nd = ((D + 15) & ~15) / 16, dpw = (nd + 7) / 8;
-  return dtile0 - (tid >> 5) * dpw + q < dpw && dtile0 + q < nd;
-}
-
 // acc += (W^T X)^T = X^T W over all D columns and the rows below nr (W^T from re_full_split_t, zero past nr); exact: W
 // is 0/1, exact in 16 bits, so its hi part alone (one MMA). X^T is the A operand (ldmatrix .trans of the staged rows),
 // W^T's hi and lo parts the B operand.
@@ -1051,12 +1045,6 @@ DRE_DEVICE void re_full_aggregate(float* acc, const ReFullSmem& m, const unsigne
   for (int kr = 0; kr < nr; kr += 16) {
     unsigned ax[RE_FULL_DCH][4], bh[2], bl[2];
     re_full_for_each_tile(K, D, tid, [&](int j, int i, int dtile, int ni) {
-      // (slot i = 0 of each (chunk, ni) holds a tile whenever the chunk holds any)
-      if (i == 0 && ni == 0) {  // a new chunk: its column tiles of X
-#pragma unroll
-        for (int q = 0; q < RE_FULL_DCH; ++q)
-          if (re_full_chunk_has(q, dtile, K, D, tid)) ldmatrix_x4_trans(ax[q], xl + kr * m.LDD + 16 * (dtile + q));
-      }
       if (i == 0) {  // the next 8 codewords of W^T
         const int pb = (8 * ni + g) * m.LDR + kr + 2 * t;
         bh[0] = lds_pair(m.at_hi + pb);
@@ -1066,6 +1054,7 @@ DRE_DEVICE void re_full_aggregate(float* acc, const ReFullSmem& m, const unsigne
           bl[1] = lds_pair(m.at_lo + pb + 8);
         }
       }
+      if (ni == 0) ldmatrix_x4_trans(ax[i], xl + kr * m.LDD + 16 * dtile);  // a chunk's first pass: its tiles of X
       mma_16816(acc + 4 * j, ax[i], bh, dt);
       if (!exact) mma_16816(acc + 4 * j, ax[i], bl, dt);
     });
