@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from dre_kernels import _checks
+from dre_kernels import _checks, _gpu_host
 from dre_kernels.contrastive_loss import NORMALIZE_EPS
 from dre_kernels._gpu_host import (backward_buffers, chunk_map, default_chunk_rows, encode_forward,  # noqa: F401
                                      finish_codeword_grads, next_pow2, num_positives,
@@ -232,6 +232,19 @@ def re_tc_full_config(K: int, D: int, smem_optin: int, backward: bool = False):
     return None
 
 
+def re_full_block_rows(n_rows: int, R: int, sms: int) -> int:
+    """Rows per block of the full-width kernels, one block per SM: the source split evenly over the SMs in whole
+    steps of R rows (launch_rules.h re_full_block_rows)."""
+    per = -(-max(n_rows, 1) // sms)
+    return -(-per // R) * R
+
+
+def _full_spans(offsets, n_rows: int, R: int, device):
+    """(int64 offsets, rows per block, grid) of a full-width launch over a source (ops_cuda.cpp full_spans)."""
+    span = re_full_block_rows(n_rows, R, _gpu_host.num_sms(device))
+    return offsets.to(torch.int64).contiguous(), span, -(-n_rows // span)
+
+
 FULL_WIDTH_ENV = "DRE_KERNELS_CUDA_FULL_WIDTH"
 
 
@@ -289,19 +302,20 @@ def _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, acc, mass, hard,
     if B == 0 or n_rows == 0:
         return
     K, D = c32.shape
-    chunk = default_chunk_rows(n_rows, rows.device)
-    off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
     gather = index is not None
     full = (re_tc_full_config(K, D, _get_runtime().smem_optin(rows.device))
             if with_e and G is None and full_width_enabled() and _use_tensor_cores(rows) else None)
     if full:
         R, nbuf, smem = full
-        _launch("dre_re_fwd_tc_full", slots, smem, rows.device,
+        off, span, grid = _full_spans(offsets, n_rows, R, rows.device)
+        _launch("dre_re_fwd_tc_full", grid, smem, rows.device,
                 ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
                 ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
-                ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
-                I64(B), I32(K), I32(D), I64(chunk), I32(int(hard)), I32(R), I32(nbuf), I32(int(_vec_rows(rows, D))))
+                ptr(off), I64(n_rows), ptr(c32), ptr(csq), ptr(s32), ptr(acc), ptr(mass),
+                I64(B), I32(K), I32(D), I64(span), I32(int(hard)), I32(R), I32(nbuf), I32(int(_vec_rows(rows, D))))
         return
+    chunk = default_chunk_rows(n_rows, rows.device)
+    off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
     tc = re_tc_config(K, D, backward=False) if _use_tensor_cores(rows) else None
     R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=False)
     if not with_e:
@@ -351,21 +365,23 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
             _launch_re_fwd(rows, index, offsets, n_rows, c32, csq, s32, None, mass_acc if acc_c else None, True,
                            False, G=G if write_gx else None, gx=gx if write_gx else None)
             continue
-        chunk = default_chunk_rows(n_rows, dev)
-        off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
         gather = index is not None
-        source = (ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
-                  ptr(index), _is64(index) if gather else I32(1), I32(int(gather)),
-                  ptr(off), ptr(slide), ptr(cstart), ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc),
-                  ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc))
+        rows_args = (ptr(rows), _dt(rows, "rows"), I64(rows.stride(0)), I64(rows.stride(1)),
+                     ptr(index), _is64(index) if gather else I32(1), I32(int(gather)))
+        sum_args = (ptr(c32), ptr(csq), ptr(s32), ptr(G), ptr(gc), ptr(hx), ptr(hsum), ptr(gsum), ptr(mass_acc))
         use_tc = _use_tensor_cores(rows, backward=True)
         full = (re_tc_full_config(K, D, _get_runtime().smem_optin(dev), backward=True)
                 if use_tc and not write_gx and full_width_enabled() else None)
         if full:  # a pass that only sums (the bank rows): rows read and distances computed once, all D columns
             R, nbuf, smem = full
-            _launch("dre_re_bwd_tc_full", slots, smem, dev, *source, I64(B), I32(K), I32(D), I64(chunk), I32(R),
-                    I32(nbuf), I32(int(_vec_rows(rows, D))), I32(re_full_slice_cols(D)))
+            off, span, grid = _full_spans(offsets, n_rows, R, dev)
+            _launch("dre_re_bwd_tc_full", grid, smem, dev, *rows_args, ptr(off), I64(n_rows), *sum_args, I64(B),
+                    I32(K), I32(D), I64(span), I32(R), I32(nbuf), I32(int(_vec_rows(rows, D))),
+                    I32(re_full_slice_cols(D)))
             continue
+        chunk = default_chunk_rows(n_rows, dev)
+        off, slide, cstart, slots = chunk_map(offsets, n_rows, chunk)
+        source = (*rows_args, ptr(off), ptr(slide), ptr(cstart), *sum_args)
         tc = re_tc_config(K, D, backward=True) if use_tc else None
         R, DO, DT, smem = tc if tc else _simt_config(K, D, backward=True)
         _launch("dre_re_bwd_tc" if tc else "dre_re_bwd_soft", slots * -(-D // DO), smem, dev, *source,

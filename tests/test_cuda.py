@@ -181,7 +181,10 @@ int main() {{
           std::printf("full %d %d %lld %d %d %d %u %d\\n", K, D, o, bw, f.R, f.nbuf, f.smem, f.DTS);
         }}
   for (long long n : rows)
-    for (int m : sms) std::printf("chunk %lld %d %lld\\n", n, m, (long long)chunk_rows(n, m));
+    for (int m : sms) {{
+      std::printf("chunk %lld %d %lld\\n", n, m, (long long)chunk_rows(n, m));
+      for (int R = 16; R <= 64; R += 16) std::printf("span %lld %d %d %lld\\n", n, m, R, (long long)re_full_block_rows(n, R, m));
+    }}
 }}
 """)
     exe = tmp_path / "rules"
@@ -189,7 +192,7 @@ int main() {{
                           "-o", str(exe)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    n_re = n_full = 0
+    n_re = n_full = n_span = 0
     for line in lines:
         kind, *v = line.split()
         v = [int(t) for t in v]
@@ -205,11 +208,16 @@ int main() {{
             assert got == ((R, nbuf, smem) if R else None), (K, D, optin, bw)
             assert dts == (cupy_kernels.re_full_slice_cols(D) if R and bw else 0), (K, D, optin, bw)
             n_full += 1
+        elif kind == "span":
+            n, m, R, span = v
+            assert cupy_kernels.re_full_block_rows(n, R, m) == span, (n, m, R)
+            assert span % R == 0 and span >= R and -(-n // span) <= m, (n, m, R, span)
+            n_span += 1
         else:
             n, m, chunk = v
             monkeypatch.setattr(_gpu_host, "num_sms", lambda device, m=m: m)
             assert _gpu_host.default_chunk_rows(n, torch.device("cuda")) == chunk, (n, m)
-    assert n_re == 256 * len(Ds) * 2 and n_full == 256 * len(Ds) * 4 * 2
+    assert n_re == 256 * len(Ds) * 2 and n_full == 256 * len(Ds) * 4 * 2 and n_span == len(rows) * len(sms) * 4
 
 
 def test_source_dir_from_checkout_and_env(tmp_path, monkeypatch):
@@ -601,13 +609,13 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
     # D = 136: the backward's C and G_b in three slices, 64 + 64 + 16 columns, each copied with a third of the next
     # step's rows while the one before it is multiplied; D = 392: 25 column tiles of the accumulator, 4 per warp in
     # two chunks (3 + 1), one on the seventh warp, none on the eighth);
-    # a 700-row bank slide in 256-row chunks (one SM: 4 row steps of R = 64 per block, the next step's rows loading
-    # while this one computes) with repeated indices, empty and one-row slides, fresh rows on the kernel too. The
-    # emulated copies land at the wait that covers them (a missing wait reads stale rows) or at issue (a buffer
-    # refilled while still read shows)
+    # four SMs, so four persistent blocks of 192 rows for the 720 bank rows (3 steps each at R <= 64, the next step's
+    # rows loading while this one computes): three share the 700-row slide (their partial sums added atomically),
+    # the fourth walks its last 124 rows, a 3-row slide, an empty one and 17 rows, flushing E_b at each segment's
+    # end; the 42 fresh rows (33, empty, 1, 8) are one block's. Repeated indices. The emulated copies land at the
+    # wait that covers them (a missing wait reads stale rows) or at issue (a buffer refilled while still read shows)
     monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
-    monkeypatch.setattr(_gpu_host, "num_sms", lambda device: 1)
-    assert _gpu_host.default_chunk_rows(720, torch.device("cpu")) == 256
+    monkeypatch.setattr(_gpu_host, "num_sms", lambda device: 4)
     emu.use_tensor_cores = True
     try:
         with emu.cp_async_order(copies):
@@ -615,11 +623,41 @@ def test_emu_full_width_16_byte_copies_and_double_buffering(emu, monkeypatch, ha
             assert cupy_kernels._vec_rows(args[0], D) and cupy_kernels._vec_rows(args[4], D)
             n0 = len(emu.launches)
             _check_re(args, hard, dtype=torch.bfloat16, grads=False)
-            assert len(_full_launches(emu, n0)) == 2  # fresh rows, bank rows
+            assert [g for g, _ in _full_launches(emu, n0)] == [1, 4]  # fresh rows, bank rows
             if not hard:
                 n0 = len(emu.launches)
                 _check_codeword_grads(args)
-                assert len(_full_launches(emu, n0, "dre_re_bwd_tc_full")) == 2
+                assert [g for g, _ in _full_launches(emu, n0, "dre_re_bwd_tc_full")] == [1, 4]
+    finally:
+        emu.use_tensor_cores = False
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_emu_full_width_blocks_walk_many_slides(emu, monkeypatch, hard):
+    # 1100 slides, most of them empty, so that a block finds the slide of its first row in three rounds of the
+    # warp's 32-ary search (re_slide_of) and its next slide past runs of empty ones; five SMs, so blocks start
+    # mid-slide, at a slide's first row and after empty slides. Fresh rows and bank rows alike.
+    monkeypatch.setenv(cupy_kernels.FULL_WIDTH_ENV, "1")
+    monkeypatch.setattr(_gpu_host, "num_sms", lambda device: 5)
+    g = torch.Generator().manual_seed(7)
+    lens = [0] * 1100
+    for i in torch.randperm(1100, generator=g)[:12].tolist():
+        lens[i] = int(torch.randint(1, 40, (1,), generator=g))
+    blens = [0] * 1100
+    for i in torch.randperm(1100, generator=g)[:12].tolist():
+        blens[i] = int(torch.randint(1, 70, (1,), generator=g))
+    blens[-1] = 5  # the last slide's rows too
+    emu.use_tensor_cores = True
+    try:
+        args = _re_inputs(lens, blens, K=6, D=24, T=40, x_dtype=torch.bfloat16, seed=3)
+        n0 = len(emu.launches)
+        _check_re(args, hard, dtype=torch.bfloat16, grads=False)
+        grids = [g for g, _ in _full_launches(emu, n0)]
+        assert len(grids) == 2 and min(grids) >= 3, grids  # fresh rows, bank rows: blocks of whole steps
+        if not hard:
+            n0 = len(emu.launches)
+            _check_codeword_grads(args)
+            assert [g for g, _ in _full_launches(emu, n0, "dre_re_bwd_tc_full")] == grids
     finally:
         emu.use_tensor_cores = False
 

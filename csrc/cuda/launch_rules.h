@@ -26,6 +26,14 @@ inline int64_t chunk_rows(int64_t n_rows, int64_t num_sms) {
   return std::min<int64_t>(8192, std::max<int64_t>(64, next_pow2(per)));
 }
 
+// Rows per block of the full-width kernels (dre_re_fwd_tc_full, dre_re_bwd_tc_full), which take one block per SM
+// (their registers): the source's rows split evenly over the SMs in whole steps of R rows, at least one step, each
+// block's span walked by slide segment
+inline int64_t re_full_block_rows(int64_t n_rows, int R, int64_t num_sms) {
+  const int64_t per = (std::max<int64_t>(n_rows, 1) + num_sms - 1) / num_sms;
+  return (per + R - 1) / R * R;
+}
+
 // R rows per step, DO output columns per block, DT columns per distance step (0: the SIMT kernels), dynamic shared
 // memory in bytes
 struct ReConfig {

@@ -28,17 +28,19 @@ cudaError_t re_fwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const v
                       float* mass_out, const float* G, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard,
                       int with_e, int R, int DO, int DT);
 
-// the full-width forward (E and mass only); sets the kernel's dynamic shared memory opt-in to smem
+// the full-width kernels: the forward (E and mass only) and the soft backward's summing pass, each block `span` rows
+// of the source (launch_rules.h re_full_block_rows) walked by slide segment through the CSR offsets; each sets the
+// kernel's dynamic shared memory opt-in to smem
 cudaError_t re_fwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
-                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
-                           const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
-                           float* mass_out, i64 B, int K, int D, i64 chunk, int hard, int R, int nbuf, int vec);
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, i64 n_rows, const float* C,
+                           const float* csq, const float* scale, float* acc_out, float* mass_out, i64 B, int K, int D,
+                           i64 span, int hard, int R, int nbuf, int vec);
 
 cudaError_t re_bwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
-                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
-                           const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
-                           const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, i64 B,
-                           int K, int D, i64 chunk, int R, int nbuf, int vec, int DTS);
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, i64 n_rows, const float* C,
+                           const float* csq, const float* scale, const float* G, const float* gc, float* hx_out,
+                           float* hsum_out, float* gsum_out, float* mass_out, i64 B, int K, int D, i64 span, int R,
+                           int nbuf, int vec, int DTS);
 
 cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
                       i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,

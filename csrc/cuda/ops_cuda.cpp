@@ -89,6 +89,20 @@ int64_t chunk_rows(int64_t n_rows) {
   return dre_cuda_rules::chunk_rows(n_rows, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
+// The full-width kernels' persistent blocks: `span` rows each (whole steps of R), one block per SM
+struct FullSpans {
+  at::Tensor off;
+  int64_t span = 0, grid = 0;
+};
+
+FullSpans full_spans(const at::Tensor& offsets, int64_t n_rows, int R) {
+  FullSpans f;
+  f.off = offsets.to(at::kLong).contiguous();
+  f.span = dre_cuda_rules::re_full_block_rows(n_rows, R, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  f.grid = (n_rows + f.span - 1) / f.span;
+  return f;
+}
+
 // mma.sync bf16/fp16 needs compute capability >= 8.0; DRE_KERNELS_CUDA_TENSOR_CORES=0 turns it off. The backward
 // takes bfloat16 rows only: its G and h operands split into float16 parts would lose small gradients (< 6e-5).
 bool use_tensor_cores(const at::Tensor& rows, bool backward = false) {
@@ -219,7 +233,6 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   const int64_t B = s.offsets.numel() - 1;
   if (B == 0 || s.n_rows == 0) return;
   const int K = static_cast<int>(p.c32.size(0)), D = static_cast<int>(p.c32.size(1));
-  const ChunkMap m = chunk_map(s.offsets, s.n_rows);
   const bool gather = s.index.has_value();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
@@ -227,15 +240,16 @@ void launch_re_fwd(const Source& s, const Prep& p, float* acc, float* mass, bool
   const dre_cuda_rules::ReFullConfig full = with_e && G == nullptr ? full_width_config(s.rows, K, D)
                                                                     : dre_cuda_rules::ReFullConfig();
   if (full.R) {
-    TORCH_CHECK(m.slots < (1LL << 31), "dre: residual_encode grid too large (", m.slots, " blocks)");
-    launched(dre_cuda_launch::re_fwd_tc_full(static_cast<unsigned>(m.slots), full.smem, stream, s.rows.data_ptr(),
+    const FullSpans f = full_spans(s.offsets, s.n_rows, full.R);
+    launched(dre_cuda_launch::re_fwd_tc_full(static_cast<unsigned>(f.grid), full.smem, stream, s.rows.data_ptr(),
                                              rows_dt, s.rows.stride(0), s.rows.stride(1), idx, idx64, gather ? 1 : 0,
-                                             lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
-                                             p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), acc, mass, B, K, D,
-                                             m.chunk, hard ? 1 : 0, full.R, full.nbuf, vec_rows(s.rows, D) ? 1 : 0),
+                                             lp(f.off), s.n_rows, p.c32.data_ptr<float>(), p.csq.data_ptr<float>(),
+                                             p.s32.data_ptr<float>(), acc, mass, B, K, D, f.span, hard ? 1 : 0, full.R,
+                                             full.nbuf, vec_rows(s.rows, D) ? 1 : 0),
              "dre_re_fwd_tc_full");
     return;
   }
+  const ChunkMap m = chunk_map(s.offsets, s.n_rows);
   const ReConfig tc = use_tensor_cores(s.rows) ? re_tc_config(K, D, false) : ReConfig();
   ReConfig cfg = tc.DT ? tc : re_simt_config(K, D, false);
   if (!with_e) cfg.DO = tc.DT ? 8 : 1;
@@ -313,12 +327,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
                     write_gx ? &G : nullptr, write_gx ? &gx : nullptr);
       continue;
     }
-    const ChunkMap m = chunk_map(s.offsets, s.n_rows);
     const bool gather = s.index.has_value();
     const auto stream = at::cuda::getCurrentCUDAStream();
     const int rows_dt = dt(s.rows, "rows"), idx64 = gather ? is64(*s.index, "bank_index") : 1;
     const void* idx = gather ? s.index->data_ptr() : nullptr;
-    // the arguments every soft backward kernel starts with (after grid, shared memory and stream)
+    const dre_cuda_rules::ReFullConfig full = write_gx ? dre_cuda_rules::ReFullConfig()
+                                                       : full_width_config(s.rows, static_cast<int>(K),
+                                                                           static_cast<int>(D), true);
+    if (full.R) {  // a pass that only sums (the bank rows): rows read and distances computed once, all D columns
+      const FullSpans f = full_spans(s.offsets, s.n_rows, full.R);
+      launched(dre_cuda_launch::re_bwd_tc_full(
+                   static_cast<unsigned>(f.grid), full.smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0),
+                   s.rows.stride(1), idx, idx64, gather ? 1 : 0, lp(f.off), s.n_rows, p.c32.data_ptr<float>(),
+                   p.csq.data_ptr<float>(), p.s32.data_ptr<float>(), G.data_ptr<float>(), gc.data_ptr<float>(),
+                   hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(), mass_acc.data_ptr<float>(), B,
+                   static_cast<int>(K), static_cast<int>(D), f.span, full.R, full.nbuf,
+                   vec_rows(s.rows, static_cast<int>(D)) ? 1 : 0, full.DTS),
+               "dre_re_bwd_tc_full");
+      continue;
+    }
+    const ChunkMap m = chunk_map(s.offsets, s.n_rows);
+    // the arguments every column-tiled soft backward kernel starts with (after grid, shared memory and stream)
     const auto source = [&](auto&& kernel, unsigned grid, unsigned smem, auto... rest) {
       return kernel(grid, smem, stream, s.rows.data_ptr(), rows_dt, s.rows.stride(0), s.rows.stride(1), idx, idx64,
                     gather ? 1 : 0, lp(m.off), lp(m.slide), lp(m.cstart), p.c32.data_ptr<float>(),
@@ -326,17 +355,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_encode_bwd_cuda(
                     hx.data_ptr<float>(), hsum.data_ptr<float>(), gsum.data_ptr<float>(),
                     mass_acc.data_ptr<float>(), rest...);
     };
-    const dre_cuda_rules::ReFullConfig full = write_gx ? dre_cuda_rules::ReFullConfig()
-                                                       : full_width_config(s.rows, static_cast<int>(K),
-                                                                           static_cast<int>(D), true);
-    if (full.R) {  // a pass that only sums (the bank rows): rows read and distances computed once, all D columns
-      TORCH_CHECK(m.slots < (1LL << 31), "dre: residual_encode grid too large (", m.slots, " blocks)");
-      launched(source(dre_cuda_launch::re_bwd_tc_full, static_cast<unsigned>(m.slots), full.smem, B,
-                      static_cast<int>(K), static_cast<int>(D), m.chunk, full.R, full.nbuf,
-                      vec_rows(s.rows, static_cast<int>(D)) ? 1 : 0, full.DTS),
-               "dre_re_bwd_tc_full");
-      continue;
-    }
     const ReConfig tc = use_tensor_cores(s.rows, true) ? re_tc_config(static_cast<int>(K), static_cast<int>(D), true)
                                                        : ReConfig();
     const ReConfig cfg = tc.DT ? tc : re_simt_config(static_cast<int>(K), static_cast<int>(D), true);

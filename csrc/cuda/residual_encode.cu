@@ -45,6 +45,7 @@ enum { RE_PPT = 16, RE_EPT = 32, RE_XO = 4096, RE_DT_FWD = 16, RE_DT_BWD = 8 };
 
 DRE_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 DRE_DEVICE i64 lmin(i64 a, i64 b) { return a < b ? a : b; }
+DRE_DEVICE i64 lmax(i64 a, i64 b) { return a < b ? b : a; }
 
 // shared memory layout (floats): roff (2R, int64) | kmin (R, int) | xsq (R) | shr (R) | msum, hsum, gsum (3K) |
 // A (R(K+1)) [| H (R(K+1)) backward] | union{ xs (R(DT+1)) + cs (K(DT+1)) [+ gs (K(DT+1))], xo (RE_XO) }
@@ -750,7 +751,7 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
                          hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
 }
 
-// ---- the full-width kernels on the tensor cores (dre_re_fwd_tc_full, dre_re_bwd_tc_full): one block per chunk and
+// ---- the full-width kernels on the tensor cores (dre_re_fwd_tc_full, dre_re_bwd_tc_full): one block per SM and
 // all D columns. The kernels above give each block a column tile of DO <= 128 columns (their K x DO accumulator is 32
 // floats per thread) and stage DT = 16..32 columns at a time: every column tile recomputes the full-width distances,
 // codewords are split again for every step, and each DT step is a synchronous load between two barriers (3.1 ms at
@@ -765,8 +766,13 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 //     columns into registers, as its transpose X^T A: the MMA's A operand is then 16 columns of X, three of which a
 //     warp holds while each 8-codeword tile of A^T is loaded once (A^T X would load each column tile of X once per
 //     16 codewords: 245 KB of shared-memory reads per 48 rows at K = 64, D = 384, where X^T A reads 132 KB);
-//   - adds E_b and mass once per chunk (atomics, as the other kernels).
-// The forward splits the codewords into hi + lo once, into shared memory (c_hi, c_lo: K8 x LDD).
+//   - adds E_b and mass at the end of each slide segment of its rows (atomics, as the other kernels).
+// Blocks are persistent: the register file holds one block per SM, so each takes an even share of the source's rows
+// (launch_rules.h re_full_block_rows: ~one block per SM, whole steps of R rows), a span that may cross slides, and
+// walks it a slide segment at a time in steps of up to R rows (ReFullStep). Slide-aligned chunks of 2^n rows (the
+// kernels above) cost these kernels a step of 16 rows per 256-row chunk at R = 48, up to four waves of blocks where
+// one fits, and a codeword split and a K x D flush of atomics per chunk.
+// The forward splits the codewords into hi + lo once per block, into shared memory (c_hi, c_lo: K8 x LDD).
 // The soft backward's passes that only sum (dre_re_bwd_tc_full: the bank rows, and fresh rows whose grad x is not
 // asked for) hold sum_i h_ik x_i the same way, with g_rk = <G_bk, x_r> - <G_bk, c_k> computed beside the distances
 // from the same fragments of x. C and G_b split at full width would take 200 KB of shared memory at K = 64, D = 384
@@ -859,29 +865,77 @@ DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows
   }
 }
 
-// Before the row loop over [lo, hi): columns D..D16 of every row buffer zeroed (staging never writes them), the first
-// step's copies issued
-DRE_DEVICE void re_full_begin_rows(const ReFullSmem& m, const ReFullRows& src, i64 lo, i64 hi, int R, int nbuf,
+// A step of a block's rows [lo, hi): rows r0 .. r0 + nr, all of slide b (nr = 0: past hi, the block is done)
+struct ReFullStep {
+  i64 r0, b;
+  int nr;
+};
+
+// the slide of row r: the last b < B with off[b] <= r (empty slides before it skipped)
+DRE_DEVICE i64 re_slide_of(const i64* off, i64 B, i64 r) {
+  i64 lo = 0, hi = B;
+  while (hi - lo > 1) {
+    const i64 mid = (lo + hi) >> 1;
+    if (off[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// The same, searched by a warp's lanes at once (call it from whole warps): one round of loads for B <= 32, two for
+// B <= 1024, where the binary search waits for log2 B dependent loads before a block's first rows can be staged
+DRE_DEVICE i64 re_slide_of_warp(const i64* off, i64 B, i64 r, int lane) {
+  i64 a = 0, n = B;  // off[a] <= r, and the answer lies in [a, a + n)
+  while (n > 1) {
+    const i64 step = (n + 31) / 32, p = a + lane * step;
+    int c = p < a + n && off[p] <= r ? 1 : 0;  // lanes 0 .. c - 1 (off is monotone)
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    const i64 a1 = a + (c > 0 ? c - 1 : 0) * step;  // (c = 0 only for offsets that broke the contract: stay in range)
+    n = lmin(step, a + n - a1);
+    a = a1;
+  }
+  return a;
+}
+
+// The step of up to R rows at row r0 of slide b, within [.., hi); at least one row, so that offsets that broke the
+// checked contract (monotone, ending at the row count) cannot stall a block
+DRE_DEVICE ReFullStep re_full_step_at(const i64* off, i64 b, i64 r0, i64 hi, int R) {
+  return {r0, b, r0 < hi ? (int)lmin((i64)R, lmax(lmin(off[b + 1], hi), r0 + 1) - r0) : 0};
+}
+
+// The step after st: the rest of its slide's segment, else the next non-empty slide's first rows (a search only past
+// empty slides)
+DRE_DEVICE ReFullStep re_full_next_step(const ReFullStep& st, const i64* off, i64 B, i64 hi, int R) {
+  const i64 r = st.r0 + st.nr;
+  if (r >= hi) return {r, st.b, 0};
+  i64 b = st.b;
+  if (r >= off[b + 1]) b = b + 2 <= B && r < off[b + 2] ? b + 1 : re_slide_of(off, B, r);
+  return re_full_step_at(off, b, r, hi, R);
+}
+
+// Before the row loop: columns D..D16 of every row buffer zeroed (staging never writes them), the first step's
+// copies issued
+DRE_DEVICE void re_full_begin_rows(const ReFullSmem& m, const ReFullRows& src, const ReFullStep& st, int R, int nbuf,
                                    int tid) {
   const int pad = ((src.D + 15) & ~15) - src.D;
   for (int e = tid; e < nbuf * R * pad; e += NTHREADS) m.xs[(e / pad) * m.LDD + src.D + e % pad] = 0;
-  re_full_stage_rows(m.xs, m.LDD, src, lo, (int)lmin((i64)R, hi - lo), R, tid);
+  re_full_stage_rows(m.xs, m.LDD, src, st.r0, st.nr, R, tid);
   cp_async_commit();
 }
 
-// Step s's rows (r0 = lo + s R), staged and visible to the block (ends with a barrier): the next step's copies are
-// issued first when double-buffered, this step's (one buffer, after the last step's barrier freed it) otherwise
-DRE_DEVICE const unsigned short* re_full_step_rows(const ReFullSmem& m, const ReFullRows& src, i64 lo, i64 hi, i64 s,
-                                                   i64 steps, int R, int nbuf, int tid) {
-  const i64 r0 = lo + s * R;
+// Step s's rows (st), staged and visible to the block (ends with a barrier): the next step's (nx) copies are issued
+// first when double-buffered, this step's (one buffer, after the last step's barrier freed it) otherwise
+DRE_DEVICE const unsigned short* re_full_step_rows(const ReFullSmem& m, const ReFullRows& src, const ReFullStep& st,
+                                                   const ReFullStep& nx, i64 s, int R, int nbuf, int tid) {
   unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
   if (nbuf == 1 && s > 0) {
-    re_full_stage_rows(xs, m.LDD, src, r0, (int)lmin((i64)R, hi - r0), R, tid);
+    re_full_stage_rows(xs, m.LDD, src, st.r0, st.nr, R, tid);
     cp_async_commit();
   }
-  if (nbuf == 2 && s + 1 < steps) {
-    const i64 r1 = r0 + R;
-    re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * m.LDD, m.LDD, src, r1, (int)lmin((i64)R, hi - r1), R, tid);
+  if (nbuf == 2 && nx.nr > 0) {
+    re_full_stage_rows(m.xs + (int)((s + 1) & 1) * R * m.LDD, m.LDD, src, nx.r0, nx.nr, R, tid);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
@@ -1074,30 +1128,30 @@ DRE_DEVICE void re_full_for_each_out(const float* acc, int K, int D, int tid, F&
 }
 
 DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
-                                                     int idx64, int gather, const i64* off, const i64* slide,
-                                                     const i64* cstart, const float* C, const float* csq,
-                                                     const float* scale, float* acc_out, float* mass_out, i64 B, int K,
-                                                     int D, i64 chunk, int hard, int R, int nbuf, int vec) {
+                                                     int idx64, int gather, const i64* off, i64 n_rows,
+                                                     const float* C, const float* csq, const float* scale,
+                                                     float* acc_out, float* mass_out, i64 B, int K, int D, i64 span,
+                                                     int hard, int R, int nbuf, int vec) {
   DRE_DYN_SMEM(smem);
-  i64 b, lo, hi;
-  int pid_d;
-  if (!re_block_rows(1, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
+  const i64 lo = (i64)blockIdx.x * span, hi = lmin(n_rows, lo + span);
+  if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, 0, false);
   const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
 
   // the first step's rows load while the codewords are split
-  re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
+  ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
+  re_full_begin_rows(m, src, st, R, nbuf, tid);
   re_tc_load_split<48>(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
   for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
 
-  const i64 steps = (hi - lo + R - 1) / R;
-  for (i64 s = 0; s < steps; ++s) {
-    const int nr = (int)lmin((i64)R, hi - lo - s * R);
-    const unsigned short* xs = re_full_step_rows(m, src, lo, hi, s, steps, R, nbuf, tid);
+  for (i64 s = 0; st.nr > 0; ++s) {
+    const ReFullStep nx = re_full_next_step(st, off, B, hi, R);
+    const int nr = st.nr;
+    const unsigned short* xs = re_full_step_rows(m, src, st, nx, s, R, nbuf, tid);
     // (1) ||x_r||^2 (soft) and the distance products <x_r, c_k>
     if (!hard) re_full_row_sq(m.xsq, xs, m.LDD, R, D, dt, tid);
     float dot[4 * ReFullFwdDots::kSlots];
@@ -1117,14 +1171,21 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     // (3) acc += A^T X over all columns (hard: A is 0/1: one MMA)
     re_full_aggregate(acc, m, xs, nr, K, D, hard, dt, tid);
     __syncthreads();  // xs, A and at are rewritten by the next step
+    if (nx.nr == 0 || nx.b != st.b) {  // the slide's segment ends: E_b += acc - mass c, mass_b += msum
+      const i64 b = st.b;
+      re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) {
+        const i64 o = (i64)k * D + d;
+        atomicAdd(acc_out + b * K * D + o, v - m.msum[k] * C[o]);
+      });
+      if (mass_out != 0)
+        for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, m.msum[k]);
+#pragma unroll
+      for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
+      __syncthreads();  // msum read
+      for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
+    }
+    st = nx;
   }
-  // E_b += acc - mass c (this chunk's part), mass_b += msum
-  re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) {
-    const i64 o = (i64)k * D + d;
-    atomicAdd(acc_out + b * K * D + o, v - m.msum[k] * C[o]);
-  });
-  if (mass_out != 0)
-    for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + b * K + k, m.msum[k]);
 }
 
 // cg (2 x K8 x DTS float32) = columns [dd, dd + DTS) of C, then of G_b (K x D, row stride D), zeros past K and D:
@@ -1168,47 +1229,45 @@ DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, int DTS, int dt, in
 // (K, D), hsum, gsum = -sum_i h_ik d_ik (K) and mass (B, K); G (B, K, D) and gc (B, K) = <G_bk, c_k> float32. DTS:
 // the columns of C and G_b staged at a time (a multiple of 16).
 DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
-                                                     int idx64, int gather, const i64* off, const i64* slide,
-                                                     const i64* cstart, const float* C, const float* csq,
-                                                     const float* scale, const float* G, const float* gc,
-                                                     float* hx_out, float* hsum_out, float* gsum_out, float* mass_out,
-                                                     i64 B, int K, int D, i64 chunk, int R, int nbuf, int vec,
-                                                     int DTS) {
+                                                     int idx64, int gather, const i64* off, i64 n_rows,
+                                                     const float* C, const float* csq, const float* scale,
+                                                     const float* G, const float* gc, float* hx_out, float* hsum_out,
+                                                     float* gsum_out, float* mass_out, i64 B, int K, int D, i64 span,
+                                                     int R, int nbuf, int vec, int DTS) {
   DRE_DYN_SMEM(smem);
-  i64 b, lo, hi;
-  int pid_d;
-  if (!re_block_rows(1, off, slide, cstart, B, chunk, b, lo, hi, pid_d)) return;
+  const i64 lo = (i64)blockIdx.x * span, hi = lmin(n_rows, lo + span);
+  if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, DTS, true);
   const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
-  const float* Gb = G + b * K * D;
 
-  const bool vec16 = (D & 3) == 0 && (((u64)C | (u64)Gb) & 15ull) == 0;
+  // G_b of every slide is 16-byte aligned where G is and D % 4 = 0
+  const bool vec16 = (D & 3) == 0 && (((u64)C | (u64)G) & 15ull) == 0;
   const int slices = (D16 + DTS - 1) / DTS;
   // the first step's rows, and the first slice of C and G_b, while the sums are zeroed
-  re_full_begin_rows(m, src, lo, hi, R, nbuf, tid);
-  re_full_copy_cg(m.cg, C, Gb, K, D, 0, DTS, vec16, tid);
+  ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
+  re_full_begin_rows(m, src, st, R, nbuf, tid);
+  re_full_copy_cg(m.cg, C, G + st.b * K * D, K, D, 0, DTS, vec16, tid);
   cp_async_commit();
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = m.hsum[k] = m.gsum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
   for (int j = 0; j < 4 * RE_FULL_TILES; ++j) acc[j] = 0.f;
 
-  const i64 steps = (hi - lo + R - 1) / R;
-  for (i64 s = 0; s < steps; ++s) {
-    const i64 r0 = lo + s * R, r1 = r0 + R;
-    const int nr = (int)lmin((i64)R, hi - r0), nr1 = (int)lmin((i64)R, hi - r1);
+  for (i64 s = 0; st.nr > 0; ++s) {
+    const ReFullStep nx = re_full_next_step(st, off, B, hi, R);
+    const int nr = st.nr;
     unsigned short* xs = m.xs + (nbuf == 2 ? (int)(s & 1) : 0) * R * m.LDD;
     // the next step's buffer, filled a share per slice (nbuf = 2; with one buffer the next rows wait for the step)
     unsigned short* xs1 = nbuf == 2 ? m.xs + (int)((s + 1) & 1) * R * m.LDD : nullptr;
     if (nbuf == 1 && s > 0) {  // its one buffer is free only now
-      re_full_stage_rows(xs, m.LDD, src, r0, nr, R, tid);
+      re_full_stage_rows(xs, m.LDD, src, st.r0, nr, R, tid);
       cp_async_commit();
     }
     // the next step's row offsets, read by its shares below: the index read once per step, not before each share
-    if (nbuf == 2 && s + 1 < steps)
+    if (nbuf == 2 && nx.nr > 0)
       for (int r = tid; r < R; r += NTHREADS)
-        m.roff[r] = r < nr1 ? re_source_row(r1, r, src.idx, src.idx64, src.gather) * s_r : 0;
+        m.roff[r] = r < nx.nr ? re_source_row(nx.r0, r, src.idx, src.idx64, src.gather) * s_r : 0;
     cp_async_wait<0>();  // this step's rows and the first slice
     __syncthreads();
     // (1) ||x_r||^2, <x_r, c_k> and <x_r, G_bk>: C and G_b DTS columns at a time
@@ -1224,9 +1283,10 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
       re_full_split_cg(m, K, DTS, dt, tid);
       __syncthreads();  // cg is free, the parts are ready
       // copy the next slice (this step's, or the next step's first) and a share of the next step's rows
-      if (sl + 1 < slices || s + 1 < steps)
-        re_full_copy_cg(m.cg, C, Gb, K, D, sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
-      if (nbuf == 2 && s + 1 < steps) re_full_stage_rows(xs1, m.LDD, src, r1, nr1, R, tid, sl, slices, m.roff);
+      if (sl + 1 < slices || nx.nr > 0)  // (G_b of the next step's slide)
+        re_full_copy_cg(m.cg, C, G + (sl + 1 < slices ? st.b : nx.b) * K * D, K, D,
+                        sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
+      if (nbuf == 2 && nx.nr > 0) re_full_stage_rows(xs1, m.LDD, src, nx.r0, nx.nr, R, tid, sl, slices, m.roff);
       cp_async_commit();
       re_full_dots<true>(dot, dotg, ReFullBwdDots(R, K, tid), xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
       if (sl + 1 == slices)
@@ -1235,7 +1295,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     }
     re_full_dots_combine(false, ReFullBwdDots(R, K, tid), dot, dotg, m.A, m.H, R, K, tid, [&](int r, int k, float xc, float xg) {
       m.A[r * (K + 1) + k] = re_distance(false, m.xsq[r], xc, csq[k]);
-      m.H[r * (K + 1) + k] = xg - gc[b * K + k];  // g_rk
+      m.H[r * (K + 1) + k] = xg - gc[st.b * K + k];  // g_rk
     });
     __syncthreads();
     // (2) a, h = a (g - <a, g>), mass, hsum and gsum (re_assign_bwd); h^T split into hi + lo
@@ -1246,12 +1306,20 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     // (3) acc += h^T X over all columns
     re_full_aggregate(acc, m, xs, nr, K, D, false, dt, tid);
     __syncthreads();  // xs, A, H and at are rewritten by the next step
-  }
-  re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) { atomicAdd(hx_out + (i64)k * D + d, v); });
-  for (int k = tid; k < K; k += NTHREADS) {
-    atomicAdd(mass_out + b * K + k, m.msum[k]);
-    atomicAdd(hsum_out + k, m.hsum[k]);
-    atomicAdd(gsum_out + k, m.gsum[k]);
+    if (nx.nr > 0 && nx.b != st.b) {  // the slide's segment ends: mass_b += msum (the sums below are over slides)
+      for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + st.b * K + k, m.msum[k]);
+      __syncthreads();  // msum read
+      for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
+    }
+    if (nx.nr == 0) {
+      re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) { atomicAdd(hx_out + (i64)k * D + d, v); });
+      for (int k = tid; k < K; k += NTHREADS) {
+        atomicAdd(mass_out + st.b * K + k, m.msum[k]);
+        atomicAdd(hsum_out + k, m.hsum[k]);
+        atomicAdd(gsum_out + k, m.gsum[k]);
+      }
+    }
+    st = nx;
   }
 }
 
@@ -1308,30 +1376,30 @@ cudaError_t re_bwd_tc(unsigned grid, unsigned smem, cudaStream_t stream, const v
 }
 
 cudaError_t re_fwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
-                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
-                           const i64* cstart, const float* C, const float* csq, const float* scale, float* acc_out,
-                           float* mass_out, i64 B, int K, int D, i64 chunk, int hard, int R, int nbuf, int vec) {
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, i64 n_rows, const float* C,
+                           const float* csq, const float* scale, float* acc_out, float* mass_out, i64 B, int K, int D,
+                           i64 span, int hard, int R, int nbuf, int vec) {
   if (grid == 0) return cudaSuccess;
   // past 48 KB, dynamic shared memory needs the kernel's opt-in (the host checked the device's limit)
   cudaError_t e = cudaFuncSetAttribute(dre_re_fwd_tc_full, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  dre_re_fwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide,
-                                                       cstart, C, csq, scale, acc_out, mass_out, B, K, D, chunk, hard,
-                                                       R, nbuf, vec);
+  dre_re_fwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, n_rows, C,
+                                                       csq, scale, acc_out, mass_out, B, K, D, span, hard, R, nbuf,
+                                                       vec);
   return cudaGetLastError();
 }
 
 cudaError_t re_bwd_tc_full(unsigned grid, unsigned smem, cudaStream_t stream, const void* rows, int rows_dt, i64 s_r,
-                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, const i64* slide,
-                           const i64* cstart, const float* C, const float* csq, const float* scale, const float* G,
-                           const float* gc, float* hx_out, float* hsum_out, float* gsum_out, float* mass_out, i64 B,
-                           int K, int D, i64 chunk, int R, int nbuf, int vec, int DTS) {
+                           i64 s_c, const void* idx, int idx64, int gather, const i64* off, i64 n_rows, const float* C,
+                           const float* csq, const float* scale, const float* G, const float* gc, float* hx_out,
+                           float* hsum_out, float* gsum_out, float* mass_out, i64 B, int K, int D, i64 span, int R,
+                           int nbuf, int vec, int DTS) {
   if (grid == 0) return cudaSuccess;
   cudaError_t e = cudaFuncSetAttribute(dre_re_bwd_tc_full, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  dre_re_bwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide,
-                                                       cstart, C, csq, scale, G, gc, hx_out, hsum_out, gsum_out,
-                                                       mass_out, B, K, D, chunk, R, nbuf, vec, DTS);
+  dre_re_bwd_tc_full<<<grid, NTHREADS, smem, stream>>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, n_rows, C,
+                                                       csq, scale, G, gc, hx_out, hsum_out, gsum_out, mass_out, B, K,
+                                                       D, span, R, nbuf, vec, DTS);
   return cudaGetLastError();
 }
 }  // namespace dre_cuda_launch
