@@ -85,12 +85,15 @@ def amp_mode(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.amp
 
 
+# the dtype each AMP mode computes in
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     mode = amp_mode(cfg, device)
     if mode == "off":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[mode])
 
 
 def bank_dtype(cfg: TrainConfig, device: torch.device) -> str:
@@ -99,7 +102,7 @@ def bank_dtype(cfg: TrainConfig, device: torch.device) -> str:
     where float32 bank rows take the SIMT ones; under AMP the features it stores were 16-bit already."""
     if cfg.bank_dtype != "auto":
         return cfg.bank_dtype
-    return {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[amp_mode(cfg, device)]
+    return str(AMP_DTYPES[amp_mode(cfg, device)]).removeprefix("torch.")
 
 
 def lr_lambda(cfg: TrainConfig):
