@@ -1306,15 +1306,14 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     // (3) acc += h^T X over all columns
     re_full_aggregate(acc, m, xs, nr, K, D, false, dt, tid);
     __syncthreads();  // xs, A, H and at are rewritten by the next step
-    if (nx.nr > 0 && nx.b != st.b) {  // the slide's segment ends: mass_b += msum (the sums below are over slides)
+    if (nx.nr == 0 || nx.b != st.b) {  // the slide's segment ends: mass_b += msum
       for (int k = tid; k < K; k += NTHREADS) atomicAdd(mass_out + st.b * K + k, m.msum[k]);
       __syncthreads();  // msum read
       for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
     }
-    if (nx.nr == 0) {
+    if (nx.nr == 0) {  // the block's rows end: the sums over slides
       re_full_for_each_out(acc, K, D, tid, [&](int k, int d, float v) { atomicAdd(hx_out + (i64)k * D + d, v); });
       for (int k = tid; k < K; k += NTHREADS) {
-        atomicAdd(mass_out + st.b * K + k, m.msum[k]);
         atomicAdd(hsum_out + k, m.hsum[k]);
         atomicAdd(gsum_out + k, m.gsum[k]);
       }

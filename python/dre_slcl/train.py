@@ -85,15 +85,15 @@ def amp_mode(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.amp
 
 
-# the dtype each AMP mode computes in
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+# the dtype each AMP mode computes in (torch's name for it)
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
     mode = amp_mode(cfg, device)
     if mode == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[mode])
+    return torch.autocast(device.type, dtype=getattr(torch, AMP_DTYPES[mode]))
 
 
 def bank_dtype(cfg: TrainConfig, device: torch.device) -> str:
@@ -102,7 +102,7 @@ def bank_dtype(cfg: TrainConfig, device: torch.device) -> str:
     where float32 bank rows take the SIMT ones; under AMP the features it stores were 16-bit already."""
     if cfg.bank_dtype != "auto":
         return cfg.bank_dtype
-    return str(AMP_DTYPES[amp_mode(cfg, device)]).removeprefix("torch.")
+    return AMP_DTYPES[amp_mode(cfg, device)]
 
 
 def lr_lambda(cfg: TrainConfig):
