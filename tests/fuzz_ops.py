@@ -17,7 +17,8 @@ hard case with a row whose two nearest codewords are within NEAR_TIE of that (sm
 so such a case is reported as TIE and not counted (an H100 run counted 11 of 10,551 native cases before, all such).
 `cuda-emu` runs the CUDA kernels (csrc/cuda/*.cu) in the CPU emulation of tests/cuda_emu as the `cupy` backend
 on CPU tensors (its host code, autograd glue and kernels, through the public ops), the tensor-core kernels in a
-random half of the cases: their logic, not their speed or GPU-only hazards.
+random half of the cases, with an SM count drawn per case (the grids and block spans follow from it): their logic,
+not their speed or GPU-only hazards.
 Failures print the case; the exit status is the number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
 (it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it
@@ -98,9 +99,16 @@ def residual_case(rng, device):
 
     K = rng.choice([1, 2, 3, 7, 16, 17, 33, 64, 100, 256])
     D = rng.choice([1, 3, 8, 16, 33, 64, 130, 384])
-    B = rng.randint(1, 4)
-    lens = [rng.choice([0, 1, 2, 5, 17, 40]) for _ in range(B)]
-    blens = [rng.choice([0, 1, 3, 16, 50, 300]) for _ in range(B)]
+    if rng.random() < 0.2:
+        # many slides, most of them empty: blocks that start mid-slide, after runs of empty slides, and walk several
+        # slides (the full-width CUDA kernels' persistent blocks, the Triton programs' slide segments)
+        B = rng.choice([33, 100, 300])
+        lens = [rng.choice([1, 7, 40]) if rng.random() < 0.1 else 0 for _ in range(B)]
+        blens = [rng.choice([1, 16, 70]) if rng.random() < 0.1 else 0 for _ in range(B)]
+    else:
+        B = rng.randint(1, 4)
+        lens = [rng.choice([0, 1, 2, 5, 17, 40]) for _ in range(B)]
+        blens = [rng.choice([0, 1, 3, 16, 50, 300]) for _ in range(B)]
     x_dtype, bank_dtype = (rng.choice([torch.float32, torch.bfloat16, torch.float16]) for _ in range(2))
     hard, use_bank = rng.random() < 0.4, rng.random() < 0.8
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
@@ -217,6 +225,7 @@ def _fuzz(args, ap) -> int:
         if args.device != "cpu":
             ap.error("--backend cuda-emu runs on --device cpu")
         emu, args.backend = _emulate_cuda_as_cupy(), "cupy"
+        from dre_kernels import _gpu_host
     if args.backend not in dre_kernels.available_backends(args.device):
         print(f"fuzz_ops: {args.backend} is not available on {args.device}: "
               f"{dre_kernels.unavailable_backends(args.device).get(args.backend)}", file=sys.stderr)
@@ -230,6 +239,10 @@ def _fuzz(args, ap) -> int:
         seed = rng.randrange(1 << 30)
         if emu is not None:
             emu.use_tensor_cores = desc["tensor_cores"] = rng.random() < 0.5
+            # the SM count sets the full-width kernels' blocks (one per SM, an even share of the rows each) and the
+            # chunk size of the others: few SMs, blocks of many slides; many, blocks of a step or less
+            desc["sms"] = rng.choice([1, 2, 3, 5, 8, 132])
+            _gpu_host.num_sms = lambda device, n=desc["sms"]: n
         kernel_inputs = [t.to(device).requires_grad_() for t in inputs]
         ref_inputs = [t.detach().double().to(device).requires_grad_() for t in inputs]
         try:
