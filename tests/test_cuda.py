@@ -702,6 +702,49 @@ int main() {
     assert run.returncode != 0  # the trap
 
 
+def test_fast_divmod_is_exact(tmp_path):
+    """dre_common.cuh's FastDivmod (a multiply-high and a shift for the staging loops' divisions by a runtime width)
+    against / and % for every divisor 1..4096 and numerators 0..2^16, the divisors the kernels take (row widths,
+    R, DTS) and beyond, and numerators up to 2^31 - 1, where the bound on the multiplier's error is tightest."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("the CUDA emulation needs g++")
+    (tmp_path / "t.cpp").write_text(r"""
+#include <cstdio>
+#include "dre_common.cuh"
+using dre_cuda::FastDivmod;
+static long bad = 0, checked = 0;
+static void check(const FastDivmod& f, int x) {
+  ++checked;
+  if (f.div(x) != x / f.d || f.mod(x) != x % f.d) {
+    if (bad++ < 5) std::printf("d=%d x=%d: %d %d\n", f.d, x, f.div(x), f.mod(x));
+  }
+}
+int main() {
+  const int big[] = {4097, 12289, 65535, 65536, 65537, 1000003, 1 << 20, (1 << 30) + 1, 2147483647};
+  for (int d = 1; d <= 4096 + 9; ++d) {
+    const FastDivmod f(d <= 4096 ? d : big[d - 4097]);
+    for (int x = 0; x <= 1 << 16; ++x) check(f, x);
+    for (int x = 2147483647; x > 2147483647 - 4096; --x) check(f, x);
+    for (int q = 1; q < 64; ++q) {  // around multiples of d, far up
+      const long long m = (long long)f.d * ((2147483647LL / f.d) / q);
+      for (int o = -2; o <= 2; ++o)
+        if (m + o >= 0 && m + o <= 2147483647LL) check(f, (int)(m + o));
+    }
+  }
+  std::printf("%ld checked, %ld wrong\n", checked, bad);
+  return bad != 0;
+}
+""")
+    exe = tmp_path / "t"
+    res = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-DDRE_CUDA_EMULATE", "-include",
+                          os.path.join(ROOT, "tests", "cuda_emu", "emu.h"), f"-I{os.path.join(ROOT, 'csrc', 'cuda')}",
+                          str(tmp_path / "t.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith(" 0 wrong"), run.stdout
+
+
 def _off_16_bytes(t):
     """A copy of the 16-bit 2-D tensor t whose storage starts 8 bytes past a 16-byte boundary."""
     flat = torch.empty(t.numel() + 4, dtype=t.dtype, device=t.device)

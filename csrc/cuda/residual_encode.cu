@@ -236,13 +236,14 @@ DRE_DEVICE float re_grad_x(const float* ar, const float* hr, const float* Gb, co
 DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64* roff, i64 s_c, int nr, int R, int D,
                                 int dd, int DT, int tid) {
   const int ld = DT + 8;
+  const FastDivmod cols(DT);
   staged_copy(
       R * DT, tid,
       [&](int e) -> unsigned short {
-        const int r = e / DT, d = e % DT;
+        const int r = cols.div(e), d = e - r * DT;
         return (r < nr && dd + d < D) ? ((const unsigned short*)rows)[roff[r] + (i64)(dd + d) * s_c] : 0;
       },
-      [&](int e, unsigned short v) { xs[(e / DT) * ld + e % DT] = v; });
+      [&](int e, unsigned short v) { xs[e + cols.div(e) * (ld - DT)] = v; });
 }
 
 // p_hi + p_lo (K8 x DT, 16-bit) = columns [dd, dd + DT) of P (K x D float32, row stride D); zeros past K and D.
@@ -252,14 +253,15 @@ template <int BATCH = 8>
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
                                  int dd, int DT, int tid) {
   const int ld = DT + 8, K8 = (K + 7) & ~7;
+  const FastDivmod cols(DT);
   staged_copy<BATCH>(
       K8 * DT, tid,
       [&](int e) -> float {
-        const int k = e / DT, d = e % DT;
+        const int k = cols.div(e), d = e - k * DT;
         return k < K && dd + d < D ? P[(i64)k * D + dd + d] : 0.f;
       },
       [&](int e, float v) {
-        const int o = (e / DT) * ld + e % DT;
+        const int o = e + cols.div(e) * (ld - DT);
         split_16(v, dt, p_hi[o], p_lo[o]);
       });
 }
@@ -832,6 +834,7 @@ struct ReFullRows {
   i64 s_r, s_c;
   const void* idx;
   int idx64, gather, D, vec;
+  FastDivmod per_row;  // copies per row: D / 8 of 16 bytes (vec), else D elements
 };
 
 // xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched);
@@ -846,22 +849,26 @@ DRE_DEVICE void re_full_stage_rows(unsigned short* xs, int LDD, const ReFullRows
     return r >= nr ? 0 : roff ? roff[r] : re_source_row(r0, r, src.idx, src.idx64, src.gather) * src.s_r;
   };
   if (src.vec) {
-    const int per = D / 8, n = R * per, e0 = (int)((i64)n * part / parts);
+    // (32-bit: n parts <= R D (D / 16) < 2^31; a 64-bit division is a call to a ~70-instruction routine)
+    const int per = src.per_row.d, n = R * per, e0 = n * part / parts;
     staged_copy(
-        (int)((i64)n * (part + 1) / parts) - e0, tid, [&](int e) -> i64 { return offset((e0 + e) / per); },
+        n * (part + 1) / parts - e0, tid, [&](int e) -> i64 { return offset(src.per_row.div(e0 + e)); },
         [&](int e, i64 o) {
-          const int r = (e0 + e) / per, c = (e0 + e) % per;
+          const int r = src.per_row.div(e0 + e), c = e0 + e - r * per;
           cp_async_16(xs + r * LDD + 8 * c, rows + o + 8 * c, r < nr);
         });
   } else {
-    const int n = R * D, e0 = (int)((i64)n * part / parts);
+    const int n = R * D, e0 = n * part / parts;
     staged_copy(
-        (int)((i64)n * (part + 1) / parts) - e0, tid,
+        n * (part + 1) / parts - e0, tid,
         [&](int e) -> unsigned short {
-          const int r = (e0 + e) / D;
-          return r < nr ? rows[offset(r) + (i64)((e0 + e) % D) * src.s_c] : 0;
+          const int r = src.per_row.div(e0 + e);
+          return r < nr ? rows[offset(r) + (i64)(e0 + e - r * D) * src.s_c] : 0;
         },
-        [&](int e, unsigned short v) { xs[((e0 + e) / D) * LDD + (e0 + e) % D] = v; });
+        [&](int e, unsigned short v) {
+          const int r = src.per_row.div(e0 + e);
+          xs[r * LDD + e0 + e - r * D] = v;
+        });
   }
 }
 
@@ -1064,10 +1071,10 @@ DRE_DEVICE void re_full_dots_combine(bool before, const ReFullDotTiles<DM, S>& t
 }
 
 // at_hi + at_lo (K16 x LDR) = W^T split into 16-bit parts; W (R x K float32, row stride K + 1); zero past K
-DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, int R, int K, int dt, int tid) {
+DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, const FastDivmod& R, int K, int dt, int tid) {
   const int K16 = (K + 15) & ~15;
-  for (int e = tid; e < K16 * R; e += NTHREADS) {
-    const int k = e / R, r = e % R;
+  for (int e = tid; e < K16 * R.d; e += NTHREADS) {
+    const int k = R.div(e), r = e - k * R.d;
     split_16(k < K ? W[r * (K + 1) + k] : 0.f, dt, m.at_hi[k * m.LDR + r], m.at_lo[k * m.LDR + r]);
   }
 }
@@ -1137,7 +1144,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
   if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, 0, false);
-  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDivmod(vec ? D / 8 : D)};
+  const FastDivmod by_r(R);
 
   // the first step's rows load while the codewords are split
   ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
@@ -1166,7 +1174,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     __syncthreads();
     // (2) assignments, their column sums, and A^T split into hi + lo (zero past nr and K)
     re_assign_fwd(m.A, m.kmin, m.msum, nr, R, K, hard, scale, tid);
-    re_full_split_t(m, m.A, R, K, dt, tid);
+    re_full_split_t(m, m.A, by_r, K, dt, tid);
     __syncthreads();
     // (3) acc += A^T X over all columns (hard: A is 0/1: one MMA)
     re_full_aggregate(acc, m, xs, nr, K, D, hard, dt, tid);
@@ -1191,22 +1199,22 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
 // cg (2 x K8 x DTS float32) = columns [dd, dd + DTS) of C, then of G_b (K x D, row stride D), zeros past K and D:
 // 16-byte cp.async where vec16 (D % 4 = 0 and both 16-byte aligned: a piece is all in or all past D), else loaded
 // here (uncommitted: the caller closes the group)
-DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int K, int D, int dd, int DTS, bool vec16,
-                                int tid) {
+// (per: DTS / 4 where vec16, else DTS)
+DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int K, int D, int dd, int DTS,
+                                const FastDivmod& per, bool vec16, int tid) {
   const int K8 = (K + 7) & ~7;
   if (vec16) {
-    const int per = DTS / 4;
-    for (int e = tid; e < 2 * K8 * per; e += NTHREADS) {
-      const int mk = e / per, k = mk % K8, d = dd + 4 * (e % per);
+    for (int e = tid; e < 2 * K8 * per.d; e += NTHREADS) {
+      const int mk = per.div(e), k = mk < K8 ? mk : mk - K8, d4 = 4 * (e - mk * per.d), d = dd + d4;
       const float* P = mk < K8 ? C : Gb;
       const bool in = k < K && d < D;
-      cp_async_16(cg + mk * DTS + 4 * (e % per), in ? P + (i64)k * D + d : P, in);
+      cp_async_16(cg + mk * DTS + d4, in ? P + (i64)k * D + d : P, in);
     }
   } else {
     staged_copy<16>(
         2 * K8 * DTS, tid,
         [&](int e) -> float {
-          const int mk = e / DTS, k = mk % K8, d = dd + e % DTS;
+          const int mk = per.div(e), k = mk < K8 ? mk : mk - K8, d = dd + e - mk * DTS;
           return k < K && d < D ? (mk < K8 ? C : Gb)[(i64)k * D + d] : 0.f;
         },
         [&](int e, float v) { cg[e] = v; });
@@ -1214,10 +1222,10 @@ DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int 
 }
 
 // c_hi + c_lo, g_hi + g_lo (K8 x LDP, 16-bit) = cg split
-DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, int DTS, int dt, int tid) {
+DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, const FastDivmod& DTS, int dt, int tid) {
   const int K8 = (K + 7) & ~7;
-  for (int e = tid; e < 2 * K8 * DTS; e += NTHREADS) {
-    const int mk = e / DTS, o = (mk % K8) * m.LDP + e % DTS;
+  for (int e = tid; e < 2 * K8 * DTS.d; e += NTHREADS) {
+    const int mk = DTS.div(e), o = (mk < K8 ? mk : mk - K8) * m.LDP + e - mk * DTS.d;
     if (mk < K8)
       split_16(m.cg[e], dt, m.c_hi[o], m.c_lo[o]);
     else
@@ -1239,15 +1247,16 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
   if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, DTS, true);
-  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec};
-
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDivmod(vec ? D / 8 : D)};
+  const FastDivmod by_r(R), by_dts(DTS);
   // G_b of every slide is 16-byte aligned where G is and D % 4 = 0
   const bool vec16 = (D & 3) == 0 && (((u64)C | (u64)G) & 15ull) == 0;
+  const FastDivmod cg_per_row(vec16 ? DTS / 4 : DTS);  // re_full_copy_cg's copies per row
   const int slices = (D16 + DTS - 1) / DTS;
   // the first step's rows, and the first slice of C and G_b, while the sums are zeroed
   ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
   re_full_begin_rows(m, src, st, R, nbuf, tid);
-  re_full_copy_cg(m.cg, C, G + st.b * K * D, K, D, 0, DTS, vec16, tid);
+  re_full_copy_cg(m.cg, C, G + st.b * K * D, K, D, 0, DTS, cg_per_row, vec16, tid);
   cp_async_commit();
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = m.hsum[k] = m.gsum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
@@ -1280,12 +1289,12 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
         cp_async_wait<0>();  // this slice (and the share of rows copied with it)
         __syncthreads();
       }
-      re_full_split_cg(m, K, DTS, dt, tid);
+      re_full_split_cg(m, K, by_dts, dt, tid);
       __syncthreads();  // cg is free, the parts are ready
       // copy the next slice (this step's, or the next step's first) and a share of the next step's rows
       if (sl + 1 < slices || nx.nr > 0)  // (G_b of the next step's slide)
         re_full_copy_cg(m.cg, C, G + (sl + 1 < slices ? st.b : nx.b) * K * D, K, D,
-                        sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, vec16, tid);
+                        sl + 1 < slices ? (sl + 1) * DTS : 0, DTS, cg_per_row, vec16, tid);
       if (nbuf == 2 && nx.nr > 0) re_full_stage_rows(xs1, m.LDD, src, nx.r0, nx.nr, R, tid, sl, slices, m.roff);
       cp_async_commit();
       re_full_dots<true>(dot, dotg, ReFullBwdDots(R, K, tid), xs, m.LDD, sl * DTS, imin(DTS, D16 - sl * DTS), m, m.LDP, R, K, dt, tid);
@@ -1301,7 +1310,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     // (2) a, h = a (g - <a, g>), mass, hsum and gsum (re_assign_bwd); h^T split into hi + lo
     re_assign_bwd(m.A, m.H, m.shr, m.msum, m.hsum, m.gsum, nr, R, K, scale, 1, tid);
     __syncthreads();
-    re_full_split_t(m, m.H, R, K, dt, tid);
+    re_full_split_t(m, m.H, by_r, K, dt, tid);
     __syncthreads();
     // (3) acc += h^T X over all columns
     re_full_aggregate(acc, m, xs, nr, K, D, false, dt, tid);
