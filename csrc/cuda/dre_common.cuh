@@ -50,16 +50,16 @@ DRE_DEVICE unsigned short f32_to_f16(float f) {
 }
 #endif
 
-// q = x / d and x - q d for 0 <= x < 2^31, by a multiply-high and a shift (Granlund and Montgomery, as CUTLASS's
+// q = x / d for 0 <= x < 2^31 (x % d: x - q d), by a multiply-high and a shift (Granlund and Montgomery, as CUTLASS's
 // FastDivmod): m = ceil(2^p / d) with p = 31 + ceil(log2 d), so floor(x m / 2^p) = floor(x / d) for every such x
 // (m d - 2^p < d <= 2^(p - 31)). Made once per kernel for a divisor its loops keep: nvcc compiles a division by a
 // runtime int to ~20 instructions (SASS: I2F.RP, MUFU.RCP, F2I and fix-ups), and the full-width kernels' staging
 // loops divided every element's index by a width, two or three times, on every step.
-struct FastDivmod {
+struct FastDiv {
   int d;
   unsigned m = 0;
   int s = 0;
-  DRE_DEVICE explicit FastDivmod(int divisor) : d(divisor) {
+  DRE_DEVICE explicit FastDiv(int divisor) : d(divisor) {
     if (d > 1) {
       const int l = 32 - __clz(d - 1);  // ceil(log2 d)
       m = (unsigned)(((1ull << (31 + l)) + (unsigned)d - 1) / (unsigned)d);
@@ -67,7 +67,6 @@ struct FastDivmod {
     }
   }
   DRE_DEVICE int div(int x) const { return d > 1 ? (int)(__umulhi((unsigned)x, m) >> s) : x; }
-  DRE_DEVICE int mod(int x) const { return x - div(x) * d; }
 };
 
 // For e = tid, tid + NTHREADS, .. < n: store(e, load(e)), the block's threads striding over n elements (global ->

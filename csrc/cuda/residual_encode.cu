@@ -236,7 +236,7 @@ DRE_DEVICE float re_grad_x(const float* ar, const float* hr, const float* Gb, co
 DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64* roff, i64 s_c, int nr, int R, int D,
                                 int dd, int DT, int tid) {
   const int ld = DT + 8;
-  const FastDivmod cols(DT);
+  const FastDiv cols(DT);
   staged_copy(
       R * DT, tid,
       [&](int e) -> unsigned short {
@@ -253,7 +253,7 @@ template <int BATCH = 8>
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
                                  int dd, int DT, int tid) {
   const int ld = DT + 8, K8 = (K + 7) & ~7;
-  const FastDivmod cols(DT);
+  const FastDiv cols(DT);
   staged_copy<BATCH>(
       K8 * DT, tid,
       [&](int e) -> float {
@@ -834,7 +834,7 @@ struct ReFullRows {
   i64 s_r, s_c;
   const void* idx;
   int idx64, gather, D, vec;
-  FastDivmod per_row;  // copies per row: D / 8 of 16 bytes (vec), else D elements
+  FastDiv per_row;  // copies per row: D / 8 of 16 bytes (vec), else D elements
 };
 
 // xs (R x LDD) = rows r0 .. r0 + nr of the source as stored, zeros for rows nr..R (columns D..LDD untouched);
@@ -1071,7 +1071,7 @@ DRE_DEVICE void re_full_dots_combine(bool before, const ReFullDotTiles<DM, S>& t
 }
 
 // at_hi + at_lo (K16 x LDR) = W^T split into 16-bit parts; W (R x K float32, row stride K + 1); zero past K
-DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, const FastDivmod& R, int K, int dt, int tid) {
+DRE_DEVICE void re_full_split_t(const ReFullSmem& m, const float* W, const FastDiv& R, int K, int dt, int tid) {
   const int K16 = (K + 15) & ~15;
   for (int e = tid; e < K16 * R.d; e += NTHREADS) {
     const int k = R.div(e), r = e - k * R.d;
@@ -1144,8 +1144,8 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
   if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, 0, false);
-  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDivmod(vec ? D / 8 : D)};
-  const FastDivmod by_r(R);
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDiv(vec ? D / 8 : D)};
+  const FastDiv by_r(R);
 
   // the first step's rows load while the codewords are split
   ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
@@ -1201,7 +1201,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
 // here (uncommitted: the caller closes the group)
 // (per: DTS / 4 where vec16, else DTS)
 DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int K, int D, int dd, int DTS,
-                                const FastDivmod& per, bool vec16, int tid) {
+                                const FastDiv& per, bool vec16, int tid) {
   const int K8 = (K + 7) & ~7;
   if (vec16) {
     for (int e = tid; e < 2 * K8 * per.d; e += NTHREADS) {
@@ -1222,7 +1222,7 @@ DRE_DEVICE void re_full_copy_cg(float* cg, const float* C, const float* Gb, int 
 }
 
 // c_hi + c_lo, g_hi + g_lo (K8 x LDP, 16-bit) = cg split
-DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, const FastDivmod& DTS, int dt, int tid) {
+DRE_DEVICE void re_full_split_cg(const ReFullSmem& m, int K, const FastDiv& DTS, int dt, int tid) {
   const int K8 = (K + 7) & ~7;
   for (int e = tid; e < 2 * K8 * DTS.d; e += NTHREADS) {
     const int mk = DTS.div(e), o = (mk < K8 ? mk : mk - K8) * m.LDP + e - mk * DTS.d;
@@ -1247,11 +1247,11 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
   if (lo >= hi || B <= 0) return;
   const int tid = threadIdx.x, dt = rows_dt, D16 = (D + 15) & ~15;
   const ReFullSmem m = re_full_smem(smem, R, K, D, nbuf, DTS, true);
-  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDivmod(vec ? D / 8 : D)};
-  const FastDivmod by_r(R), by_dts(DTS);
+  const ReFullRows src{rows, s_r, s_c, idx, idx64, gather, D, vec, FastDiv(vec ? D / 8 : D)};
+  const FastDiv by_r(R), by_dts(DTS);
   // G_b of every slide is 16-byte aligned where G is and D % 4 = 0
   const bool vec16 = (D & 3) == 0 && (((u64)C | (u64)G) & 15ull) == 0;
-  const FastDivmod cg_per_row(vec16 ? DTS / 4 : DTS);  // re_full_copy_cg's copies per row
+  const FastDiv cg_per_row(vec16 ? DTS / 4 : DTS);  // re_full_copy_cg's copies per row
   const int slices = (D16 + DTS - 1) / DTS;
   // the first step's rows, and the first slice of C and G_b, while the sums are zeroed
   ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
