@@ -347,10 +347,11 @@ struct ReSimtTiles {
   const i64* roff;
   i64 s_c;
   int dt, R, K, D, DO, tid;
+  FastDiv by_do;  // the staging of xo (e / DO); the pair and output loops' divisions are amortised over D or rows
 
   DRE_DEVICE ReSimtTiles(float* tail, const void* rows_, int dt_, const i64* roff_, i64 s_c_, int R_, int K_, int D_,
                          int DO_, int /*DT: a template argument here*/, int tid_)
-      : rows(rows_), roff(roff_), s_c(s_c_), dt(dt_), R(R_), K(K_), D(D_), DO(DO_), tid(tid_) {
+      : rows(rows_), roff(roff_), s_c(s_c_), dt(dt_), R(R_), K(K_), D(D_), DO(DO_), tid(tid_), by_do(DO_) {
     xs = tail;
     cs = xs + R * (DT + 1);
     gs = cs + K * (DT + 1);
@@ -423,7 +424,7 @@ struct ReSimtTiles {
       const int ns = imin(RS, nr - rs);
       __syncthreads();  // xo aliases the distance tiles
       for (int e = tid; e < ns * DO; e += NTHREADS) {
-        const int r = e / DO, d = e % DO;
+        const int r = by_do.div(e), d = e - r * DO;
         xo[e] = d < dn ? load_f(rows, roff[rs + r] + (i64)(d0 + d) * s_c, dt) : 0.f;
       }
       __syncthreads();
