@@ -14,15 +14,22 @@ using namespace dre_cuda;
 
 DRE_GLOBAL void dre_bank_gather(const void* bank, int dt, i64 s0, i64 s1, const void* idx, int idx64, void* out,
                                 i64 n, i64 D) {
-  const i64 total = n * D;
-  for (i64 e = (i64)blockIdx.x * NTHREADS + threadIdx.x; e < total; e += (i64)gridDim.x * NTHREADS) {
-    const i64 i = e / D, d = e % D;
-    const i64 src = load_index(idx, i, idx64) * s0 + d * s1;
+  const i64 total = n * D, first = (i64)blockIdx.x * NTHREADS + threadIdx.x, stride = (i64)gridDim.x * NTHREADS;
+  const auto copy = [&](i64 e, i64 i) {  // element e, of row i
+    const i64 src = load_index(idx, i, idx64) * s0 + (e - i * D) * s1;
     if (dt == DT_F32) {
       ((float*)out)[e] = ((const float*)bank)[src];
     } else {
       ((unsigned short*)out)[e] = ((const unsigned short*)bank)[src];
     }
+  };
+  if (total < ((i64)1 << 31)) {
+    // the row a multiply-high (FastDiv): a 64-bit division is a call of ~70 instructions, per element of a copy that
+    // is otherwise two loads and a store
+    const FastDiv by_d((int)D);
+    for (i64 e = first; e < total; e += stride) copy(e, by_d.div((int)e));
+  } else {
+    for (i64 e = first; e < total; e += stride) copy(e, e / D);
   }
 }
 
