@@ -303,6 +303,31 @@ def test_built_cuda_kernels_keep_to_registers():
     assert not bad, "kernels using local memory or too many registers:\n" + "\n".join(bad)
 
 
+def test_built_full_width_kernels_do_not_divide_per_element():
+    """The full-width kernels' staging loops take their rows by FastDiv (dre_common.cuh), not by / and % of a runtime
+    width, which nvcc compiles to ~20 instructions (I2F.RP, MUFU.RCP, F2I, fix-ups) per element: read from the SASS
+    of the built extension, each holds a few such sequences (the set-up and per-step ones: 11 and 17 on sm_90), where
+    it held 358 and 282 before (nvcc 13.0)."""
+    if _library.native_error is not None:
+        pytest.skip(f"extension not built: {_library.native_error}")
+    if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
+        pytest.skip("dre_kernels._C was built without CUDA kernels")
+    from triton_aot import cuobjdump
+
+    tool = cuobjdump(prefer_triton=False)
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    sass = subprocess.run([tool, "-sass", dre_kernels._C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    parts = re.split(r"\n\s+Function : (\w+)\n", sass)
+    divisions = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if name.endswith("_tc_full"):
+            divisions.setdefault(name, []).append(len(re.findall(r"\bI2F(?:\.U32)?\.RP\b", body)))
+    assert set(divisions) == {"dre_re_fwd_tc_full", "dre_re_bwd_tc_full"}, divisions
+    assert all(n <= 32 for counts in divisions.values() for n in counts), divisions
+
+
 # ---------------------------------------------------------------------------------------------- CPU emulation
 def _emu():
     if shutil.which("g++") is None:
