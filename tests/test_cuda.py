@@ -609,6 +609,9 @@ def test_full_width_launch_rule():
     assert re_tc_full_config(64, 384, 166912, backward=True) == (32, 2, 147968)
     assert re_tc_full_config(64, 384, 48 * 1024, backward=True) is None
     assert re_tc_full_config(64, 448, 232448, backward=True) is None
+    # their assignment passes hold two codewords per lane (RE_FULL_KS = 2, residual_encode.cu): no K past 64 at any D
+    assert all(re_tc_full_config(K, D, 232448, backward=bw) is None
+               for K in range(65, 257) for D in (1, 8, 16, 64, 384) for bw in (False, True))
 
 
 def _full_launches(emu, n0, kernel="dre_re_fwd_tc_full"):

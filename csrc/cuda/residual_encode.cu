@@ -109,11 +109,31 @@ DRE_DEVICE void re_row_offsets(i64* roff, float* xsq, i64 r0, int nr, int R, con
   }
 }
 
+// f(j, k) for this lane's codewords k = lane + 32 j < K: j < KS unrolled where KS > 0 (K <= 32 KS, which the caller
+// guarantees: the full-width kernels' K <= 64), else a loop over any K with j = 0
+template <int KS, class F>
+DRE_DEVICE void for_lane_codewords(int K, int lane, F&& f) {
+  if constexpr (KS > 0) {
+#pragma unroll
+    for (int j = 0; j < KS; ++j)
+      if (lane + 32 * j < K) f(j, lane + 32 * j);
+  } else {
+    for (int k = lane; k < K; k += 32) f(0, k);
+  }
+}
+
+// Column sums over the assignment rows. Shared memory has no float atomic add: atomicAdd there is a compare-and-swap
+// loop (sm_90 SASS: ATOMS.CAST.SPIN), a few round trips each. With KS > 0 (K <= 32 KS) each lane sums its codewords
+// over its warp's rows in registers and adds them once per call (KS atomics a lane, per sum); with KS = 0 (any K) the
+// forward sums the columns after a barrier in K threads, the backward adds every element.
+
 // Forward (2): row r of A (distances, row stride K + 1) becomes softmax_k(-s_k d_rk), or the one-hot of its first
-// argmin (kmin[r] = k); rows past nr become zeros. One warp per row. Then msum_k += sum_r A_rk.
+// argmin (kmin[r] = k); rows past nr become zeros. One warp per row. msum_k += sum_r A_rk. Ends with a barrier.
+template <int KS = 0>
 DRE_DEVICE void re_assign_fwd(float* A, int* kmin, float* msum, int nr, int R, int K, int hard, const float* scale,
                               int tid) {
   const int lane = tid & 31, warp = tid >> 5;
+  float part[KS > 0 ? KS : 1] = {};
   for (int r = warp; r < R; r += NTHREADS / 32) {
     float* ar = A + r * (K + 1);
     if (r >= nr) {
@@ -145,12 +165,18 @@ DRE_DEVICE void re_assign_fwd(float* A, int* kmin, float* msum, int nr, int R, i
       const float inv = 1.f / sum;
       for (int k = lane; k < K; k += 32) ar[k] *= inv;
     }
+    if constexpr (KS > 0) for_lane_codewords<KS>(K, lane, [&](int j, int k) { part[j] += ar[k]; });
   }
-  __syncthreads();
-  for (int k = tid; k < K; k += NTHREADS) {
-    float s = 0.f;
-    for (int r = 0; r < nr; ++r) s += A[r * (K + 1) + k];
-    msum[k] += s;
+  if constexpr (KS > 0) {
+    for_lane_codewords<KS>(K, lane, [&](int j, int k) { atomicAdd(msum + k, part[j]); });
+    __syncthreads();
+  } else {
+    __syncthreads();
+    for (int k = tid; k < K; k += NTHREADS) {
+      float s = 0.f;
+      for (int r = 0; r < nr; ++r) s += A[r * (K + 1) + k];
+      msum[k] += s;
+    }
   }
 }
 
@@ -164,12 +190,14 @@ DRE_DEVICE void re_hard_grad_rows(void* gx, int gx_dt, const float* G, const int
 }
 
 // Soft backward (2), one warp per row: A (distances) becomes a = softmax, H (g) becomes h = a (g - <a, g>);
-// shr_r = sum_k s_k h_rk; with acc_k: msum += a, hsum += h, gsum -= h d (shared atomics). Rows past nr: zeros.
-// g is shifted by g_m, m the row's largest assignment (h is the same, as sum_k a_k = 1): where a_m is near 1,
+// shr_r = sum_k s_k h_rk; with acc_k: msum += a, hsum += h, gsum -= h d (shared atomics, see above). Rows past nr:
+// zeros. g is shifted by g_m, m the row's largest assignment (h is the same, as sum_k a_k = 1): where a_m is near 1,
 // <a, g> ~ g_m would cancel against g_m and leave h_m an error of eps |g| instead of eps |h_m|.
+template <int KS = 0>
 DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float* hsum, float* gsum, int nr, int R,
                               int K, const float* scale, int acc_k, int tid) {
   const int lane = tid & 31, warp = tid >> 5;
+  float pm[KS > 0 ? KS : 1] = {}, ph[KS > 0 ? KS : 1] = {}, pg[KS > 0 ? KS : 1] = {};
   for (int r = warp; r < R; r += NTHREADS / 32) {
     float* ar = A + r * (K + 1);
     float* hr = H + r * (K + 1);
@@ -199,21 +227,33 @@ DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float
     for (int k = lane; k < K; k += 32) ag += expf(-scale[k] * ar[k] - m) * inv * (hr[k] - gm);
     ag = warp_sum(ag);
     float sh = 0.f;
-    for (int k = lane; k < K; k += 32) {
+    for_lane_codewords<KS>(K, lane, [&](int j, int k) {
       const float dist = ar[k];
       const float a = expf(-scale[k] * dist - m) * inv;
       const float h = a * ((hr[k] - gm) - ag);
       ar[k] = a;
       hr[k] = h;
       sh += scale[k] * h;
-      if (acc_k) {
+      if constexpr (KS > 0) {
+        pm[j] += a;
+        ph[j] += h;
+        pg[j] -= h * dist;
+      } else if (acc_k) {
         atomicAdd(msum + k, a);
         atomicAdd(hsum + k, h);
         atomicAdd(gsum + k, -h * dist);
       }
-    }
+    });
     sh = warp_sum(sh);
     if (lane == 0) shr[r] = sh;
+  }
+  if constexpr (KS > 0) {
+    if (acc_k)
+      for_lane_codewords<KS>(K, lane, [&](int j, int k) {
+        atomicAdd(msum + k, pm[j]);
+        atomicAdd(hsum + k, ph[j]);
+        atomicAdd(gsum + k, pg[j]);
+      });
   }
 }
 
@@ -787,6 +827,8 @@ DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, c
 // 64), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the device's opt-in limit; none
 // (the kernels above run) where nothing fits or the accumulator would not.
 enum { RE_FULL_TILES = 24, RE_FULL_DCH = 3 };
+// codewords per lane in the assignment passes (re_assign_fwd / re_assign_bwd): the full-width rule takes K <= 64
+enum { RE_FULL_KS = 2 };
 
 struct ReFullSmem {
   unsigned short *c_hi, *c_lo, *g_hi, *g_lo, *xs, *at_hi, *at_lo;
@@ -1174,7 +1216,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
     });
     __syncthreads();
     // (2) assignments, their column sums, and A^T split into hi + lo (zero past nr and K)
-    re_assign_fwd(m.A, m.kmin, m.msum, nr, R, K, hard, scale, tid);
+    re_assign_fwd<RE_FULL_KS>(m.A, m.kmin, m.msum, nr, R, K, hard, scale, tid);
     re_full_split_t(m, m.A, by_r, K, dt, tid);
     __syncthreads();
     // (3) acc += A^T X over all columns (hard: A is 0/1: one MMA)
@@ -1309,7 +1351,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_bwd_tc_full(const void* rows, int rows_
     });
     __syncthreads();
     // (2) a, h = a (g - <a, g>), mass, hsum and gsum (re_assign_bwd); h^T split into hi + lo
-    re_assign_bwd(m.A, m.H, m.shr, m.msum, m.hsum, m.gsum, nr, R, K, scale, 1, tid);
+    re_assign_bwd<RE_FULL_KS>(m.A, m.H, m.shr, m.msum, m.hsum, m.gsum, nr, R, K, scale, 1, tid);
     __syncthreads();
     re_full_split_t(m, m.H, by_r, K, dt, tid);
     __syncthreads();
