@@ -272,6 +272,20 @@ def test_cuda_dispatch_key_has_every_op_when_built_with_cuda():
         assert _has(op, "CPU")
 
 
+def _built_cuda_cuobjdump() -> str:
+    """A cuobjdump for the built extension's CUDA kernels; skips the test where there are none or no cuobjdump."""
+    if _library.native_error is not None:
+        pytest.skip(f"extension not built: {_library.native_error}")
+    if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
+        pytest.skip("dre_kernels._C was built without CUDA kernels")
+    from triton_aot import cuobjdump
+
+    tool = cuobjdump(prefer_triton=False)
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    return tool
+
+
 def test_built_cuda_kernels_keep_to_registers():
     """ptxas's verdict on the kernels in the built extension, per arch: no local memory (spills or a stack frame
     for an array it could not keep in registers: each costs memory traffic in an inner loop) and at most 128
@@ -279,15 +293,9 @@ def test_built_cuda_kernels_keep_to_registers():
     at most 255: the residual ones with their K x D accumulator (96 floats a thread; their shared memory holds whole
     rows), dre_cl_bwd_tc_wide with its 64 x 512 tile of grad u (128 floats a thread).
     Read from the cubins with cuobjdump."""
-    if _library.native_error is not None:
-        pytest.skip(f"extension not built: {_library.native_error}")
-    if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
-        pytest.skip("dre_kernels._C was built without CUDA kernels")
-    from triton_aot import cuobjdump, kernel_resources
+    from triton_aot import kernel_resources
 
-    tool = cuobjdump(prefer_triton=False)
-    if tool is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    tool = _built_cuda_cuobjdump()
     so = dre_kernels._C.__file__
     elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     archs = sorted(set(re.findall(r"\.(sm_\d+)\.cubin", elves)))
@@ -308,15 +316,7 @@ def test_built_full_width_kernels_do_not_divide_per_element():
     width, which nvcc compiles to ~20 instructions (I2F.RP, MUFU.RCP, F2I, fix-ups) per element: read from the SASS
     of the built extension, each holds a few such sequences (the set-up and per-step ones: 11 and 17 on sm_90), where
     it held 358 and 282 before (nvcc 13.0)."""
-    if _library.native_error is not None:
-        pytest.skip(f"extension not built: {_library.native_error}")
-    if not any(_has(op, "CUDA") for op in _library.SCHEMAS):
-        pytest.skip("dre_kernels._C was built without CUDA kernels")
-    from triton_aot import cuobjdump
-
-    tool = cuobjdump(prefer_triton=False)
-    if tool is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    tool = _built_cuda_cuobjdump()
     sass = subprocess.run([tool, "-sass", dre_kernels._C.__file__], capture_output=True, text=True,
                           check=True).stdout
     parts = re.split(r"\n\s+Function : (\w+)\n", sass)
