@@ -52,9 +52,10 @@ DRE_DEVICE unsigned short f32_to_f16(float f) {
 
 // q = x / d for 0 <= x < 2^31 (x % d: x - q d), by a multiply-high and a shift (Granlund and Montgomery, as CUTLASS's
 // FastDivmod): m = ceil(2^p / d) with p = 31 + ceil(log2 d), so floor(x m / 2^p) = floor(x / d) for every such x
-// (m d - 2^p < d <= 2^(p - 31)). Made once per kernel for a divisor its loops keep: nvcc compiles a division by a
-// runtime int to ~20 instructions (SASS: I2F.RP, MUFU.RCP, F2I and fix-ups), and the full-width kernels' staging
-// loops divided every element's index by a width, two or three times, on every step.
+// (m d - 2^p < d <= 2^(p - 31)). nvcc compiles a division by a runtime int to ~20 instructions (SASS: I2F.RP,
+// MUFU.RCP, F2I and fix-ups), and the staging loops divided every element's index by a width, two or three times.
+// Its set-up is a 64-bit division (a call of ~70 instructions): made once per kernel (the full-width ones) or per
+// tile staging (the column-tiled ones, where held in their struct it would stay live in registers).
 struct FastDiv {
   int d;
   unsigned m = 0;

@@ -272,11 +272,11 @@ DRE_DEVICE float re_grad_x(const float* ar, const float* hr, const float* Gb, co
 // 16-bit shared tiles have a row stride of width + 8 elements: 4-byte aligned pairs, and the 8 rows a fragment
 // load touches fall in distinct banks.
 
-// xs (R x DT, 16-bit) = columns [dd, dd + DT) of this step's rows as stored; zeros past nr and D
+// xs (R x DT, 16-bit) = columns [dd, dd + DT) of this step's rows as stored; zeros past nr and D. cols: DT, as the
+// staging's divisor (one FastDiv for the rows and the codewords of a tile, re_tc_load_split)
 DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64* roff, i64 s_c, int nr, int R, int D,
-                                int dd, int DT, int tid) {
-  const int ld = DT + 8;
-  const FastDiv cols(DT);
+                                int dd, const FastDiv& cols, int tid) {
+  const int DT = cols.d, ld = DT + 8;
   staged_copy(
       R * DT, tid,
       [&](int e) -> unsigned short {
@@ -291,9 +291,8 @@ DRE_DEVICE void re_tc_load_rows(unsigned short* xs, const void* rows, const i64*
 // the forward's codewords, split once per block before its accumulator is live (2 round trips at K=64, D=384)
 template <int BATCH = 8>
 DRE_DEVICE void re_tc_load_split(unsigned short* p_hi, unsigned short* p_lo, const float* P, int dt, int K, int D,
-                                 int dd, int DT, int tid) {
-  const int ld = DT + 8, K8 = (K + 7) & ~7;
-  const FastDiv cols(DT);
+                                 int dd, const FastDiv& cols, int tid) {
+  const int DT = cols.d, ld = DT + 8, K8 = (K + 7) & ~7;
   staged_copy<BATCH>(
       K8 * DT, tid,
       [&](int e) -> float {
@@ -326,7 +325,7 @@ DRE_DEVICE void re_tc_dot_tile(float* acc, const unsigned short* xs, const unsig
 // xo (R x DO, 16-bit) = columns [d0, d0 + dn) of this step's rows; zeros elsewhere
 DRE_DEVICE void re_tc_load_cols(unsigned short* xo, const void* rows, const i64* roff, i64 s_c, int nr, int R, int DO,
                                 int d0, int dn, int tid) {
-  re_tc_load_rows(xo, rows, roff, s_c, nr, R, d0 + dn, d0, DO, tid);  // the columns past d0 + dn as those past D
+  re_tc_load_rows(xo, rows, roff, s_c, nr, R, d0 + dn, d0, FastDiv(DO), tid);  // columns past d0 + dn as past D
 }
 
 // acc (8 tiles x 4 floats) += W^T X for the output tiles q = 8 warp + j of the K16 x DO/8 grid: W (R x K float32,
@@ -530,9 +529,10 @@ struct ReTcTiles {
 
   template <bool WITH_G>
   DRE_DEVICE void load(int nr, int dd, const float* C, const float* Gb) {
-    re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, DT, tid);
-    re_tc_load_split(c_hi, c_lo, C, dt, K, D, dd, DT, tid);
-    if constexpr (WITH_G) re_tc_load_split(g_hi, g_lo, Gb, dt, K, D, dd, DT, tid);
+    const FastDiv cols(DT);  // made here, not held in the struct (see above)
+    re_tc_load_rows(xs, rows, roff, s_c, nr, R, D, dd, cols, tid);
+    re_tc_load_split(c_hi, c_lo, C, dt, K, D, dd, cols, tid);
+    if constexpr (WITH_G) re_tc_load_split(g_hi, g_lo, Gb, dt, K, D, dd, cols, tid);
   }
 
   DRE_DEVICE float row_sq(int r) const {
@@ -1193,7 +1193,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(1) dre_re_fwd_tc_full(const void* rows, int rows_
   // the first step's rows load while the codewords are split
   ReFullStep st = re_full_step_at(off, re_slide_of_warp(off, B, lo, tid & 31), lo, hi, R);
   re_full_begin_rows(m, src, st, R, nbuf, tid);
-  re_tc_load_split<48>(m.c_hi, m.c_lo, C, dt, K, D, 0, D16, tid);
+  re_tc_load_split<48>(m.c_hi, m.c_lo, C, dt, K, D, 0, FastDiv(D16), tid);
   for (int k = tid; k < K; k += NTHREADS) m.msum[k] = 0.f;
   float acc[4 * RE_FULL_TILES];
 #pragma unroll
