@@ -13,8 +13,11 @@
 #                                           #   (BENCH_ARGS="--quick" or "--providers torch native" for less)
 #   bash benchmarks/gpu_session.sh profile  # build + profile_kernels.py: each call's kernels, host time and syncs
 #                                           #   (PROFILE_ARGS="--shape 50k" or "--providers triton" to narrow it)
+#   bash benchmarks/gpu_session.sh ncu      # build + ncu_kernels.py: Nsight Compute's counters of each case's kernels
+#                                           #   (DRAM, occupancy, tensor pipes, stall reasons, most sampled SASS
+#                                           #   lines) to $OUT/ncu/ncu.md; NCU_ARGS="--cases triton:soft:fwd" for less
 #   bash benchmarks/gpu_session.sh all      # tests, then bench
-# bench*, profile and all first precompile the benchmarks' Triton kernels on every core (precompile below).
+# bench*, profile, ncu and all first precompile the benchmarks' Triton kernels on every core (precompile below).
 #
 # Before spending device time: `make test-gpu-stack` on a CPU machine runs the kernel tests against this image's
 # torch 2.11 / triton 3.6 (interpreter, emulator, the CUDA build and Triton's sm_80/sm_90 compile).
@@ -96,6 +99,10 @@ fuzz() {
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
 bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
 profile() { $PY benchmarks/profile_kernels.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt"; }
+# the .ncu-rep reports stay in build/ (megabytes each): $OUT gets the CSVs, the logs and ncu.md
+ncu_counters() {
+  $PY benchmarks/ncu_kernels.py --out "$OUT/ncu" --reports build/ncu --source ${NCU_ARGS:-} 2>&1 | tee "$OUT/ncu.log" | tail -80
+}
 
 case "$stage" in
   build) build ;;
@@ -105,7 +112,8 @@ case "$stage" in
   bench-cuda) build && precompile && bench_cuda ;;
   bench-step) build && precompile && bench_step ;;
   profile) build && precompile && profile ;;
+  ncu) build && precompile && ncu_counters ;;
   precompile) build && precompile ;;
   all) build && tests && precompile && bench_cuda && bench_step ;;
-  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|precompile|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|ncu|precompile|all" >&2; exit 2 ;;
 esac

@@ -227,3 +227,98 @@ def test_host_overhead_benchmark_through_tritons_launch_path(tmp_path):
         assert 0 < float(r["launch_us"]) < float(r["host_us"]), r
     assert int(rows[("residual_encode", "soft", "fwd")]["triton_launches"]) == 3
     assert int(rows[("contrastive_loss", "normalize", "fwd+bwd")]["triton_launches"]) == 8
+
+
+# A stand-in for Nsight Compute's command line, as benchmarks/ncu_kernels.py uses it: profiling runs the app (and
+# fails on a metric it "does not know", as ncu does), --import --page raw prints a raw-page CSV of two kernels for
+# the metrics profiled, any other page fails (the script's source page is best effort).
+_FAKE_NCU = r'''
+import csv, json, subprocess, sys
+args = sys.argv[1:]
+UNKNOWN = "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"
+if "--import" in args:
+    rep = json.load(open(args[args.index("--import") + 1]))
+    if args[args.index("--page") + 1] == "source":
+        print('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"')
+        for i, n in enumerate([5, 400, 30]):
+            print(f'"0x{16 * i:x}","LDG.E.128 R{i}, desc[UR4][R2.64]","{n}","{n // 2}"')
+        sys.exit(0)
+    value = {"gpu__time_duration.sum": ("nsecond", "1,234"), "dram__bytes_read.sum": ("byte", "2,000,000"),
+             "dram__bytes_write.sum": ("byte", "1,000,000"), "launch__registers_per_thread": ("register", "168"),
+             "launch__grid_size": ("", "132"), "launch__block_size": ("", "256"),
+             "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio": ("", "9.5"),
+             "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio": ("", "3.5"),
+             "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio": ("", "1.0")}
+    print("==PROF== Connected to process 1")
+    fixed = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+             "Grid Size", "Device", "CC"]
+    w = csv.writer(sys.stdout, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(fixed + rep["metrics"])
+    w.writerow([""] * len(fixed) + [value.get(m, ("", ""))[0] for m in rep["metrics"]])
+    for i, name in enumerate(["_re_fwd_kernel", "void dre_re_fwd_tc_full<(int)64>(const float *, int)"]):
+        w.writerow([str(i), "1", "python", "h", name, "1", "7", "(256, 1, 1)", "(132, 1, 1)", "0", "9.0"]
+                   + [value.get(m, ("", "0.1"))[1] for m in rep["metrics"]])
+    sys.exit(0)
+with_value = {"--profile-from-start", "--clock-control", "--metrics", "--export", "--section", "--import-source"}
+i = 0
+while args[i].startswith("--"):
+    i += 2 if args[i] in with_value else 1
+opts, app = args[:i], args[i:]
+metrics = opts[opts.index("--metrics") + 1].split(",")
+if UNKNOWN in metrics:
+    print(f"==ERROR== Failed to find metric regex:^{UNKNOWN}$")
+    sys.exit(1)
+res = subprocess.run(app, capture_output=True, text=True)
+print(res.stdout + res.stderr)
+if res.returncode == 0 and "ncu_kernels: ran" in res.stdout:
+    json.dump({"metrics": metrics}, open(opts[opts.index("--export") + 1] + ".ncu-rep", "w"))
+sys.exit(res.returncode)
+'''
+
+
+def test_ncu_kernels_driver_with_a_stand_in_ncu(monkeypatch, tmp_path):
+    """benchmarks/ncu_kernels.py runs only where Nsight Compute and a GPU are: here a stand-in ncu (above) runs the
+    script's real child (torch provider, tiny shapes, CPU) and prints a raw page in ncu's layout, so that the
+    command lines, the retry without a metric ncu does not know, the parsing (units, thousands separators) and the
+    summary are checked before a GPU session spends minutes on them. The raw page's layout is the one ncu's
+    documentation gives, not yet seen from the real ncu."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks import ncu_kernels
+
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!{sys.executable}\n{_FAKE_NCU}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("NCU", str(fake))
+    out = tmp_path / "out"
+    cases = ["torch:soft:fwd", "torch:contrastive:fwd+bwd"]
+    assert ncu_kernels.main(["--cases", *cases, "--shape", "smoke", "--contrastive-batch", "64", "--device", "cpu",
+                             "--warmup", "1", "--source", "--out", str(out),
+                             "--reports", str(tmp_path / "reports")]) == 0
+    md = (out / "ncu.md").read_text()
+    for case in cases:
+        assert f"### {case}" in md and (out / f"{ncu_kernels.case_file(case)}.csv").exists()
+        log = (out / f"{ncu_kernels.case_file(case)}.log").read_text()
+        assert "--clock-control none" in log and f"ran {case} at smoke on cpu" in log
+    rows = [line for line in md.splitlines() if line.startswith("| _re_fwd_kernel") or line.startswith("| dre_re")]
+    assert len(rows) == 4  # two kernels per case, their names without parameters
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[1:4] == ["1.2", "3", "2431.1"]  # 1,234 ns; 2 + 1 MB; 3 MB / 1.234 us
+    assert cells[10] == "168" and cells[12] == "132 x 256"
+    assert cells[-1] == "long_scoreboard 9.5, barrier 3.5, wait 1.0"  # the three largest stalls, largest first
+    assert [line.split("|")[1].strip() for line in rows[:2]] == ["_re_fwd_kernel", "dre_re_fwd_tc_full<(int)64>"]
+    # the unknown metric was dropped (first case) and not asked for again (second case)
+    assert (out / "torch-soft-fwd.log").read_text().count("dropping metrics") == 1
+    hot = md.split("Most sampled instructions")[1].splitlines()[2:5]  # the source page's lines, most samples first
+    assert [line.split()[0] for line in hot] == ["400", "30", "5"] and "LDG.E.128 R1" in hot[0]
+    assert (tmp_path / "reports" / "torch-soft-fwd_source.csv").exists()
+    assert "dropping" not in (out / "torch-contrastive-fwd_bwd.log").read_text()
+    # bad cases fail before any profiling; no ncu: nothing measured, status 0
+    with pytest.raises(SystemExit):
+        ncu_kernels.main(["--cases", "torch:soft:backward", "--out", str(tmp_path / "x")])
+    monkeypatch.setenv("NCU", "")
+    monkeypatch.setattr(ncu_kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ncu_kernels.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    assert ncu_kernels.main(["--cases", "torch:soft:fwd", "--out", str(tmp_path / "y")]) == 0
+    assert not (tmp_path / "y").exists()
