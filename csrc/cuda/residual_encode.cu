@@ -124,8 +124,12 @@ DRE_DEVICE void for_lane_codewords(int K, int lane, F&& f) {
 
 // Column sums over the assignment rows. Shared memory has no float atomic add: atomicAdd there is a compare-and-swap
 // loop (sm_90 SASS: ATOMS.CAST.SPIN), a few round trips each. With KS > 0 (K <= 32 KS) each lane sums its codewords
-// over its warp's rows in registers and adds them once per call (KS atomics a lane, per sum); with KS = 0 (any K) the
-// forward sums the columns after a barrier in K threads, the backward adds every element.
+// over its warp's rows in registers and adds them once per call (KS atomics a lane, per sum); with KS = 0 the
+// forward sums the columns after a barrier, NTHREADS / K threads a codeword, the backward adds every element.
+// The column-tiled and SIMT kernels take any K <= 256 (MAX_K): their backward holds 8 codewords a lane (24 floats,
+// within 128 registers, two blocks per SM; sm_80 and sm_90 ptxas), their forward keeps KS = 0 (8 more floats took
+// dre_re_fwd_tc past 128 registers on sm_80).
+enum { RE_ANY_K_KS = 8 };
 
 // Forward (2): row r of A (distances, row stride K + 1) becomes softmax_k(-s_k d_rk), or the one-hot of its first
 // argmin (kmin[r] = k); rows past nr become zeros. One warp per row. msum_k += sum_r A_rk. Ends with a barrier.
@@ -171,11 +175,17 @@ DRE_DEVICE void re_assign_fwd(float* A, int* kmin, float* msum, int nr, int R, i
     for_lane_codewords<KS>(K, lane, [&](int j, int k) { atomicAdd(msum + k, part[j]); });
     __syncthreads();
   } else {
+    // NTHREADS / K threads per codeword (K <= NTHREADS), each summing every tpk-th row, then one atomic each
     __syncthreads();
-    for (int k = tid; k < K; k += NTHREADS) {
+    const int tpk = K <= NTHREADS ? NTHREADS / K : 1;
+    for (int t = tid; t < K * tpk; t += NTHREADS) {
+      const int k = t % K;
       float s = 0.f;
-      for (int r = 0; r < nr; ++r) s += A[r * (K + 1) + k];
-      msum[k] += s;
+      for (int r = t / K; r < nr; r += tpk) s += A[r * (K + 1) + k];
+      if (tpk > 1)
+        atomicAdd(msum + k, s);
+      else
+        msum[k] += s;
     }
   }
 }
@@ -718,7 +728,7 @@ DRE_DEVICE void re_bwd_body(const void* rows, int rows_dt, i64 s_r, i64 s_c, con
     });
     __syncthreads();
     // (2) per row: a (softmax), h = a (g - <a, g>); mass, hsum and gsum by shared atomics; shr_r = sum_k s_k h_rk
-    re_assign_bwd(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
+    re_assign_bwd<RE_ANY_K_KS>(A, H, shr, msum, hsum, gsum, nr, R, K, scale, need_c && pid_d == 0, tid);
     // (3) h^T x over this block's column tile, and grad x of the fresh rows (barriers in for_each_row_block: A, H,
     // shr complete before the first block)
     tl.for_each_row_block(nr, d0, dn, [&](int rs, int ns) {
@@ -756,40 +766,46 @@ using namespace dre_cuda;
 // The four kernels: forward and soft backward, each SIMT (any rows, any GPU) and on the tensor cores (sm_80+,
 // 16-bit rows). Tensor-core launch rule (host: re_tc_config): DO a multiple of 8 with ceil(K/16) DO/8 <= 64, R a
 // multiple of 16 with (R/16) K8/8 <= 32 (backward: <= 16, two sets of distance accumulators), DT in {16, 32}; shared
-// floats 5R + 3K + R(K+1) (backward: + R(K+1) more) + the 16-bit tiles' union.
-DRE_GLOBAL void dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
-                           const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
-                           const float* scale, float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
-                           i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO) {
+// floats 5R + 3K + R(K+1) (backward: + R(K+1) more) + the 16-bit tiles' union. Two blocks per SM (DRE_MIN_BLOCKS:
+// registers capped at 128; their shared memory, by the launch rules, is at most 48 KB).
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_re_fwd(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                             int idx64, int gather, const i64* off, const i64* slide, const i64* cstart,
+                                             const float* C, const float* csq, const float* scale, float* acc_out,
+                                             float* mass_out, const float* G, void* gx, int gx_dt, i64 B, int K, int D,
+                                             i64 chunk, int hard, int with_e, int R, int DO) {
   re_fwd_body<ReSimtTiles<RE_DT_FWD>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale,
                                       acc_out, mass_out, G, gx, gx_dt, B, K, D, chunk, hard, with_e, R, DO, RE_DT_FWD);
 }
 
-DRE_GLOBAL void dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
-                                int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
-                                const float* csq, const float* scale, const float* G, const float* gc, float* hx_out,
-                                float* hsum_out, float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K,
-                                int D, i64 chunk, int write_gx, int need_c, int R, int DO) {
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_re_bwd_soft(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                                  int idx64, int gather, const i64* off, const i64* slide,
+                                                  const i64* cstart, const float* C, const float* csq,
+                                                  const float* scale, const float* G, const float* gc, float* hx_out,
+                                                  float* hsum_out, float* gsum_out, float* mass_out, void* gx,
+                                                  int gx_dt, i64 B, int K, int D, i64 chunk, int write_gx, int need_c,
+                                                  int R, int DO) {
   re_bwd_body<ReSimtTiles<RE_DT_BWD>>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale,
                                       G, gc, hx_out, hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx,
                                       need_c, R, DO, RE_DT_BWD);
 }
 
-DRE_GLOBAL void dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64,
-                              int gather, const i64* off, const i64* slide, const i64* cstart, const float* C,
-                              const float* csq, const float* scale, float* acc_out, float* mass_out, const float* G,
-                              void* gx, int gx_dt, i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO,
-                              int DT) {
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_re_fwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                                int idx64, int gather, const i64* off, const i64* slide,
+                                                const i64* cstart, const float* C, const float* csq, const float* scale,
+                                                float* acc_out, float* mass_out, const float* G, void* gx, int gx_dt,
+                                                i64 B, int K, int D, i64 chunk, int hard, int with_e, int R, int DO,
+                                                int DT) {
   re_fwd_body<ReTcTiles>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale, acc_out,
                          mass_out, G, gx, gx_dt, B, K, D, chunk, hard, with_e, R, DO, DT);
 }
 
 // (the host sends bf16 rows only: G and h split into float16 parts would lose gradients below 6e-5)
-DRE_GLOBAL void dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx, int idx64, int gather,
-                              const i64* off, const i64* slide, const i64* cstart, const float* C, const float* csq,
-                              const float* scale, const float* G, const float* gc, float* hx_out, float* hsum_out,
-                              float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K, int D, i64 chunk,
-                              int write_gx, int need_c, int R, int DO, int DT) {
+DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_re_bwd_tc(const void* rows, int rows_dt, i64 s_r, i64 s_c, const void* idx,
+                                                int idx64, int gather, const i64* off, const i64* slide,
+                                                const i64* cstart, const float* C, const float* csq, const float* scale,
+                                                const float* G, const float* gc, float* hx_out, float* hsum_out,
+                                                float* gsum_out, float* mass_out, void* gx, int gx_dt, i64 B, int K,
+                                                int D, i64 chunk, int write_gx, int need_c, int R, int DO, int DT) {
   re_bwd_body<ReTcTiles>(rows, rows_dt, s_r, s_c, idx, idx64, gather, off, slide, cstart, C, csq, scale, G, gc, hx_out,
                          hsum_out, gsum_out, mass_out, gx, gx_dt, B, K, D, chunk, write_gx, need_c, R, DO, DT);
 }
