@@ -64,8 +64,9 @@ METRICS = [
     ("lts__t_sectors_op_atom.sum", "L2 atom sectors"),
     ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum", "smem conflicts"),
 ]
+# ("selected", the cycle a warp issues, is not a stall)
 STALL_REASONS = ("long_scoreboard", "short_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait",
-                 "math_pipe_throttle", "not_selected", "selected", "dispatch_stall", "no_instruction", "membar",
+                 "math_pipe_throttle", "not_selected", "dispatch_stall", "no_instruction", "membar",
                  "branch_resolving", "drain", "sleeping", "imc_miss", "tex_throttle", "misc")
 
 
@@ -193,8 +194,9 @@ def kernel_summary(row: dict) -> dict:
     out = {"kernel": name, "time_us": None if t is None else 1e6 * t,
            "dram_mb": None if rd is None or wr is None else (rd + wr) / 1e6,
            "dram_gbs": None if t in (None, 0.0) or rd is None or wr is None else (rd + wr) / t / 1e9}
-    for metric, column in METRICS[3:]:
-        out[column] = _number(row.get(metric, ""))
+    for metric, column in METRICS:
+        if column not in ("time", "dram read", "dram write"):  # those three are in the derived columns above
+            out[column] = _number(row.get(metric, ""))
     stalls = [(v, r) for r in STALL_REASONS if (v := _number(row.get(stall_metric(r), ""))) is not None]
     out["stalls"] = sorted(stalls, reverse=True)[:3]
     return out
