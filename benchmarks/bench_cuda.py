@@ -72,8 +72,9 @@ def _residual_inputs(B, fresh, bank_rows, K, D, device, seed=0):
 
 
 def shape_inputs(name, device):
-    """_residual_inputs of the SHAPES case called `name` (the GPU tools share bench_cuda's shapes)."""
-    _, B, fresh, bank_rows, K, D = next(s for s in SHAPES if s[0] == name)
+    """_residual_inputs of the SHAPES (or SMOKE_SHAPES) case called `name` (the GPU tools share bench_cuda's
+    shapes)."""
+    _, B, fresh, bank_rows, K, D = next(s for s in SHAPES + SMOKE_SHAPES if s[0] == name)
     return _residual_inputs(B, fresh, bank_rows, K, D, device)
 
 

@@ -104,15 +104,14 @@ def run_case(case: str, shape: str, contrastive_batch: int, device_name: str, wa
     """Make the case's call `warmup` times, then once inside the profiler's range (CUDA) or once more (CPU)."""
     import torch
 
-    from benchmarks.bench_cuda import SHAPES, SMOKE_SHAPES, _contrastive_fn, _residual_fn, _residual_inputs
+    from benchmarks.bench_cuda import _contrastive_fn, _residual_fn, shape_inputs
 
     provider, op, mode = parse_case(case)
     device = torch.device(device_name)
     if op == "contrastive":
         fn = _contrastive_fn(provider, contrastive_batch, 16 if shape == "smoke" else 512, mode, device)
     else:
-        _, B, fresh, bank_rows, K, D = next(s for s in SHAPES + SMOKE_SHAPES if s[0] == shape)
-        inputs, _ = _residual_inputs(B, fresh, bank_rows, K, D, device)
+        inputs, _ = shape_inputs(shape, device)
         fn = _residual_fn(provider, inputs, mode, op == "hard")
     for _ in range(warmup):
         fn()
@@ -261,8 +260,9 @@ def source_csv(report: str) -> str:
     return report.removesuffix(".ncu-rep") + "_source.csv"
 
 
-def profile_case(ncu: str, case: str, out_dir: str, args, metrics: list[str]) -> tuple[list[dict], list[str], str]:
-    """Profile one case: (raw rows, the metrics kept, a status line); its ncu output goes to DIR/CASE.log."""
+def profile_case(ncu: str, case: str, out_dir: str, args, metrics: list[str]) -> tuple[list[dict], list[str], str, str]:
+    """Profile one case: (raw rows, the metrics kept, a status line, the source page's hot spots (--source) or "");
+    its ncu output goes to DIR/CASE.log."""
     base = os.path.join(out_dir, case_file(case))
     report = os.path.join(args.reports or out_dir, case_file(case))
     child = [sys.executable, os.path.abspath(__file__), "--run", case, "--shape", args.shape, "--device",
@@ -279,7 +279,7 @@ def profile_case(ncu: str, case: str, out_dir: str, args, metrics: list[str]) ->
             try:
                 res = subprocess.run(cmd + child, capture_output=True, text=True, timeout=args.case_timeout)
             except subprocess.TimeoutExpired:
-                return [], metrics, f"timed out after {args.case_timeout} s"
+                return [], metrics, f"timed out after {args.case_timeout} s", ""
             log.write(res.stdout + res.stderr)
             unknown = [m for m in unknown_metrics(res.stdout + res.stderr) if m in metrics]
             if res.returncode != 0 and unknown:
@@ -288,21 +288,23 @@ def profile_case(ncu: str, case: str, out_dir: str, args, metrics: list[str]) ->
                 continue
             if res.returncode != 0:
                 tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
-                return [], metrics, f"ncu exit status {res.returncode}: {' | '.join(tail)}"
+                return [], metrics, f"ncu exit status {res.returncode}: {' | '.join(tail)}", ""
             break
         else:
-            return [], metrics, "ncu kept naming unknown metrics"
+            return [], metrics, "ncu kept naming unknown metrics", ""
     report += ".ncu-rep"
     imp = _import(ncu, report, ["--page", "raw"], args.case_timeout)
     with open(base + ".csv", "w") as f:
         f.write(imp.stdout)
     rows = parse_raw_csv(imp.stdout)
+    hot = ""
     if args.source:
         src = _import(ncu, report, ["--page", "source", "--print-source", "sass"], args.case_timeout)
         with open(source_csv(report), "w") as f:
             f.write(src.stdout if src.returncode == 0 else src.stdout + src.stderr)
+        hot = source_hot_spots(src.stdout) if src.returncode == 0 else ""
     status = f"{len(rows)} kernels" if rows else f"no kernels in the report (import exit status {imp.returncode})"
-    return rows, metrics, status
+    return rows, metrics, status, hot
 
 
 def main(argv=None) -> int:
@@ -348,16 +350,12 @@ def main(argv=None) -> int:
     parts = [f"# Nsight Compute counters ({args.shape} shape, contrastive B={args.contrastive_batch})", ""]
     failed = 0
     for case in args.cases:
-        rows, metrics, status = profile_case(ncu, case, args.out, args, metrics)
+        rows, metrics, status, hot = profile_case(ncu, case, args.out, args, metrics)
         print(f"ncu_kernels: {case}: {status}", flush=True)
         if rows:
             parts.append(summary_markdown(case, rows))
-            if args.source:
-                report = os.path.join(args.reports or args.out, case_file(case) + ".ncu-rep")
-                with open(source_csv(report)) as f:
-                    hot = source_hot_spots(f.read())
-                if hot:
-                    parts += ["Most sampled instructions (warp-state samples, all reasons):", "", hot, ""]
+            if hot:
+                parts += ["Most sampled instructions (warp-state samples, all reasons):", "", hot, ""]
         else:
             failed += 1
             parts += [f"### {case}", "", f"not profiled: {status}", ""]

@@ -109,23 +109,20 @@ DRE_DEVICE void re_row_offsets(i64* roff, float* xsq, i64 r0, int nr, int R, con
   }
 }
 
-// f(j, k) for this lane's codewords k = lane + 32 j < K: j < KS unrolled where KS > 0 (K <= 32 KS, which the caller
-// guarantees: the full-width kernels' K <= 64), else a loop over any K with j = 0
+// f(j, k) for this lane's codewords k = lane + 32 j < K, j < KS unrolled (K <= 32 KS, which the caller guarantees:
+// RE_FULL_KS, RE_ANY_K_KS below)
 template <int KS, class F>
 DRE_DEVICE void for_lane_codewords(int K, int lane, F&& f) {
-  if constexpr (KS > 0) {
+  static_assert(KS > 0, "KS codewords a lane");
 #pragma unroll
-    for (int j = 0; j < KS; ++j)
-      if (lane + 32 * j < K) f(j, lane + 32 * j);
-  } else {
-    for (int k = lane; k < K; k += 32) f(0, k);
-  }
+  for (int j = 0; j < KS; ++j)
+    if (lane + 32 * j < K) f(j, lane + 32 * j);
 }
 
 // Column sums over the assignment rows. Shared memory has no float atomic add: atomicAdd there is a compare-and-swap
 // loop (sm_90 SASS: ATOMS.CAST.SPIN), a few round trips each. With KS > 0 (K <= 32 KS) each lane sums its codewords
-// over its warp's rows in registers and adds them once per call (KS atomics a lane, per sum); with KS = 0 the
-// forward sums the columns after a barrier, NTHREADS / K threads a codeword, the backward adds every element.
+// over its warp's rows in registers and adds them once per call (KS atomics a lane, per sum); with KS = 0 (the
+// forward only) it sums the columns after a barrier, NTHREADS / K threads a codeword.
 // The column-tiled and SIMT kernels take any K <= 256 (MAX_K): their backward holds 8 codewords a lane (24 floats,
 // within 128 registers, two blocks per SM; sm_80 and sm_90 ptxas), their forward keeps KS = 0 (8 more floats took
 // dre_re_fwd_tc past 128 registers on sm_80).
@@ -203,11 +200,11 @@ DRE_DEVICE void re_hard_grad_rows(void* gx, int gx_dt, const float* G, const int
 // shr_r = sum_k s_k h_rk; with acc_k: msum += a, hsum += h, gsum -= h d (shared atomics, see above). Rows past nr:
 // zeros. g is shifted by g_m, m the row's largest assignment (h is the same, as sum_k a_k = 1): where a_m is near 1,
 // <a, g> ~ g_m would cancel against g_m and leave h_m an error of eps |g| instead of eps |h_m|.
-template <int KS = 0>
+template <int KS>
 DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float* hsum, float* gsum, int nr, int R,
                               int K, const float* scale, int acc_k, int tid) {
   const int lane = tid & 31, warp = tid >> 5;
-  float pm[KS > 0 ? KS : 1] = {}, ph[KS > 0 ? KS : 1] = {}, pg[KS > 0 ? KS : 1] = {};
+  float pm[KS] = {}, ph[KS] = {}, pg[KS] = {};
   for (int r = warp; r < R; r += NTHREADS / 32) {
     float* ar = A + r * (K + 1);
     float* hr = H + r * (K + 1);
@@ -244,27 +241,19 @@ DRE_DEVICE void re_assign_bwd(float* A, float* H, float* shr, float* msum, float
       ar[k] = a;
       hr[k] = h;
       sh += scale[k] * h;
-      if constexpr (KS > 0) {
-        pm[j] += a;
-        ph[j] += h;
-        pg[j] -= h * dist;
-      } else if (acc_k) {
-        atomicAdd(msum + k, a);
-        atomicAdd(hsum + k, h);
-        atomicAdd(gsum + k, -h * dist);
-      }
+      pm[j] += a;
+      ph[j] += h;
+      pg[j] -= h * dist;
     });
     sh = warp_sum(sh);
     if (lane == 0) shr[r] = sh;
   }
-  if constexpr (KS > 0) {
-    if (acc_k)
-      for_lane_codewords<KS>(K, lane, [&](int j, int k) {
-        atomicAdd(msum + k, pm[j]);
-        atomicAdd(hsum + k, ph[j]);
-        atomicAdd(gsum + k, pg[j]);
-      });
-  }
+  if (acc_k)
+    for_lane_codewords<KS>(K, lane, [&](int j, int k) {
+      atomicAdd(msum + k, pm[j]);
+      atomicAdd(hsum + k, ph[j]);
+      atomicAdd(gsum + k, pg[j]);
+    });
 }
 
 // grad x of one fresh row and column: sum_k a_rk G_bk + 2 s_k h_rk c_k - 2 shr_r x_r (x_rd given as xv)
@@ -843,7 +832,7 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_re_bwd_tc(const void* rows, int rows_dt, i
 // 64), double-buffered if that fits, whose shared memory (re_full_smem_bytes) fits the device's opt-in limit; none
 // (the kernels above run) where nothing fits or the accumulator would not.
 enum { RE_FULL_TILES = 24, RE_FULL_DCH = 3 };
-// codewords per lane in the assignment passes (re_assign_fwd / re_assign_bwd): the full-width rule takes K <= 64
+// codewords per lane in the full-width assignment passes (re_assign_fwd / re_assign_bwd): their rule takes K <= 64
 enum { RE_FULL_KS = 2 };
 
 struct ReFullSmem {
