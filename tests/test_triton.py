@@ -200,6 +200,8 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
         else:
             return real_launch(kernel, tuned, grid, args, interp_meta, **options)
         meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1)
+        if kernel is tre._re_fwd_kernel:
+            meta["FLATTEN"] = n_dt % 2 == 0  # the plain and the flattened loop, N_DT apart
         wide_launches.append((kernel.__name__, wide))
         kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
 
@@ -285,22 +287,25 @@ def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
 def test_argmin_only_launch_tunes_no_column_tile_variants(hard):
     """The argmin-only forward (no E: the hard backward's bank rows) runs one program per chunk whatever BLOCK_DO and
     N_DT are, so its pruning keeps one config per (BLOCK_M, BLOCK_D, warps, stages): each other would be compiled
-    and timed for nothing. The launch with E keeps its column-tile variants."""
+    and timed for nothing (a flattened twin, see _as_configs, is a launch of its own). The launch with E keeps its
+    column-tile variants."""
     prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
 
     def kept(with_e):
-        return [tre._config_tuple(c) for c in prune(tre._fwd_tuned.configs, {
-            "rows_ptr": torch.zeros(1, 1), "D": 384, "WITH_E": with_e, "HARD": hard, "K_PAD": 64, "MODE": 1})]
+        return prune(tre._fwd_tuned.configs, {
+            "rows_ptr": torch.zeros(1, 1), "D": 384, "WITH_E": with_e, "HARD": hard, "K_PAD": 64, "MODE": 1})
 
-    def launch_shape(t):
-        return t[:2] + t[4:]
+    def launch_shape(c):
+        t = tre._config_tuple(c)
+        return t[:2] + t[4:] + (c.kwargs["FLATTEN"],)
 
     argmin_only, with_e = kept(False), kept(True)
-    assert len({launch_shape(t) for t in argmin_only}) == len(argmin_only)
-    assert {launch_shape(t) for t in argmin_only} == {launch_shape(t) for t in with_e if not tre.sm90_only(
-        tre._as_configs([t])[0])}
-    assert len({launch_shape(t) for t in with_e}) < len(with_e)
-    assert argmin_only[0] == with_e[0]  # the default config (autotuning off, see _common.default_config) unchanged
+    assert len({launch_shape(c) for c in argmin_only}) == len(argmin_only)
+    assert {launch_shape(c) for c in argmin_only} == {launch_shape(c) for c in with_e if not tre.sm90_only(c)}
+    assert len({launch_shape(c) for c in with_e}) < len(with_e)
+    assert any(c.kwargs["FLATTEN"] for c in argmin_only)
+    # the default config (autotuning off, see _common.default_config) unchanged
+    assert tre._config_tuple(argmin_only[0]) == tre._config_tuple(with_e[0])
 
 
 def test_int32_offsets_and_index(device):
@@ -583,6 +588,7 @@ def test_autotune_off_takes_each_launchs_first_pruned_config(monkeypatch):
             first = next(c for c in table["small_k"] if not hard or c[1] == tre.HARD_BLOCK_D)
             blocks = [meta[n] for n in ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT") if n in meta]
             assert (*blocks, meta["num_warps"], meta["num_stages"]) == first
+            assert not meta.get("FLATTEN")  # untimed, a launch keeps the plain loops (see _as_configs)
         rows = [8, 64, 8, 64]  # fresh fwd, bank fwd, fresh bwd, bank bwd (hard: the mass pass)
         col_tiles = [-(-384 // (launches[i][2]["BLOCK_DO"] * launches[i][2].get("N_DT", 1))) for i in range(4)]
         if hard:
@@ -707,8 +713,9 @@ def test_dot_pair_interleaves_the_two_products(device, dtype):
 class _EveryConfig:
     """A stand-in for `launch` that runs each autotuned launch with the i-th of the configs its autotuner would
     time (the table after the launch's own pruning; a CPU tensor passes the sm_90 gate), round robin, configs that
-    differ only in warps and stages (which the interpreter does not have) counted once. `rounds` is how many values
-    of i it takes for every launch to have run each of its configs."""
+    differ only in warps and stages (which the interpreter does not have) counted once, and the forward's FLATTEN
+    twins too: this runs their plain loop, the other tests' forwards the flattened one (_interp_meta). `rounds` is
+    how many values of i it takes for every launch to have run each of its configs."""
 
     def __init__(self):
         self.i, self.rounds, self.ran = 0, 1, set()
@@ -716,7 +723,10 @@ class _EveryConfig:
     def __call__(self, kernel, tuned, grid, args, interp_meta, **options):
         prune = tuned.kwargs["prune_configs_by"]["early_config_prune"]
         configs = prune(tuned.configs, dict(zip(kernel.arg_names, args)), **options)
-        blocks = list(dict.fromkeys(tuple(sorted(c.kwargs.items())) for c in configs))
+        blocks = {}
+        for c in configs:
+            blocks.setdefault(tuple(sorted((n, v) for n, v in c.kwargs.items() if n != "FLATTEN")), c.kwargs)
+        blocks = list(blocks.values())
         self.rounds = max(self.rounds, len(blocks))
         meta = dict(blocks[self.i % len(blocks)])
         self.ran.add((kernel.__name__, tuple(meta.items())))

@@ -17,6 +17,16 @@ x groups of N_DT column tiles: it depends on shapes only (no host synchronisatio
 map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the
 same chunk sit next to each other in the launch order, so the rows they all read come from L2.
 
+Flattened forward loop (FLATTEN). Triton pipelines the innermost loop, here the loop over D slices: a row block
+starts with no slice of its rows and codewords in flight and, after its last slice, waits for its assignments and
+a^T x (the profile of the H100 run: one program per SM waiting on each slice in turn). The forward's FLATTEN twins
+(_as_configs) walk a slide segment as one loop over (row block, D slice) pairs that finishes a row block at its
+last slice, so the pipeliner loads the next block's first slices while this one finishes. Written out by hand, not
+as tl.range(..., flatten=True): the compiler's fusion (triton >= 3.3) leaves the rows' slices as plain loads with
+triton 3.6 (the GPU image), which pipelines the hand-written loop (tests/triton_aot.py, sm_90: cp.async for the rows
+and codewords with triton 3.6 and 3.9). The autotuner times the twins against the plain loops, as neither has run
+on a GPU yet; untimed launches keep the plain loops.
+
 Codewords are prepared once per call by one small kernel (_prep_transposed_kernel): ||c_k||^2 and c^T laid out
 (D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores, interleaved by
 row (float32 for float32 rows): the distance loop loads its operand as is, for one dot x c_hi + x c_lo over a K
@@ -135,32 +145,49 @@ def _dot_t(x, t_ptr, d0, k, acc, D, MODE: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gt_ptr, D,
-               WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2 (HARD: d - ||x||^2, the argmin's key), and x G_b^T when
-    WITH_G. ct_ptr, gt_ptr: the prepared c^T and G_b^T (hi, lo for MODE 1). ||x||^2 is the same for every codeword
-    of a row: adding it before the argmin would round away the low bits that set near codewords apart."""
-    dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
-    dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
-    xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        xt = tl.load(rows_ptr + row[:, None] + d[None, :].to(tl.int64) * s_c,
-                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        if not HARD:
-            xf = xt.to(tl.float32)
-            xsq += tl.sum(xf * xf, axis=1)
-        dot = _dot_t(xt, ct_ptr, d0, k, dot, D, MODE, K_PAD)
-        if WITH_G:
-            dotg = _dot_t(xt, gt_ptr, d0, k, dotg, D, MODE, K_PAD)
+def _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gt_ptr, dot, dotg, xsq, D,
+                    WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """The terms of columns d0 .. d0 + BLOCK_D of the rows' distances: dot + x c^T, dotg + x G_b^T (WITH_G) and
+    xsq + ||x||^2 (soft)."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    xt = tl.load(rows_ptr + row[:, None] + d[None, :].to(tl.int64) * s_c,
+                 mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+    if not HARD:
+        xf = xt.to(tl.float32)
+        xsq += tl.sum(xf * xf, axis=1)
+    dot = _dot_t(xt, ct_ptr, d0, k, dot, D, MODE, K_PAD)
+    if WITH_G:
+        dotg = _dot_t(xt, gt_ptr, d0, k, dotg, D, MODE, K_PAD)
+    return dot, dotg, xsq
+
+
+@triton.jit
+def _finish_distances(dot, xsq, csq, HARD: tl.constexpr):
+    """d (BLOCK_M, K_PAD) = ||x||^2 - 2 x c^T + ||c||^2 from the slices' sums (HARD: d - ||x||^2, the argmin's key:
+    ||x||^2 is the same for every codeword of a row, and adding it before the argmin would round away the low bits
+    that set near codewords apart)."""
     if HARD:
         dist = csq[None, :] - 2.0 * dot
     else:
         dist = xsq[:, None] - 2.0 * dot + csq[None, :]
         dist = tl.where(dist < 0.0, 0.0, dist)  # cancellation near x = c_k; clamped as on CPU and CUDA, NaN kept
-    return dist, dotg
+    return dist
+
+
+@triton.jit
+def _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gt_ptr, D,
+               WITH_G: tl.constexpr, HARD: tl.constexpr, MODE: tl.constexpr, K_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The distances (_finish_distances) of a row block, and x G_b^T when WITH_G, over D in BLOCK_D slices. ct_ptr,
+    gt_ptr: the prepared c^T and G_b^T (hi, lo for MODE 1)."""
+    dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dot, dotg, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gt_ptr, dot, dotg, xsq, D,
+                                         WITH_G, HARD, MODE, K_PAD, BLOCK_D)
+    return _finish_distances(dot, xsq, csq, HARD), dotg
 
 
 @triton.jit
@@ -273,13 +300,67 @@ def _flush_col_tile(acc, mass, c_ptr, acc_ptr, b, k, kmask, t, K, D, BLOCK_DO: t
 
 
 @triton.jit
+def _fwd_assigned(a, acc0, acc1, acc2, acc3, mass, rows_ptr, row, rmask, s_c, t0, D, HARD: tl.constexpr,
+                  WITH_E: tl.constexpr, MODE: tl.constexpr, BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
+    """A row block's assignments a added into mass and, as a^T x, into the N_DT column tiles' accumulators (the
+    unused ones, N_DT < 4, are dead code to the compiler)."""
+    mass += tl.sum(a, axis=0)
+    if WITH_E:
+        acc0 = _add_col_tile(acc0, a, rows_ptr, row, rmask, s_c, t0, D, MODE, HARD, BLOCK_DO)
+        acc1, acc2, acc3 = _add_more_col_tiles(acc1, acc2, acc3, a, rows_ptr, row, rmask, s_c, t0, D,
+                                               MODE, HARD, BLOCK_DO, N_DT)
+    return acc0, acc1, acc2, acc3, mass
+
+
+@triton.jit
+def _fwd_segment(lo, end, acc0, acc1, acc2, acc3, mass, rows_ptr, s_r, s_c, idx_ptr, ct_ptr, csq, k, kmask, s, t0,
+                 D, HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
+                 K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                 N_DT: tl.constexpr, FLATTEN: tl.constexpr):
+    """Rows lo .. end of one slide: a loop over row blocks holding a loop over D slices, or (FLATTEN) one loop over
+    (row block, D slice) pairs that finishes a row block at its last slice (see the module docstring)."""
+    if FLATTEN:
+        n_slices = tl.cdiv(D, BLOCK_D)
+        dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+        xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
+            block = i // n_slices
+            d0 = (i - block * n_slices) * BLOCK_D
+            r = lo + block * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            # the index read again each slice (an L1 hit): every address here follows from i alone, which the
+            # pipeliner can compute ahead (it left loads whose addresses came through an if as plain loads)
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            dot, no_g, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, ct_ptr, dot, dot, xsq, D,
+                                             False, HARD, MODE, K_PAD, BLOCK_D)
+            if d0 + BLOCK_D >= D:  # the row block's last slice
+                a, amin = _assign(_finish_distances(dot, xsq, csq, HARD), k, kmask, rmask, s, HARD)
+                acc0, acc1, acc2, acc3, mass = _fwd_assigned(a, acc0, acc1, acc2, acc3, mass, rows_ptr, row, rmask,
+                                                             s_c, t0, D, HARD, WITH_E, MODE, BLOCK_DO, N_DT)
+                dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+                xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        for r0 in range(lo, end, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, ct_ptr, D,
+                                 False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            a, _ = _assign(dist, k, kmask, rmask, s, HARD)
+            acc0, acc1, acc2, acc3, mass = _fwd_assigned(a, acc0, acc1, acc2, acc3, mass, rows_ptr, row, rmask, s_c,
+                                                         t0, D, HARD, WITH_E, MODE, BLOCK_DO, N_DT)
+    return acc0, acc1, acc2, acc3, mass
+
+
+@triton.jit
 def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, acc_ptr, mass_ptr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WITH_E: tl.constexpr, MODE: tl.constexpr,
                    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   N_DT: tl.constexpr):
+                   N_DT: tl.constexpr, FLATTEN: tl.constexpr):
     """N_DT column tiles (1..4) per program: their accumulators side by side in registers (Triton blocks are powers
-    of two, so D=384 is three 128-wide tiles, not one 384-wide one), the distances computed once for all of them."""
+    of two, so D=384 is three 128-wide tiles, not one 384-wide one), the distances computed once for all of them.
+    FLATTEN: one loop over a segment's (row block, D slice) pairs (see the module docstring)."""
     tl.static_assert(N_DT >= 1 and N_DT <= 4)
     pid = tl.program_id(0).to(tl.int64)
     if WITH_E:
@@ -293,24 +374,14 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
     while lo < hi:  # one slide segment of the chunk per iteration
         b = _slide_of(off_ptr, lo, B)
         end = _segment_end(off_ptr, b, lo, hi)
-        # unused accumulators (N_DT < 4) are dead code to the compiler
         acc0 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         acc1 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         acc2 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         acc3 = tl.zeros((K_PAD, BLOCK_DO), dtype=tl.float32)
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
-        for r0 in range(lo, end, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < end
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, ct_ptr, D,
-                                 False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
-            a, _ = _assign(dist, k, kmask, rmask, s, HARD)
-            mass += tl.sum(a, axis=0)
-            if WITH_E:
-                acc0 = _add_col_tile(acc0, a, rows_ptr, row, rmask, s_c, t0, D, MODE, HARD, BLOCK_DO)
-                acc1, acc2, acc3 = _add_more_col_tiles(acc1, acc2, acc3, a, rows_ptr, row, rmask, s_c, t0, D,
-                                                       MODE, HARD, BLOCK_DO, N_DT)
+        acc0, acc1, acc2, acc3, mass = _fwd_segment(
+            lo, end, acc0, acc1, acc2, acc3, mass, rows_ptr, s_r, s_c, idx_ptr, ct_ptr, csq, k, kmask, s, t0, D,
+            HARD, GATHER, WITH_E, MODE, K_PAD, BLOCK_M, BLOCK_D, BLOCK_DO, N_DT, FLATTEN)
         if WITH_E:
             _flush_col_tile(acc0, mass, c_ptr, acc_ptr, b, k, kmask, t0, K, D, BLOCK_DO)
             if N_DT > 1:
@@ -491,13 +562,34 @@ DEEP_STAGES = 2
 # 187-210 for bf16 (triton 3.6: 245-248 and 216-228), the bank rows' backward pass 238 and 180 (triton 3.6: 255 and
 # 190); sm_80 spills 56-96 B in the forward, so they are sm_90's.
 _SM90_WARPGROUP = {(16, 32, 64, 1, 4, 2), (16, 32, 32, 1, 4, 2)}
+# The forward's FLATTEN twins (_as_configs, _flattens_cleanly; see the module docstring), small codebooks: (16, 32,
+# 64, 1, 8/4, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2), (16, 64, 128, 1, 8, 2), (32, 32, 64, 1, 4, 3) and
+# (64, 32, 64, 1, 4, 4). ptxas sm_90 at K=64, D=384, bf16 rows (triton 3.9 and 3.6): 128-255 registers, no spills
+# but the hard gathered (64, 32, 64, 1, 4, 4) (48 B), up to 1.7x the plain loop's shared memory (slices in flight
+# across row blocks), every row and codeword slice a cp.async (tests/triton_aot.py -v and the TTGIR).
 
 
 _BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")
 
 
-def _as_configs(table):
-    return [triton.Config(dict(zip(_BLOCKS, blocks)), num_warps=w, num_stages=st) for *blocks, w, st in table]
+def _as_configs(table, flattened_twins=False):
+    """The table's configs; with flattened_twins (the forward's), each config that pipelines (num_stages > 1) and
+    keeps its dots' layouts with FLATTEN (_flattens_cleanly) also has a FLATTEN twin: the autotuner times both."""
+    def config(blocks, w, st, **flatten):
+        return triton.Config(dict(zip(_BLOCKS, blocks), **flatten), num_warps=w, num_stages=st)
+
+    if not flattened_twins:
+        return [config(blocks, w, st) for *blocks, w, st in table]
+    plain = [config(blocks, w, st, FLATTEN=False) for *blocks, w, st in table]
+    return plain + [config(blocks, w, st, FLATTEN=True) for *blocks, w, st in table
+                    if st > 1 and _flattens_cleanly(blocks[0], w)]
+
+
+def _flattens_cleanly(block_m, num_warps):
+    """Whether a FLATTEN forward keeps one copy of each dot: in the flattened loop the distance dot and the a^T x
+    dot after it share a body, and with 8 warps on 64-row blocks Triton then gives the distance dot all warps along
+    M, both warpgroups computing it (tests/triton_aot.py: DOT_REP=2). 4 warps, or blocks of <= 32 rows, do not."""
+    return num_warps == 4 or block_m <= 32
 
 
 def _config_tuple(c):
@@ -521,7 +613,7 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
     (sm90_only) only on sm_90 in the launches sm90_launch names, and those of them for 16-bit rows only for 16-bit
-    rows; one config of each (BLOCK_M, BLOCK_D, warps, stages) where the launch has no column tiles
+    rows; one config of each (BLOCK_M, BLOCK_D, warps, stages, FLATTEN) where the launch has no column tiles
     (has_column_tiles), as those differ in nothing it runs."""
     def prune(configs, named_args, **kwargs):
         def arg(name, default=None):
@@ -541,7 +633,7 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
             first_of = {}
             for c in kept:
                 block_m, block_d, _, _, warps, stages = _config_tuple(c)
-                first_of.setdefault((block_m, block_d, warps, stages), c)
+                first_of.setdefault((block_m, block_d, warps, stages, c.kwargs.get("FLATTEN")), c)
             kept = list(first_of.values())
         return kept
     return prune
@@ -572,11 +664,12 @@ def _on_sm90(rows) -> bool:
     return torch.cuda.get_device_capability(rows.device) >= _SM90_MIN_CAPABILITY
 
 
-def _autotuned(kernel, table, key, accumulated, sm90_launch, has_column_tiles=lambda arg: True):
+def _autotuned(kernel, table, key, accumulated, sm90_launch, has_column_tiles=lambda arg: True,
+               flattened_twins=False):
     # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
     # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
     # fresh rows on GPU); restore_value puts back what the benchmark runs added.
-    configs = _as_configs(table["small_k"] + table["large_k"])
+    configs = _as_configs(table["small_k"] + table["large_k"], flattened_twins)
     return LazyAutotune(kernel, configs, key=key, restore_value=accumulated,
                         prune_configs_by={"early_config_prune": _pruner(table, sm90_launch, has_column_tiles)})
 
@@ -600,19 +693,22 @@ def _bwd_takes_sm90_configs(arg):
     return not arg("WRITE_GX", True) and not arg("HARD", False)
 
 
+
 _fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
-                        _fwd_takes_sm90_configs, has_column_tiles=_fwd_has_column_tiles)
+                        _fwd_takes_sm90_configs, has_column_tiles=_fwd_has_column_tiles, flattened_twins=True)
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
                         ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_takes_sm90_configs)
 
 
-def _interp_meta(kernel, takes_sm90_configs, args, D):
+def _interp_meta(kernel, takes_sm90_configs, args, D, **flatten):
     # Under the interpreter every block op is a numpy call: few, large blocks are fastest; a launch that may hold
-    # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs).
+    # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs); flatten:
+    # the forward's FLATTEN=True (the interpreter runs the loop as written).
     named = dict(zip(kernel.arg_names, args))
     wide = takes_sm90_configs(lambda name, default=None: named.get(name, default))
     bd = min(256, max(16, next_pow2(D)))
-    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1}
+    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1,
+            **flatten}
 
 
 def _column_grid(chunks, D):
@@ -696,7 +792,7 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     launch(_re_fwd_kernel, _fwd_tuned, _column_grid(chunks, D) if with_e else (chunks,), args,
-           _interp_meta(_re_fwd_kernel, _fwd_takes_sm90_configs, args, D))
+           _interp_meta(_re_fwd_kernel, _fwd_takes_sm90_configs, args, D, FLATTEN=True))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
