@@ -58,8 +58,7 @@ def grid_of(kernel_name, base):
                     num_warps=[4, 8, 16], num_stages=[1, 2, 3, 4])
         # column tiles per program (the backward's grad-x passes refuse N_DT > 1 at compile time: listed as errors)
         axes["N_DT"] = [1, 2, 3, 4]
-        if kernel_name == "_re_fwd_kernel":
-            axes["FLATTEN"] = [False, True]  # a segment's row blocks and D slices as one loop
+        axes["FLATTEN"] = [False, True]  # a segment's row blocks and D slices as one loop
     else:
         axes = dict(BLOCK_I=[32, 64, 128], BLOCK_J=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2, 3])
         if kernel_name == "_cl_bwd_kernel":

@@ -199,9 +199,9 @@ def test_several_column_tiles_per_program(device, hard, n_dt, monkeypatch):
             wide = tre._bwd_takes_sm90_configs(named.get)
         else:
             return real_launch(kernel, tuned, grid, args, interp_meta, **options)
-        meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1)
-        if kernel is tre._re_fwd_kernel:
-            meta["FLATTEN"] = n_dt % 2 == 0  # the plain and the flattened loop, N_DT apart
+        # the plain and (where the launch may take it) the flattened loop, N_DT apart
+        meta = dict(BLOCK_M=16, BLOCK_D=32, BLOCK_DO=16, N_DT=n_dt if wide else 1,
+                    FLATTEN=n_dt % 2 == 0 and interp_meta["FLATTEN"])
         wide_launches.append((kernel.__name__, wide))
         kernel[grid(meta) if callable(grid) else grid](*args, **meta, **options)
 
@@ -713,9 +713,9 @@ def test_dot_pair_interleaves_the_two_products(device, dtype):
 class _EveryConfig:
     """A stand-in for `launch` that runs each autotuned launch with the i-th of the configs its autotuner would
     time (the table after the launch's own pruning; a CPU tensor passes the sm_90 gate), round robin, configs that
-    differ only in warps and stages (which the interpreter does not have) counted once, and the forward's FLATTEN
-    twins too: this runs their plain loop, the other tests' forwards the flattened one (_interp_meta). `rounds` is
-    how many values of i it takes for every launch to have run each of its configs."""
+    differ only in warps and stages (which the interpreter does not have) counted once, and the FLATTEN twins too:
+    this runs their plain loop, the other tests' launches the flattened one where they may take it (_interp_meta).
+    `rounds` is how many values of i it takes for every launch to have run each of its configs."""
 
     def __init__(self):
         self.i, self.rounds, self.ran = 0, 1, set()

@@ -17,15 +17,16 @@ x groups of N_DT column tiles: it depends on shapes only (no host synchronisatio
 map (no small torch ops per launch: at the DRE-SLCL step shape the host, not the GPU, set the pace). Programs of the
 same chunk sit next to each other in the launch order, so the rows they all read come from L2.
 
-Flattened forward loop (FLATTEN). Triton pipelines the innermost loop, here the loop over D slices: a row block
-starts with no slice of its rows and codewords in flight and, after its last slice, waits for its assignments and
-a^T x (the profile of the H100 run: one program per SM waiting on each slice in turn). The forward's FLATTEN twins
-(_as_configs) walk a slide segment as one loop over (row block, D slice) pairs that finishes a row block at its
-last slice, so the pipeliner loads the next block's first slices while this one finishes. Written out by hand, not
-as tl.range(..., flatten=True): the compiler's fusion (triton >= 3.3) leaves the rows' slices as plain loads with
-triton 3.6 (the GPU image), which pipelines the hand-written loop (tests/triton_aot.py, sm_90: cp.async for the rows
-and codewords with triton 3.6 and 3.9). The autotuner times the twins against the plain loops, as neither has run
-on a GPU yet; untimed launches keep the plain loops.
+Flattened loops (FLATTEN). Triton pipelines the innermost loop, here the loop over D slices: a row block starts with
+no slice of its rows and codewords in flight and, after its last slice, waits for its assignments and a^T x (the
+profile of the H100 run: one program per SM waiting on each slice in turn). FLATTEN twins of the configs
+(_as_configs) walk a slide segment as one loop over (row block, D slice) pairs that finishes a row block at its last
+slice, so the pipeliner loads the next block's first slices while this one finishes: the forward's launches and the
+backward's passes that only sum (the bank rows'). Written out by hand, not as tl.range(..., flatten=True): the
+compiler's fusion (triton >= 3.3) leaves the rows' slices as plain loads with triton 3.6 (the GPU image), which
+pipelines the hand-written loop (tests/triton_aot.py, sm_90: cp.async for the rows, codewords and G_b with triton 3.6
+and 3.9). The autotuner times the twins against the plain loops, as neither has run on a GPU yet; untimed launches
+keep the plain loops.
 
 Codewords are prepared once per call by one small kernel (_prep_transposed_kernel): ||c_k||^2 and c^T laid out
 (D, K_PAD), zero-padded, split into hi + lo parts of the rows' 16-bit dtype for the tensor cores, interleaved by
@@ -396,12 +397,93 @@ def _re_fwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
 
 
 @triton.jit
+def _bwd_assigned(dist, dotg, r, rmask, row, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_c, k, kmask, s, gc, gb_ptr,
+                  g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D, HARD: tl.constexpr, WRITE_GX: tl.constexpr,
+                  NEED_C: tl.constexpr, MODE: tl.constexpr, BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
+    """A row block given its distances and x G_b^T: its assignments again, grad x of its column tile (WRITE_GX) and
+    its terms of the codeword sums (NEED_C) added to the accumulators."""
+    a, amin = _assign(dist, k, kmask, rmask, s, HARD)
+    omask = rmask[:, None] & domask[None, :]
+    if HARD:
+        if NEED_C:
+            mass += tl.sum(a, axis=0)
+        if WRITE_GX:
+            gx = tl.load(gb_ptr + amin[:, None].to(tl.int64) * D + do[None, :], mask=omask, other=0.0)
+            tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
+                     gx.to(gx_ptr.dtype.element_ty), mask=omask)
+    else:
+        g = dotg - gc[None, :]
+        # shifted by g at the row's largest assignment (h is the same, as sum_k a_k = 1): where that a is
+        # near 1, sum_k a_k g_k ~ g_m would cancel against g_m and leave h_m an error of eps |g|
+        k_top = tl.argmax(a, axis=1)
+        g -= tl.sum(tl.where(k[None, :] == k_top[:, None], g, 0.0), axis=1)[:, None]
+        h = a * (g - tl.sum(a * g, axis=1)[:, None])
+        xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=omask, other=0.0)
+        if NEED_C:
+            mass += tl.sum(a, axis=0)
+            hsum += tl.sum(h, axis=0)
+            gs -= tl.sum(h * tl.where(rmask[:, None] & kmask[None, :], dist, 0.0), axis=0)
+            hx = mm_fr(tl.trans(h), xo, hx, MODE, False)
+            hx1, hx2, hx3 = _add_more_col_tiles(hx1, hx2, hx3, h, rows_ptr, row, rmask, s_c, pid_d, D,
+                                                MODE, False, BLOCK_DO, N_DT)
+        if WRITE_GX:
+            hs = h * s[None, :]
+            gx = tl.dot(a, g_tile, input_precision="tf32x3")
+            gx += tl.dot(2.0 * hs, c_tile, input_precision="tf32x3")
+            gx -= 2.0 * xo.to(tl.float32) * tl.sum(hs, axis=1)[:, None]
+            tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
+                     gx.to(gx_ptr.dtype.element_ty), mask=omask)
+    return hx, hx1, hx2, hx3, hsum, gs, mass
+
+
+@triton.jit
+def _bwd_segment(lo, end, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_r, s_c, idx_ptr, ct_ptr, csq, k, kmask, s,
+                 gtb_ptr, gc, gb_ptr, g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D, HARD: tl.constexpr,
+                 GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr, MODE: tl.constexpr,
+                 K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                 N_DT: tl.constexpr, FLATTEN: tl.constexpr):
+    """Rows lo .. end of one slide, in row blocks of D slices, or (FLATTEN) as _fwd_segment's one loop."""
+    if FLATTEN:
+        n_slices = tl.cdiv(D, BLOCK_D)
+        dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+        dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+        xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
+            block = i // n_slices
+            d0 = (i - block * n_slices) * BLOCK_D
+            r = lo + block * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)  # as in _fwd_segment
+            dot, dotg, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gtb_ptr, dot, dotg, xsq, D,
+                                             not HARD, HARD, MODE, K_PAD, BLOCK_D)
+            if d0 + BLOCK_D >= D:  # the row block's last slice
+                hx, hx1, hx2, hx3, hsum, gs, mass = _bwd_assigned(
+                    _finish_distances(dot, xsq, csq, HARD), dotg, r, rmask, row, hx, hx1, hx2, hx3, hsum, gs, mass,
+                    rows_ptr, s_c, k, kmask, s, gc, gb_ptr, g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D,
+                    HARD, WRITE_GX, NEED_C, MODE, BLOCK_DO, N_DT)
+                dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+                dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+                xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        for r0 in range(lo, end, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gtb_ptr, D,
+                                    not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            hx, hx1, hx2, hx3, hsum, gs, mass = _bwd_assigned(
+                dist, dotg, r, rmask, row, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_c, k, kmask, s, gc, gb_ptr,
+                g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D, HARD, WRITE_GX, NEED_C, MODE, BLOCK_DO, N_DT)
+    return hx, hx1, hx2, hx3, hsum, gs, mass
+
+
+@triton.jit
 def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr, scale_ptr, g_ptr, gt_ptr, gc_ptr,
                    hx_ptr, hsum_ptr, gs_ptr, mass_ptr, gx_ptr, s_gr,
                    N, B, K, D, CHUNK,
                    HARD: tl.constexpr, GATHER: tl.constexpr, WRITE_GX: tl.constexpr, NEED_C: tl.constexpr,
                    MODE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
+                   BLOCK_DO: tl.constexpr, N_DT: tl.constexpr, FLATTEN: tl.constexpr):
     """N_DT > 1 (a pass that only sums, no grad x): column tiles pid_d..pid_d + N_DT - 1, the distances and x G_b^T
     once for all of them, as in the forward."""
     # (no chains of three: triton 3.2's compiler refuses `A and B and C`)
@@ -432,43 +514,10 @@ def _re_bwd_kernel(rows_ptr, s_r, s_c, idx_ptr, off_ptr, c_ptr, ct_ptr, csq_ptr,
         gtb_ptr = gt_ptr + b * (2 if MODE == 1 else 1) * D * K_PAD  # G_b^T as _distances reads it
         g_tile = tl.load(gb_ptr + k[:, None] * D + do[None, :], mask=emask, other=0.0)   # G_b[:, tile]
         mass = tl.zeros((K_PAD,), dtype=tl.float32)
-        for r0 in range(lo, end, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < end
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
-            dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gtb_ptr, D,
-                                    not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
-            a, amin = _assign(dist, k, kmask, rmask, s, HARD)
-            omask = rmask[:, None] & domask[None, :]
-            if HARD:
-                if NEED_C:
-                    mass += tl.sum(a, axis=0)
-                if WRITE_GX:
-                    gx = tl.load(gb_ptr + amin[:, None].to(tl.int64) * D + do[None, :], mask=omask, other=0.0)
-                    tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
-                             gx.to(gx_ptr.dtype.element_ty), mask=omask)
-            else:
-                g = dotg - gc[None, :]
-                # shifted by g at the row's largest assignment (h is the same, as sum_k a_k = 1): where that a is
-                # near 1, sum_k a_k g_k ~ g_m would cancel against g_m and leave h_m an error of eps |g|
-                k_top = tl.argmax(a, axis=1)
-                g -= tl.sum(tl.where(k[None, :] == k_top[:, None], g, 0.0), axis=1)[:, None]
-                h = a * (g - tl.sum(a * g, axis=1)[:, None])
-                xo = tl.load(rows_ptr + row[:, None] + do[None, :].to(tl.int64) * s_c, mask=omask, other=0.0)
-                if NEED_C:
-                    mass += tl.sum(a, axis=0)
-                    hsum += tl.sum(h, axis=0)
-                    gs -= tl.sum(h * tl.where(rmask[:, None] & kmask[None, :], dist, 0.0), axis=0)
-                    hx = mm_fr(tl.trans(h), xo, hx, MODE, False)
-                    hx1, hx2, hx3 = _add_more_col_tiles(hx1, hx2, hx3, h, rows_ptr, row, rmask, s_c, pid_d, D,
-                                                        MODE, False, BLOCK_DO, N_DT)
-                if WRITE_GX:
-                    hs = h * s[None, :]
-                    gx = tl.dot(a, g_tile, input_precision="tf32x3")
-                    gx += tl.dot(2.0 * hs, c_tile, input_precision="tf32x3")
-                    gx -= 2.0 * xo.to(tl.float32) * tl.sum(hs, axis=1)[:, None]
-                    tl.store(gx_ptr + r[:, None].to(tl.int64) * s_gr + do[None, :],
-                             gx.to(gx_ptr.dtype.element_ty), mask=omask)
+        hx, hx1, hx2, hx3, hsum, gs, mass = _bwd_segment(
+            lo, end, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_r, s_c, idx_ptr, ct_ptr, csq, k, kmask, s, gtb_ptr,
+            gc, gb_ptr, g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D, HARD, GATHER, WRITE_GX, NEED_C, MODE,
+            K_PAD, BLOCK_M, BLOCK_D, BLOCK_DO, N_DT, FLATTEN)
         if NEED_C:
             if pid_d == 0:
                 tl.atomic_add(mass_ptr + b * K + k, mass, mask=kmask, sem="relaxed")
@@ -562,32 +611,30 @@ DEEP_STAGES = 2
 # 187-210 for bf16 (triton 3.6: 245-248 and 216-228), the bank rows' backward pass 238 and 180 (triton 3.6: 255 and
 # 190); sm_80 spills 56-96 B in the forward, so they are sm_90's.
 _SM90_WARPGROUP = {(16, 32, 64, 1, 4, 2), (16, 32, 32, 1, 4, 2)}
-# The forward's FLATTEN twins (_as_configs, _flattens_cleanly; see the module docstring), small codebooks: (16, 32,
+# FLATTEN twins (_as_configs, _flattens_cleanly; see the module docstring), small codebooks: the forward's (16, 32,
 # 64, 1, 8/4, 2), (32, 32, 64, 1, 8, 2), (32, 32, 128, 1, 8, 2), (16, 64, 128, 1, 8, 2), (32, 32, 64, 1, 4, 3) and
-# (64, 32, 64, 1, 4, 4). ptxas sm_90 at K=64, D=384, bf16 rows (triton 3.9 and 3.6): 128-255 registers, no spills
-# but the hard gathered (64, 32, 64, 1, 4, 4) (48 B), up to 1.7x the plain loop's shared memory (slices in flight
-# across row blocks), every row and codeword slice a cp.async (tests/triton_aot.py -v and the TTGIR).
+# (64, 32, 64, 1, 4, 4); the backward's bank-row pass takes 10. ptxas sm_90 at K=64, D=384, bf16 rows (triton 3.9
+# and 3.6): forward 128-255 registers, no spills but the hard gathered (64, 32, 64, 1, 4, 4) (48 B), up to 1.7x the
+# plain loop's shared memory (slices in flight across row blocks); backward 160-254, no spills; no dot computed
+# twice; every row, codeword and G_b slice a cp.async (tests/triton_aot.py -v and the TTGIR).
 
 
 _BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_DO", "N_DT")
 
 
-def _as_configs(table, flattened_twins=False):
-    """The table's configs; with flattened_twins (the forward's), each config that pipelines (num_stages > 1) and
-    keeps its dots' layouts with FLATTEN (_flattens_cleanly) also has a FLATTEN twin: the autotuner times both."""
-    def config(blocks, w, st, **flatten):
-        return triton.Config(dict(zip(_BLOCKS, blocks), **flatten), num_warps=w, num_stages=st)
+def _as_configs(table):
+    """The table's configs (FLATTEN off), then a FLATTEN twin of each that pipelines (num_stages > 1) and keeps its
+    dots' layouts flattened (_flattens_cleanly): the autotuner times both where the launch may flatten (_pruner)."""
+    def config(blocks, w, st, flatten):
+        return triton.Config(dict(zip(_BLOCKS, blocks), FLATTEN=flatten), num_warps=w, num_stages=st)
 
-    if not flattened_twins:
-        return [config(blocks, w, st) for *blocks, w, st in table]
-    plain = [config(blocks, w, st, FLATTEN=False) for *blocks, w, st in table]
-    return plain + [config(blocks, w, st, FLATTEN=True) for *blocks, w, st in table
-                    if st > 1 and _flattens_cleanly(blocks[0], w)]
+    return ([config(blocks, w, st, False) for *blocks, w, st in table]
+            + [config(blocks, w, st, True) for *blocks, w, st in table if st > 1 and _flattens_cleanly(blocks[0], w)])
 
 
 def _flattens_cleanly(block_m, num_warps):
-    """Whether a FLATTEN forward keeps one copy of each dot: in the flattened loop the distance dot and the a^T x
-    dot after it share a body, and with 8 warps on 64-row blocks Triton then gives the distance dot all warps along
+    """Whether a FLATTEN launch keeps one copy of each dot: in the flattened loop the distance dot and the a^T x (h^T
+    x) dot after it share a body, and with 8 warps on 64-row blocks Triton then gives the distance dot all warps along
     M, both warpgroups computing it (tests/triton_aot.py: DOT_REP=2). 4 warps, or blocks of <= 32 rows, do not."""
     return num_warps == 4 or block_m <= 32
 
@@ -609,20 +656,22 @@ def _columns(c):
 HARD_BLOCK_D = 32
 
 
-def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
+def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True, flattens=lambda arg: True):
     """Keep the configs of the launch's codebook size whose column tile is not wider than D needs and that leave no
     column tile idle (N_DT tiles per program) (hard: and whose BLOCK_D is HARD_BLOCK_D); the sm_90-only ones
     (sm90_only) only on sm_90 in the launches sm90_launch names, and those of them for 16-bit rows only for 16-bit
-    rows; one config of each (BLOCK_M, BLOCK_D, warps, stages, FLATTEN) where the launch has no column tiles
-    (has_column_tiles), as those differ in nothing it runs."""
+    rows; the FLATTEN twins only in the launches `flattens` names; one config of each (BLOCK_M, BLOCK_D, warps,
+    stages, FLATTEN) where the launch has no column tiles (has_column_tiles), as those differ in nothing it runs."""
     def prune(configs, named_args, **kwargs):
         def arg(name, default=None):
             return launch_arg(named_args, kwargs, name, default)
 
         d, hard = arg("D", 4096), arg("HARD", False)
         allowed = set(table["large_k" if arg("K_PAD", 64) >= LARGE_K_PAD else "small_k"])
+        flat_ok = flattens(arg)
         keep = [c for c in configs
-                if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)]
+                if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)
+                and (flat_ok or not c.kwargs["FLATTEN"])]
         sm90 = _on_sm90(arg("rows_ptr")) and sm90_launch(arg)
         sixteen_bit = arg("MODE", 1) == 1
         # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
@@ -633,7 +682,7 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True):
             first_of = {}
             for c in kept:
                 block_m, block_d, _, _, warps, stages = _config_tuple(c)
-                first_of.setdefault((block_m, block_d, warps, stages, c.kwargs.get("FLATTEN")), c)
+                first_of.setdefault((block_m, block_d, warps, stages, c.kwargs["FLATTEN"]), c)
             kept = list(first_of.values())
         return kept
     return prune
@@ -665,13 +714,14 @@ def _on_sm90(rows) -> bool:
 
 
 def _autotuned(kernel, table, key, accumulated, sm90_launch, has_column_tiles=lambda arg: True,
-               flattened_twins=False):
+               flattens=lambda arg: True):
     # restore_value, not reset_to_zero: the fresh rows' launch and the bank rows' launch add into the same buffers,
     # and reset_to_zero would zero them before the second launch's tuning (the first call of each shape lost the
     # fresh rows on GPU); restore_value puts back what the benchmark runs added.
-    configs = _as_configs(table["small_k"] + table["large_k"], flattened_twins)
+    configs = _as_configs(table["small_k"] + table["large_k"])
     return LazyAutotune(kernel, configs, key=key, restore_value=accumulated,
-                        prune_configs_by={"early_config_prune": _pruner(table, sm90_launch, has_column_tiles)})
+                        prune_configs_by={"early_config_prune": _pruner(table, sm90_launch, has_column_tiles,
+                                                                        flattens)})
 
 
 _KEY = ["K_PAD", "D", "HARD", "MODE", "GATHER"]
@@ -693,22 +743,33 @@ def _bwd_takes_sm90_configs(arg):
     return not arg("WRITE_GX", True) and not arg("HARD", False)
 
 
+# Which launches may take FLATTEN: the forward's, and the backward's that only sum (the bank rows'). The grad-x
+# passes (the fresh rows: few) keep the plain loop: flattened, the soft one's dots after the distances (h^T x, a G_b,
+# h C) share the loop's body and take the chained-dot layout further (ptxas sm_90: more layout conversions, spills).
+def _bwd_flattens(arg):
+    return not arg("WRITE_GX", True)
+
+
 
 _fwd_tuned = _autotuned(_re_fwd_kernel, _FWD_CONFIGS, _KEY + ["WITH_E"], ["acc_ptr", "mass_ptr"],
-                        _fwd_takes_sm90_configs, has_column_tiles=_fwd_has_column_tiles, flattened_twins=True)
+                        _fwd_takes_sm90_configs, has_column_tiles=_fwd_has_column_tiles)
 _bwd_tuned = _autotuned(_re_bwd_kernel, _BWD_CONFIGS, _KEY + ["WRITE_GX", "NEED_C"],
-                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_takes_sm90_configs)
+                        ["hx_ptr", "hsum_ptr", "gs_ptr", "mass_ptr", "gx_ptr"], _bwd_takes_sm90_configs,
+                        flattens=_bwd_flattens)
 
 
-def _interp_meta(kernel, takes_sm90_configs, args, D, **flatten):
+def _interp_meta(kernel, takes_sm90_configs, args, D, flattens=lambda arg: True):
     # Under the interpreter every block op is a numpy call: few, large blocks are fastest; a launch that may hold
-    # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs); flatten:
-    # the forward's FLATTEN=True (the interpreter runs the loop as written).
+    # several column tiles holds up to 4 of them where D > 256 (the code path of the GPU's wide configs), and one
+    # that may flatten its loop does (the plain loop runs in tests/test_triton.py's every-config test).
     named = dict(zip(kernel.arg_names, args))
-    wide = takes_sm90_configs(lambda name, default=None: named.get(name, default))
+
+    def arg(name, default=None):
+        return named.get(name, default)
+
     bd = min(256, max(16, next_pow2(D)))
-    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd, "N_DT": min(4, triton.cdiv(D, bd)) if wide else 1,
-            **flatten}
+    return {"BLOCK_M": 64, "BLOCK_D": bd, "BLOCK_DO": bd,
+            "N_DT": min(4, triton.cdiv(D, bd)) if takes_sm90_configs(arg) else 1, "FLATTEN": flattens(arg)}
 
 
 def _column_grid(chunks, D):
@@ -792,7 +853,7 @@ def _launch_fwd(rows, index, offsets, n_rows, cw, acc, mass, hard, with_e, chunk
             n_rows, B, cw.K, D, chunk, hard, gather, with_e, mode, cw.k_pad)
 
     launch(_re_fwd_kernel, _fwd_tuned, _column_grid(chunks, D) if with_e else (chunks,), args,
-           _interp_meta(_re_fwd_kernel, _fwd_takes_sm90_configs, args, D, FLATTEN=True))
+           _interp_meta(_re_fwd_kernel, _fwd_takes_sm90_configs, args, D))
 
 
 def residual_encode_fwd(x, x_offsets, codewords, scale, bank, bank_index, bank_offsets, hard, *, chunk_rows=None):
@@ -862,7 +923,7 @@ def residual_encode_bwd(grad_E, x, x_offsets, codewords, scale, bank, bank_index
                     hx, hsum, gs, mass_acc, gx, gx.stride(0), n_rows, B, K, D,
                     chunk, hard, gather, pass_gx, pass_c, mode, k_pad)
             launch(_re_bwd_kernel, _bwd_tuned, _column_grid(chunks, D), args,
-                   _interp_meta(_re_bwd_kernel, _bwd_takes_sm90_configs, args, D))
+                   _interp_meta(_re_bwd_kernel, _bwd_takes_sm90_configs, args, D, _bwd_flattens))
     if use_given_mass:
         mass_acc = mass.float().contiguous()
     if need_c:
