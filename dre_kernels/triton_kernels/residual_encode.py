@@ -239,6 +239,14 @@ def _row_offsets(r, rmask, idx_ptr, s_r, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(r0, end, idx_ptr, s_r, GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_M of a slide segment ending at `end`: (r, mask, offsets in rows_ptr)."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    rmask = r < end
+    return r, rmask, _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+
+
+@triton.jit
 def _col_tile(t, D, BLOCK_DO: tl.constexpr):
     """Output columns of column tile t and their mask."""
     do = t * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -327,11 +335,9 @@ def _fwd_segment(lo, end, acc0, acc1, acc2, acc3, mass, rows_ptr, s_r, s_c, idx_
         for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
             block = i // n_slices
             d0 = (i - block * n_slices) * BLOCK_D
-            r = lo + block * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = r < end
             # the index read again each slice (an L1 hit): every address here follows from i alone, which the
             # pipeliner can compute ahead (it left loads whose addresses came through an if as plain loads)
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            r, rmask, row = _block_rows(lo + block * BLOCK_M, end, idx_ptr, s_r, GATHER, BLOCK_M)
             dot, no_g, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, ct_ptr, dot, dot, xsq, D,
                                              False, HARD, MODE, K_PAD, BLOCK_D)
             if d0 + BLOCK_D >= D:  # the row block's last slice
@@ -342,9 +348,7 @@ def _fwd_segment(lo, end, acc0, acc1, acc2, acc3, mass, rows_ptr, s_r, s_c, idx_
                 xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         for r0 in range(lo, end, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < end
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            r, rmask, row = _block_rows(r0, end, idx_ptr, s_r, GATHER, BLOCK_M)
             dist, _ = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, ct_ptr, D,
                                  False, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             a, _ = _assign(dist, k, kmask, rmask, s, HARD)
@@ -451,9 +455,7 @@ def _bwd_segment(lo, end, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_r, s_c,
         for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
             block = i // n_slices
             d0 = (i - block * n_slices) * BLOCK_D
-            r = lo + block * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = r < end
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)  # as in _fwd_segment
+            r, rmask, row = _block_rows(lo + block * BLOCK_M, end, idx_ptr, s_r, GATHER, BLOCK_M)  # as _fwd_segment
             dot, dotg, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gtb_ptr, dot, dotg, xsq, D,
                                              not HARD, HARD, MODE, K_PAD, BLOCK_D)
             if d0 + BLOCK_D >= D:  # the row block's last slice
@@ -466,9 +468,7 @@ def _bwd_segment(lo, end, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_r, s_c,
                 xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         for r0 in range(lo, end, BLOCK_M):
-            r = r0 + tl.arange(0, BLOCK_M)
-            rmask = r < end
-            row = _row_offsets(r, rmask, idx_ptr, s_r, GATHER)
+            r, rmask, row = _block_rows(r0, end, idx_ptr, s_r, GATHER, BLOCK_M)
             dist, dotg = _distances(rows_ptr, row, rmask, s_c, ct_ptr, csq, k, gtb_ptr, D,
                                     not HARD, HARD, MODE, K_PAD, BLOCK_M, BLOCK_D)
             hx, hx1, hx2, hx3, hsum, gs, mass = _bwd_assigned(
