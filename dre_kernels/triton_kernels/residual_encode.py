@@ -745,7 +745,8 @@ def _bwd_takes_sm90_configs(arg):
 
 # Which launches may take FLATTEN: the forward's, and the backward's that only sum (the bank rows'). The grad-x
 # passes (the fresh rows: few) keep the plain loop: flattened, the soft one's dots after the distances (h^T x, a G_b,
-# h C) share the loop's body and take the chained-dot layout further (ptxas sm_90: more layout conversions, spills).
+# h C) share the loop's body and take the chained-dot layout further (seen with the compiler's own fusion of this
+# loop, tl.range(flatten=True), ptxas sm_90: MMA_CVT 2 -> 3 and up to 64 B of spills).
 def _bwd_flattens(arg):
     return not arg("WRITE_GX", True)
 
