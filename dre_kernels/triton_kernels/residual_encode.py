@@ -309,6 +309,22 @@ def _flush_col_tile(acc, mass, c_ptr, acc_ptr, b, k, kmask, t, K, D, BLOCK_DO: t
 
 
 @triton.jit
+def _flat_slice(i, n_slices, lo, end, idx_ptr, s_r, rows_ptr, s_c, ct_ptr, gt_ptr, k, dot, dotg, xsq, D,
+                WITH_G: tl.constexpr, HARD: tl.constexpr, GATHER: tl.constexpr, MODE: tl.constexpr,
+                K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Step i of a FLATTEN segment loop (rows lo .. end, n_slices D slices a row block): that slice's terms added to
+    dot, dotg (WITH_G) and xsq (_distance_slice); returns (r, rmask, row offsets, dot, dotg, xsq, whether it was the
+    row block's last slice). The index is read again each slice (an L1 hit): every address here follows from i
+    alone, which the pipeliner can compute ahead (it left loads whose addresses came through an if as plain loads)."""
+    block = i // n_slices
+    d0 = (i - block * n_slices) * BLOCK_D
+    r, rmask, row = _block_rows(lo + block * BLOCK_M, end, idx_ptr, s_r, GATHER, BLOCK_M)
+    dot, dotg, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gt_ptr, dot, dotg, xsq, D,
+                                     WITH_G, HARD, MODE, K_PAD, BLOCK_D)
+    return r, rmask, row, dot, dotg, xsq, d0 + BLOCK_D >= D
+
+
+@triton.jit
 def _fwd_assigned(a, acc0, acc1, acc2, acc3, mass, rows_ptr, row, rmask, s_c, t0, D, HARD: tl.constexpr,
                   WITH_E: tl.constexpr, MODE: tl.constexpr, BLOCK_DO: tl.constexpr, N_DT: tl.constexpr):
     """A row block's assignments a added into mass and, as a^T x, into the N_DT column tiles' accumulators (the
@@ -333,14 +349,10 @@ def _fwd_segment(lo, end, acc0, acc1, acc2, acc3, mass, rows_ptr, s_r, s_c, idx_
         dot = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
         xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
-            block = i // n_slices
-            d0 = (i - block * n_slices) * BLOCK_D
-            # the index read again each slice (an L1 hit): every address here follows from i alone, which the
-            # pipeliner can compute ahead (it left loads whose addresses came through an if as plain loads)
-            r, rmask, row = _block_rows(lo + block * BLOCK_M, end, idx_ptr, s_r, GATHER, BLOCK_M)
-            dot, no_g, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, ct_ptr, dot, dot, xsq, D,
-                                             False, HARD, MODE, K_PAD, BLOCK_D)
-            if d0 + BLOCK_D >= D:  # the row block's last slice
+            r, rmask, row, dot, no_g, xsq, last = _flat_slice(i, n_slices, lo, end, idx_ptr, s_r, rows_ptr, s_c,
+                                                              ct_ptr, ct_ptr, k, dot, dot, xsq, D, False, HARD,
+                                                              GATHER, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            if last:
                 a, amin = _assign(_finish_distances(dot, xsq, csq, HARD), k, kmask, rmask, s, HARD)
                 acc0, acc1, acc2, acc3, mass = _fwd_assigned(a, acc0, acc1, acc2, acc3, mass, rows_ptr, row, rmask,
                                                              s_c, t0, D, HARD, WITH_E, MODE, BLOCK_DO, N_DT)
@@ -453,12 +465,10 @@ def _bwd_segment(lo, end, hx, hx1, hx2, hx3, hsum, gs, mass, rows_ptr, s_r, s_c,
         dotg = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
         xsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for i in range(0, tl.cdiv(end - lo, BLOCK_M) * n_slices):
-            block = i // n_slices
-            d0 = (i - block * n_slices) * BLOCK_D
-            r, rmask, row = _block_rows(lo + block * BLOCK_M, end, idx_ptr, s_r, GATHER, BLOCK_M)  # as _fwd_segment
-            dot, dotg, xsq = _distance_slice(rows_ptr, row, rmask, s_c, d0, ct_ptr, k, gtb_ptr, dot, dotg, xsq, D,
-                                             not HARD, HARD, MODE, K_PAD, BLOCK_D)
-            if d0 + BLOCK_D >= D:  # the row block's last slice
+            r, rmask, row, dot, dotg, xsq, last = _flat_slice(i, n_slices, lo, end, idx_ptr, s_r, rows_ptr, s_c,
+                                                              ct_ptr, gtb_ptr, k, dot, dotg, xsq, D, not HARD, HARD,
+                                                              GATHER, MODE, K_PAD, BLOCK_M, BLOCK_D)
+            if last:
                 hx, hx1, hx2, hx3, hsum, gs, mass = _bwd_assigned(
                     _finish_distances(dot, xsq, csq, HARD), dotg, r, rmask, row, hx, hx1, hx2, hx3, hsum, gs, mass,
                     rows_ptr, s_c, k, kmask, s, gc, gb_ptr, g_tile, c_tile, do, domask, pid_d, gx_ptr, s_gr, D,
