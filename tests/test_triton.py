@@ -713,9 +713,9 @@ def test_dot_pair_interleaves_the_two_products(device, dtype):
 class _EveryConfig:
     """A stand-in for `launch` that runs each autotuned launch with the i-th of the configs its autotuner would
     time (the table after the launch's own pruning; a CPU tensor passes the sm_90 gate), round robin, configs that
-    differ only in warps and stages (which the interpreter does not have) counted once, and the FLATTEN twins too:
-    this runs their plain loop, the other tests' launches the flattened one where they may take it (_interp_meta).
-    `rounds` is how many values of i it takes for every launch to have run each of its configs."""
+    differ only in warps and stages (which the interpreter does not have) counted once, a FLATTEN twin apart from
+    its plain config (its loop is another). `rounds` is how many values of i it takes for every launch to have run
+    each of its configs."""
 
     def __init__(self):
         self.i, self.rounds, self.ran = 0, 1, set()
@@ -725,7 +725,7 @@ class _EveryConfig:
         configs = prune(tuned.configs, dict(zip(kernel.arg_names, args)), **options)
         blocks = {}
         for c in configs:
-            blocks.setdefault(tuple(sorted((n, v) for n, v in c.kwargs.items() if n != "FLATTEN")), c.kwargs)
+            blocks.setdefault(tuple(sorted(c.kwargs.items())), c.kwargs)
         blocks = list(blocks.values())
         self.rounds = max(self.rounds, len(blocks))
         meta = dict(blocks[self.i % len(blocks)])
@@ -771,6 +771,8 @@ def test_every_residual_autotune_config_matches_the_reference(device, float16_do
     ran = {meta for name, meta in every.ran}
     # the configs of several column tiles (N_DT > 1) at the small codebook's D
     assert K > 64 or any(dict(m)["N_DT"] == 3 for m in ran), sorted(ran)
+    for kernel in ("_re_fwd_kernel", "_re_bwd_kernel"):  # both loops of each kernel
+        assert {dict(m)["FLATTEN"] for name, m in every.ran if name == kernel} == {False, True}, kernel
 
 
 def test_every_contrastive_autotune_config_matches_the_reference(device, float16_dots, monkeypatch):
