@@ -730,6 +730,91 @@ int main() {
     assert run.returncode != 0  # the trap
 
 
+def _asan_env():
+    """The environment of a child process whose emulator runs under AddressSanitizer (cuda_emu/build.py)."""
+    import build
+
+    if shutil.which("g++") is None or build.asan_runtime() is None:
+        pytest.skip("the emulator's AddressSanitizer build needs g++ and its libasan")
+    return build.asan_env()
+
+
+def test_emulator_under_asan_stops_a_kernel_reading_past_its_tensor(tmp_path):
+    """Under AddressSanitizer an emulated kernel that reads past its tensor stops the process with a report naming
+    the kernel's source line (here bank_gather through an index one row past a 6-row bank, the host checks
+    bypassed); the same launch in range runs."""
+    script = tmp_path / "gather.py"
+    script.write_text(f"""
+import ctypes, sys, torch
+sys.path.insert(0, {os.path.join(ROOT, "tests", "cuda_emu")!r})
+import build
+lib, _ = build.load()
+bank, out = torch.randn(6, 4), torch.empty(3, 4)
+idx = torch.tensor([0, int(sys.argv[1]), 2])
+lib.emu_dre_bank_gather(1, 0, ctypes.c_void_p(bank.data_ptr()), 0, 4, 1, ctypes.c_void_p(idx.data_ptr()), 1,
+                        ctypes.c_void_p(out.data_ptr()), 3, 4)
+print("gathered", torch.equal(out, bank[idx]))
+""")
+    env = _asan_env()
+    ok = subprocess.run([sys.executable, str(script), "5"], env=env, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and "gathered True" in ok.stdout, ok.stderr[-3000:]
+    bad = subprocess.run([sys.executable, str(script), "6"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "gathered" not in bad.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in bad.stderr and "bank.cu" in bad.stderr, bad.stderr[-3000:]
+
+
+def test_emulator_under_asan_bounds_shared_memory_by_the_launch_size(tmp_path):
+    """Built with AddressSanitizer, a launch's dynamic shared memory is its exact size (no guard floats): a read of
+    the first float past it stops the process, where the plain build's guard catches writes only."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("the CUDA emulation needs g++")
+    env = _asan_env()
+    (tmp_path / "t.cpp").write_text(r"""
+#include <cstdio>
+#include "emu.h"
+int main(int argc, char**) {
+  const int at = argc == 1 ? 15 : 16;  // 64 bytes: floats 0..15
+  dre_emu::launch(1, 64, [at] {
+    if (threadIdx.x == 0) std::printf("read %g\n", (double)dre_emu::dyn_smem()[at]);
+  });
+  return 0;
+}
+""")
+    exe = tmp_path / "t"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address",
+                          "-D_GLIBCXX_SANITIZE_VECTOR", f"-I{os.path.join(ROOT, 'tests', 'cuda_emu')}",
+                          str(tmp_path / "t.cpp"), "-o", str(exe)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    env.pop("LD_PRELOAD")  # linked in
+    inside = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=60)
+    assert inside.returncode == 0 and "read nan" in inside.stdout, inside.stderr[-2000:]  # NaN-poisoned, unset
+    past = subprocess.run([str(exe), "past"], env=env, capture_output=True, text=True, timeout=60)
+    assert past.returncode != 0 and "AddressSanitizer" in past.stderr, past.stderr[-2000:]
+
+
+# the emulator tests rerun under AddressSanitizer: every kernel family (SIMT, tensor-core column-tiled and
+# full-width residual_encode, contrastive_loss's tiled and wide backward, the bank ops) on ragged, strided, int32,
+# mixed-dtype and empty inputs; cp.async landing at its wait only (where a copy lands does not move what it reads)
+_ASAN_TESTS = ("(ragged_with_bank or mixed_dtypes_int32 or no_bank_and_no_slides or reads_no_bank_rows or "
+               "16bit_rows_int32 or walk_many_slides or full_width_fallbacks or contrastive_partial_tiles or "
+               "labels_and_16bit or tc_contrastive_bf16 or wide_backward_is_the_tiled or bank_gather_and_update or "
+               "16_byte_copies or normalize_backward_kernel) and emu and not at_issue")
+
+
+def test_emulated_kernels_stay_in_bounds_under_asan():
+    """Every global-memory access of the emulated kernels stays inside its tensor, and every shared-memory access
+    inside the launch's shared memory (what would be an illegal address, or another allocation's data, on a GPU):
+    the emulator tests of _ASAN_TESTS, in a child process under AddressSanitizer."""
+    env = _asan_env()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                           "-k", _ASAN_TESTS], env=env, capture_output=True, text=True, timeout=3000, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert re.search(r"\b([3-9]\d|\d{3,}) passed", out), out[-3000:]  # the selection still selects
+
+
 def test_fast_div_is_exact(tmp_path):
     """dre_common.cuh's FastDiv (a multiply-high and a shift for the staging loops' divisions by a runtime width)
     against / for every divisor 1..4096 and numerators 0..2^16, the divisors the kernels take (row widths,

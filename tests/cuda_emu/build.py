@@ -2,6 +2,11 @@
 
 For every `DRE_GLOBAL void NAME(PARAMS)` in the sources, `emu_NAME(unsigned grid, unsigned smem, PARAMS)` runs the
 kernel over `grid` blocks of 256 emulated threads. `load()` returns (ctypes library, {kernel name: ctypes arg types}).
+
+DRE_CUDA_EMU_ASAN=1 builds it with AddressSanitizer, for a process started with the ASan runtime preloaded
+(`asan_env()`): every global-memory access of a kernel then stays inside the tensor it reads or writes, and every
+shared-memory access inside the launch's dynamic shared memory (its exact size: no guard floats) or the static
+__shared__ arrays, or the process stops with ASan's report. A fault of that kind on a GPU loses the CUDA context.
 """
 
 from __future__ import annotations
@@ -44,6 +49,30 @@ def _ctype(typ: str):
     return _CTYPES[typ.replace("const ", "")]
 
 
+def asan_runtime() -> str | None:
+    """The compiler's AddressSanitizer runtime (libasan.so), or None where it has none."""
+    try:
+        out = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = out.stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def asan_env(env=None) -> dict:
+    """Environment for a child process whose emulator is built and run under AddressSanitizer (see the module
+    docstring): the runtime preloaded, leak checks off (Python and torch keep memory to exit), and a report that
+    names the access's source line."""
+    env = dict(os.environ if env is None else env)
+    env.update(DRE_CUDA_EMU_ASAN="1", LD_PRELOAD=asan_runtime(),
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:detect_container_overflow=1")
+    return env
+
+
+def _sanitized() -> bool:
+    return os.environ.get("DRE_CUDA_EMU_ASAN", "0") == "1"
+
+
 def load():
     sigs = kernel_signatures()
     sources = sorted(glob.glob(os.path.join(SRC, "*.cu")) + glob.glob(os.path.join(SRC, "*.cuh")) +
@@ -56,7 +85,9 @@ def load():
                      f'{{ dre_emu::launch(grid, smem, [&] {{ {name}({args}); }}); }}')
     lines.append('extern "C" void emu_set_cp_async_immediate(int on) { dre_emu::cp_async_immediate = on != 0; }')
     code = "\n".join(lines) + "\n"
-    h = hashlib.sha1(code.encode())
+    # _GLIBCXX_SANITIZE_VECTOR: the shared-memory buffer is a std::vector whose capacity may outlast a larger launch
+    flags = ["-fsanitize=address", "-fno-omit-frame-pointer", "-D_GLIBCXX_SANITIZE_VECTOR"] if _sanitized() else []
+    h = hashlib.sha1((code + " ".join(flags)).encode())
     for p in sources:
         h.update(open(p, "rb").read())
     build = os.path.join(tempfile.gettempdir(), f"dre_cuda_emu_{h.hexdigest()[:16]}")
@@ -67,7 +98,7 @@ def load():
         with open(cpp, "w") as f:
             f.write(code)
         subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
-                        "-DDRE_CUDA_EMULATE", "-include", os.path.join(HERE, "emu.h"), "-I", SRC,
+                        *flags, "-DDRE_CUDA_EMULATE", "-include", os.path.join(HERE, "emu.h"), "-I", SRC,
                         cpp, "-o", so + ".tmp"], check=True, capture_output=False)
         os.replace(so + ".tmp", so)
     lib = ctypes.CDLL(so)

@@ -29,6 +29,11 @@ inline std::barrier<>* block_barrier = nullptr;
 inline std::barrier<>* warp_barrier[kThreads / 32] = {};
 inline unsigned long long shfl_buf[kThreads / 32][32];
 inline std::vector<float> smem_buf;
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr size_t kSmemGuard = 0;  // AddressSanitizer stops any access past the buffer, reads too
+#else
+inline constexpr size_t kSmemGuard = 64;  // floats past the launch's shared memory, checked after it for writes
+#endif
 
 inline float* dyn_smem() { return smem_buf.data(); }
 
@@ -146,7 +151,7 @@ inline void ldmatrix_x4_trans(unsigned* b, const unsigned short* row_ptr) {
 
 inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void()>& body) {
   if (grid == 0) return;
-  smem_buf.assign(smem_bytes / sizeof(float) + 64, std::nanf(""));  // NaN-poisoned: reading unset smem shows
+  smem_buf.assign(smem_bytes / sizeof(float) + kSmemGuard, std::nanf(""));  // NaN-poisoned: reading unset smem shows
   std::barrier<> bar(kThreads);
   std::vector<std::barrier<>*> wb;
   for (int w = 0; w < kThreads / 32; ++w) warp_barrier[w] = new std::barrier<>(32);
@@ -167,7 +172,7 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
   }
   for (auto& th : pool) th.join();
   for (int w = 0; w < kThreads / 32; ++w) delete warp_barrier[w];
-  // the 64 floats past the launch's shared memory are a guard: a kernel that wrote there overran its smem size
+  // the kSmemGuard floats past the launch's shared memory are a guard: a kernel that wrote there overran its smem
   const float poison = std::nanf("");
   for (size_t i = smem_bytes / sizeof(float); i < smem_buf.size(); ++i)
     if (std::memcmp(&smem_buf[i], &poison, sizeof(float)) != 0) __builtin_trap();
