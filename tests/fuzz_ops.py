@@ -19,6 +19,9 @@ so such a case is reported as TIE and not counted (an H100 run counted 11 of 10,
 on CPU tensors (its host code, autograd glue and kernels, through the public ops), the tensor-core kernels in a
 random half of the cases, with an SM count drawn per case (the grids and block spans follow from it): their logic,
 not their speed or GPU-only hazards.
+Triton in its interpreter runs bounds-checked (tests/triton_bounds.py): an access outside a launch's tensors fails
+the case. For the emulated CUDA kernels the same check is AddressSanitizer's: `DRE_CUDA_EMU_ASAN=1` with the
+environment tests/cuda_emu/build.py's asan_env() gives (the runtime preloaded), and a run stops at the first.
 Failures print the case; the exit status is the number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
 (it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it
@@ -206,6 +209,13 @@ def main(argv=None) -> int:
     if args.backend == "triton" and not args.autotune:
         os.environ.setdefault("DRE_KERNELS_TRITON_AUTOTUNE", "0")
     try:
+        if os.environ.get("TRITON_INTERPRET") == "1" and args.backend == "triton":
+            # each launch bounds-checked, as in the test suite (a kernel reading past its tensors is a FAIL)
+            sys.path.insert(0, HERE)
+            import triton_bounds
+
+            with triton_bounds.checked():
+                return _fuzz(args, ap)
         return _fuzz(args, ap)
     finally:
         for k, v in saved.items():
