@@ -26,10 +26,13 @@ def _compiler_available() -> str | None:
         from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
     except ImportError as exc:
         return f"triton's compiler internals differ from those triton_aot.py uses: {exc}"
-    if not hasattr(JITFunction, "_pack_args"):  # triton 3.2: triton_aot.py packs the arguments as its run() does
-        from triton.backends.nvidia.compiler import CUDABackend
-        if not hasattr(CUDABackend, "get_attrs_descriptor"):
-            return f"triton {triton.__version__} has neither JITFunction._pack_args nor get_attrs_descriptor"
+    if not hasattr(JITFunction, "_pack_args"):  # triton < 3.5: triton_aot.py packs the arguments as its run() does
+        try:
+            from triton._utils import find_paths_if, get_iterable_path  # noqa: F401  (3.3, 3.4)
+        except ImportError:
+            from triton.backends.nvidia.compiler import CUDABackend
+            if not hasattr(CUDABackend, "get_attrs_descriptor"):  # 3.2
+                return f"triton {triton.__version__} has neither JITFunction._pack_args nor get_attrs_descriptor"
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         return "triton ships no ptxas here"

@@ -28,8 +28,8 @@ a GPU launch asks it for: compiled here first, N at a time, every such launch la
 The bench cases run the benchmarks' own calls (benchmarks/bench_cuda.py: the step shape's residual_encode, soft and
 hard, forward and backward, and contrastive_loss) on CPU tensors of their shapes and dtypes; the 50k shape and the
 larger contrastive batch specialise alike (their sizes are multiples of 16) and hit the same entries.
-Needs Triton's compiler internals (create_function_from_signature, and JITFunction._pack_args from triton 3.3 on, or
-what triton 3.2's JITFunction.run does in its place): triton 3.2..3.9. Triton 3.2's compiler aborts the process on
+Needs Triton's compiler internals (create_function_from_signature, and JITFunction._pack_args from triton 3.5 on, or
+what triton 3.2 and 3.3-3.4's JITFunction.run do in its place): triton 3.2..3.9. Triton 3.2's compiler aborts the process on
 some configs (an assertion, not an exception); there each compile runs in a forked child (--isolate), so an abort is
 reported as that launch's failure.
 """
@@ -211,6 +211,25 @@ def _in_child(work):
     return msg["ok"]
 
 
+def _pack_args_triton33(backend, kwargs, bound, specialization, options):
+    """JITFunction._pack_args (triton >= 3.5) as triton 3.3 and 3.4's JITFunction.run computes it inline: options,
+    signature {name: type}, constexprs and attrs keyed by argument path."""
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    signature = dict(zip(bound.keys(), (x[0] for x in specialization)))
+    for k in kwargs:
+        if k not in options.__dict__ and k not in signature:
+            raise KeyError(f"Keyword argument {k} was specified but unrecognised")
+    sigvals = list(signature.values())
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    attrvals = ["" if x[0] == "constexpr" else x[1] for x in specialization]
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k))
+             for k in find_paths_if(attrvals, lambda _, x: isinstance(x, str))}
+    return options, signature, constexprs, attrs
+
+
 def _pack_args_triton32(fn, backend, binder, args, kwargs):
     """(options, signature, constants, attrs) of a launch as triton 3.2's JITFunction.run builds them (it has no
     _pack_args): signature {name: type} of the non-constexpr arguments, constants {name: value} (constexprs, None
@@ -262,10 +281,11 @@ class Compiler:
         for target in self.targets:
             backend = make_backend(target)
             binder = create_function_from_signature(fn.signature, fn.params, backend)
-            if hasattr(fn, "_pack_args"):  # triton >= 3.3: constexprs keyed by argument path
+            three_values = not hasattr(backend, "get_attrs_descriptor")  # triton >= 3.3: the binder's result
+            if three_values:  # constexprs keyed by argument path
                 bound, specialization, options = binder(*args, **kwargs)
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
-                                                                      options)
+                pack = fn._pack_args if hasattr(fn, "_pack_args") else _pack_args_triton33
+                options, signature, constexprs, attrs = pack(backend, kwargs, bound, specialization, options)
                 named = {fn.arg_names[path[0]]: v for path, v in constexprs.items() if len(path) == 1}
                 attrs_key = repr(sorted(attrs.items()))
             else:
