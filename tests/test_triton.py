@@ -15,7 +15,15 @@ DEVICES = [d for d in ("cpu", "cuda") if "triton" in dre_kernels.available_backe
 pytestmark = pytest.mark.skipif(not DEVICES, reason="triton backend not available here")
 
 if DEVICES:
+    import triton
+    import triton.language as tl
+
     from dre_kernels.triton_kernels import residual_encode as tre
+
+    @triton.jit
+    def _scaled_copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + i, 2.0 * tl.load(src_ptr + i, mask=i < n), mask=i < n)
 
 
 @pytest.fixture(params=DEVICES)
@@ -472,6 +480,46 @@ def test_first_call_autotuning_keeps_what_earlier_launches_added(device, monkeyp
     assert next(order) > 0, "the autotuner never benchmarked"
 
 
+@pytest.mark.parametrize("error", ["PassManager::run failed", "CUDA error: an illegal memory access"])
+def test_autotuning_passes_over_a_config_that_does_not_compile(device, error):
+    """Triton's autotuner skips configs that run out of resources, not those its compiler refuses: triton 3.3 fails
+    on sm_90 with "PassManager::run failed" for configs 3.2 and 3.4 compile (tests/triton_aot.py), which made the
+    first call of a shape raise. The library's autotuners time such a config as the slowest, with a warning, and
+    raise any other error as it was. Triton's own autotuner, under the interpreter, with a timer that runs the
+    kernel; the 16-wide config refuses to compile."""
+    if device != "cpu":
+        pytest.skip("under the interpreter only: a GPU compiles both configs")
+    from dre_kernels.triton_kernels._common import TRITON_VERSION, LazyAutotune
+    if TRITON_VERSION < (3, 3):
+        pytest.skip("triton < 3.3 builds an autotuner only where a GPU driver is active")
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        return [1.0] * len(quantiles)
+
+    lazy = LazyAutotune(_scaled_copy_kernel, [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 64})],
+                        key=["n"], do_bench=bench)
+    tuned = lazy.get()
+    run = tuned.fn.run
+
+    def refusing(*args, **kwargs):
+        if kwargs["BLOCK"] == 16:
+            raise RuntimeError(error)
+        return run(*args, **kwargs)
+
+    tuned.fn.run = refusing
+    src, dst = torch.randn(100), torch.zeros(100)
+    grid = lambda meta: (triton.cdiv(100, meta["BLOCK"]),)  # noqa: E731
+    if error.startswith("CUDA"):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            tuned[grid](src, dst, 100)
+        return
+    with pytest.warns(RuntimeWarning, match="a config of _scaled_copy_kernel does not compile .*PassManager"):
+        tuned[grid](src, dst, 100)
+    assert tuned.best_config.kwargs["BLOCK"] == 64
+    assert torch.equal(dst, 2 * src)
+
+
 def _float64_case():
     g = torch.Generator().manual_seed(11)
     B, P = 37, 21
@@ -800,4 +848,6 @@ def test_every_contrastive_autotune_config_matches_the_reference(device, float16
             assert_close(x, y, torch.float16 if name != "s" else torch.float32, scale=10.0,
                          msg=f"grad {name} ({every.i})")
         every.i += 1
-    assert len({m for name, m in every.ran if name == "_cl_bwd_kernel"}) > 1
+    backward_configs = len({m for name, m in every.ran if name == "_cl_bwd_kernel"})
+    # before triton 3.3 the 16-bit backward keeps one (its other configs abort that compiler or are not surveyed)
+    assert backward_configs > 1 if tcl.TRITON_VERSION >= (3, 3) else backward_configs == 1

@@ -64,8 +64,40 @@ class LazyAutotune:
 
     def get(self):
         if self._tuned is None:
-            self._tuned = triton.autotune(self.configs, **self.kwargs)(self.kernel)
+            tuned = triton.autotune(self.configs, **self.kwargs)(self.kernel)
+            # (an attribute up to triton 3.3, a cached_property after: read here, it is the version's benchmarker)
+            tuned.do_bench = compile_failures_lose(tuned.do_bench, self.kernel.__name__)
+            self._tuned = tuned
         return self._tuned
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether exc is Triton failing to compile a kernel: a front-end error, or one of its MLIR passes failing
+    (RuntimeError "PassManager::run failed": triton 3.3, on sm_90, for configs that 3.2 and 3.4 compile)."""
+    from triton.compiler.errors import CompilationError
+
+    return isinstance(exc, CompilationError) or (isinstance(exc, RuntimeError)
+                                                 and "PassManager::run failed" in str(exc))
+
+
+def compile_failures_lose(bench, kernel_name: str):
+    """An autotuner's benchmark function for which a config that fails to compile is the slowest (inf) instead of an
+    error: Triton's autotuner passes over configs that run out of shared memory or registers, not those its compiler
+    refuses, and one such config would make every first call of its shape raise. Warns with the config's error."""
+    import warnings
+
+    def run(kernel_call, quantiles):
+        try:
+            return bench(kernel_call, quantiles=quantiles)
+        except Exception as exc:  # noqa: BLE001 - filtered below; anything else is raised as it was
+            if not is_compile_failure(exc):
+                raise
+            warnings.warn(f"dre_kernels: a config of {kernel_name} does not compile with triton {triton.__version__} "
+                          f"here ({(str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]}); the autotuner "
+                          "passes over it",
+                          RuntimeWarning, stacklevel=2)
+            return [float("inf")] * len(quantiles)
+    return run
 
 
 # DRE_KERNELS_TRITON_AUTOTUNE=0: on GPU each launch takes the first config of its table that the pruning keeps,
