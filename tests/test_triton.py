@@ -224,7 +224,8 @@ def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     """N_DT > 1 configs are tried where no column tile of theirs is idle (D=384: 64 x 3 and 128 x 3; D=33 none), for
     16-bit rows on sm_90 (a CPU tensor stands for any target), and never for the argmin-only launch; configs with
     deep pipelines (num_stages > DEEP_STAGES) for 16-bit rows on sm_90 only; the one-warpgroup ones
-    (_SM90_WARPGROUP) for rows of any dtype on sm_90, in the same launches."""
+    (_SM90_WARPGROUP) for rows of any dtype on sm_90, in the same launches; none of them before triton 3.3."""
+    monkeypatch.setattr(tre, "TRITON_VERSION", (3, 9))  # the rules on every stack, the floor's too
     prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
     configs = tre._fwd_tuned.configs
     rows = torch.zeros(1, 1)
@@ -289,6 +290,29 @@ def test_sm90_configs_pruned_by_columns_and_device(monkeypatch):
     assert wide(384) == set() and bwide(False) == set()
     assert deep(384) == set() and deep(384, hard=True) == set() and not bdeep(False)
     assert not warpgroup(kept_configs(384, mode=0)) and not warpgroup(bkept(False, mode=0))
+    monkeypatch.setattr(tre, "_on_sm90", lambda rows: True)
+    assert wide(384) and deep(384) and warpgroup(kept_configs(384, mode=0))
+    monkeypatch.setattr(tre, "TRITON_VERSION", (3, 2))  # triton 3.2 converts layouts and spills in them
+    for mode in (0, 1):
+        for kept in (kept_configs(384, mode=mode), kept_configs(384, hard=True, mode=mode), bkept(False, mode=mode)):
+            assert not [c for c in kept if tre.sm90_only(c)]
+
+
+def test_configs_triton_3_3_cannot_compile_are_pruned(monkeypatch):
+    """Triton 3.3 fails to compile 64-row, one-stage configs for 16-bit rows on sm_90 (refused_by_compiler): they are
+    pruned there, for those rows and that device only, and kept with other versions."""
+    rows = torch.zeros(1, 1)
+    prune = tre._fwd_tuned.kwargs["prune_configs_by"]["early_config_prune"]
+
+    def refused(mode, version, sm90=True):
+        monkeypatch.setattr(tre, "TRITON_VERSION", version)
+        monkeypatch.setattr(tre, "_on_sm90", lambda r: sm90)
+        kept = {tre._config_tuple(c) for c in prune(tre._fwd_tuned.configs, {"rows_ptr": rows, "D": 384,
+                                                                              "K_PAD": 64, "MODE": mode})}
+        return {t for t in kept if t[0] == 64 and t[-1] == 1}
+
+    assert refused(1, (3, 4)) and refused(0, (3, 3)) and refused(1, (3, 3), sm90=False)
+    assert refused(1, (3, 3)) == set()
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])

@@ -101,9 +101,18 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         assert {(k, rows) for k in ("_re_fwd_kernel", "_re_bwd_kernel")
                 for rows in ("fp32", "bf16", "fp16")} <= seen, f"sm_{arch}: hard launches compiled: {sorted(seen)}"
         if arch == 90:
-            _assert_tensor_core_layouts_clean(out, r"(_re_fwd_kernel|_re_bwd_kernel) sm_90 (?!.*'WRITE_GX': True)"
-                                                   r".*'MODE': 1, 'K_PAD': 64, ")
+            if _layouts_clean_here():
+                _assert_tensor_core_layouts_clean(out, r"(_re_fwd_kernel|_re_bwd_kernel) sm_90 "
+                                                       r"(?!.*'WRITE_GX': True).*'MODE': 1, 'K_PAD': 64, ")
             _assert_tensor_core_layouts_clean(out, r"_cl_\w+_kernel sm_90 .*'MODE': 1, .*\[bf16,bf16,")
+
+
+def _layouts_clean_here() -> bool:
+    """Whether this Triton keeps residual_encode's tensor-core accumulators in their layout on sm_90 (3.3 on; 3.2
+    converts them in every loop, MMA_CVT=1, which no config avoids: the library offers it no sm_90-only configs)."""
+    from dre_kernels.triton_kernels import residual_encode as tre
+
+    return tre.TRITON_VERSION >= tre.SM90_CONFIGS_MIN_TRITON
 
 
 def _assert_tensor_core_layouts_clean(out: str, pattern: str) -> None:
@@ -124,6 +133,8 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
     Every one compiles, for bf16 and float32 rows, for the forward (soft and hard, fresh and gathered rows) and for
     the backward's soft pass that only sums, with no dot computed twice and no accumulator changing layout in a
     loop. (The interpreter took a loop-carried name of two types that the compiler refuses.)"""
+    if not _layouts_clean_here():
+        pytest.skip("the library offers this Triton no sm_90-only configs (residual_encode.SM90_CONFIGS_MIN_TRITON)")
     # --jobs 2: the compiles queued and run in forked workers, as the GPU session's precompile runs them
     out, rc = _run_aot("--sm90-only", "-v", "--arch", "90", "--jobs", "2")
     assert rc == 0 and "compiled " in out, out[-6000:]
@@ -136,7 +147,8 @@ def test_sm90_only_residual_encode_configs_compile_for_sm90():
 
     def sm90_only(table, hard=False):
         return {tre._config_tuple(c) for c in tre._as_configs(table["small_k"])
-                if tre.sm90_only(c) and (not hard or c.kwargs["BLOCK_D"] == tre.HARD_BLOCK_D)}
+                if tre.sm90_only(c) and (not hard or c.kwargs["BLOCK_D"] == tre.HARD_BLOCK_D)
+                and not tre.refused_by_compiler(c, True, True)}
 
     def compiled(kernel, hard, gather=None):
         return {tuple(int(v) for v in rest) for k, h, g, *rest in seen

@@ -67,8 +67,8 @@ import triton.language as tl
 
 from dre_kernels import _checks
 from dre_kernels._gpu_host import default_chunk_rows, next_pow2, row_sources
-from dre_kernels.triton_kernels._common import (INTERPRET, LazyAutotune, dot_mode, dot_mode_backward, dot_pair,
-                                               launch, launch_arg, mm_fr)
+from dre_kernels.triton_kernels._common import (INTERPRET, TRITON_VERSION, LazyAutotune, dot_mode, dot_mode_backward,
+                                               dot_pair, launch, launch_arg, mm_fr)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -610,6 +610,11 @@ LARGE_K_PAD = 128
 # Configs with N_DT > 1 or num_stages > DEEP_STAGES (see the tables' comment) keep to registers only where tl.dot
 # accumulates in wgmma's layout (sm_90) and the rows are 16-bit (MODE 1); other launches do not time them.
 _SM90_MIN_CAPABILITY = (9, 0)
+# ... and from triton 3.3 on. Triton 3.2 (torch 2.6), surveyed at K=64, D=384 on sm_90 (tests/triton_aot.py
+# --sm90-only): every one converts its accumulator's layout in the loop (MMA_CVT=1) and 33 of 47 specialisations
+# spill, up to 648 B. Triton 3.3, 3.4 and 3.5 convert none, as 3.6 and 3.9 do, and spill only in some deep 64-row
+# ones (up to 200, 160 and 72 B).
+SM90_CONFIGS_MIN_TRITON = (3, 3)
 DEEP_STAGES = 2
 # One warpgroup (4 warps) on 16-row blocks, for rows of any dtype on sm_90, in the launches that take the sm_90-only
 # configs (the forward's with E, the backward's soft passes that only sum). Why: float32 rows (MODE 0: the training
@@ -682,8 +687,10 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True, flattens=lamb
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)
                 and (flat_ok or not c.kwargs["FLATTEN"])]
-        sm90 = _on_sm90(arg("rows_ptr")) and sm90_launch(arg)
+        on_sm90 = _on_sm90(arg("rows_ptr"))
+        sm90 = on_sm90 and sm90_launch(arg) and TRITON_VERSION >= SM90_CONFIGS_MIN_TRITON
         sixteen_bit = arg("MODE", 1) == 1
+        keep = [c for c in keep if not refused_by_compiler(c, on_sm90, sixteen_bit)]
         # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
         eligible = [c for c in keep if not sm90_only(c) or sm90 and (sixteen_bit or not _sixteen_bit_only(c))]
         narrow = [c for c in eligible if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0]
@@ -696,6 +703,15 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True, flattens=lamb
             kept = list(first_of.values())
         return kept
     return prune
+
+
+def refused_by_compiler(c, on_sm90: bool, sixteen_bit: bool) -> bool:
+    """Whether this Triton fails to compile config c (RuntimeError "PassManager::run failed", in its fence-insertion
+    pass): triton 3.3, sm_90, 16-bit rows, 64-row blocks in one stage (tests/triton_aot.py --cases bench: 5 configs
+    of the forward and the backward's bank-row pass; 3.2 and 3.4 compile them). The autotuner would pass over them
+    (_common.compile_failures_lose); pruned, they cost no compile and no warning."""
+    return (TRITON_VERSION == (3, 3) and on_sm90 and sixteen_bit and c.kwargs["BLOCK_M"] == 64
+            and c.num_stages == 1)
 
 
 def sm90_only(c) -> bool:
