@@ -12,6 +12,8 @@ first (DOT_MODE 0), and autotuning is bypassed for one fixed config per shape (a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 
@@ -65,8 +67,15 @@ class LazyAutotune:
     def get(self):
         if self._tuned is None:
             tuned = triton.autotune(self.configs, **self.kwargs)(self.kernel)
-            # (an attribute up to triton 3.3, a cached_property after: read here, it is the version's benchmarker)
-            tuned.do_bench = compile_failures_lose(tuned.do_bench, self.kernel.__name__)
+            # the version's benchmarker, looked up when it first times a config (from triton 3.4 a cached_property
+            # that asks the active driver; up to 3.3 an attribute): not here, where a stub driver may stand in
+            lookup = inspect.getattr_static(type(tuned), "do_bench", None)
+            if isinstance(lookup, functools.cached_property):
+                resolve = functools.partial(lookup.func, tuned)
+            else:  # set by the autotuner's __init__
+                bench = tuned.do_bench
+                resolve = lambda: bench  # noqa: E731
+            tuned.do_bench = compile_failures_lose(resolve, self.kernel.__name__)
             self._tuned = tuned
         return self._tuned
 
@@ -80,15 +89,15 @@ def is_compile_failure(exc: BaseException) -> bool:
                                                  and "PassManager::run failed" in str(exc))
 
 
-def compile_failures_lose(bench, kernel_name: str):
-    """An autotuner's benchmark function for which a config that fails to compile is the slowest (inf) instead of an
-    error: Triton's autotuner passes over configs that run out of shared memory or registers, not those its compiler
+def compile_failures_lose(resolve_bench, kernel_name: str):
+    """An autotuner's benchmark function (resolve_bench() returns the one it wraps) for which a config that fails to
+    compile is the slowest (inf) instead of an error: Triton's autotuner passes over configs that run out of shared memory or registers, not those its compiler
     refuses, and one such config would make every first call of its shape raise. Warns with the config's error."""
     import warnings
 
     def run(kernel_call, quantiles):
         try:
-            return bench(kernel_call, quantiles=quantiles)
+            return resolve_bench()(kernel_call, quantiles=quantiles)
         except Exception as exc:  # noqa: BLE001 - filtered below; anything else is raised as it was
             if not is_compile_failure(exc):
                 raise
