@@ -29,9 +29,9 @@ The bench cases run the benchmarks' own calls (benchmarks/bench_cuda.py: the ste
 hard, forward and backward, and contrastive_loss) on CPU tensors of their shapes and dtypes; the 50k shape and the
 larger contrastive batch specialise alike (their sizes are multiples of 16) and hit the same entries.
 Needs Triton's compiler internals (create_function_from_signature, and JITFunction._pack_args from triton 3.5 on, or
-what triton 3.2 and 3.3-3.4's JITFunction.run do in its place): triton 3.2..3.9. Triton 3.2's compiler aborts the process on
-some configs (an assertion, not an exception); there each compile runs in a forked child (--isolate), so an abort is
-reported as that launch's failure.
+what the JITFunction.run of triton 3.2 and of 3.3-3.4 does in its place): triton 3.2..3.9. Triton 3.2's compiler
+aborts the process on some configs (an assertion, not an exception); there each compile runs in a forked child
+(--isolate), so an abort is reported as that launch's failure.
 """
 
 from __future__ import annotations

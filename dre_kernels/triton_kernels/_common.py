@@ -91,8 +91,9 @@ def is_compile_failure(exc: BaseException) -> bool:
 
 def compile_failures_lose(resolve_bench, kernel_name: str):
     """An autotuner's benchmark function (resolve_bench() returns the one it wraps) for which a config that fails to
-    compile is the slowest (inf) instead of an error: Triton's autotuner passes over configs that run out of shared memory or registers, not those its compiler
-    refuses, and one such config would make every first call of its shape raise. Warns with the config's error."""
+    compile is the slowest (inf) instead of an error: Triton's autotuner passes over configs that run out of shared
+    memory or registers, not those its compiler refuses, and one such config would make every first call of its
+    shape raise. Warns with the config's error."""
     import warnings
 
     def run(kernel_call, quantiles):
@@ -103,8 +104,7 @@ def compile_failures_lose(resolve_bench, kernel_name: str):
                 raise
             warnings.warn(f"dre_kernels: a config of {kernel_name} does not compile with triton {triton.__version__} "
                           f"here ({(str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]}); the autotuner "
-                          "passes over it",
-                          RuntimeWarning, stacklevel=2)
+                          "passes over it", RuntimeWarning, stacklevel=2)
             return [float("inf")] * len(quantiles)
     return run
 
