@@ -464,8 +464,6 @@ def test_first_call_autotuning_keeps_what_earlier_launches_added(device, monkeyp
         pytest.skip("triton < 3.3 builds an autotuner only where a GPU driver is active")
     import itertools
 
-    import triton
-
     from dre_kernels.triton_kernels import contrastive_loss as tcl
 
     order = itertools.count()
@@ -702,8 +700,6 @@ def test_autotune_log_records_each_tuning(monkeypatch, tmp_path):
     import csv
     from types import SimpleNamespace
 
-    import triton
-
     from benchmarks.common import write_autotune_csv
     from dre_kernels.triton_kernels import _common
 
@@ -743,9 +739,6 @@ def test_autotune_log_records_each_tuning(monkeypatch, tmp_path):
 
 
 if DEVICES:
-    import triton
-    import triton.language as tl
-
     from dre_kernels.triton_kernels._common import dot_pair
 
     @triton.jit

@@ -684,13 +684,12 @@ def _pruner(table, sm90_launch, has_column_tiles=lambda arg: True, flattens=lamb
         d, hard = arg("D", 4096), arg("HARD", False)
         allowed = set(table["large_k" if arg("K_PAD", 64) >= LARGE_K_PAD else "small_k"])
         flat_ok = flattens(arg)
+        on_sm90 = _on_sm90(arg("rows_ptr"))
+        sixteen_bit = arg("MODE", 1) == 1
         keep = [c for c in configs
                 if _config_tuple(c) in allowed and (not hard or c.kwargs["BLOCK_D"] == HARD_BLOCK_D)
-                and (flat_ok or not c.kwargs["FLATTEN"])]
-        on_sm90 = _on_sm90(arg("rows_ptr"))
+                and (flat_ok or not c.kwargs["FLATTEN"]) and not refused_by_compiler(c, on_sm90, sixteen_bit)]
         sm90 = on_sm90 and sm90_launch(arg) and TRITON_VERSION >= SM90_CONFIGS_MIN_TRITON
-        sixteen_bit = arg("MODE", 1) == 1
-        keep = [c for c in keep if not refused_by_compiler(c, on_sm90, sixteen_bit)]
         # the sm_90 gate first, so that the fallback (D narrower than every tile) cannot pick a gated config either
         eligible = [c for c in keep if not sm90_only(c) or sm90 and (sixteen_bit or not _sixteen_bit_only(c))]
         narrow = [c for c in eligible if c.kwargs["BLOCK_DO"] <= max(16, next_pow2(d)) and _idle_tiles(c, d) == 0]
