@@ -36,7 +36,7 @@ FLOOR_STACK_VENV ?= .venv-floor-stack
 STACK_TESTS := tests/test_ops_residual_encode.py tests/test_ops_contrastive_loss.py tests/test_ops_bank.py \
 	tests/test_ops_kmeans.py tests/test_library.py tests/test_errors.py tests/test_runtime_checks.py \
 	tests/test_native_cpu.py tests/test_native_value_checks.py tests/test_cuda.py tests/test_triton.py \
-	tests/test_triton_compile.py tests/test_triton_bounds.py tests/test_fuzz_ops.py
+	tests/test_triton_compile.py tests/test_triton_memcheck.py tests/test_fuzz_ops.py
 
 $(GPU_STACK_VENV)/.installed: requirements/gpu-image.txt
 $(FLOOR_STACK_VENV)/.installed: requirements/floor.txt

@@ -16,19 +16,20 @@ if not torch.cuda.is_available():
 
 import dre_kernels  # noqa: E402
 
-# Every kernel the interpreter runs is bounds-checked (tests/triton_bounds.py): an access outside a launch's
-# tensors, which would fault or read another allocation on a GPU, fails the test here.
-BOUNDS_CHECKED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DRE_KERNELS_TRITON_BOUNDS", "1") != "0"
+# Every kernel the interpreter runs is bounds- and race-checked (tests/triton_memcheck.py): an access outside a
+# launch's tensors, which would fault or read another allocation on a GPU, or a race between its programs, fails the
+# test here.
+MEMCHECKED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DRE_KERNELS_TRITON_MEMCHECK", "1") != "0"
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _triton_bounds_checked():
-    if not BOUNDS_CHECKED:
+def _triton_memchecked():
+    if not MEMCHECKED:
         yield
         return
-    import triton_bounds
+    import triton_memcheck
 
-    with triton_bounds.checked():
+    with triton_memcheck.checked():
         yield
 
 

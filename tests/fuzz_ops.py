@@ -19,8 +19,8 @@ so such a case is reported as TIE and not counted (an H100 run counted 11 of 10,
 on CPU tensors (its host code, autograd glue and kernels, through the public ops), the tensor-core kernels in a
 random half of the cases, with an SM count drawn per case (the grids and block spans follow from it): their logic,
 not their speed or GPU-only hazards.
-Triton in its interpreter runs bounds-checked (tests/triton_bounds.py): an access outside a launch's tensors fails
-the case. For the emulated CUDA kernels the same check is AddressSanitizer's: `DRE_CUDA_EMU_ASAN=1` with the
+Triton in its interpreter runs bounds- and race-checked (tests/triton_memcheck.py): an access outside a launch's
+tensors, or a race between its programs, fails the case. For the emulated CUDA kernels the same check is AddressSanitizer's: `DRE_CUDA_EMU_ASAN=1` with the
 environment tests/cuda_emu/build.py's asan_env() gives (the runtime preloaded), and a run stops at the first.
 Failures print the case; the exit status is the number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
@@ -210,11 +210,11 @@ def main(argv=None) -> int:
         os.environ.setdefault("DRE_KERNELS_TRITON_AUTOTUNE", "0")
     try:
         if os.environ.get("TRITON_INTERPRET") == "1" and args.backend == "triton":
-            # each launch bounds-checked, as in the test suite (a kernel reading past its tensors is a FAIL)
+            # each launch bounds- and race-checked, as in the test suite (a kernel reading past its tensors is a FAIL)
             sys.path.insert(0, HERE)
-            import triton_bounds
+            import triton_memcheck
 
-            with triton_bounds.checked():
+            with triton_memcheck.checked():
                 return _fuzz(args, ap)
         return _fuzz(args, ap)
     finally:
