@@ -690,13 +690,24 @@ def test_emu_full_width_blocks_walk_many_slides(emu, monkeypatch, hard):
         emu.use_tensor_cores = False
 
 
-def test_emu_cp_async_lands_at_its_wait(tmp_path):
-    """The emulator's cp.async (tests/cuda_emu/emu.h): a copy is not in shared memory before the wait_group that
-    covers its group, wait_group(1) lands all but the newest group, and a block that never waits traps."""
+def _emu_program(tmp_path, code, *flags, opt="-O1"):
+    """Compile `code` (C++ that includes emu.h) into an executable with g++ and `flags`; skip without g++."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("the CUDA emulation needs g++")
-    (tmp_path / "t.cpp").write_text(r"""
+    (tmp_path / "t.cpp").write_text(code)
+    exe = tmp_path / "t"
+    res = subprocess.run([cxx, "-std=c++20", opt, "-g", "-pthread", *flags,
+                          f"-I{os.path.join(ROOT, 'tests', 'cuda_emu')}", f"-I{os.path.join(ROOT, 'csrc', 'cuda')}",
+                          str(tmp_path / "t.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return str(exe)
+
+
+def test_emu_cp_async_lands_at_its_wait(tmp_path):
+    """The emulator's cp.async (tests/cuda_emu/emu.h): a copy is not in shared memory before the wait_group that
+    covers its group, wait_group(1) lands all but the newest group, and a block that never waits traps."""
+    exe = _emu_program(tmp_path, r"""
 #include <cstdio>
 #include <csignal>
 #include <cstdlib>
@@ -721,22 +732,18 @@ int main() {
   return 0;
 }
 """)
-    exe = tmp_path / "t"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", f"-I{os.path.join(ROOT, 'tests', 'cuda_emu')}",
-                          str(tmp_path / "t.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["0", "0", "1", "0", "1", "5"]
     assert run.returncode != 0  # the trap
 
 
-def _asan_env():
-    """The environment of a child process whose emulator runs under AddressSanitizer (cuda_emu/build.py)."""
+def _sanitizer_env(kind):
+    """The environment of a child process whose emulator runs under sanitizer `kind` (cuda_emu/build.py)."""
     import build
 
-    if shutil.which("g++") is None or build.asan_runtime() is None:
-        pytest.skip("the emulator's AddressSanitizer build needs g++ and its libasan")
-    return build.asan_env()
+    if shutil.which("g++") is None or build.sanitizer_runtime(kind) is None:
+        pytest.skip(f"the emulator's {kind} sanitizer build needs g++ and its runtime")
+    return build.sanitizer_env(kind)
 
 
 def test_emulator_under_asan_stops_a_kernel_reading_past_its_tensor(tmp_path):
@@ -755,7 +762,7 @@ lib.emu_dre_bank_gather(1, 0, ctypes.c_void_p(bank.data_ptr()), 0, 4, 1, ctypes.
                         ctypes.c_void_p(out.data_ptr()), 3, 4)
 print("gathered", torch.equal(out, bank[idx]))
 """)
-    env = _asan_env()
+    env = _sanitizer_env("address")
     ok = subprocess.run([sys.executable, str(script), "5"], env=env, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0 and "gathered True" in ok.stdout, ok.stderr[-3000:]
     bad = subprocess.run([sys.executable, str(script), "6"], env=env, capture_output=True, text=True, timeout=600)
@@ -766,11 +773,10 @@ print("gathered", torch.equal(out, bank[idx]))
 def test_emulator_under_asan_bounds_shared_memory_by_the_launch_size(tmp_path):
     """Built with AddressSanitizer, a launch's dynamic shared memory is its exact size (no guard floats): a read of
     the first float past it stops the process, where the plain build's guard catches writes only."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("the CUDA emulation needs g++")
-    env = _asan_env()
-    (tmp_path / "t.cpp").write_text(r"""
+    import build
+
+    env = _sanitizer_env("address")
+    exe = _emu_program(tmp_path, r"""
 #include <cstdio>
 #include "emu.h"
 int main(int argc, char**) {
@@ -780,18 +786,78 @@ int main(int argc, char**) {
   });
   return 0;
 }
-""")
-    exe = tmp_path / "t"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address",
-                          "-D_GLIBCXX_SANITIZE_VECTOR", f"-I{os.path.join(ROOT, 'tests', 'cuda_emu')}",
-                          str(tmp_path / "t.cpp"), "-o", str(exe)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+""", *build.SANITIZERS["address"][1])
     env.pop("LD_PRELOAD")  # linked in
-    inside = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=60)
+    inside = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60)
     assert inside.returncode == 0 and "read nan" in inside.stdout, inside.stderr[-2000:]  # NaN-poisoned, unset
-    past = subprocess.run([str(exe), "past"], env=env, capture_output=True, text=True, timeout=60)
+    past = subprocess.run([exe, "past"], env=env, capture_output=True, text=True, timeout=60)
     assert past.returncode != 0 and "AddressSanitizer" in past.stderr, past.stderr[-2000:]
+
+
+
+def test_emu_syncthreads_or_block_order_and_fresh_shared_memory(tmp_path):
+    """The emulator's __syncthreads_or is any thread's predicate, call after call (its two flags alternate); blocks run
+    first to last, or last to first with blocks_reversed; and every block starts on NaN-poisoned dynamic shared
+    memory, not the previous block's."""
+    exe = _emu_program(tmp_path, r"""
+#include <cstdio>
+#include <cmath>
+#include "emu.h"
+int main(int argc, char**) {
+  dre_emu::blocks_reversed = argc > 1;
+  static int order[3], n = 0, any1[3], any2[3], any3[3], fresh[3];
+  dre_emu::launch(3, 64, [] {
+    const unsigned b = blockIdx.x, t = threadIdx.x;
+    float* smem = dre_emu::dyn_smem();
+    if (t == 0) { order[n++] = b; fresh[b] = std::isnan(smem[b]); }
+    __syncthreads();
+    smem[t % 16] = 1.f;  // every block writes all of it (the same value from several threads: this is no TSan test)
+    any1[b] = __syncthreads_or(t == 7 && b != 1);
+    any2[b] = __syncthreads_or(t == 255 && b == 1);
+    any3[b] = __syncthreads_or(0);
+  });
+  for (int* v : {order, any1, any2, any3, fresh}) std::printf("%d%d%d ", v[0], v[1], v[2]);
+  std::printf("\n");
+  return 0;
+}
+""")
+    forward = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert forward.stdout.split() == ["012", "101", "010", "000", "111"], forward.stdout + forward.stderr
+    reverse = subprocess.run([exe, "reverse"], capture_output=True, text=True, timeout=60)
+    assert reverse.stdout.split() == ["210", "101", "010", "000", "111"], reverse.stdout + reverse.stderr
+
+
+def test_emulator_under_tsan_reports_a_missing_syncthreads(tmp_path):
+    """Built with ThreadSanitizer, a block whose threads read shared memory that other threads wrote with no
+    __syncthreads between stops the process with TSan's report naming the line, though the emulator's threads may
+    well have run in a safe order; with the barrier it runs clean."""
+    import build
+
+    env = _sanitizer_env("thread")
+    exe = _emu_program(tmp_path, r"""
+#include <cstdio>
+#include "emu.h"
+float out[256];
+int main(int argc, char**) {
+  const bool sync = argc == 1;
+  dre_emu::launch(2, 256 * 4, [sync] {
+    float* smem = dre_emu::dyn_smem();
+    smem[threadIdx.x] = (float)(threadIdx.x + blockIdx.x);
+    if (sync) __syncthreads();
+    out[threadIdx.x] = smem[(threadIdx.x + 1) % 256];  // the read of another thread's write
+  });
+  std::printf("out %g\n", (double)out[0]);
+  return 0;
+}
+""", *build.SANITIZERS["thread"][1])
+    env.pop("LD_PRELOAD")  # linked in
+    synced = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0 and "out 2" in synced.stdout, synced.stderr[-3000:]
+    racy = subprocess.run([exe, "no-sync"], env=env, capture_output=True, text=True, timeout=120)
+    assert racy.returncode == 66, racy.stderr[-3000:]
+    # the two accesses: the write (line 9) and the read of another thread's element (line 11)
+    assert "ThreadSanitizer: data race" in racy.stderr, racy.stderr[-3000:]
+    assert "t.cpp:9 " in racy.stderr and "t.cpp:11 " in racy.stderr, racy.stderr[-3000:]
 
 
 # the emulator tests rerun under AddressSanitizer: every kernel family (SIMT, tensor-core column-tiled and
@@ -802,27 +868,59 @@ _ASAN_TESTS = ("(ragged_with_bank or mixed_dtypes_int32 or no_bank_and_no_slides
                "labels_and_16bit or tc_contrastive_bf16 or wide_backward_is_the_tiled or bank_gather_and_update or "
                "16_byte_copies or normalize_backward_kernel) and emu and not at_issue")
 
+# under ThreadSanitizer (about 10x the emulator's time), blocks last to first: each kernel family once, with the
+# launches whose blocks share outputs (a slide split across blocks, full-width blocks walking many slides) and the
+# contrastive finish's recompute of far columns (where TSan found a shared flag written by many threads)
+_TSAN_TESTS = ("(ragged_with_bank or long_slide_split_across_blocks or walk_many_slides or "
+               "unnormalised_columns_far_below or contrastive_partial_tiles or wide_backward_is_the_tiled or "
+               "normalize_backward_kernel or (bank_gather_and_update and float32) or (16_byte_copies and 5-40-soft)) "
+               "and emu and not at_issue")
+
+
+def test_emulator_block_order_switch(monkeypatch):
+    import build
+
+    for order, reversed_ in (("forward", False), ("reverse", True)):
+        monkeypatch.setenv("DRE_CUDA_EMU_BLOCK_ORDER", order)
+        assert build.blocks_reversed() is reversed_
+    monkeypatch.setenv("DRE_CUDA_EMU_BLOCK_ORDER", "backwards")
+    with pytest.raises(ValueError, match="DRE_CUDA_EMU_BLOCK_ORDER must be forward or reverse, not 'backwards'"):
+        build.blocks_reversed()
+
+
+def _emulator_tests_under(kind, selection, min_passed, **env):
+    """Rerun the emulator tests `selection` in a child process under sanitizer `kind`: it passes and runs at least
+    min_passed tests (the selection still selects)."""
+    env = {**_sanitizer_env(kind), **env}
+    # --capture=sys: the sanitizer reports on file descriptor 2, which the default capture would take down with it
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--capture=sys", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k", selection], env=env, capture_output=True, text=True,
+                          timeout=3000, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= min_passed, out[-3000:]
+
 
 def test_emulated_kernels_stay_in_bounds_under_asan():
     """Every global-memory access of the emulated kernels stays inside its tensor, and every shared-memory access
     inside the launch's shared memory (what would be an illegal address, or another allocation's data, on a GPU):
     the emulator tests of _ASAN_TESTS, in a child process under AddressSanitizer."""
-    env = _asan_env()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                           "-k", _ASAN_TESTS], env=env, capture_output=True, text=True, timeout=3000, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    assert re.search(r"\b([3-9]\d|\d{3,}) passed", out), out[-3000:]  # the selection still selects
+    _emulator_tests_under("address", _ASAN_TESTS, 45)
+
+
+def test_emulated_kernels_are_race_free_under_tsan_with_blocks_reversed():
+    """No two threads of a block touch one location, one of them writing, without a barrier between (a missing
+    __syncthreads, or a warp assumed to run in lock-step), and no kernel's result depends on its blocks running in
+    launch order: the emulator tests of _TSAN_TESTS, in a child process under ThreadSanitizer, blocks last to first."""
+    _emulator_tests_under("thread", _TSAN_TESTS, 18, DRE_CUDA_EMU_BLOCK_ORDER="reverse")
 
 
 def test_fast_div_is_exact(tmp_path):
     """dre_common.cuh's FastDiv (a multiply-high and a shift for the staging loops' divisions by a runtime width)
     against / for every divisor 1..4096 and numerators 0..2^16, the divisors the kernels take (row widths,
     R, DTS) and beyond, and numerators up to 2^31 - 1, where the bound on the multiplier's error is tightest."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("the CUDA emulation needs g++")
-    (tmp_path / "t.cpp").write_text(r"""
+    exe = _emu_program(tmp_path, r"""
 #include <cstdio>
 #include "dre_common.cuh"
 using dre_cuda::FastDiv;
@@ -848,13 +946,8 @@ int main() {
   std::printf("%ld checked, %ld wrong\n", checked, bad);
   return bad != 0;
 }
-""")
-    exe = tmp_path / "t"
-    res = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-DDRE_CUDA_EMULATE", "-include",
-                          os.path.join(ROOT, "tests", "cuda_emu", "emu.h"), f"-I{os.path.join(ROOT, 'csrc', 'cuda')}",
-                          str(tmp_path / "t.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+""", "-DDRE_CUDA_EMULATE", "-include", "emu.h", opt="-O2")
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.rstrip().endswith(" 0 wrong"), run.stdout
 
 

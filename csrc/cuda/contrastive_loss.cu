@@ -348,19 +348,17 @@ DRE_GLOBAL void DRE_MIN_BLOCKS(2) dre_cl_finish(const void* a, int a_dt, i64 s_a
   __shared__ __align__(16) float ys[CL_STAGE];
   __shared__ float L[CL_BI * (CL_BJ + 1)];
   __shared__ float m_j[CL_BJ], l_j[CL_BJ];
-  __shared__ int any_need;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const i64 j0 = (i64)blockIdx.x * CL_BJ;
-  if (tid == 0) any_need = 0;
-  __syncthreads();
   if (tid < CL_BJ) {
     m_j[tid] = -f_inf();
     l_j[tid] = 0.f;
-    if (j0 + tid < B && csum[j0 + tid] < CL_TINY) any_need = 1;
   }
-  __syncthreads();
+  // uniform across the block, and the barrier after m_j, l_j (a shared flag that every thread in need set would be
+  // a write-write race)
+  const int any_need = __syncthreads_or(tid < CL_BJ && j0 + tid < B && csum[j0 + tid] < CL_TINY);
   const float s = scale[0];
-  for (i64 i0 = 0; any_need && i0 < B; i0 += CL_BI) {  // any_need: uniform across the block
+  for (i64 i0 = 0; any_need && i0 < B; i0 += CL_BI) {
     cl_logits_tile(a, a_dt, s_ar, s_ac, bm, b_dt, s_br, s_bc, inva, invb, s, i0, j0, B, P, tc, xs, ys, L);
     if (i0 == j0) {  // the diagonal out, as in dre_cl_fwd
       for (int r = tid; r < CL_BI; r += NTHREADS) L[r * (CL_BJ + 1) + r] = -f_inf();

@@ -1,13 +1,16 @@
 // A CPU emulator of the few CUDA features the dre kernels use, so tests can run csrc/cuda/*.cu without a GPU:
-// compiled as C++20 with -DDRE_CUDA_EMULATE -include emu.h. A launch runs the blocks one after another, each with
-// 256 std::threads (a persistent pool per launch); __syncthreads is a std::barrier over the block, warp shuffles go
-// through a per-warp exchange buffer with a per-warp barrier, atomics are std::atomic_ref, static __shared__ arrays
-// become function statics (safe: one block at a time) and dynamic shared memory a per-launch buffer.
+// compiled as C++20 with -DDRE_CUDA_EMULATE -include emu.h. A launch runs the blocks one after another (first to
+// last, or last to first: blocks_reversed), each with 256 std::threads (a persistent pool per launch); __syncthreads
+// is a std::barrier over the block, warp shuffles go through a per-warp exchange buffer with a per-warp barrier,
+// atomics are std::atomic_ref, static __shared__ arrays become function statics (safe: one block at a time) and
+// dynamic shared memory a per-launch buffer, NaN-poisoned for every block.
 // It checks the kernels' logic (indexing, synchronisation structure, reductions, atomics, cp.async groups: a copy
-// lands at the wait that covers it), not their speed, and not GPU-only hazards such as a missing __syncthreads that
-// a lock-step warp would hide.
+// lands at the wait that covers it), not their speed. Built with ThreadSanitizer (cuda_emu/build.py) it also checks
+// their synchronisation: threads are real threads, so a missing __syncthreads is a data race TSan reports even where
+// the threads happened to run in a safe order.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -149,24 +152,47 @@ inline void ldmatrix_x4_trans(unsigned* b, const unsigned short* row_ptr) {
   warp_barrier[w]->arrive_and_wait();
 }
 
+// __syncthreads_or: a barrier that returns whether any thread's p was nonzero. Calls alternate between two flags:
+// thread 0 clears a call's flag after the call's second barrier, and the next call to set it is two calls on, after
+// barriers that thread 0 reaches only once it has cleared it.
+inline std::atomic<int> sync_or_flag[2];
+inline thread_local unsigned sync_or_calls = 0;
+
+inline int syncthreads_or(int p) {
+  std::atomic<int>& flag = sync_or_flag[sync_or_calls++ & 1];
+  if (p) flag.store(1, std::memory_order_relaxed);
+  block_barrier->arrive_and_wait();
+  const int any = flag.load(std::memory_order_relaxed);
+  block_barrier->arrive_and_wait();
+  if (tidx.x == 0) flag.store(0, std::memory_order_relaxed);
+  return any;
+}
+
+// the order a launch runs its blocks in, one after another: first to last, or (true) last to first
+inline std::atomic<bool> blocks_reversed{false};
+
 inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void()>& body) {
   if (grid == 0) return;
-  smem_buf.assign(smem_bytes / sizeof(float) + kSmemGuard, std::nanf(""));  // NaN-poisoned: reading unset smem shows
+  const size_t smem_floats = smem_bytes / sizeof(float);
+  smem_buf.assign(smem_floats + kSmemGuard, std::nanf(""));  // NaN-poisoned: reading unset smem shows
   std::barrier<> bar(kThreads);
-  std::vector<std::barrier<>*> wb;
   for (int w = 0; w < kThreads / 32; ++w) warp_barrier[w] = new std::barrier<>(32);
   block_barrier = &bar;
   bdim = {kThreads, 1, 1};
   gdim = {grid, 1, 1};
+  const bool reversed = blocks_reversed;
   std::vector<std::thread> pool;
   for (int t = 0; t < kThreads; ++t) {
-    pool.emplace_back([t, grid, &body, &bar] {
+    pool.emplace_back([t, grid, reversed, smem_floats, &body, &bar] {
       tidx = {(unsigned)t, 0, 0};
       for (unsigned b = 0; b < grid; ++b) {
-        bidx = {b, 0, 0};
+        bidx = {reversed ? grid - 1 - b : b, 0, 0};
         body();
         cp_async_end_block();
-        bar.arrive_and_wait();  // the next block starts when all threads left this one
+        bar.arrive_and_wait();  // the next block starts when all threads left this one...
+        // ...on freshly poisoned dynamic shared memory, as a GPU block finds another block's leftovers or garbage
+        if (t == 0) std::fill(smem_buf.begin(), smem_buf.begin() + smem_floats, std::nanf(""));
+        bar.arrive_and_wait();
       }
     });
   }
@@ -174,7 +200,7 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
   for (int w = 0; w < kThreads / 32; ++w) delete warp_barrier[w];
   // the kSmemGuard floats past the launch's shared memory are a guard: a kernel that wrote there overran its smem
   const float poison = std::nanf("");
-  for (size_t i = smem_bytes / sizeof(float); i < smem_buf.size(); ++i)
+  for (size_t i = smem_floats; i < smem_buf.size(); ++i)
     if (std::memcmp(&smem_buf[i], &poison, sizeof(float)) != 0) __builtin_trap();
 }
 }  // namespace dre_emu
@@ -186,6 +212,7 @@ inline void launch(unsigned grid, unsigned smem_bytes, const std::function<void(
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __syncthreads() dre_emu::block_barrier->arrive_and_wait()
+#define __syncthreads_or(p) dre_emu::syncthreads_or(p)
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {
