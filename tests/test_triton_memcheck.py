@@ -194,5 +194,12 @@ def test_duplicate_lanes_of_one_store_must_agree():
     _scatter_kernel[(1,)](dst, torch.tensor([0, 1, 1, 3]), torch.tensor([5.0, 7.0, 7.0, 9.0]), 4)  # one value: fine
     assert dst.tolist() == [5.0, 7.0, 0.0, 9.0]
     with pytest.raises(Exception, match=r"_scatter_kernel: one create_masked_store writes different values to one "
-                                        r"element through lanes that share its address \(1 such lanes\), the first at byte offset 4"):
+                                        r"element from lanes that share its address \(1 elements\), the first at "
+                                        r"byte offset 4 from `dst_ptr`"):
         _scatter_kernel[(1,)](dst, torch.tensor([0, 1, 1, 3]), torch.tensor([5.0, 7.0, 8.0, 9.0]), 4)
+    # integers: equal values to distinct elements, and to one element, are no race
+    ints = torch.zeros(4, dtype=torch.int32)
+    _scatter_kernel[(1,)](ints, torch.tensor([3, 0, 2, 2]), torch.full((4,), 6, dtype=torch.int32), 4)
+    assert ints.tolist() == [6, 0, 6, 6]
+    with pytest.raises(Exception, match=r"writes different values .* \(1 elements\), the first at byte offset 8"):
+        _scatter_kernel[(1,)](ints, torch.tensor([3, 0, 2, 2]), torch.tensor([1, 1, 2, 3], dtype=torch.int32), 4)

@@ -39,6 +39,9 @@ class Race(AssertionError):
     pass
 
 
+LOAD, STORE, ATOMIC = 0, 1, 2  # the kinds of access the race check tells apart
+
+
 class _Launch:
     """One launch: the allowed spans (the merged byte extents of its tensor arguments) and, for the race check, every
     active lane's element address, program, kind (load, store, atomic), operation number and barrier epoch (the
@@ -87,14 +90,14 @@ class _Launch:
         """Lanes of one store that share an address must store one value: a GPU keeps any one of them."""
         order = np.argsort(addr, kind="stable")
         a, v = addr[order], vals[order]
-        same_addr = a[1:] == a[:-1]
-        differs = same_addr & ~((v[1:] == v[:-1]) | (np.isnan(v[1:]) & np.isnan(v[:-1])) if v.dtype.kind == "f"
-                                else v[1:] == v[:-1])
+        equal = v[1:] == v[:-1]
+        if v.dtype.kind == "f":
+            equal |= np.isnan(v[1:]) & np.isnan(v[:-1])
+        differs = (a[1:] == a[:-1]) & ~equal
         if np.any(differs):
-            at = int(a[1:][differs][0])
-            raise Race(f"{self.kernel}: one {op} writes different values to one element through lanes that share "
-                       f"its address ({int(np.count_nonzero(differs))} such lanes), the first at "
-                       f"{self._describe(at)}")
+            where = np.unique(a[1:][differs])
+            raise Race(f"{self.kernel}: one {op} writes different values to one element from lanes that share its "
+                       f"address ({where.size} elements), the first at {self._describe(int(where[0]))}")
 
     def races(self):
         """Raise Race if two programs of this launch touch one element and at least one of them writes it without an
@@ -159,9 +162,6 @@ class _Launch:
             return lo - a if a < lo else max(0, a - (lo + n) + 1)
         name, lo, n = min(self.tensors, key=gap)
         return f"byte offset {a - lo} from `{name}` (a {n}-byte extent)"
-
-
-LOAD, STORE, ATOMIC = 0, 1, 2
 
 
 def _program_id() -> int:
