@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_session.sh build    # compile the extension for this GPU's arch only (~1-2 min on 16 cores)
 #   bash benchmarks/gpu_session.sh tests    # build + the op suite on CUDA (native, triton, cupy) + test_cuda.py
 #   bash benchmarks/gpu_session.sh fuzz     # build + tests/fuzz_ops.py for native, triton, cupy (FUZZ_SECONDS each)
+#   bash benchmarks/gpu_session.sh sanitize # build + compute-sanitizer memcheck, then racecheck, over test_cuda.py's
+#                                           #   CUDA tests (SANITIZE_TESTS to change): on the hardware, what the
+#                                           #   interpreter's memcheck and the emulator's ASan and TSan check on CPU
 #   bash benchmarks/gpu_session.sh bench    # build + bench_cuda.py (torch, torch.compile, triton, native, cupy,
 #                                           #   native_simt, cupy_simt, native_tiled, cupy_tiled) + the training
 #                                           #   step; CSVs to $OUT, with cuda_autotune.csv and
@@ -96,6 +99,19 @@ fuzz() {
   done
 }
 
+sanitize() {
+  # memcheck: every global access in bounds, no misaligned or uninitialised read; racecheck: shared-memory hazards
+  local cs tool
+  cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  if [ ! -x "$cs" ]; then echo "compute-sanitizer not found" | tee "$OUT/sanitize.log"; return 1; fi
+  for tool in memcheck racecheck; do
+    # shellcheck disable=SC2086  # SANITIZE_TESTS is a list of pytest arguments
+    "$cs" --tool "$tool" --error-exitcode 99 --target-processes all \
+      $PY -m pytest ${SANITIZE_TESTS:-tests/test_cuda.py -m cuda} -q -p no:cacheprovider -x -rfE 2>&1 \
+      | tee "$OUT/sanitize_$tool.log" | tail -30
+  done
+}
+
 bench_cuda() { $PY benchmarks/bench_cuda.py --out "$OUT/cuda.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"; }
 bench_step() { $PY -m benchmarks.bench_step --out "$OUT/step" 2>&1 | tee "$OUT/bench_step.log"; }
 profile() { $PY benchmarks/profile_kernels.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt"; }
@@ -108,6 +124,7 @@ case "$stage" in
   build) build ;;
   tests) build && tests ;;
   fuzz) build && fuzz ;;
+  sanitize) build && sanitize ;;
   bench) build && precompile && bench_cuda && bench_step ;;
   bench-cuda) build && precompile && bench_cuda ;;
   bench-step) build && precompile && bench_step ;;
@@ -115,5 +132,5 @@ case "$stage" in
   ncu) build && precompile && ncu_counters ;;
   precompile) build && precompile ;;
   all) build && tests && precompile && bench_cuda && bench_step ;;
-  *) echo "usage: $0 build|tests|fuzz|bench|bench-cuda|bench-step|profile|ncu|precompile|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|tests|fuzz|sanitize|bench|bench-cuda|bench-step|profile|ncu|precompile|all" >&2; exit 2 ;;
 esac
