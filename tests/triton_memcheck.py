@@ -104,11 +104,21 @@ class _Launch:
         atomic (programs run in any order, or at once, on a GPU), or atomics and plain loads meet on one element
         (the load sees any number of the adds), or one program loads an element it wrote in an earlier operation with
         no tl.debug_barrier between (its lanes are other threads on a GPU, which need not see the write)."""
-        if not self.accesses:
+        written = [a[0] for a in self.accesses if a[2] != LOAD]
+        if not written:
             return
-        addr = np.concatenate([a[0] for a in self.accesses])
-        n = [a[0].size for a in self.accesses]
-        prog, kind, seq, epoch = (np.repeat(np.array([a[i] for a in self.accesses], dtype=np.int64), n)
+        # only the loads of elements someone writes can race: keep those (most loads are of rows and codewords)
+        written = np.unique(np.concatenate(written))
+        accesses = []
+        for a in self.accesses:
+            if a[2] == LOAD:
+                i = np.minimum(np.searchsorted(written, a[0]), written.size - 1)
+                a = (a[0][written[i] == a[0]],) + a[1:]
+            if a[0].size:
+                accesses.append(a)
+        addr = np.concatenate([a[0] for a in accesses])
+        n = [a[0].size for a in accesses]
+        prog, kind, seq, epoch = (np.repeat(np.array([a[i] for a in accesses], dtype=np.int64), n)
                                   for i in range(1, 5))
         uaddr, at = np.unique(addr, return_inverse=True)
         big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
@@ -135,21 +145,24 @@ class _Launch:
                            f"at {self._describe(int(uaddr[first]))}, touched by programs "
                            f"{[_program_name(p) for p in progs[:4]]}")
         # one program's load of an element it wrote (stored or added to) in an earlier operation of one epoch
-        key = np.stack([at.astype(np.int64), prog, epoch])
-        pair, pair_at = np.unique(key, axis=1, return_inverse=True)
+        progs, prog_at = np.unique(prog, return_inverse=True)
+        n_epochs = int(epoch.max()) + 1
+        assert uaddr.size * progs.size * n_epochs < 2 ** 62  # the keys below fit an int64
+        pair, pair_at = np.unique((at.astype(np.int64) * progs.size + prog_at) * n_epochs + epoch,
+                                  return_inverse=True)
         pair_at = pair_at.ravel()
-        first_write = np.full(pair.shape[1], big)
-        last_load = np.full(pair.shape[1], small)
+        first_write = np.full(pair.size, big)
+        last_load = np.full(pair.size, small)
         w = kind != LOAD
         np.minimum.at(first_write, pair_at[w], seq[w])
         np.maximum.at(last_load, pair_at[~w], seq[~w])
         bad = first_write < last_load
         if np.any(bad):
-            first = int(np.flatnonzero(bad)[0])
-            raise Race(f"{self.kernel}: program {_program_name(int(pair[1, first]))} loads an element it wrote in an "
-                       f"earlier operation ({int(np.count_nonzero(bad))} elements), the first at "
-                       f"{self._describe(int(uaddr[pair[0, first]]))}: without tl.debug_barrier its threads need not "
-                       f"see each other's writes")
+            first = int(pair[np.flatnonzero(bad)[0]]) // n_epochs  # element * programs + program
+            raise Race(f"{self.kernel}: program {_program_name(int(progs[first % progs.size]))} loads an element it "
+                       f"wrote in an earlier operation ({int(np.count_nonzero(bad))} elements), the first at "
+                       f"{self._describe(int(uaddr[first // progs.size]))}: without tl.debug_barrier its threads need "
+                       f"not see each other's writes")
 
     def barrier(self):
         self.barriers += 1
