@@ -20,9 +20,9 @@ on CPU tensors (its host code, autograd glue and kernels, through the public ops
 random half of the cases, with an SM count drawn per case (the grids and block spans follow from it): their logic,
 not their speed or GPU-only hazards.
 Triton in its interpreter runs bounds- and race-checked (tests/triton_memcheck.py): an access outside a launch's
-tensors, or a race between its programs, fails the case. For the emulated CUDA kernels the same checks are the sanitizers': run with the environment
-tests/cuda_emu/build.py's sanitizer_env("address") or sanitizer_env("thread") gives (the runtime preloaded), and a
-run stops at the first report.
+tensors, or a race between its programs, fails the case. For the emulated CUDA kernels the same checks are the
+sanitizers': run with the environment tests/cuda_emu/build.py's sanitizer_env("address") or sanitizer_env("thread")
+gives (the runtime preloaded), and a run stops at the first report.
 Failures print the case; the exit status is the number of failures (at most 100).
 The op suite (tests/test_ops_*.py) is the contract; this is a search for what it does not think of
 (it found the column underflow of contrastive_loss without normalize). tests/test_fuzz_ops.py runs it

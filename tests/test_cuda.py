@@ -746,6 +746,16 @@ def _sanitizer_env(kind):
     return build.sanitizer_env(kind)
 
 
+def _sanitized_emu_program(tmp_path, code, kind):
+    """_emu_program built with sanitizer `kind`, and the environment to run it in (its options; the runtime is
+    linked in, not preloaded)."""
+    import build
+
+    env = _sanitizer_env(kind)
+    env.pop("LD_PRELOAD")
+    return _emu_program(tmp_path, code, *build.SANITIZERS[kind][1]), env
+
+
 def test_emulator_under_asan_stops_a_kernel_reading_past_its_tensor(tmp_path):
     """Under AddressSanitizer an emulated kernel that reads past its tensor stops the process with a report naming
     the kernel's source line (here bank_gather through an index one row past a 6-row bank, the host checks
@@ -773,10 +783,7 @@ print("gathered", torch.equal(out, bank[idx]))
 def test_emulator_under_asan_bounds_shared_memory_by_the_launch_size(tmp_path):
     """Built with AddressSanitizer, a launch's dynamic shared memory is its exact size (no guard floats): a read of
     the first float past it stops the process, where the plain build's guard catches writes only."""
-    import build
-
-    env = _sanitizer_env("address")
-    exe = _emu_program(tmp_path, r"""
+    exe, env = _sanitized_emu_program(tmp_path, r"""
 #include <cstdio>
 #include "emu.h"
 int main(int argc, char**) {
@@ -786,13 +793,11 @@ int main(int argc, char**) {
   });
   return 0;
 }
-""", *build.SANITIZERS["address"][1])
-    env.pop("LD_PRELOAD")  # linked in
+""", "address")
     inside = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60)
     assert inside.returncode == 0 and "read nan" in inside.stdout, inside.stderr[-2000:]  # NaN-poisoned, unset
     past = subprocess.run([exe, "past"], env=env, capture_output=True, text=True, timeout=60)
     assert past.returncode != 0 and "AddressSanitizer" in past.stderr, past.stderr[-2000:]
-
 
 
 def test_emu_syncthreads_or_block_order_and_fresh_shared_memory(tmp_path):
@@ -831,10 +836,7 @@ def test_emulator_under_tsan_reports_a_missing_syncthreads(tmp_path):
     """Built with ThreadSanitizer, a block whose threads read shared memory that other threads wrote with no
     __syncthreads between stops the process with TSan's report naming the line, though the emulator's threads may
     well have run in a safe order; with the barrier it runs clean."""
-    import build
-
-    env = _sanitizer_env("thread")
-    exe = _emu_program(tmp_path, r"""
+    exe, env = _sanitized_emu_program(tmp_path, r"""
 #include <cstdio>
 #include "emu.h"
 float out[256];
@@ -849,8 +851,7 @@ int main(int argc, char**) {
   std::printf("out %g\n", (double)out[0]);
   return 0;
 }
-""", *build.SANITIZERS["thread"][1])
-    env.pop("LD_PRELOAD")  # linked in
+""", "thread")
     synced = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=120)
     assert synced.returncode == 0 and "out 2" in synced.stdout, synced.stderr[-3000:]
     racy = subprocess.run([exe, "no-sync"], env=env, capture_output=True, text=True, timeout=120)

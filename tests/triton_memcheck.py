@@ -140,10 +140,10 @@ class _Launch:
         for what, bad in found.items():
             if np.any(bad):
                 first = int(np.flatnonzero(bad)[0])
-                progs = sorted(set(prog[at == first].tolist()))
+                touching = sorted(set(prog[at == first].tolist()))
                 raise Race(f"{self.kernel}: {what} one element ({int(np.count_nonzero(bad))} elements), the first "
                            f"at {self._describe(int(uaddr[first]))}, touched by programs "
-                           f"{[_program_name(p) for p in progs[:4]]}")
+                           f"{[_program_name(p) for p in touching[:4]]}")
         # one program's load of an element it wrote (stored or added to) in an earlier operation of one epoch
         progs, prog_at = np.unique(prog, return_inverse=True)
         n_epochs = int(epoch.max()) + 1
@@ -164,9 +164,6 @@ class _Launch:
                        f"{self._describe(int(uaddr[first // progs.size]))}: without tl.debug_barrier its threads need "
                        f"not see each other's writes")
 
-    def barrier(self):
-        self.barriers += 1
-
     def _describe(self, a):
         if not self.tensors:
             return f"address {a:#x} (the launch has no tensor arguments)"
@@ -177,10 +174,8 @@ class _Launch:
         return f"byte offset {a - lo} from `{name}` (a {n}-byte extent)"
 
 
-def _program_id() -> int:
-    from triton.runtime import interpreter as interp
-
-    x, y, z = interp.interpreter_builder.grid_idx
+def _program_id(builder) -> int:
+    x, y, z = builder.grid_idx
     return x | (y << 32) | (z << 48)
 
 
@@ -205,7 +200,7 @@ _active: list[_Launch] = []
 
 @contextlib.contextmanager
 def checked():
-    """Bounds-check every interpreted launch in the block (re-entrant: a nested use is a no-op)."""
+    """Bounds- and race-check every interpreted launch in the block (re-entrant: a nested use is a no-op)."""
     from triton.runtime import interpreter as interp
 
     if getattr(interp.GridExecutor.__call__, "_memchecked", False):
@@ -236,7 +231,7 @@ def checked():
                 ptrs = args[ptr_at]
                 mask = args[mask_at].data if mask_at is not None else None
                 values = args[value_at].data if value_at is not None else None
-                _active[-1].check(op, ptrs.data, mask, _bytes_of(ptrs), kind, _program_id(), values)
+                _active[-1].check(op, ptrs.data, mask, _bytes_of(ptrs), kind, _program_id(builder), values)
             return real[op](*args, **kwargs)
         return wrapped
 
@@ -249,7 +244,7 @@ def checked():
                "create_atomic_cas": guard("create_atomic_cas", 0, None, ATOMIC)}
     def barrier(*args, **kwargs):
         if _active:
-            _active[-1].barrier()
+            _active[-1].barriers += 1
         return real["create_barrier"](*args, **kwargs)
 
     patches["create_barrier"] = barrier

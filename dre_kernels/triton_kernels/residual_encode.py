@@ -809,7 +809,7 @@ def _chunk_rows(n_rows: int, device, chunk_rows) -> int:
         return int(chunk_rows)
     if INTERPRET:
         # small chunks, so the suite's small ragged slides span several programs and their atomics run (and the
-        # interpreter's race check, tests/triton_memcheck.py, sees them): about +10% of the interpreter's time
+        # interpreter's race check, tests/triton_memcheck.py, sees them): about +18% of the triton ops suite's time
         return 16
     return default_chunk_rows(n_rows, device)
 
